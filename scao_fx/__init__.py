@@ -1,0 +1,31 @@
+"""scao-fx: functional, chainable second-order optimization (SCAO) for PyTorch.
+
+Every optimizer is a ``GradientTransformation`` (torchopt's protocol) composed with
+:func:`chain`::
+
+    import scao_fx as sf
+    tx = sf.adamw(lr=1e-3)
+    state = tx.init(params)
+    updates, state = tx.update(grads, state, params=params)
+    params = sf.apply_updates(params, updates)
+"""
+
+from . import schedules, transforms
+from .alias import adam, adamw
+from .base import EmptyState, GradientTransformation
+from .transforms import *  # noqa: F401,F403  (re-export the transform families)
+from .transforms import __all__ as _transforms_all
+from .update import apply_updates
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GradientTransformation",
+    "EmptyState",
+    "apply_updates",
+    "adam",
+    "adamw",
+    "schedules",
+    "transforms",
+    *_transforms_all,
+]

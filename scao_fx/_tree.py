@@ -1,0 +1,49 @@
+"""Pytree helpers: the trees ``torch.func`` uses, handled with optree as torchopt does.
+
+Every transform of the library flattens its inputs once with :func:`flatten`, works on the flat
+list of leaves and rebuilds the tree with :func:`unflatten`. ``None`` leaves (parameters without
+a gradient) are kept as ``None`` and skipped by every transform.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import optree
+import torch
+
+__all__ = ["flatten", "unflatten", "check_same_structure", "leaf_is_tensor"]
+
+# torchopt's trees: the default optree registry, ``None`` as an empty node (not a leaf).
+NONE_IS_LEAF = False
+
+
+def flatten(tree: Any) -> tuple[list[Any], optree.PyTreeSpec]:
+    """Flatten ``tree`` into its leaves (``None`` kept as a leaf placeholder) and its spec."""
+    leaves, spec = optree.tree_flatten(tree, none_is_leaf=True)
+    return leaves, spec
+
+
+def unflatten(spec: optree.PyTreeSpec, leaves: Sequence[Any]) -> Any:
+    """Inverse of :func:`flatten`."""
+    return optree.tree_unflatten(spec, list(leaves))
+
+
+def check_same_structure(name_a: str, spec_a: optree.PyTreeSpec, name_b: str, spec_b: optree.PyTreeSpec) -> None:
+    """Raise a ``ValueError`` naming both arguments if two tree structures differ."""
+    if spec_a != spec_b:
+        raise ValueError(
+            f"{name_a} and {name_b} must have the same tree structure; got\n"
+            f"  {name_a}: {spec_a}\n  {name_b}: {spec_b}\n"
+            "(was the state created by init() on a different parameter tree?)"
+        )
+
+
+def leaf_is_tensor(x: Any) -> bool:
+    """True for tensor leaves (``None`` placeholders are not)."""
+    return isinstance(x, torch.Tensor)
+
+
+def map_leaves(fn: Callable, *leaf_lists: Sequence[Any]) -> list[Any]:
+    """Apply ``fn`` leaf-wise over flat lists, passing ``None`` through where the first list has it."""
+    return [None if xs[0] is None else fn(*xs) for xs in zip(*leaf_lists)]

@@ -1,0 +1,100 @@
+"""Argument validation shared by every public constructor.
+
+Every check raises a ``ValueError`` (bad value) or ``TypeError`` (bad type) whose message names
+the argument, the value received and the accepted range, so a typo in a config file is
+reported where it was made rather than as a NaN a thousand steps later.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable
+
+import torch
+
+__all__ = [
+    "check_float",
+    "check_int",
+    "check_choice",
+    "check_betas",
+    "check_scalar_or_schedule",
+]
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_float(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+    allow_none: bool = False,
+) -> float | None:
+    """Validate a real number against an interval; return it as a Python float."""
+    if value is None and allow_none:
+        return None
+    if not _is_real(value):
+        raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
+    value = float(value)
+    lo = "-inf" if low is None else repr(low)
+    hi = "inf" if high is None else repr(high)
+    bracket = ("[" if low_inclusive else "(") + f"{lo}, {hi}" + ("]" if high_inclusive else ")")
+    bad = math.isnan(value)
+    if low is not None:
+        bad |= value < low if low_inclusive else value <= low
+    if high is not None:
+        bad |= value > high if high_inclusive else value >= high
+    if bad:
+        raise ValueError(f"{name} must be in {bracket}, got {value!r}")
+    return value
+
+
+def check_int(
+    name: str, value: Any, *, low: int | None = None, high: int | None = None, allow_none: bool = False
+) -> int | None:
+    """Validate an integer against an inclusive interval."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r} of type {type(value).__name__}")
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: tuple) -> Any:
+    """Validate that ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices!r}, got {value!r}")
+    return value
+
+
+def check_betas(name: str, betas: Any) -> tuple[float, float]:
+    """Validate an Adam ``(beta1, beta2)`` pair, each in [0, 1)."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"{name} must be a pair (beta1, beta2), got {betas!r}")
+    b1 = check_float(f"{name}[0]", betas[0], low=0.0, high=1.0, high_inclusive=False)
+    b2 = check_float(f"{name}[1]", betas[1], low=0.0, high=1.0, high_inclusive=False)
+    return b1, b2  # type: ignore[return-value]
+
+
+def check_scalar_or_schedule(name: str, value: Any, *, low: float = 0.0) -> float | torch.Tensor | Callable:
+    """Validate a learning-rate-like value: a float >= ``low``, a 0-d tensor, or a schedule."""
+    if callable(value):
+        return value
+    if isinstance(value, torch.Tensor):
+        if value.ndim != 0:
+            raise ValueError(f"{name} must be a 0-d tensor when given as a tensor, got shape {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+        return value
+    return check_float(name, value, low=low)  # type: ignore[return-value]

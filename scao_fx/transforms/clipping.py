@@ -1,0 +1,57 @@
+"""Gradient clipping without host synchronisation."""
+
+from __future__ import annotations
+
+import torch
+
+from .._tree import flatten, unflatten
+from .._validation import check_float
+from ..base import EmptyState, GradientTransformation
+
+__all__ = ["clip_by_global_norm", "global_norm"]
+
+
+def global_norm(leaves) -> torch.Tensor:
+    """Euclidean norm of all tensors in a flat list (``None`` skipped), as a 0-d float32 tensor."""
+    tensors = [g for g in leaves if g is not None]
+    if not tensors:
+        return torch.zeros(())
+    norms = torch._foreach_norm([t.float() for t in tensors]) if len(tensors) > 1 else [tensors[0].float().norm()]
+    return torch.linalg.vector_norm(torch.stack([n.to(tensors[0].device) for n in norms]))
+
+
+def clip_by_global_norm(max_norm: float) -> GradientTransformation:
+    r"""Rescale all updates together so their global norm is at most ``max_norm``.
+
+    :math:`u \leftarrow u \cdot \min(1, \tau / (\lVert u \rVert_2 + 10^{-6}))`, computed with tensor
+    ops only (no ``.item()``), so it never synchronises with the accelerator.
+
+    Args:
+        max_norm: the norm cap, > 0.
+
+    Returns:
+        A ``GradientTransformation`` with state ``EmptyState()``.
+
+    Example:
+        >>> import scao_fx as sf
+        >>> tx = sf.chain(sf.clip_by_global_norm(1.0), sf.adamw(3e-4))
+    """
+    max_norm = check_float("max_norm", max_norm, low=0.0, low_inclusive=False)
+
+    def init(params):
+        return EmptyState()
+
+    def update(updates, state, *, params=None, inplace=True):
+        leaves, spec = flatten(updates)
+        norm = global_norm(leaves)
+        factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        out = []
+        for g in leaves:
+            if g is None:
+                out.append(None)
+            else:
+                f = factor.to(device=g.device, dtype=g.dtype)
+                out.append(g.mul_(f) if inplace else g.mul(f))
+        return unflatten(spec, out), state
+
+    return GradientTransformation(init, update)
