@@ -15,8 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from . import __version__
 
-    if args.version or True:
-        print(f"scao-fx {__version__}")
+    print(f"scao-fx {__version__}")
     return 0
 
 
