@@ -19,8 +19,6 @@ Contract kept by every transform of this library:
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torchopt.base import (
     ChainedGradientTransformation,
@@ -37,7 +35,22 @@ __all__ = [
     "check_transform",
     "step_count",
     "increment",
+    "register_state",
 ]
+
+
+def register_state(cls: type) -> type:
+    """Class decorator: allow a state NamedTuple in ``torch.load(..., weights_only=True)``.
+
+    ``torch.load`` with ``weights_only=True`` only unpickles allow-listed globals; every state
+    class of the library is registered here at import time, so a saved functional state (a tree
+    of these NamedTuples of plain tensors) loads back safely once ``scao_fx`` is imported.
+    """
+    torch.serialization.add_safe_globals([cls])
+    return cls
+
+
+register_state(EmptyState)
 
 
 def check_transform(name: str, tx: object) -> GradientTransformation:
@@ -63,7 +76,3 @@ def step_count() -> torch.Tensor:
 def increment(count: torch.Tensor) -> torch.Tensor:
     """``count + 1``, saturating at the int64 maximum (never overflows); never in place."""
     return count + (count < torch.iinfo(torch.int64).max).to(count.dtype)
-
-
-class _Marker(NamedTuple):
-    """Internal: empty NamedTuple used as a structural placeholder."""

@@ -13,12 +13,13 @@ import torch
 
 from .._tree import flatten, unflatten
 from .._validation import check_float
-from ..base import EmptyState, GradientTransformation, increment, step_count
+from ..base import register_state, EmptyState, GradientTransformation, increment, step_count
 from .combinators import masked
 
 __all__ = ["scale_by_adam", "ScaleByAdamState", "add_decayed_weights", "moment_dtype_for"]
 
 
+@register_state
 class ScaleByAdamState(NamedTuple):
     """State of :func:`scale_by_adam`: first and second moments (trees like the params) and the step."""
 

@@ -16,6 +16,7 @@ import optree
 
 from .._tree import check_same_structure, flatten, unflatten
 from ..base import (
+    register_state,
     ChainedGradientTransformation,
     EmptyState,
     GradientTransformation,
@@ -61,6 +62,7 @@ def identity() -> GradientTransformation:
     return IdentityGradientTransformation()
 
 
+@register_state
 class NamedChainState(NamedTuple):
     """State of :func:`named_chain`: one entry per link name (a dict ``name -> link state``)."""
 
@@ -112,6 +114,7 @@ def named_chain(*named: tuple[str, GradientTransformation]) -> GradientTransform
     return GradientTransformation(init, update)
 
 
+@register_state
 class MaskedState(NamedTuple):
     """State of :func:`masked`: the inner transform's state over the selected leaves."""
 
@@ -181,6 +184,7 @@ def masked(inner: GradientTransformation, mask: Any) -> GradientTransformation:
     return GradientTransformation(init, update)
 
 
+@register_state
 class PartitionState(NamedTuple):
     """State of :func:`partition`: ``{label: inner state over that label's leaves}``."""
 

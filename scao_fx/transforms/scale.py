@@ -8,11 +8,12 @@ import torch
 
 from .._tree import flatten, unflatten
 from .._validation import check_float, check_scalar_or_schedule
-from ..base import EmptyState, GradientTransformation, increment, step_count
+from ..base import register_state, EmptyState, GradientTransformation, increment, step_count
 
 __all__ = ["scale", "scale_by_learning_rate", "ScaleByScheduleState"]
 
 
+@register_state
 class ScaleByScheduleState(NamedTuple):
     """State of :func:`scale_by_learning_rate` with a schedule: the number of updates so far."""
 
