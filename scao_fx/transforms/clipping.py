@@ -11,12 +11,28 @@ from ..base import EmptyState, GradientTransformation
 __all__ = ["clip_by_global_norm", "global_norm"]
 
 
+def _per_leaf_norms(tensors) -> bool:
+    """True under torch.compile (inductor fuses anyway) or torch.func transforms (``vmap``,
+    ``grad``), where ``_foreach_norm`` has no batching rule."""
+    if torch.compiler.is_compiling():
+        return True
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
 def global_norm(leaves) -> torch.Tensor:
-    """Euclidean norm of all tensors in a flat list (``None`` skipped), as a 0-d float32 tensor."""
+    """Euclidean norm of all tensors in a flat list (``None`` skipped), as a 0-d tensor.
+
+    Computed in float32, or float64 when a leaf is float64.
+    """
     tensors = [g for g in leaves if g is not None]
     if not tensors:
         return torch.zeros(())
-    norms = torch._foreach_norm([t.float() for t in tensors]) if len(tensors) > 1 else [tensors[0].float().norm()]
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    tensors = [t.to(dtype) for t in tensors]
+    if len(tensors) > 1 and not _per_leaf_norms(tensors):
+        norms = torch._foreach_norm(tensors)
+    else:
+        norms = [torch.linalg.vector_norm(t) for t in tensors]
     return torch.linalg.vector_norm(torch.stack([n.to(tensors[0].device) for n in norms]))
 
 
