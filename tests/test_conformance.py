@@ -1,0 +1,323 @@
+"""Conformance battery: every optimizer alias of the library passes every check here.
+
+To register an optimizer, append an :class:`OptimizerEntry` to ``OPTIMIZERS``:
+
+* ``factory(lr)`` builds the alias with test-friendly hyperparameters (small warmups, frequent
+  refreshes, ...);
+* ``links(lr)`` builds the same optimizer as the list of its links (the transforms the alias
+  chains), which the battery applies one after the other by hand;
+* the remaining fields have defaults that suit Adam-like optimizers; an entry can raise its step
+  budgets, change its learning rates, or loosen a tolerance (say why in ``note``).
+
+Every check is parametrized over the registry, so a new entry gets all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from typing import Callable, Sequence
+
+import pytest
+import torch
+from torch.func import grad
+
+import scao_fx as sf
+from treeutil import (
+    assert_no_shared_storage,
+    assert_tree_close,
+    clone,
+    leaves,
+    signature,
+    tensor_leaves,
+    versions,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerEntry:
+    """One optimizer under test. Tolerances are ``(rtol, atol)`` pairs."""
+
+    name: str
+    factory: Callable[[float], sf.GradientTransformation]
+    links: Callable[[float], Sequence[sf.GradientTransformation]]
+    # Convergence on the quadratic: final loss <= quadratic_tol * initial loss.
+    quadratic_lr: float = 0.1
+    quadratic_steps: int = 300
+    quadratic_tol: float = 1e-6
+    # Convergence on 2-D Rosenbrock from (-1.5, 2): loss <= rosenbrock_tol, |x - (1, 1)| <= rosenbrock_dist.
+    rosenbrock_lr: float = 0.05
+    rosenbrock_steps: int = 2000
+    rosenbrock_tol: float = 1e-3
+    rosenbrock_dist: float = 3e-2
+    # Steps run by the structural checks (dtype, state stability, inplace, chain equality, checkpoint).
+    short_steps: int = 5
+    # alias vs. hand-applied links, and inplace=True vs inplace=False: exact unless loosened.
+    equality_tol: tuple[float, float] = (0.0, 0.0)
+    # torch.compile(fullgraph=True) vs eager, float32 (inductor fuses and reorders arithmetic).
+    compile_tol: tuple[float, float] = (1e-5, 1e-6)
+    note: str = ""
+
+
+OPTIMIZERS: list[OptimizerEntry] = [
+    OptimizerEntry(
+        name="adam",
+        factory=lambda lr: sf.adam(lr, betas=(0.9, 0.999), eps=1e-8),
+        links=lambda lr: [sf.scale_by_adam(0.9, 0.999, 1e-8), sf.add_decayed_weights(0.0), sf.scale_by_learning_rate(lr)],
+    ),
+    OptimizerEntry(
+        name="adamw",
+        factory=lambda lr: sf.adamw(lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4),
+        links=lambda lr: [sf.scale_by_adam(0.9, 0.999, 1e-8), sf.add_decayed_weights(1e-4), sf.scale_by_learning_rate(lr)],
+    ),
+    OptimizerEntry(
+        name="adamw-schedule",
+        factory=lambda lr: sf.adamw(sf.schedules.warmup_cosine_decay(lr, 10, 5000, init=lr / 10), weight_decay=1e-4),
+        links=lambda lr: [
+            sf.scale_by_adam(),
+            sf.add_decayed_weights(1e-4),
+            sf.scale_by_learning_rate(sf.schedules.warmup_cosine_decay(lr, 10, 5000, init=lr / 10)),
+        ],
+    ),
+]
+
+ENTRIES = pytest.mark.parametrize("entry", OPTIMIZERS, ids=[e.name for e in OPTIMIZERS])
+
+
+# ---------------------------------------------------------------- problems and loops
+
+
+def quadratic_problem(dtype=torch.float64):
+    """An ill-conditioned separable quadratic over a dict with a matrix and a vector leaf."""
+    gen = torch.Generator().manual_seed(0)
+    curv = {"w": torch.logspace(0, 1, 12, dtype=dtype).reshape(4, 3), "b": torch.linspace(1, 10, 3, dtype=dtype)}
+    target = {"w": torch.randn(4, 3, generator=gen, dtype=dtype), "b": torch.randn(3, generator=gen, dtype=dtype)}
+
+    def loss(p):
+        return sum((curv[k] * (p[k] - target[k]) ** 2).sum() for k in ("w", "b"))
+
+    params = {"w": torch.zeros(4, 3, dtype=dtype), "b": torch.zeros(3, dtype=dtype)}
+    return loss, params
+
+
+def rosenbrock(p):
+    x = p["xy"]
+    return (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
+
+
+def run(tx, params, loss, steps, *, inplace=True):
+    state = tx.init(params)
+    for _ in range(steps):
+        g = grad(loss)(params)
+        updates, state = tx.update(g, state, params=params, inplace=inplace)
+        params = sf.apply_updates(params, updates, inplace=inplace)
+    return params, state
+
+
+def grads_sequence(params, n, seed=1):
+    """``n`` deterministic pseudo-gradient trees shaped like ``params``."""
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        {k: torch.randn(v.shape, generator=gen, dtype=torch.float64).to(v.dtype) for k, v in params.items()}
+        for _ in range(n)
+    ]
+
+
+def small_params(dtype=torch.float32):
+    gen = torch.Generator().manual_seed(2)
+    return {
+        "w": torch.randn(5, 4, generator=gen, dtype=torch.float64).to(dtype),
+        "b": torch.randn(4, generator=gen, dtype=torch.float64).to(dtype),
+        "s": torch.randn((), generator=gen, dtype=torch.float64).to(dtype),
+    }
+
+
+def step_by_links(links, states, g, params, inplace):
+    new_states = []
+    for link, s in zip(links, states):
+        g, s = link.update(g, s, params=params, inplace=inplace)
+        new_states.append(s)
+    return g, new_states
+
+
+# ---------------------------------------------------------------- checks
+
+
+@ENTRIES
+def test_converges_on_quadratic(entry):
+    loss, params = quadratic_problem()
+    start = loss(params).item()
+    params, _ = run(entry.factory(entry.quadratic_lr), params, loss, entry.quadratic_steps)
+    assert loss(params).item() <= entry.quadratic_tol * start
+
+
+@ENTRIES
+def test_converges_on_rosenbrock(entry):
+    params = {"xy": torch.tensor([-1.5, 2.0], dtype=torch.float64)}
+    params, _ = run(entry.factory(entry.rosenbrock_lr), params, rosenbrock, entry.rosenbrock_steps)
+    assert rosenbrock(params).item() <= entry.rosenbrock_tol
+    assert (params["xy"] - 1).abs().max().item() <= entry.rosenbrock_dist
+
+
+@ENTRIES
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_param_dtype_preserved_and_state_stable(entry, dtype):
+    params = small_params(dtype)
+    tx = entry.factory(1e-2)
+    state = tx.init(params)
+    sig0 = signature(state)
+    for g in grads_sequence(params, entry.short_steps):
+        updates, state = tx.update(g, state, params=params)
+        assert signature(updates) == signature(params), "updates must have the params' shapes and dtypes"
+        assert signature(state) == sig0, "state structure/dtypes/shapes changed across steps"
+        params = sf.apply_updates(params, updates)
+        assert all(p.dtype == dtype for p in tensor_leaves(params))
+    assert all(torch.isfinite(p.float()).all() for p in tensor_leaves(params))
+
+
+@ENTRIES
+def test_inplace_true_and_false_agree(entry):
+    params0 = small_params(torch.float32)
+    gs = grads_sequence(params0, entry.short_steps)
+    tx = entry.factory(1e-2)
+    results = {}
+    for inplace in (True, False):
+        params, state = clone(params0), tx.init(params0)
+        ups = []
+        for g in gs:
+            updates, state = tx.update(clone(g), state, params=params, inplace=inplace)
+            ups.append(clone(updates))
+            params = sf.apply_updates(params, updates, inplace=inplace)
+        results[inplace] = (ups, state, params)
+    rtol, atol = entry.equality_tol
+    assert_tree_close(results[False], results[True], rtol=rtol, atol=atol, msg="inplace=False vs True")
+
+
+@ENTRIES
+def test_inplace_false_mutates_nothing(entry):
+    params = small_params(torch.float32)
+    tx = entry.factory(1e-2)
+    gs = grads_sequence(params, entry.short_steps)
+    state = tx.init(params)
+    for g in gs:
+        before = clone((g, state, params))
+        vers = versions((g, state, params))
+        updates, new_state = tx.update(g, state, params=params, inplace=False)
+        assert versions((g, state, params)) == vers, "an input tensor was written in place"
+        assert_tree_close((g, state, params), before, msg="inputs changed by inplace=False")
+        new_params = sf.apply_updates(params, updates, inplace=False)
+        assert_tree_close(params, before[2], msg="apply_updates(inplace=False) changed params")
+        state, params = new_state, new_params
+
+
+@ENTRIES
+@pytest.mark.parametrize("inplace", [True, False])
+def test_updates_never_alias_state(entry, inplace):
+    params = small_params(torch.float32)
+    tx = entry.factory(1e-2)
+    state = tx.init(params)
+    for g in grads_sequence(params, entry.short_steps):
+        updates, state = tx.update(g, state, params=params, inplace=inplace)
+        assert_no_shared_storage(updates, state, msg="returned updates alias state")
+        assert_no_shared_storage(updates, params, msg="returned updates alias params")
+        # A later in-place link (torchopt's, for instance) scribbling on the updates must not
+        # reach the state.
+        saved = clone(state)
+        for u in tensor_leaves(updates):
+            u.mul_(1e3)
+        assert_tree_close(state, saved, msg="writing into updates changed the state")
+
+
+@ENTRIES
+def test_none_leaves_pass_through(entry):
+    params = small_params(torch.float32)
+    params["frozen"] = torch.ones(3)  # the only leaf of shape (3,)
+    tx = entry.factory(1e-2)
+    state = tx.init(params)
+    init_state = clone(state)
+    for g in grads_sequence(params, entry.short_steps):
+        g["frozen"] = None
+        updates, state = tx.update(g, state, params=params)
+        assert updates["frozen"] is None
+        params = sf.apply_updates(params, updates)
+    assert torch.equal(params["frozen"], torch.ones(3))
+    moved = 0
+    for before, now in zip(tensor_leaves(init_state), tensor_leaves(state)):
+        if now.shape == (3,):
+            assert torch.equal(now, before), "state of a leaf without gradient changed"
+        else:
+            moved += not torch.equal(now, before)
+    assert moved > 0, "the state of the leaves with gradients never changed"
+
+
+@ENTRIES
+@pytest.mark.parametrize("inplace", [True, False])
+def test_alias_equals_its_links_applied_by_hand(entry, inplace):
+    params = small_params(torch.float64)
+    alias, links = entry.factory(1e-2), list(entry.links(1e-2))
+    a_state, a_params = alias.init(params), clone(params)
+    l_states, l_params = [link.init(params) for link in links], clone(params)
+    rtol, atol = entry.equality_tol
+    for g in grads_sequence(params, entry.short_steps):
+        a_up, a_state = alias.update(clone(g), a_state, params=a_params, inplace=inplace)
+        l_up, l_states = step_by_links(links, l_states, clone(g), l_params, inplace)
+        assert_tree_close(a_up, l_up, rtol=rtol, atol=atol, msg="alias vs links: updates")
+        a_params = sf.apply_updates(a_params, a_up, inplace=inplace)
+        l_params = sf.apply_updates(l_params, l_up, inplace=inplace)
+    assert_tree_close(leaves(a_state), leaves(tuple(l_states)), rtol=rtol, atol=atol, msg="alias vs links: state")
+
+
+@ENTRIES
+def test_compiled_update_matches_eager(entry):
+    params = small_params(torch.float32)
+    tx = entry.factory(1e-2)
+    state = tx.init(params)
+    gs = grads_sequence(params, 2)
+    # Move past the first step so that the compiled step sees a non-trivial state.
+    _, state = tx.update(clone(gs[0]), state, params=params, inplace=False)
+
+    def step(g, s, p):
+        return tx.update(g, s, params=p, inplace=False)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    c_up, c_state = compiled(clone(gs[1]), clone(state), clone(params))
+    e_up, e_state = step(clone(gs[1]), clone(state), clone(params))
+    rtol, atol = entry.compile_tol
+    assert_tree_close(c_up, e_up, rtol=rtol, atol=atol, msg="compiled vs eager updates")
+    assert_tree_close(c_state, e_state, rtol=rtol, atol=atol, msg="compiled vs eager state")
+
+
+@ENTRIES
+def test_checkpoint_roundtrip_weights_only(entry):
+    params = small_params(torch.float32)
+    tx = entry.factory(1e-2)
+    gs = grads_sequence(params, 2 * entry.short_steps)
+    state = tx.init(params)
+    for g in gs[: entry.short_steps]:
+        updates, state = tx.update(g, state, params=params)
+        params = sf.apply_updates(params, updates)
+    buf = io.BytesIO()
+    torch.save({"state": state, "params": params}, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    assert_tree_close(loaded["state"], state, msg="state after torch.load")
+    assert type(loaded["state"]) is type(state)
+    assert [type(x) for x in leaves(loaded["state"])] == [type(x) for x in leaves(state)]
+    # Resuming from the loaded state gives exactly the uninterrupted run.
+    p_a, s_a = params, state
+    p_b, s_b = loaded["params"], loaded["state"]
+    for g in gs[entry.short_steps :]:
+        u_a, s_a = tx.update(clone(g), s_a, params=p_a)
+        p_a = sf.apply_updates(p_a, u_a)
+        u_b, s_b = tx.update(clone(g), s_b, params=p_b)
+        p_b = sf.apply_updates(p_b, u_b)
+    assert_tree_close(p_b, p_a, msg="resumed run differs")
+
+
+def test_registry_is_well_formed():
+    names = [e.name for e in OPTIMIZERS]
+    assert len(names) == len(set(names)), "duplicate registry names"
+    # Every optimizer alias exported by the library is registered.
+    for alias in ("adam", "adamw"):
+        assert alias in names
