@@ -11,8 +11,9 @@ Every optimizer is a ``GradientTransformation`` (torchopt's protocol) composed w
 """
 
 from . import schedules, transforms
-from .alias import adam, adamw
+from .alias import adam, adamw, scao, scao_precondition
 from .base import EmptyState, GradientTransformation
+from .optim import TransformOptimizer
 from .transforms import *  # noqa: F401,F403  (re-export the transform families)
 from .transforms import __all__ as _transforms_all
 from .update import apply_updates
@@ -23,8 +24,11 @@ __all__ = [
     "GradientTransformation",
     "EmptyState",
     "apply_updates",
+    "TransformOptimizer",
     "adam",
     "adamw",
+    "scao",
+    "scao_precondition",
     "schedules",
     "transforms",
     *_transforms_all,

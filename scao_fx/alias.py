@@ -10,9 +10,14 @@ from ._validation import check_betas, check_float, check_scalar_or_schedule
 from .base import GradientTransformation
 from .transforms.adam import add_decayed_weights, scale_by_adam
 from .transforms.combinators import chain
+from .transforms.blend import blend_ramp
+from .transforms.curvature import curvature_ema
+from .transforms.kronecker import kronecker_precondition
+from .transforms.quantization import fp32_codec, int8_blockwise
+from .transforms.rank import spectral_mass_rank
 from .transforms.scale import scale_by_learning_rate
 
-__all__ = ["adam", "adamw"]
+__all__ = ["adam", "adamw", "scao_precondition", "scao"]
 
 
 def adam(
@@ -80,3 +85,131 @@ def adamw(
         >>> state = tx.init(params)
     """
     return adam(lr, betas, eps, weight_decay, eps_root=eps_root, mask=mask, moment_dtype=moment_dtype)
+
+
+def scao_precondition(
+    rho: float = 0.999,
+    precond_freq: int = 20,
+    warmup_steps: int = 100,
+    blend_steps: int = 50,
+    min_precond_updates: int = 10,
+    epsilon_sparse: float = 0.05,
+    k_min: int = 8,
+    k_max: int = 128,
+    max_precond_dim: int = 4096,
+    tau: float | None = None,
+    use_int8_ema: bool = True,
+    *,
+    block_size: int = 256,
+    complement: str = "mean_tail",
+    graft: str = "frobenius",
+    blend_shape: str = "linear",
+    tikhonov: float = 1e-4,
+    grouped: bool = True,
+    rank_eps: float | None = None,
+) -> GradientTransformation:
+    r"""SCAO's preconditioner, built from its five named parts.
+
+    It is exactly::
+
+        blend_ramp(
+            kronecker_precondition(
+                curvature=curvature_ema(rho, codec=int8_blockwise(block_size)),   # 1 + 2
+                rank=spectral_mass_rank(epsilon_sparse, k_min, k_max),          # 3
+                precond_freq=precond_freq, max_precond_dim=max_precond_dim,
+                complement=complement, graft=graft, tau=tau),                   # 4
+            warmup_steps=warmup_steps, blend_steps=blend_steps,
+            min_precond_updates=min_precond_updates, shape=blend_shape)         # 5
+
+    Follow it with :func:`adamw` (part 6), or use :func:`scao`. Each part is one edit away from
+    its ablation (see the docs' ablation table).
+
+    Args:
+        rho: curvature EMA decay, in [0, 1).
+        precond_freq: steps between basis refreshes, >= 1.
+        warmup_steps: steps of plain gradient before the ramp, >= 0.
+        blend_steps: ramp length, >= 0.
+        min_precond_updates: curvature updates required before the ramp, >= 0.
+        epsilon_sparse: spectral mass that may be discarded, in [0, 1) (alias ``rank_eps``).
+        k_min: smallest rank, >= 1.
+        k_max: largest rank, >= k_min.
+        max_precond_dim: longest preconditioned side, >= 2.
+        tau: optional cap on :math:`\lVert P(G)\rVert / \lVert G\rVert` (with ``graft="none"``).
+        use_int8_ema: store curvature in block-wise int8 (False: float32).
+        block_size: int8 block size, >= 8.
+        complement: ``"mean_tail"``, ``"kth"`` or ``"none"`` (see :func:`kronecker_precondition`).
+        graft: ``"frobenius"`` or ``"none"``.
+        blend_shape: ``"linear"`` or ``"cosine"``.
+        tikhonov: relative Tikhonov factor, >= 0.
+        grouped: stack same-shape leaves (False: per-leaf loop).
+        rank_eps: alternative name of ``epsilon_sparse``.
+
+    Returns:
+        A ``GradientTransformation`` with state ``BlendRampState(KroneckerPreconditionState, count)``.
+
+    Example:
+        >>> import scao_fx as sf
+        >>> tx = sf.chain(sf.scao_precondition(rank_eps=0.05, precond_freq=20, warmup_steps=100),
+        ...               sf.adamw(lr=3.5e-4, weight_decay=0.1))
+    """
+    if rank_eps is not None:
+        if epsilon_sparse != 0.05 and epsilon_sparse != rank_eps:
+            raise ValueError(f"give either epsilon_sparse or rank_eps, not both ({epsilon_sparse!r} vs {rank_eps!r})")
+        epsilon_sparse = rank_eps
+    if not isinstance(use_int8_ema, bool):
+        raise TypeError(f"use_int8_ema must be a bool, got {use_int8_ema!r}")
+    codec = int8_blockwise(block_size) if use_int8_ema else fp32_codec()
+    return blend_ramp(
+        kronecker_precondition(
+            curvature=curvature_ema(rho, codec=codec),
+            rank=spectral_mass_rank(epsilon_sparse, k_min, k_max),
+            precond_freq=precond_freq,
+            max_precond_dim=max_precond_dim,
+            complement=complement,
+            graft=graft,
+            tau=tau,
+            tikhonov=tikhonov,
+            grouped=grouped,
+        ),
+        warmup_steps=warmup_steps,
+        blend_steps=blend_steps,
+        shape=blend_shape,
+        min_precond_updates=min_precond_updates,
+    )
+
+
+def scao(
+    lr=1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    *,
+    mask: Any = None,
+    moment_dtype: torch.dtype | None = None,
+    **precondition_kwargs: Any,
+) -> GradientTransformation:
+    r"""SCAO: ``chain(scao_precondition(**precondition_kwargs), adamw(lr, betas, eps, weight_decay))``.
+
+    Adam's moments track the blended, preconditioned gradient; weight decay is decoupled.
+    Published guidance: start from about 1.17x your AdamW learning rate.
+
+    Args:
+        lr: learning rate (float, 0-d tensor or schedule).
+        betas: Adam betas, each in [0, 1).
+        eps: Adam epsilon, >= 0.
+        weight_decay: decoupled weight decay, >= 0.
+        mask: weight-decay mask (tree of bools or callable).
+        moment_dtype: dtype of Adam's moments (default: at least float32).
+        **precondition_kwargs: any argument of :func:`scao_precondition`.
+
+    Returns:
+        A two-link chain: ``(scao_precondition state, adamw state)``.
+
+    Example:
+        >>> import scao_fx as sf
+        >>> tx = sf.scao(lr=1e-3, warmup_steps=50, precond_freq=10)
+    """
+    return chain(
+        scao_precondition(**precondition_kwargs),
+        adamw(lr, betas, eps, weight_decay, mask=mask, moment_dtype=moment_dtype),
+    )

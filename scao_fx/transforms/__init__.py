@@ -5,6 +5,13 @@
 * :mod:`~scao_fx.transforms.adam`: ``scale_by_adam``, ``add_decayed_weights``.
 * :mod:`~scao_fx.transforms.scale`: ``scale``, ``scale_by_learning_rate``.
 * :mod:`~scao_fx.transforms.clipping`: ``clip_by_global_norm``.
+* :mod:`~scao_fx.transforms.quantization`: codecs (``int8_blockwise``, ``fp32_codec``,
+  ``bf16_codec``) and the ``quantize_state`` combinator.
+* :mod:`~scao_fx.transforms.curvature`: ``curvature_ema`` (Kronecker factor statistics).
+* :mod:`~scao_fx.transforms.rank`: rank rules (``spectral_mass_rank``, ``full_rank``,
+  ``fixed_rank``) and ``robust_eigh``.
+* :mod:`~scao_fx.transforms.kronecker`: ``kronecker_precondition``.
+* :mod:`~scao_fx.transforms.blend`: the ``blend_ramp`` combinator.
 """
 
 from .adam import ScaleByAdamState, add_decayed_weights, scale_by_adam
@@ -19,6 +26,25 @@ from .combinators import (
     named_chain,
     partition,
 )
+from .blend import BlendRampState, blend_factor, blend_ramp
+from .curvature import CurvatureEMA, curvature_ema
+from .kronecker import (
+    KroneckerGroupState,
+    KroneckerPreconditionState,
+    KroneckerSide,
+    kronecker_precondition,
+    matrix_shape,
+)
+from .quantization import (
+    Codec,
+    EncodedTensor,
+    QuantizedState,
+    bf16_codec,
+    fp32_codec,
+    int8_blockwise,
+    quantize_state,
+)
+from .rank import RankRule, fixed_rank, full_rank, robust_eigh, spectral_mass_rank
 from .scale import ScaleByScheduleState, scale, scale_by_learning_rate
 
 __all__ = [
@@ -38,4 +64,26 @@ __all__ = [
     "ScaleByScheduleState",
     "clip_by_global_norm",
     "global_norm",
+    "Codec",
+    "EncodedTensor",
+    "QuantizedState",
+    "fp32_codec",
+    "bf16_codec",
+    "int8_blockwise",
+    "quantize_state",
+    "CurvatureEMA",
+    "curvature_ema",
+    "RankRule",
+    "spectral_mass_rank",
+    "full_rank",
+    "fixed_rank",
+    "robust_eigh",
+    "kronecker_precondition",
+    "KroneckerPreconditionState",
+    "KroneckerGroupState",
+    "KroneckerSide",
+    "matrix_shape",
+    "blend_ramp",
+    "BlendRampState",
+    "blend_factor",
 ]

@@ -1,0 +1,441 @@
+"""``torch.optim`` facades: run any chain of the library as a ``torch.optim.Optimizer``.
+
+:class:`TransformOptimizer` wraps a *transform factory* (``**hyperparameters ->
+GradientTransformation``) so that a functional chain behaves like a regular PyTorch optimizer:
+param groups with their own hyperparameters, learning-rate schedulers, ``closure``,
+``zero_grad``, gradient clipping, AMP's ``GradScaler``, checkpoints through ``state_dict()``.
+
+How it maps the functional protocol onto ``torch.optim``:
+
+* one transform and one functional state per **param group** (not per parameter): the tree is
+  the list of the group's trainable parameters, so transforms that stack same-shape leaves
+  (SCAO's grouped execution) see the whole group at once;
+* the learning rate is a 0-d float64 CPU tensor per group, refilled from ``group["lr"]`` before
+  every step (LR schedulers work, the chain is never rebuilt for an LR change, no host sync);
+  any other hyperparameter changed in ``group`` rebuilds that group's transform (state kept);
+* the state is created lazily at the first ``step()`` (like ``torch.optim``), for the group's
+  parameters that require grad at that moment; frozen parameters get no state at all (LoRA:
+  only the adapters cost memory);
+* ``step()`` reads ``p.grad`` (never writes it), skips parameters whose grad is ``None``, and
+  adds the update to ``p`` in place under ``torch.no_grad()``.
+
+Checkpoints: ``state_dict()`` holds plain tensors in plain dicts and lists (``torch.load(...,
+weights_only=True)`` loads it); ``load_state_dict`` puts every tensor back with its saved dtype
+(int8 codes stay int8, float32 statistics of bf16 parameters stay float32, int64 counters stay
+int64) on the device the freshly initialised state would use (step counters on the CPU, the
+rest next to its parameter), so resuming is bit-identical to not stopping.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable, Iterable, Mapping
+
+import optree
+import torch
+
+from .base import GradientTransformation, check_transform
+
+__all__ = ["TransformOptimizer"]
+
+_FORMAT = "scao_fx.TransformOptimizer"
+_FORMAT_VERSION = 1
+# Group keys that are never hyperparameters of the transform.
+_NON_HYPER = ("params", "param_names")
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Hyperparameter equality that never raises on tensors (identity for tensors)."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return False
+    try:
+        return bool(a == b) and type(a) is type(b)
+    except Exception:  # pragma: no cover - exotic values without a usable __eq__
+        return False
+
+
+class _GroupRuntime:
+    """Per-group bookkeeping: the built transform, its lr tensor, the functional state."""
+
+    __slots__ = ("transform", "built_with", "lr", "state", "active")
+
+    def __init__(self) -> None:
+        self.transform: GradientTransformation | None = None
+        self.built_with: dict | None = None
+        self.lr: torch.Tensor | None = None
+        self.state: Any = None  # functional state, None until the first step
+        self.active: list[int] | None = None  # positions (in group["params"]) of the state's leaves
+
+
+class TransformOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` that runs a functional chain over each param group.
+
+    Args:
+        params: an iterable of parameters, of ``(name, parameter)`` pairs (names are then used
+            by :meth:`diagnostics`), or of param-group dicts, exactly as for ``torch.optim``.
+        transform_factory: a callable ``(**hyperparameters) -> GradientTransformation``, called
+            once per param group with that group's values of every key of ``defaults``. If
+            ``defaults`` has an ``"lr"`` key, the factory receives ``lr`` as a 0-d float64 CPU
+            tensor that the optimizer refills from ``group["lr"]`` before each step; pass it on
+            to :func:`scao_fx.scale_by_learning_rate` (or any alias taking ``lr``).
+        defaults: the hyperparameters and their default values (a mapping of str keys). Group
+            keys outside ``defaults`` (for example ``initial_lr`` added by LR schedulers) are
+            kept in the group but not passed to the factory.
+
+    Raises:
+        TypeError: if ``transform_factory`` is not callable, ``defaults`` is not a mapping with
+            str keys, or the factory does not return a ``GradientTransformation``.
+        ValueError: if a group's ``lr`` is negative or NaN (and whatever the factory raises for
+            invalid hyperparameters, noted with the group it came from).
+
+    Example:
+        >>> import torch, scao_fx as sf
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = sf.TransformOptimizer(
+        ...     model.parameters(),
+        ...     lambda lr, weight_decay: sf.adamw(lr=lr, weight_decay=weight_decay),
+        ...     {"lr": 1e-3, "weight_decay": 0.01},
+        ... )
+        >>> model(torch.randn(3, 4)).sum().backward()
+        >>> opt.step(); opt.zero_grad()
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        transform_factory: Callable[..., GradientTransformation],
+        defaults: Mapping[str, Any],
+    ) -> None:
+        if not callable(transform_factory):
+            raise TypeError(
+                f"transform_factory must be a callable (**hyperparameters) -> GradientTransformation, "
+                f"got {type(transform_factory).__name__}"
+            )
+        if not isinstance(defaults, Mapping):
+            raise TypeError(f"defaults must be a mapping of hyperparameter names to values, got {type(defaults).__name__}")
+        for key in defaults:
+            if not isinstance(key, str):
+                raise TypeError(f"defaults keys must be str, got {key!r}")
+            if key in _NON_HYPER:
+                raise ValueError(f"defaults must not contain the reserved key {key!r}")
+        self._transform_factory = transform_factory
+        self._runtimes: list[_GroupRuntime] = []
+        super().__init__(params, dict(defaults))
+
+    # ------------------------------------------------------------------ groups and transforms
+
+    def _hyperparams(self, group: dict) -> dict:
+        return {k: group[k] for k in self.defaults}
+
+    def _check_lr(self, index: int, group: dict) -> None:
+        if "lr" not in self.defaults:
+            return
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):
+            if lr.numel() != 1:
+                raise ValueError(f"param_groups[{index}]['lr'] must be a number or a 1-element tensor, got shape {tuple(lr.shape)}")
+            return
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+            raise TypeError(f"param_groups[{index}]['lr'] must be a real number, got {lr!r}")
+        if math.isnan(lr) or lr < 0:
+            raise ValueError(f"param_groups[{index}]['lr'] must be in [0, inf), got {lr!r}")
+
+    def _build(self, index: int) -> None:
+        """(Re)build group ``index``'s transform from its current hyperparameters."""
+        group = self.param_groups[index]
+        rt = self._runtimes[index]
+        self._check_lr(index, group)
+        hyper = self._hyperparams(group)
+        kwargs = dict(hyper)
+        if "lr" in hyper:
+            if rt.lr is None:
+                rt.lr = torch.zeros((), dtype=torch.float64)
+            self._fill_lr(rt.lr, hyper["lr"])
+            kwargs["lr"] = rt.lr
+        try:
+            tx = self._transform_factory(**kwargs)
+        except Exception as err:
+            err.add_note(f"(raised while building the transform of param_groups[{index}] with {sorted(kwargs)})")
+            raise
+        check_transform("transform_factory(...)", tx)
+        rt.transform = tx
+        rt.built_with = {k: v for k, v in hyper.items() if k != "lr"}
+
+    @staticmethod
+    def _fill_lr(buf: torch.Tensor, lr: Any) -> None:
+        if isinstance(lr, torch.Tensor):
+            buf.copy_(lr.detach().reshape(()))
+        else:
+            buf.fill_(float(lr))
+
+    def _refresh(self, index: int) -> _GroupRuntime:
+        """Before a step: refill the lr tensor, rebuild if another hyperparameter changed."""
+        group = self.param_groups[index]
+        rt = self._runtimes[index]
+        stale = rt.transform is None or any(
+            not _same_value(group[k], v) for k, v in rt.built_with.items()  # type: ignore[union-attr]
+        )
+        if stale:
+            self._build(index)
+        elif rt.lr is not None:
+            self._check_lr(index, group)
+            self._fill_lr(rt.lr, group["lr"])
+        return rt
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group (as ``torch.optim``); its transform is built (and validated) now,
+        its state at its first step."""
+        super().add_param_group(param_group)
+        index = len(self.param_groups) - 1
+        for j, p in enumerate(self.param_groups[index]["params"]):
+            if p.is_complex():
+                raise TypeError(
+                    f"param_groups[{index}]['params'][{j}] is complex ({p.dtype}); scao_fx "
+                    "optimizers support real floating-point parameters only (use torch.view_as_real)"
+                )
+            if not p.is_floating_point():
+                raise TypeError(f"param_groups[{index}]['params'][{j}] has dtype {p.dtype}; only floating-point parameters can be optimized")
+        self._runtimes.append(_GroupRuntime())
+        try:
+            self._build(index)
+        except BaseException:
+            self._runtimes.pop()
+            self.param_groups.pop()
+            raise
+
+    # ------------------------------------------------------------------ stepping
+
+    def _gather_grads(self, index: int, rt: _GroupRuntime) -> list[torch.Tensor | None] | None:
+        """The group's gradients as a list aligned with ``rt.active`` (None where missing)."""
+        params = self.param_groups[index]["params"]
+        if rt.active is None:
+            rt.active = [j for j, p in enumerate(params) if p.requires_grad or p.grad is not None]
+        active_set = set(rt.active)
+        for j, p in enumerate(params):
+            if p.grad is not None and j not in active_set:
+                raise ValueError(
+                    f"param_groups[{index}]['params'][{j}] has a gradient but did not require grad when "
+                    "this optimizer's state was created, so it has no optimizer state; put newly "
+                    "unfrozen parameters in a new group with add_param_group()"
+                )
+        grads: list[torch.Tensor | None] = []
+        for j in rt.active:
+            g = params[j].grad
+            if g is None:
+                grads.append(None)
+                continue
+            if g.is_sparse or g.layout != torch.strided:
+                raise RuntimeError(
+                    f"param_groups[{index}]['params'][{j}] has a sparse gradient ({g.layout}); scao_fx "
+                    "optimizers need dense gradients (use torch.nn.Embedding(sparse=False))"
+                )
+            if g.is_complex():
+                raise TypeError(f"param_groups[{index}]['params'][{j}] has a complex gradient ({g.dtype}); only real gradients are supported")
+            grads.append(g.detach().clone(memory_format=torch.contiguous_format))
+        return grads
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step on every param group.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss (run
+                with gradients enabled).
+
+        Returns:
+            The closure's loss, or ``None``.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for index, group in enumerate(self.param_groups):
+            rt = self._refresh(index)
+            params = group["params"]
+            grads = self._gather_grads(index, rt)
+            if not rt.active or all(g is None for g in grads):
+                continue
+            tree = [params[j] for j in rt.active]
+            if rt.state is None:
+                rt.state = rt.transform.init(tree)
+            updates, rt.state = rt.transform.update(grads, rt.state, params=tree, inplace=True)
+            for p, u in zip(tree, updates):
+                if u is not None:
+                    p.add_(u.to(p.dtype))
+        return loss
+
+    # ------------------------------------------------------------------ inspection
+
+    def functional_state(self, group: int = 0) -> Any:
+        """The functional state of param group ``group`` (None before its first step).
+
+        It is the state of the group's transform over the list of the group's trainable
+        parameters (in ``group["params"]`` order, frozen ones left out)."""
+        if not 0 <= group < len(self._runtimes):
+            raise IndexError(f"group must be in [0, {len(self._runtimes) - 1}], got {group}")
+        return self._runtimes[group].state
+
+    def transform(self, group: int = 0) -> GradientTransformation:
+        """The ``GradientTransformation`` currently built for param group ``group``."""
+        if not 0 <= group < len(self._runtimes):
+            raise IndexError(f"group must be in [0, {len(self._runtimes) - 1}], got {group}")
+        self._refresh(group)
+        return self._runtimes[group].transform  # type: ignore[return-value]
+
+    def _param_label(self, index: int, j: int) -> str:
+        group = self.param_groups[index]
+        names = group.get("param_names")
+        if names is not None:
+            return str(names[j])
+        start = sum(len(g["params"]) for g in self.param_groups[:index])
+        return str(start + j)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer state as plain dicts, lists, numbers and tensors.
+
+        Layout (``torch.optim``-like; ``state`` is empty because the state is per group)::
+
+            {"state": {},
+             "param_groups": [{...hyperparameters, "params": [global indices]}, ...],
+             "transform_state": [None | {"active": [positions in the group],
+                                         "treespec": str, "leaves": [tensor | None, ...]}],
+             "format": "scao_fx.TransformOptimizer", "version": 1}
+
+        The tensors are the live state tensors (as ``torch.optim`` does): ``torch.save`` it or
+        ``copy.deepcopy`` it to keep a snapshot. Loads with ``torch.load(weights_only=True)``.
+        """
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        groups = []
+        start = 0
+        for group in self.param_groups:
+            packed = {k: v for k, v in group.items() if k != "params"}
+            packed["params"] = list(range(start, start + len(group["params"])))
+            start += len(group["params"])
+            groups.append(packed)
+        tstates: list[dict | None] = []
+        for rt in self._runtimes:
+            if rt.state is None:
+                tstates.append(None)
+                continue
+            leaves, spec = optree.tree_flatten(rt.state, none_is_leaf=True)
+            for leaf in leaves:
+                if leaf is not None and not isinstance(leaf, torch.Tensor):
+                    raise TypeError(
+                        f"the functional state holds a {type(leaf).__name__} leaf; states must hold "
+                        "tensors only to be saved (see scao_fx.base)"
+                    )
+            tstates.append({"active": list(rt.active or []), "treespec": str(spec), "leaves": leaves})
+        state_dict: dict[str, Any] = {
+            "state": {},
+            "param_groups": groups,
+            "transform_state": tstates,
+            "format": _FORMAT,
+            "version": _FORMAT_VERSION,
+        }
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`; every state tensor keeps its saved dtype exactly.
+
+        Each tensor is copied onto the device that a fresh ``init`` puts it on (step counters
+        stay on the CPU even if ``torch.load`` mapped everything to a GPU). Hyperparameters in
+        the saved groups replace the current ones (as ``torch.optim`` does) and the transforms
+        are rebuilt from them.
+
+        Raises:
+            ValueError: if ``state_dict`` was not produced by a ``TransformOptimizer``, or its
+                groups, parameter counts, state structure, shapes or dtypes do not match this
+                optimizer (the message says which).
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        if state_dict.get("format") != _FORMAT or "transform_state" not in state_dict:
+            raise ValueError(
+                "state_dict was not produced by a scao_fx TransformOptimizer (no 'transform_state' "
+                "entry); a torch.optim optimizer's state cannot be loaded into it"
+            )
+        if state_dict.get("version") != _FORMAT_VERSION:
+            raise ValueError(f"unsupported state_dict version {state_dict.get('version')!r}; this scao_fx reads version {_FORMAT_VERSION}")
+        saved_groups = state_dict["param_groups"]
+        tstates = state_dict["transform_state"]
+        if len(saved_groups) != len(self.param_groups) or len(tstates) != len(self.param_groups):
+            raise ValueError(
+                f"state_dict has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}"
+            )
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"param_groups[{i}] has {len(group['params'])} parameters, the state_dict's has {len(saved['params'])}"
+                )
+
+        new_states = []
+        for i, (group, tstate) in enumerate(zip(self.param_groups, tstates)):
+            if tstate is None:
+                new_states.append((None, None))
+                continue
+            active = [int(j) for j in tstate["active"]]
+            if any(not 0 <= j < len(group["params"]) for j in active):
+                raise ValueError(f"transform_state[{i}]['active'] has positions outside param_groups[{i}]")
+            new_states.append((active, tstate))
+
+        # Hyperparameters: saved values replace current ones (params and names stay ours).
+        for saved, group in zip(saved_groups, self.param_groups):
+            for k, v in saved.items():
+                if k not in _NON_HYPER:
+                    group[k] = v
+        for i in range(len(self.param_groups)):
+            self._build(i)
+
+        for i, (active, tstate) in enumerate(new_states):
+            rt = self._runtimes[i]
+            if tstate is None:
+                rt.state, rt.active = None, None
+                continue
+            rt.state = self._restore_state(i, rt, active, tstate)
+            rt.active = active
+
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _restore_state(self, index: int, rt: _GroupRuntime, active: list[int], tstate: Mapping) -> Any:
+        params = self.param_groups[index]["params"]
+        template = rt.transform.init([params[j] for j in active])  # type: ignore[union-attr]
+        t_leaves, t_spec = optree.tree_flatten(template, none_is_leaf=True)
+        s_leaves = list(tstate["leaves"])
+        if str(t_spec) != tstate["treespec"] or len(s_leaves) != len(t_leaves):
+            raise ValueError(
+                f"transform_state[{index}] does not match this optimizer's transform for param_groups[{index}] "
+                f"(were the hyperparameters or the model changed?):\n  saved: {tstate['treespec']}\n  "
+                f"now:   {t_spec}"
+            )
+        paths = optree.tree_paths(template, none_is_leaf=True)
+        out = []
+        for path, t, s in zip(paths, t_leaves, s_leaves):
+            where = f"transform_state[{index}] leaf {'.'.join(map(str, path))}"
+            if t is None or s is None:
+                if (t is None) != (s is None):
+                    raise ValueError(f"{where}: saved {type(s).__name__}, expected {type(t).__name__}")
+                out.append(None)
+                continue
+            if not isinstance(s, torch.Tensor):
+                raise TypeError(f"{where}: expected a tensor, got {type(s).__name__}")
+            if s.dtype != t.dtype:
+                raise ValueError(f"{where}: saved dtype {s.dtype}, this optimizer keeps {t.dtype} there")
+            if s.shape != t.shape:
+                raise ValueError(f"{where}: saved shape {tuple(s.shape)}, expected {tuple(t.shape)}")
+            out.append(s.detach().to(device=t.device, copy=True))
+        return optree.tree_unflatten(t_spec, out)

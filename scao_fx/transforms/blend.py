@@ -1,0 +1,98 @@
+r"""Warmup and blend ramp from the raw gradient into an inner transform's output (SCAO part 5).
+
+.. math::
+    g_{eff} = b_t\,P(G) + (1 - b_t)\,G,\qquad
+    b_t = \begin{cases} 0 & t \le T_0 \\ r\!\left(\min(1, (t - T_0)/T_b)\right) & t > T_0\end{cases}
+
+with :math:`T_0 = \max(\text{warmup\_steps}, \text{min\_precond\_updates})` (the inner
+curvature statistics are updated at every step, so after :math:`T_0` steps they hold at least
+``min_precond_updates`` updates), :math:`T_b` = ``blend_steps`` and :math:`r` the identity
+(``"linear"``) or :math:`\tfrac12(1-\cos\pi x)` (``"cosine"``). ``blend_steps=0`` is a hard
+switch at :math:`T_0`. The inner transform runs at every step (its statistics accumulate during
+warmup); its output is simply not used while :math:`b = 0`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+
+from .._tree import flatten, unflatten
+from .._validation import check_choice, check_int
+from ..base import GradientTransformation, check_transform, increment, register_state, step_count
+
+__all__ = ["blend_ramp", "BlendRampState", "blend_factor"]
+
+
+@register_state
+class BlendRampState(NamedTuple):
+    """State of :func:`blend_ramp`: the inner state and the step count (CPU int64)."""
+
+    inner_state: Any
+    count: torch.Tensor
+
+
+def blend_factor(count: torch.Tensor, start: int, blend_steps: int, shape: str = "linear") -> torch.Tensor:
+    """The blend weight ``b`` (0-d float32 tensor) after ``count`` steps; see the module docs."""
+    t = count.to(torch.float32) - start
+    if blend_steps == 0:
+        return (t > 0).to(torch.float32)
+    x = torch.clamp(t / blend_steps, 0.0, 1.0)
+    return x if shape == "linear" else 0.5 * (1 - torch.cos(math.pi * x))
+
+
+def blend_ramp(
+    inner: GradientTransformation,
+    *,
+    warmup_steps: int = 100,
+    blend_steps: int = 50,
+    shape: str = "linear",
+    min_precond_updates: int = 0,
+) -> GradientTransformation:
+    """Use the raw gradient during warmup, then ramp into ``inner``'s output.
+
+    Args:
+        inner: the transform to blend in (e.g. :func:`kronecker_precondition`); it is called with
+            ``inplace=False`` so the raw updates stay available for the blend.
+        warmup_steps: steps of pure raw gradient, >= 0.
+        blend_steps: length of the ramp, >= 0 (0: hard switch).
+        shape: ``"linear"`` or ``"cosine"``.
+        min_precond_updates: the ramp never starts before this many inner updates, >= 0.
+
+    Returns:
+        A ``GradientTransformation`` with state :class:`BlendRampState`.
+
+    Example:
+        >>> import scao_fx as sf
+        >>> tx = sf.blend_ramp(sf.kronecker_precondition(), warmup_steps=100, blend_steps=50)
+    """
+    check_transform("inner", inner)
+    warmup_steps = check_int("warmup_steps", warmup_steps, low=0)
+    blend_steps = check_int("blend_steps", blend_steps, low=0)
+    check_choice("shape", shape, ("linear", "cosine"))
+    min_precond_updates = check_int("min_precond_updates", min_precond_updates, low=0)
+    start = max(warmup_steps, min_precond_updates)
+
+    def init(params):
+        return BlendRampState(inner.init(params), step_count())
+
+    def update(updates, state, *, params=None, inplace=True):
+        count = increment(state.count)
+        pre, inner_state = inner.update(updates, state.inner_state, params=params, inplace=False)
+        b = blend_factor(count, start, blend_steps, shape)
+        raw, spec = flatten(updates)
+        pre_leaves, _ = flatten(pre)
+        out = []
+        for g, p in zip(raw, pre_leaves):
+            if g is None:
+                out.append(None)
+                continue
+            w = b.to(device=g.device, dtype=g.dtype)
+            # where(): exactly the raw gradient while b == 0, whatever the inner output holds.
+            mixed = torch.where(w > 0, torch.lerp(g, p, w), g)
+            out.append(g.copy_(mixed) if inplace else mixed)
+        return unflatten(spec, out), BlendRampState(inner_state, count)
+
+    return GradientTransformation(init, update)

@@ -1,0 +1,535 @@
+"""The torch.optim facade: TransformOptimizer (and SCAO further down)."""
+
+from __future__ import annotations
+
+import copy
+import io
+from typing import NamedTuple
+
+import pytest
+import torch
+import torchopt
+
+import scao_fx as sf
+from scao_fx.optim import TransformOptimizer
+
+ADAMW_DEFAULTS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+
+
+def adamw_factory(lr, betas, eps, weight_decay):
+    return sf.adamw(lr, betas, eps, weight_decay)
+
+
+def make_adamw(params, **overrides):
+    return TransformOptimizer(params, adamw_factory, {**ADAMW_DEFAULTS, **overrides})
+
+
+def mlp(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).to(dtype)
+
+
+def two_groups(model):
+    ps = list(model.parameters())
+    return [
+        {"params": [p for p in ps if p.ndim >= 2], "weight_decay": 0.1},
+        {"params": [p for p in ps if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def data(seed=1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(32, 8, generator=g).to(dtype), torch.randn(32, 4, generator=g).to(dtype)
+
+
+def train_step(model, opt, x, y):
+    opt.zero_grad()
+    loss = ((model(x) - y) ** 2).mean()
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def max_diff(m1, m2):
+    return max((a.double() - b.double()).abs().max().item() for a, b in zip(m1.parameters(), m2.parameters()))
+
+
+def save_load(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Behaves like torch.optim.AdamW
+
+
+def test_matches_torch_adamw_two_groups_and_lambdalr():
+    m1, m2 = mlp(), mlp()
+    o1 = torch.optim.AdamW(two_groups(m1), lr=1e-3)
+    o2 = make_adamw(two_groups(m2))
+    s1 = torch.optim.lr_scheduler.LambdaLR(o1, lambda s: 1.0 / (1.0 + 0.2 * s))
+    s2 = torch.optim.lr_scheduler.LambdaLR(o2, lambda s: 1.0 / (1.0 + 0.2 * s))
+    x, y = data()
+    for _ in range(50):
+        for m, o, s in ((m1, o1, s1), (m2, o2, s2)):
+            train_step(m, o, x, y)
+            s.step()
+    assert o2.param_groups[0]["lr"] == o1.param_groups[0]["lr"] < 1e-3 / 5
+    assert max_diff(m1, m2) < 1e-6
+    # the parameters really moved (the comparison is not vacuous)
+    assert max_diff(m1, mlp()) > 1e-3
+
+
+def test_lr_read_from_group_every_step():
+    model = mlp()
+    opt = make_adamw(model.parameters())
+    x, y = data()
+    train_step(model, opt, x, y)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups[0]["lr"] = 0.0
+    train_step(model, opt, x, y)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    opt.param_groups[0]["lr"] = 1e-2
+    train_step(model, opt, x, y)
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_lr_as_tensor_in_group():
+    m1, m2 = mlp(), mlp()
+    o1 = make_adamw(m1.parameters(), lr=3e-3)
+    o2 = make_adamw(m2.parameters(), lr=torch.tensor(3e-3))
+    x, y = data()
+    for _ in range(5):
+        train_step(m1, o1, x, y)
+        train_step(m2, o2, x, y)
+    assert max_diff(m1, m2) < 1e-7
+
+
+def test_other_hyperparameter_change_rebuilds_transform():
+    m1, m2 = mlp(), mlp()
+    o1 = torch.optim.AdamW(m1.parameters(), lr=1e-2, weight_decay=0.0)
+    o2 = make_adamw(m2.parameters(), lr=1e-2, weight_decay=0.0)
+    x, y = data()
+    for step in range(10):
+        if step == 5:
+            for o in (o1, o2):
+                o.param_groups[0]["weight_decay"] = 0.5
+                o.param_groups[0]["betas"] = (0.8, 0.99)
+        train_step(m1, o1, x, y)
+        train_step(m2, o2, x, y)
+    assert max_diff(m1, m2) < 1e-6
+
+
+def test_grad_never_overwritten():
+    model = mlp()
+    opt = make_adamw(model.parameters())
+    x, y = data()
+    opt.zero_grad()
+    ((model(x) - y) ** 2).mean().backward()
+    grads = [p.grad for p in model.parameters()]
+    copies = [g.clone() for g in grads]
+    opt.step()
+    for p, g, c in zip(model.parameters(), grads, copies):
+        assert p.grad is g
+        assert torch.equal(g, c)
+
+
+def test_params_without_grad_are_skipped():
+    model = mlp()
+    opt = make_adamw(model.parameters(), weight_decay=0.5)
+    x, y = data()
+    last = model[2]
+    before_w = last.weight.detach().clone()
+    opt.zero_grad()
+    ((model(x) - y) ** 2).mean().backward()
+    last.weight.grad = None
+    opt.step()
+    assert torch.equal(last.weight, before_w)  # no decay either
+    assert not torch.equal(model[0].weight.detach(), mlp()[0].weight.detach())
+    # A group whose parameters all lack gradients is a no-op and creates no state.
+    opt2 = make_adamw(mlp().parameters())
+    opt2.step()
+    assert opt2.functional_state(0) is None
+
+
+def test_closure_runs_with_grad_and_returns_loss():
+    model = mlp()
+    opt = make_adamw(model.parameters())
+    x, y = data()
+    calls = []
+
+    def closure():
+        calls.append(torch.is_grad_enabled())
+        opt.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert calls == [True]
+    assert isinstance(loss, torch.Tensor) and loss.ndim == 0
+    loss2 = opt.step(closure)
+    assert loss2 < loss
+
+
+def test_zero_grad_inherited():
+    model = mlp()
+    opt = make_adamw(model.parameters())
+    x, y = data()
+    ((model(x) - y) ** 2).mean().backward()
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    ((model(x) - y) ** 2).mean().backward()
+    opt.zero_grad(set_to_none=False)
+    assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters())
+
+
+def test_clip_grad_norm_matches_adamw():
+    m1, m2 = mlp(), mlp()
+    o1 = torch.optim.AdamW(m1.parameters(), lr=1e-2)
+    o2 = make_adamw(m2.parameters(), lr=1e-2)
+    x, y = data()
+    for _ in range(10):
+        for m, o in ((m1, o1), (m2, o2)):
+            o.zero_grad()
+            (100 * ((m(x) - y) ** 2).mean()).backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 0.1)
+            o.step()
+    assert max_diff(m1, m2) < 1e-6
+    # With a scale-sensitive chain (SGD) the clipped gradient is what the step uses.
+    m3 = mlp()
+    o3 = TransformOptimizer(m3.parameters(), lambda lr: sf.scale_by_learning_rate(lr), {"lr": 1.0})
+    o3.zero_grad()
+    (100 * ((m3(x) - y) ** 2).mean()).backward()
+    torch.nn.utils.clip_grad_norm_(m3.parameters(), 0.1)
+    before = [p.detach().clone() for p in m3.parameters()]
+    o3.step()
+    moved = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(before, m3.parameters())))
+    assert abs(moved.item() - 0.1) < 1e-5
+
+
+def test_grad_scaler_unscales_and_skips_inf():
+    torch.manual_seed(0)
+    m1, m2 = mlp(), mlp()
+    o1 = make_adamw(m1.parameters(), lr=1e-2)
+    o2 = make_adamw(m2.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x, y = data()
+    for _ in range(3):
+        train_step(m1, o1, x, y)
+        o2.zero_grad()
+        scaler.scale(((m2(x) - y) ** 2).mean()).backward()
+        scaler.step(o2)
+        scaler.update()
+    assert max_diff(m1, m2) < 1e-6
+    # An inf gradient: the step is skipped, parameters and state untouched, scale reduced.
+    params_before = [p.detach().clone() for p in m2.parameters()]
+    state_before = copy.deepcopy(o2.functional_state(0))
+    o2.zero_grad()
+    scaler.scale(((m2(x) - y) ** 2).mean()).backward()
+    next(m2.parameters()).grad[0, 0] = float("inf")
+    scale_before = scaler.get_scale()
+    scaler.step(o2)
+    scaler.update()
+    assert scaler.get_scale() < scale_before
+    assert all(torch.equal(a, b) for a, b in zip(params_before, m2.parameters()))
+    after = torch.utils._pytree.tree_leaves(o2.functional_state(0))
+    for a, b in zip(torch.utils._pytree.tree_leaves(state_before), after):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_params_keep_fp32_statistics(dtype):
+    model = mlp(dtype=dtype)
+    opt = make_adamw(model.parameters(), lr=1e-2)
+    x, y = data(dtype=dtype)
+    first = None
+    for _ in range(30):
+        loss = train_step(model, opt, x, y)
+        first = loss if first is None else first
+    assert loss < first
+    assert all(p.dtype == dtype for p in model.parameters())
+    adam_state = opt.functional_state(0)[0]
+    assert all(t.dtype == torch.float32 for t in adam_state.mu + adam_state.nu)
+    # survives a checkpoint round trip (torch.optim would cast the moments to bf16/fp16)
+    opt2 = make_adamw(model.parameters(), lr=1e-2)
+    opt2.load_state_dict(save_load(opt.state_dict()))
+    st = opt2.functional_state(0)[0]
+    assert all(t.dtype == torch.float32 for t in st.mu + st.nu)
+    assert st.count.dtype == torch.int64
+
+
+def test_sparse_grad_raises():
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = make_adamw(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse gradient"):
+        opt.step()
+
+
+def test_complex_and_integer_params_raise():
+    with pytest.raises(TypeError, match="complex"):
+        make_adamw([torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))])
+    with pytest.raises(TypeError, match="floating-point"):
+        make_adamw([torch.zeros(3, dtype=torch.int64)])
+
+
+def test_add_param_group():
+    model = mlp()
+    head = torch.nn.Linear(4, 2)
+    opt = make_adamw(model.parameters(), lr=1e-2)
+    x, y = data()
+    train_step(model, opt, x, y)
+    opt.add_param_group({"params": head.parameters(), "lr": 0.0})
+    assert opt.param_groups[1]["weight_decay"] == 0.01 and len(opt.param_groups) == 2
+    w0 = head.weight.detach().clone()
+    opt.zero_grad()
+    head(model(x)).sum().backward()
+    opt.step()
+    assert torch.equal(head.weight, w0)  # lr 0 for that group
+    opt.param_groups[1]["lr"] = 1e-2
+    opt.zero_grad()
+    head(model(x)).sum().backward()
+    opt.step()
+    assert not torch.equal(head.weight, w0)
+    assert opt.functional_state(1) is not None
+    # a failing group is not half-added
+    with pytest.raises(ValueError, match="lr"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "lr": -1.0})
+    assert len(opt.param_groups) == 2
+
+
+def test_torchopt_chain_runs():
+    m1, m2 = mlp(), mlp()
+    o1 = TransformOptimizer(m1.parameters(), lambda lr: torchopt.adam(lr=lr), {"lr": 1e-2})
+    o2 = torch.optim.Adam(m2.parameters(), lr=1e-2)
+    x, y = data()
+    for _ in range(10):
+        train_step(m1, o1, x, y)
+        train_step(m2, o2, x, y)
+    assert max_diff(m1, m2) < 1e-5
+
+
+def test_factory_without_lr_and_custom_keys():
+    model = mlp()
+    opt = TransformOptimizer(model.parameters(), lambda step: sf.chain(sf.scale(-step)), {"step": 0.1})
+    x, y = data()
+    opt.zero_grad()
+    ((model(x) - y) ** 2).mean().backward()
+    expected = [p.detach() - 0.1 * p.grad for p in model.parameters()]
+    opt.step()
+    assert all(torch.allclose(a, b) for a, b in zip(expected, model.parameters()))
+
+
+def test_frozen_params_get_no_state_and_unfreezing_is_explicit():
+    model = mlp()
+    model[0].weight.requires_grad_(False)
+    opt = make_adamw(model.parameters())
+    x, y = data()
+    w0 = model[0].weight.detach().clone()
+    train_step(model, opt, x, y)
+    mu = opt.functional_state(0)[0].mu
+    assert len(mu) == 3  # 4 params, one frozen
+    assert torch.equal(model[0].weight, w0)
+    model[0].weight.requires_grad_(True)
+    opt.zero_grad()
+    ((model(x) - y) ** 2).mean().backward()
+    with pytest.raises(ValueError, match="did not require grad"):
+        opt.step()
+
+
+def test_step_hooks_and_scheduler_counting():
+    model = mlp()
+    opt = make_adamw(model.parameters())
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: seen.append("post"))
+    x, y = data()
+    train_step(model, opt, x, y)
+    assert seen == ["pre", "post"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_bad_constructor_arguments():
+    ps = list(mlp().parameters())
+    with pytest.raises(TypeError, match="transform_factory"):
+        TransformOptimizer(ps, "adamw", {"lr": 1e-3})
+    with pytest.raises(TypeError, match="defaults"):
+        TransformOptimizer(ps, adamw_factory, [("lr", 1e-3)])
+    with pytest.raises(TypeError, match="GradientTransformation"):
+        TransformOptimizer(ps, lambda lr: None, {"lr": 1e-3})
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['lr'\] must be in \[0, inf\)"):
+        make_adamw(ps, lr=-1e-3)
+    with pytest.raises(ValueError, match="weight_decay"):
+        make_adamw(ps, weight_decay=-1.0)
+    with pytest.raises(ValueError, match="reserved"):
+        TransformOptimizer(ps, adamw_factory, {"params": 1})
+    opt = make_adamw(ps)
+    opt.param_groups[0]["lr"] = float("nan")
+    with pytest.raises(ValueError, match="lr"):
+        opt.step()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _walk_plain(obj, path="sd"):
+    if isinstance(obj, dict):
+        assert type(obj) is dict, path
+        for k, v in obj.items():
+            assert isinstance(k, (str, int)), path
+            _walk_plain(v, f"{path}[{k!r}]")
+    elif isinstance(obj, (list, tuple)):
+        assert type(obj) in (list, tuple), f"{path}: {type(obj)}"
+        for i, v in enumerate(obj):
+            _walk_plain(v, f"{path}[{i}]")
+    else:
+        assert obj is None or type(obj) in (torch.Tensor, str, int, float, bool), f"{path}: {type(obj)}"
+
+
+def test_state_dict_is_plain_and_loads_weights_only():
+    model = mlp()
+    opt = make_adamw(two_groups(model))
+    x, y = data()
+    train_step(model, opt, x, y)
+    sd = opt.state_dict()
+    _walk_plain(sd)
+    loaded = save_load(sd)
+    assert loaded["format"] == "scao_fx.TransformOptimizer"
+    assert loaded["param_groups"][0]["params"] == [0, 1] and loaded["param_groups"][1]["params"] == [2, 3]
+
+
+def _run(model, opt, steps, x, y, sched=None):
+    for _ in range(steps):
+        train_step(model, opt, x, y)
+        if sched is not None:
+            sched.step()
+
+
+def test_resume_is_bit_identical():
+    x, y = data()
+    lam = lambda s: 0.97**s  # noqa: E731
+    ref = mlp()
+    ref_opt = make_adamw(two_groups(ref), lr=1e-2)
+    _run(ref, ref_opt, 20, x, y, torch.optim.lr_scheduler.LambdaLR(ref_opt, lam))
+
+    a = mlp()
+    a_opt = make_adamw(two_groups(a), lr=1e-2)
+    a_sched = torch.optim.lr_scheduler.LambdaLR(a_opt, lam)
+    _run(a, a_opt, 8, x, y, a_sched)
+    ckpt = save_load({"model": a.state_dict(), "opt": a_opt.state_dict(), "sched": a_sched.state_dict()})
+
+    b = mlp(seed=123)  # fresh process-like: different init, fresh optimizer
+    b.load_state_dict(ckpt["model"])
+    b_opt = make_adamw(two_groups(b), lr=1e-2)
+    b_sched = torch.optim.lr_scheduler.LambdaLR(b_opt, lam)
+    b_opt.load_state_dict(ckpt["opt"])
+    b_sched.load_state_dict(ckpt["sched"])
+    _run(b, b_opt, 12, x, y, b_sched)
+    for p, q in zip(ref.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_load_before_first_step_and_hyperparameters_restored():
+    model = mlp()
+    opt = make_adamw(model.parameters(), lr=5e-3, weight_decay=0.2)
+    sd = save_load(opt.state_dict())
+    opt2 = make_adamw(model.parameters())
+    opt2.load_state_dict(sd)
+    assert opt2.param_groups[0]["lr"] == 5e-3 and opt2.param_groups[0]["weight_decay"] == 0.2
+    assert opt2.functional_state(0) is None
+
+
+class _ToyQState(NamedTuple):
+    codes: list
+    scales: list
+    count: torch.Tensor
+
+
+def toy_quantized_momentum(lr):
+    """A toy transform whose state mixes int8 codes, float32 scales and an int64 counter."""
+
+    def init(params):
+        return _ToyQState(
+            [torch.zeros_like(p, dtype=torch.int8) for p in params],
+            [torch.ones((), dtype=torch.float32, device=p.device) for p in params],
+            torch.zeros((), dtype=torch.int64),
+        )
+
+    def update(updates, state, *, params=None, inplace=True):
+        codes, scales, out = [], [], []
+        for g, c, s in zip(updates, state.codes, state.scales):
+            m = 0.9 * c.float() * s / 127 + 0.1 * g.float()
+            new_s = m.abs().amax().clamp_min(1e-12)
+            codes.append(torch.round(m / new_s * 127).to(torch.int8))
+            scales.append(new_s)
+            out.append((-lr * m).to(g.dtype))
+        return out, _ToyQState(codes, scales, state.count + 1)
+
+    return sf.GradientTransformation(init, update)
+
+
+def test_load_restores_int8_float32_int64_exactly():
+    model = mlp(dtype=torch.bfloat16)
+    opt = TransformOptimizer(model.parameters(), toy_quantized_momentum, {"lr": 1e-2})
+    x, y = data(dtype=torch.bfloat16)
+    _run(model, opt, 3, x, y)
+    sd = save_load(opt.state_dict())
+    # torch.optim's own loader would cast floating state to the parameter's dtype:
+    # make the checkpoint arrive as a GPU loader with map_location would hand it (copies).
+    opt2 = TransformOptimizer(model.parameters(), toy_quantized_momentum, {"lr": 1e-2})
+    opt2.load_state_dict(sd)
+    st, st0 = opt2.functional_state(0), opt.functional_state(0)
+    assert all(c.dtype == torch.int8 for c in st.codes)
+    assert all(s.dtype == torch.float32 for s in st.scales)
+    assert st.count.dtype == torch.int64 and st.count.device.type == "cpu" and int(st.count) == 3
+    for a, b in zip(st.codes + st.scales, st0.codes + st0.scales):
+        assert torch.equal(a, b)
+        assert a.data_ptr() != b.data_ptr()  # loaded state is a copy, not shared
+    # continuing both gives identical parameters
+    m2 = copy.deepcopy(model)
+    opt3 = TransformOptimizer(m2.parameters(), toy_quantized_momentum, {"lr": 1e-2})
+    opt3.load_state_dict(sd)
+    _run(model, opt, 2, x, y)
+    _run(m2, opt3, 2, x, y)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), m2.parameters()))
+
+
+def test_load_rejects_mismatches():
+    model = mlp()
+    opt = make_adamw(model.parameters())
+    x, y = data()
+    train_step(model, opt, x, y)
+    sd = opt.state_dict()
+    with pytest.raises(ValueError, match="not produced by a scao_fx TransformOptimizer"):
+        opt.load_state_dict(torch.optim.AdamW(model.parameters()).state_dict())
+    with pytest.raises(ValueError, match="param groups"):
+        make_adamw(two_groups(model)).load_state_dict(sd)
+    with pytest.raises(ValueError, match="parameters"):
+        make_adamw(list(model.parameters())[:3]).load_state_dict(sd)
+    bad = copy.deepcopy(sd)
+    bad["transform_state"][0]["leaves"][0] = bad["transform_state"][0]["leaves"][0].double()
+    with pytest.raises(ValueError, match="dtype"):
+        make_adamw(model.parameters()).load_state_dict(bad)
+    other = TransformOptimizer(model.parameters(), toy_quantized_momentum, {"lr": 1e-2})
+    with pytest.raises(ValueError, match="does not match"):
+        other.load_state_dict(sd)
+
+
+def test_state_dict_hooks_are_honoured():
+    model = mlp()
+    opt = make_adamw(model.parameters())
+    calls = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append("pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "extra": 1})
+    opt.register_load_state_dict_post_hook(lambda o: calls.append("load_post"))
+    sd = opt.state_dict()
+    assert sd["extra"] == 1 and calls == ["pre"]
+    opt.load_state_dict(sd)
+    assert calls == ["pre", "load_post"]
