@@ -1,0 +1,239 @@
+"""Shared pieces of the kernel backends: argument checks, the rounding hash, scalar preparation.
+
+Everything here is used identically by :mod:`scao_fx.kernels.reference` and
+:mod:`scao_fx.kernels._triton`, so the two backends see exactly the same normalized arguments
+(same fp32 scalars, same hash seed term) and can be compared bit for bit where the math allows.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import Union
+
+import torch
+
+Scalar = Union[float, int, torch.Tensor]
+
+MASK32 = 0xFFFFFFFF
+# Multipliers of the 32-bit mixing hash used for stochastic rounding (see ``hash_uniform``).
+HASH_IDX_MUL = 0x9E3779B1
+HASH_SEED_MUL = 0x85EBCA77
+HASH_MIX1 = 0x2C1B3C6D
+HASH_MIX2 = 0x297A2D39
+QMAX = 127.0
+
+#: Largest ``block_size`` the Triton codec kernels accept (a whole block lives in registers).
+MAX_TRITON_BLOCK = 8192
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def n_blocks(n: int, block_size: int) -> int:
+    """Number of (possibly partial) blocks covering ``n`` elements."""
+    return -(-n // block_size)
+
+
+def check_block_size(block_size: int) -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    return block_size
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (fp32/fp16/bf16/fp64), got {t.dtype}")
+
+
+def check_codes(codes: torch.Tensor, scales: torch.Tensor, block_size: int) -> None:
+    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.int8:
+        raise TypeError(f"codes must be an int8 tensor, got {getattr(codes, 'dtype', type(codes))}")
+    if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32:
+        raise TypeError(
+            f"scales must be a float32 tensor, got {getattr(scales, 'dtype', type(scales))}"
+        )
+    if codes.dim() < 1:
+        raise ValueError("codes must have at least one dimension (blocks run along the last)")
+    want = (*codes.shape[:-1], n_blocks(codes.shape[-1], block_size))
+    if tuple(scales.shape) != want:
+        raise ValueError(
+            f"scales has shape {tuple(scales.shape)}, expected {want} for codes of shape "
+            f"{tuple(codes.shape)} and block_size={block_size}"
+        )
+    if codes.device != scales.device:
+        raise ValueError("codes and scales must be on the same device")
+
+
+def check_out_pair(out, shape_codes, shape_scales, device) -> None:
+    if out is None:
+        return
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise TypeError("out must be a (codes, scales) pair")
+    oc, os_ = out
+    if not isinstance(oc, torch.Tensor) or oc.dtype != torch.int8 or tuple(oc.shape) != tuple(
+        shape_codes
+    ):
+        raise ValueError(f"out[0] must be an int8 tensor of shape {tuple(shape_codes)}")
+    if not isinstance(os_, torch.Tensor) or os_.dtype != torch.float32 or tuple(
+        os_.shape
+    ) != tuple(shape_scales):
+        raise ValueError(f"out[1] must be a float32 tensor of shape {tuple(shape_scales)}")
+    if oc.device != device or os_.device != device:
+        raise ValueError("out tensors must be on the same device as the inputs")
+
+
+def seed_term(seed: Scalar, device: torch.device) -> Union[int, torch.Tensor]:
+    """``seed * HASH_SEED_MUL mod 2**32``: a Python int, or an int64 0-d tensor on ``device``.
+
+    A tensor seed (e.g. the optimizer's step counter) is never read on the host.
+    """
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.is_floating_point() or seed.is_complex():
+            raise TypeError("a tensor seed must be a one-element integer tensor")
+        s = seed.reshape(()).to(device=device, dtype=torch.int64) & MASK32
+        return mul32(s, HASH_SEED_MUL)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or an integer tensor, got {type(seed).__name__}")
+    return (seed * HASH_SEED_MUL) & MASK32
+
+
+def mul32(a: torch.Tensor, c: int) -> torch.Tensor:
+    """``(a * c) mod 2**32`` for int64 ``a`` in [0, 2**32) without int64 overflow.
+
+    The constant is split into 16-bit halves so every intermediate stays below 2**49.
+    """
+    lo, hi = c & 0xFFFF, c >> 16
+    return (a * lo + (((a * hi) & 0xFFFF) << 16)) & MASK32
+
+
+def hash_uniform(index: torch.Tensor, seedterm: Union[int, torch.Tensor]) -> torch.Tensor:
+    """Deterministic uniforms in [0, 1) from global flat element indices (torch reference).
+
+    With all arithmetic modulo 2**32 (``i`` is the element's flat index in the whole tensor,
+    taken modulo 2**32)::
+
+        h = i * 0x9E3779B1 + seed * 0x85EBCA77
+        h ^= h >> 15;  h *= 0x2C1B3C6D
+        h ^= h >> 12;  h *= 0x297A2D39
+        h ^= h >> 15
+        u = (h >> 8) * 2**-24
+
+    ``u`` takes the 2**24 values k / 2**24; the Triton kernels compute the same bits with
+    uint32 arithmetic.
+    """
+    h = (mul32(index & MASK32, HASH_IDX_MUL) + seedterm) & MASK32
+    h = h ^ (h >> 15)
+    h = mul32(h, HASH_MIX1)
+    h = h ^ (h >> 12)
+    h = mul32(h, HASH_MIX2)
+    h = h ^ (h >> 15)
+    return (h >> 8).to(torch.float32) * (2.0**-24)
+
+
+def as_scalar(x: Scalar, device: torch.device, name: str) -> Union[float, torch.Tensor]:
+    """A Python float, or a float32 0-d tensor on ``device`` (never read on the host)."""
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"{name} must be a scalar (one-element tensor), got shape {tuple(x.shape)}")
+        return x.reshape(()).to(device=device, dtype=torch.float32)
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a float or a 0-d tensor, got {type(x).__name__}")
+    return float(x)
+
+
+def f32(v: float) -> float:
+    """Round a Python float to the nearest float32 value."""
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
+def one_minus(r: Union[float, torch.Tensor]) -> Union[float, torch.Tensor]:
+    """``1 - r`` rounded exactly as float32 arithmetic does, for a float or a float32 tensor.
+
+    A Python ``r`` is first rounded to float32, so a float and the equal float32 tensor give
+    bit-identical results.
+    """
+    if isinstance(r, torch.Tensor):
+        return 1.0 - r
+    return f32(1.0 - f32(r))
+
+
+def ema_scalars(rho: Scalar, device: torch.device):
+    """``(rho, 1 - rho)`` as Python floats (float32-exact) or float32 0-d tensors."""
+    r = as_scalar(rho, device, "rho")
+    if not isinstance(r, torch.Tensor):
+        r = f32(r)
+    return r, one_minus(r)
+
+
+def adam_scalars(lr: Scalar, beta1: float, beta2: float, eps: float, weight_decay: float,
+                 step: Scalar, blend: Scalar, device: torch.device) -> dict:
+    """Per-call scalars of the Adam epilogue, shared by both backends.
+
+    Returns a dict with ``decay = 1 - lr*wd``, ``step_size = lr / (1 - beta1**step)``,
+    ``sbc2 = sqrt(1 - beta2**step)``, ``blend``, ``omblend = 1 - blend`` (each a Python float,
+    or a float32 0-d tensor when it depends on a tensor argument) and the constants ``beta1``,
+    ``omb1 = 1 - beta1``, ``beta2``, ``omb2 = 1 - beta2``, ``eps`` (Python floats). Bias
+    corrections use ``-expm1(step * log(beta))`` in float64, accurate at step 1.
+    """
+    for name, v in (("beta1", beta1), ("beta2", beta2), ("eps", eps),
+                    ("weight_decay", weight_decay)):
+        if isinstance(v, torch.Tensor) or isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{name} must be a Python float")
+    beta1, beta2, eps, weight_decay = float(beta1), float(beta2), float(eps), float(weight_decay)
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+        raise ValueError(f"betas must be in [0, 1), got ({beta1}, {beta2})")
+
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError("lr must be a scalar")
+        lr_t = lr.reshape(()).to(device=device, dtype=torch.float64)
+    else:
+        lr_t = float(as_scalar(lr, device, "lr"))
+
+    if isinstance(step, torch.Tensor):
+        if step.numel() != 1:
+            raise ValueError("step must be a scalar")
+        st = step.reshape(()).to(device=device, dtype=torch.float64)
+        bc1 = -torch.expm1(st * math.log(beta1)) if beta1 > 0 else torch.ones_like(st)
+        bc2 = -torch.expm1(st * math.log(beta2)) if beta2 > 0 else torch.ones_like(st)
+        sbc2 = bc2.sqrt()
+    else:
+        if isinstance(step, bool) or not isinstance(step, (int, float)):
+            raise TypeError("step must be a number or a 0-d tensor")
+        st = float(step)
+        bc1 = -math.expm1(st * math.log(beta1)) if beta1 > 0 else 1.0
+        bc2 = -math.expm1(st * math.log(beta2)) if beta2 > 0 else 1.0
+        sbc2 = math.sqrt(bc2)
+
+    decay = 1.0 - lr_t * weight_decay
+    step_size = lr_t / bc1
+
+    b = as_scalar(blend, device, "blend")
+    if not isinstance(b, torch.Tensor):
+        b = f32(b)
+    omb = one_minus(b)
+
+    def cast(v):
+        return v.to(torch.float32) if isinstance(v, torch.Tensor) else float(v)
+
+    return dict(decay=cast(decay), step_size=cast(step_size), sbc2=cast(sbc2), blend=b,
+                omblend=omb, beta1=beta1, omb1=1.0 - beta1, beta2=beta2, omb2=1.0 - beta2,
+                eps=eps)
+
+
+def check_adam_tensors(param, grad, exp_avg, exp_avg_sq, precond) -> None:
+    check_float("param", param)
+    n = param.numel()
+    for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq),
+                    ("precond", precond)):
+        if t is None:
+            if name == "precond":
+                continue
+            raise TypeError(f"{name} must be a tensor")
+        check_float(name, t)
+        if t.numel() != n:
+            raise ValueError(f"{name} has {t.numel()} elements, param has {n}")
+        if t.device != param.device:
+            raise ValueError(f"{name} is on {t.device}, param on {param.device}")

@@ -1,0 +1,212 @@
+"""Pure-PyTorch reference implementations of the kernels.
+
+These define the semantics the Triton kernels must reproduce, and they are the path used on
+the CPU (and wherever Triton is unavailable). Every function works on any device, never
+synchronises with the host, and accepts stacked same-shape groups (leading dimensions).
+
+The floating-point operation order is written out explicitly (no ``lerp``/``addcmul``, which
+may fuse multiply-adds) so that the Triton kernels, launched with FMA contraction disabled,
+produce bit-identical int8 codes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+from . import _common as C
+
+__all__ = [
+    "quantize_blockwise",
+    "dequantize_blockwise",
+    "int8_ema_update",
+    "adam_epilogue",
+]
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """View/copy ``t`` as (rows, N): leading dims flattened."""
+    n = t.shape[-1]
+    return t.reshape(-1, n)
+
+
+def _padded_blocks(x2: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(rows, N) -> (rows, nb, block_size), zero-padding the last partial block."""
+    rows, n = x2.shape
+    nb = C.n_blocks(n, block_size)
+    pad = nb * block_size - n
+    if pad:
+        x2 = torch.nn.functional.pad(x2, (0, pad))
+    return x2.reshape(rows, nb, block_size)
+
+
+def _encode(xb: torch.Tensor, n: int, block_size: int, stochastic: bool, seedterm):
+    """Encode fp32 blocks (rows, nb, bs) (padding must be zero) -> (codes (rows, nb, bs), scales).
+
+    Per block: scale = absmax / 127 (NaN if the block holds a NaN, inf if it holds an inf,
+    0 for an all-zero block); q = x / scale; nearest: code = floor(q) + (frac(q) >= 0.5)
+    (ties away from -inf); stochastic: code = floor(q) + (u < frac(q)) with u the hash uniform;
+    clamped to [-127, 127]; 0 wherever q is not finite or scale is not > 0.
+    """
+    rows, nb, bs = xb.shape
+    isnan = torch.isnan(xb)
+    ax = torch.where(isnan, torch.zeros((), dtype=xb.dtype, device=xb.device), xb.abs())
+    amax = ax.amax(dim=-1)
+    scale = amax / C.QMAX
+    scale = torch.where(isnan.any(dim=-1), torch.full_like(scale, float("nan")), scale)
+    pos = scale > 0
+    denom = torch.where(pos, scale, torch.ones_like(scale))
+    q = xb / denom.unsqueeze(-1)
+    fl = torch.floor(q)
+    frac = q - fl
+    if stochastic:
+        r = torch.arange(rows, device=xb.device, dtype=torch.int64).view(rows, 1, 1) * n
+        c = torch.arange(nb * bs, device=xb.device, dtype=torch.int64).view(1, nb, bs)
+        u = C.hash_uniform(r + c, seedterm)
+        up = u < frac
+    else:
+        up = frac >= 0.5
+    code = fl + up.to(fl.dtype)
+    code = code.clamp(-C.QMAX, C.QMAX)
+    ok = pos.unsqueeze(-1) & torch.isfinite(q)
+    code = torch.where(ok, code, torch.zeros((), dtype=code.dtype, device=code.device))
+    return code.to(torch.int8), scale
+
+
+def _write(out, codes_b, scales, shape, n):
+    rows = codes_b.shape[0]
+    codes = codes_b.reshape(rows, -1)[:, :n].reshape(shape)
+    scales = scales.reshape(*shape[:-1], scales.shape[-1])
+    if out is None:
+        return codes.contiguous(), scales.contiguous()
+    out[0].copy_(codes)
+    out[1].copy_(scales)
+    return out[0], out[1]
+
+
+def quantize_blockwise(
+    x: torch.Tensor,
+    block_size: int = 256,
+    *,
+    stochastic: bool = False,
+    seed: Union[int, torch.Tensor] = 0,
+    out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Reference block-wise symmetric int8 quantization; see :func:`scao_fx.kernels.quantize_blockwise`."""
+    shape = tuple(x.shape)
+    n = shape[-1]
+    x2 = _rows(x).to(torch.float32)
+    xb = _padded_blocks(x2, block_size)
+    st = C.seed_term(seed, x.device) if stochastic else 0
+    codes_b, scales = _encode(xb, n, block_size, stochastic, st)
+    return _write(out, codes_b, scales, shape, n)
+
+
+def dequantize_blockwise(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    block_size: int = 256,
+    *,
+    dtype: torch.dtype = torch.float32,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Reference decode ``x = code * scale`` (computed in fp32, cast to ``dtype``)."""
+    shape = tuple(codes.shape)
+    n = shape[-1]
+    xb = _decode_blocks(codes, scales, block_size)
+    x = xb.reshape(xb.shape[0], -1)[:, :n].reshape(shape)
+    if out is None:
+        return x.to(dtype).contiguous()
+    out.copy_(x)
+    return out
+
+
+def _decode_blocks(codes, scales, block_size):
+    c2 = _rows(codes)
+    cb = _padded_blocks(c2.to(torch.float32), block_size)
+    s = scales.reshape(cb.shape[0], cb.shape[1], 1)
+    return cb * s
+
+
+def int8_ema_update(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    update: torch.Tensor,
+    rho,
+    *,
+    block_size: int = 256,
+    stochastic: bool = True,
+    seed: Union[int, torch.Tensor] = 0,
+    out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Reference fused EMA: dequantize, ``x = rho*x + (1-rho)*update`` (as ``(x*rho) + (u*(1-rho))``
+    in fp32), re-quantize with fresh block scales and the same rounding hash."""
+    shape = tuple(codes.shape)
+    n = shape[-1]
+    r, omr = C.ema_scalars(rho, codes.device)
+    dec = _decode_blocks(codes, scales, block_size)
+    ub = _padded_blocks(_rows(update.reshape(shape)).to(torch.float32), block_size)
+    a = dec * r
+    b = ub * omr
+    x = a + b
+    st = C.seed_term(seed, codes.device) if stochastic else 0
+    codes_b, new_scales = _encode(x, n, block_size, stochastic, st)
+    return _write(out, codes_b, new_scales, shape, n)
+
+
+def adam_epilogue(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    lr,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step,
+    precond: Optional[torch.Tensor] = None,
+    blend=1.0,
+):
+    """Reference fused Adam epilogue (in place); see :func:`scao_fx.kernels.adam_epilogue`."""
+    s = C.adam_scalars(lr, beta1, beta2, eps, weight_decay, step, blend, param.device)
+    use_pc, use_g = _blend_usage(precond, blend)
+    shape = param.shape
+    if use_pc:
+        pc = precond.reshape(shape).to(torch.float32)
+        g_eff = pc * s["blend"]
+        if use_g:
+            g_eff = g_eff + grad.reshape(shape).to(torch.float32) * s["omblend"]
+    else:
+        g_eff = grad.reshape(shape).to(torch.float32)
+
+    m = exp_avg.reshape(shape).to(torch.float32)
+    v = exp_avg_sq.reshape(shape).to(torch.float32)
+    m = m * s["beta1"] + g_eff * s["omb1"]
+    v = v * s["beta2"] + (g_eff * g_eff) * s["omb2"]
+    denom = v.sqrt() / s["sbc2"] + s["eps"]
+    upd = (m * s["step_size"]) / denom
+    p = param.to(torch.float32) * s["decay"] - upd
+
+    exp_avg.copy_(m.reshape(exp_avg.shape))
+    exp_avg_sq.copy_(v.reshape(exp_avg_sq.shape))
+    param.copy_(p)
+    return param, exp_avg, exp_avg_sq
+
+
+def _blend_usage(precond, blend):
+    """Which inputs the epilogue reads: (use precond, use grad).
+
+    A Python ``blend`` of exactly 1.0 with ``precond`` given skips ``grad`` (g_eff = precond);
+    exactly 0.0 skips ``precond`` (g_eff = grad). A tensor ``blend`` always reads both.
+    """
+    if precond is None:
+        return False, True
+    if not isinstance(blend, torch.Tensor):
+        if float(blend) == 1.0:
+            return True, False
+        if float(blend) == 0.0:
+            return False, True
+    return True, True
