@@ -244,6 +244,13 @@ def partition(transforms: Mapping[str, GradientTransformation], labels: Any) -> 
             p_leaves, p_spec, labs = leaf_labels(params)
             check_same_structure("updates", spec, "params", p_spec)
         else:
+            if callable(labels) and any(u is None for u in u_leaves):
+                # init labelled that leaf from its parameter; without params it would silently
+                # drop out of its transform's leaf list and shift every later leaf's state.
+                raise ValueError(
+                    "labels: a callable label cannot be computed for a None update; "
+                    "call update(updates, state, params=params)"
+                )
             _, _, labs = leaf_labels(updates)
         out = list(u_leaves)
         new_states = {}
