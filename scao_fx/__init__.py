@@ -13,7 +13,8 @@ Every optimizer is a ``GradientTransformation`` (torchopt's protocol) composed w
 from . import schedules, transforms
 from .alias import adam, adamw, scao, scao_precondition
 from .base import EmptyState, GradientTransformation
-from .optim import TransformOptimizer
+from .diagnostics import scao_diagnostics, summarize_diagnostics
+from .optim import SCAO, TransformOptimizer
 from .transforms import *  # noqa: F401,F403  (re-export the transform families)
 from .transforms import __all__ as _transforms_all
 from .update import apply_updates
@@ -25,6 +26,9 @@ __all__ = [
     "EmptyState",
     "apply_updates",
     "TransformOptimizer",
+    "SCAO",
+    "scao_diagnostics",
+    "summarize_diagnostics",
     "adam",
     "adamw",
     "scao",

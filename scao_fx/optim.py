@@ -37,7 +37,7 @@ import torch
 
 from .base import GradientTransformation, check_transform
 
-__all__ = ["TransformOptimizer"]
+__all__ = ["TransformOptimizer", "SCAO", "COMPAT_KEYWORDS", "INERT_KEYWORDS"]
 
 _FORMAT = "scao_fx.TransformOptimizer"
 _FORMAT_VERSION = 1
@@ -84,6 +84,11 @@ class TransformOptimizer(torch.optim.Optimizer):
         defaults: the hyperparameters and their default values (a mapping of str keys). Group
             keys outside ``defaults`` (for example ``initial_lr`` added by LR schedulers) are
             kept in the group but not passed to the factory.
+        missing_grad: what the transform sees for a trainable parameter whose ``grad`` is
+            ``None`` at a step: ``"none"`` (default) passes ``None`` (every transform of the
+            library skips such leaves: state untouched); ``"zero"`` passes a zero gradient, for
+            transforms that need every leaf at every step (SCAO's grouped preconditioner); the
+            parameter itself is left unchanged either way.
 
     Raises:
         TypeError: if ``transform_factory`` is not callable, ``defaults`` is not a mapping with
@@ -108,7 +113,12 @@ class TransformOptimizer(torch.optim.Optimizer):
         params: Iterable[Any],
         transform_factory: Callable[..., GradientTransformation],
         defaults: Mapping[str, Any],
+        *,
+        missing_grad: str = "none",
     ) -> None:
+        if missing_grad not in ("none", "zero"):
+            raise ValueError(f"missing_grad must be one of ('none', 'zero'), got {missing_grad!r}")
+        self._missing_grad = missing_grad
         if not callable(transform_factory):
             raise TypeError(
                 f"transform_factory must be a callable (**hyperparameters) -> GradientTransformation, "
@@ -259,11 +269,14 @@ class TransformOptimizer(torch.optim.Optimizer):
             if not rt.active or all(g is None for g in grads):
                 continue
             tree = [params[j] for j in rt.active]
+            missing = [g is None for g in grads]
+            if self._missing_grad == "zero" and any(missing):
+                grads = [torch.zeros_like(p) if g is None else g for p, g in zip(tree, grads)]
             if rt.state is None:
                 rt.state = rt.transform.init(tree)
             updates, rt.state = rt.transform.update(grads, rt.state, params=tree, inplace=True)
-            for p, u in zip(tree, updates):
-                if u is not None:
+            for p, u, skip in zip(tree, updates, missing):
+                if u is not None and not skip:
                     p.add_(u.to(p.dtype))
         return loss
 
@@ -439,3 +452,368 @@ class TransformOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{where}: saved shape {tuple(s.shape)}, expected {tuple(t.shape)}")
             out.append(s.detach().to(device=t.device, copy=True))
         return optree.tree_unflatten(t_spec, out)
+
+
+# ============================================================================================
+# SCAO: the drop-in AdamW replacement
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r} of type {type(value).__name__}")
+    return value
+
+
+def _reject(name: str, value: Any, neutral: Any, why: str) -> None:
+    raise ValueError(
+        f"{name}={value!r} is not supported by scao_fx.SCAO (accepted only at its neutral value "
+        f"{neutral!r}, which switches the feature off): {why}"
+    )
+
+
+#: Keywords of the original ``scao`` package's ``SCAO.__init__`` that scao_fx accepts for
+#: compatibility, with their neutral value and why any other value is rejected. ``None`` as the
+#: reason marks keywords accepted at any valid value because they have no effect here.
+COMPAT_KEYWORDS: dict[str, tuple[Any, str | None]] = {
+    "use_newton_schulz": (
+        False,
+        "the inverse fourth roots are computed from a (batched, fallback-guarded) "
+        "eigendecomposition, which the adaptive rank rule needs anyway; a Newton-Schulz iteration "
+        "gives no eigenvalues to choose k from and diverges on ill-conditioned factors",
+    ),
+    "sparsity": (
+        0.0,
+        "zeroing a fraction of the preconditioned update throws gradient signal away; the "
+        "low-rank-plus-complement preconditioner already keeps the state small",
+    ),
+    "noise_std_init": (
+        0.0,
+        "gradient-noise injection made training worse in our measurements and breaks exact, "
+        "bit-identical resumes; add noise outside the optimizer if you need it",
+    ),
+    "lars_coeff": (
+        0.0,
+        "a LARS trust ratio on top of Adam's per-coordinate scaling and the Frobenius graft "
+        "rescales the step a third time; compose sf.chain(...) with your own trust-ratio "
+        "transform if you need it",
+    ),
+    "lookahead_k": (
+        0,
+        "Lookahead keeps a second copy of every parameter (4 more bytes per parameter) for "
+        "no measured gain with SCAO; wrap the optimizer yourself if you need it",
+    ),
+    "dynamic_sparsity": (
+        False,
+        "per-layer adaptive sparsity of the update is a heuristic on top of sparsity, which is "
+        "not supported (see sparsity)",
+    ),
+    "adaptive_warmup": (
+        False,
+        "ending warmup on a gradient-norm stability test makes the switch point depend on "
+        "noise and needs a host sync per step; use warmup_steps and min_precond_updates",
+    ),
+    "lazy_precond": (
+        False,
+        "event-driven refreshes need a host sync per step to decide; refreshes run every "
+        "precond_freq steps, which keeps the step free of device synchronisation",
+    ),
+    "use_gsnr_clip": (
+        False,
+        "element-wise signal-to-noise masking zeroes most of a small-batch update; use "
+        "clipping on the gradient (torch.nn.utils.clip_grad_norm_) instead",
+    ),
+    "adaptive_rank": (
+        False,
+        "the rank is already adaptive: epsilon_sparse picks the smallest k holding 1 - "
+        "epsilon_sparse of the spectral mass at every refresh; the extra gradient-norm-ratio "
+        "heuristic is not implemented",
+    ),
+    "curvature_mode": ("dense", "only dense Kronecker factors are implemented"),
+    "curvature_rank": (None, "only dense Kronecker factors are implemented (curvature_mode='dense')"),
+    "update_rule": ("adamw", "SCAO runs Adam with decoupled weight decay on the preconditioned gradient"),
+}
+
+#: Keywords accepted at any valid value: they have no effect here (documented per keyword).
+INERT_KEYWORDS: dict[str, Any] = {
+    # No effect in the original package either (validated there, never read by its step).
+    "beta3": 0.99,
+    # The refresh runs inline and deterministically; there is no side stream to enable.
+    "async_precond": True,
+    # Settings of features that are off (noise_std_init=0, lookahead_k=0, adaptive_warmup=False,
+    # lazy_precond=False, use_gsnr_clip=False): meaningless while their feature is off.
+    "noise_anneal": 0.998,
+    "noise_relative": False,
+    "lookahead_alpha": 0.5,
+    "warmup_stability_threshold": 0.05,
+    "warmup_patience": 5,
+    "lazy_delta_threshold": 0.1,
+    "lazy_max_skip": 50,
+    "gsnr_threshold": 0.5,
+}
+
+#: Extra keywords of :func:`scao_fx.scao_precondition` that the facade passes through.
+PRECONDITION_EXTRAS: dict[str, Any] = {
+    "block_size": 256,
+    "complement": "mean_tail",
+    "graft": "frobenius",
+    "blend_shape": "linear",
+    "tikhonov": 1e-4,
+    "grouped": True,
+}
+
+
+def _check_compat(values: Mapping[str, Any]) -> None:
+    """Validate the original package's compatibility keywords (see :data:`COMPAT_KEYWORDS`)."""
+    for name, (neutral, why) in COMPAT_KEYWORDS.items():
+        value = values[name]
+        if isinstance(neutral, bool):
+            _check_bool(name, value)
+        elif isinstance(neutral, int) and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise TypeError(f"{name} must be an integer, got {value!r} of type {type(value).__name__}")
+        elif isinstance(neutral, float) and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
+        if not (value is neutral or (neutral is not None and value is not None and value == neutral)):
+            _reject(name, value, neutral, why)  # type: ignore[arg-type]
+    # Inert keywords: validated like the original validates them, otherwise ignored.
+    b3 = values["beta3"]
+    if isinstance(b3, bool) or not isinstance(b3, numbers.Real) or not 0.0 <= b3 < 1.0:
+        raise ValueError(f"beta3 must be a real number in [0, 1), got {b3!r}")
+    for name in ("async_precond", "noise_relative"):
+        _check_bool(name, values[name])
+    for name, low, high in (
+        ("noise_anneal", 0.0, 1.0),
+        ("lookahead_alpha", 0.0, 1.0),
+        ("warmup_stability_threshold", 0.0, math.inf),
+        ("lazy_delta_threshold", 0.0, math.inf),
+        ("gsnr_threshold", 0.0, math.inf),
+    ):
+        v = values[name]
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not low <= v <= high:
+            raise ValueError(f"{name} must be a real number in [{low}, {high}], got {v!r}")
+    for name in ("warmup_patience", "lazy_max_skip"):
+        v = values[name]
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise ValueError(f"{name} must be an integer in [1, inf), got {v!r}")
+
+
+_SCAO_CORE = (
+    "lr",
+    "betas",
+    "eps",
+    "weight_decay",
+    "precond_freq",
+    "epsilon_sparse",
+    "k_min",
+    "k_max",
+    "rho",
+    "tau",
+    "warmup_steps",
+    "blend_steps",
+    "min_precond_updates",
+    "max_precond_dim",
+    "use_int8_ema",
+    "preconditioner_enabled",
+    "factor_mode",
+)
+
+
+def _scao_factory(**hp: Any) -> GradientTransformation:
+    """Build one param group's transform from its hyperparameters."""
+    from .alias import adamw, scao
+
+    _check_compat(hp)
+    enabled = _check_bool("preconditioner_enabled", hp["preconditioner_enabled"])
+    factor_mode = hp["factor_mode"]
+    if factor_mode not in ("full", "wide"):
+        raise ValueError(f"factor_mode must be one of ('full', 'wide'), got {factor_mode!r}")
+    if factor_mode == "wide":
+        raise ValueError(
+            "factor_mode='wide' (one-sided factors for LoRA adapters) is not supported yet: "
+            "scao_fx preconditions both sides of every matrix whose side is <= max_precond_dim; "
+            "the rank-r side of a LoRA adapter costs r*r entries, so 'full' is cheap there"
+        )
+    if not enabled:
+        return adamw(hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"])
+    extras = {k: hp[k] for k in PRECONDITION_EXTRAS}
+    return scao(
+        hp["lr"],
+        hp["betas"],
+        hp["eps"],
+        hp["weight_decay"],
+        precond_freq=hp["precond_freq"],
+        epsilon_sparse=hp["epsilon_sparse"],
+        k_min=hp["k_min"],
+        k_max=hp["k_max"],
+        rho=hp["rho"],
+        tau=hp["tau"],
+        warmup_steps=hp["warmup_steps"],
+        blend_steps=hp["blend_steps"],
+        min_precond_updates=hp["min_precond_updates"],
+        max_precond_dim=hp["max_precond_dim"],
+        use_int8_ema=hp["use_int8_ema"],
+        **extras,
+    )
+
+
+class SCAO(TransformOptimizer):
+    r"""SCAO as a drop-in ``torch.optim`` optimizer (replaces ``torch.optim.AdamW`` in one line).
+
+    Each param group runs ``sf.scao(...)``: the gradient of every matrix parameter is
+    preconditioned by low-rank Kronecker factors (plain Adam during ``warmup_steps``, then a
+    ``blend_steps`` ramp), and Adam with decoupled weight decay runs on top. Vectors and scalars
+    (biases, norms) get plain AdamW. Every hyperparameter can be set per param group; a group
+    with ``preconditioner_enabled=False`` runs plain AdamW (e.g. for huge embeddings).
+
+    Args:
+        params: parameters, ``(name, parameter)`` pairs or param-group dicts (as ``torch.optim``).
+        lr: learning rate (start from about 1.17x your AdamW learning rate).
+        betas: Adam's ``(beta1, beta2)``.
+        eps: Adam's epsilon.
+        weight_decay: decoupled weight decay.
+        precond_freq: steps between eigenbasis refreshes.
+        epsilon_sparse: spectral mass the adaptive rank may discard, in [0, 1).
+        k_min, k_max: clamp of the adaptive rank.
+        rho: curvature EMA decay.
+        tau: optional cap of the preconditioned gradient's norm relative to the raw one's (only
+            with ``graft="none"``).
+        warmup_steps: steps of plain AdamW before the ramp.
+        blend_steps: length of the linear (or cosine) ramp into the preconditioned gradient.
+        min_precond_updates: curvature updates required before the ramp.
+        max_precond_dim: sides longer than this are not preconditioned (one-sided or AdamW).
+        use_int8_ema: keep curvature factors in block-wise int8 (False: float32).
+        preconditioner_enabled: False runs the group as plain AdamW.
+        factor_mode: ``"full"`` (both sides); ``"wide"`` is rejected (not implemented yet).
+        **compat: the other keywords of the original ``scao`` package's ``SCAO`` (see
+            :data:`COMPAT_KEYWORDS`, :data:`INERT_KEYWORDS`), each accepted at its neutral value
+            and rejected with a ``ValueError`` explaining why otherwise; and the extra
+            ``scao_precondition`` keywords ``block_size``, ``complement``, ``graft``,
+            ``blend_shape``, ``tikhonov``, ``grouped``.
+
+    Raises:
+        TypeError: for an unknown keyword (naming it) or a wrongly typed value.
+        ValueError: for an out-of-range value or an unsupported feature of the original.
+
+    Example:
+        >>> import torch, scao_fx
+        >>> model = torch.nn.Linear(16, 8)
+        >>> opt = scao_fx.SCAO(model.parameters(), lr=1e-3, weight_decay=0.1)
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        precond_freq: int = 20,
+        epsilon_sparse: float = 0.05,
+        k_min: int = 8,
+        k_max: int = 128,
+        rho: float = 0.999,
+        tau: float | None = None,
+        warmup_steps: int = 100,
+        blend_steps: int = 50,
+        min_precond_updates: int = 10,
+        max_precond_dim: int = 4096,
+        use_int8_ema: bool = True,
+        preconditioner_enabled: bool = True,
+        factor_mode: str = "full",
+        **compat: Any,
+    ) -> None:
+        known = {k: v[0] for k, v in COMPAT_KEYWORDS.items()}
+        known.update(INERT_KEYWORDS)
+        known.update(PRECONDITION_EXTRAS)
+        unknown = sorted(set(compat) - set(known))
+        if unknown:
+            raise TypeError(
+                f"SCAO got unexpected keyword argument(s) {unknown}; accepted extra keywords: {sorted(known)}"
+            )
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas) if isinstance(betas, list) else betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            precond_freq=precond_freq,
+            epsilon_sparse=epsilon_sparse,
+            k_min=k_min,
+            k_max=k_max,
+            rho=rho,
+            tau=tau,
+            warmup_steps=warmup_steps,
+            blend_steps=blend_steps,
+            min_precond_updates=min_precond_updates,
+            max_precond_dim=max_precond_dim,
+            use_int8_ema=use_int8_ema,
+            preconditioner_enabled=preconditioner_enabled,
+            factor_mode=factor_mode,
+        )
+        for k, v in known.items():
+            defaults[k] = compat.get(k, v)
+        super().__init__(params, _scao_factory, defaults, missing_grad="zero")
+
+    def diagnostics(self, *, curvature_norms: bool = True, as_tensors: bool = False) -> dict[str, dict[str, Any]]:
+        """Per-parameter diagnostics: rank, phase, blend, curvature norm, refreshes, fallbacks.
+
+        Keys are the parameter names when the optimizer was given ``(name, param)`` pairs
+        (``model.named_parameters()``), else the global parameter index as a string (the index
+        in ``state_dict()["param_groups"][g]["params"]``). Parameters without state yet (before
+        their group's first step, or frozen) are left out. See :mod:`scao_fx.diagnostics` for
+        the record's keys. Nothing is computed during ``step()``; this call reads the state
+        (and synchronises with the device once, unless ``as_tensors=True``).
+        """
+        from .diagnostics import scao_diagnostics
+        from .transforms.quantization import fp32_codec, int8_blockwise
+
+        records: dict[str, dict[str, Any]] = {}
+        for index, group in enumerate(self.param_groups):
+            rt = self._runtimes[index]
+            if rt.state is None or not rt.active:
+                continue
+            params = group["params"]
+            labels = [self._param_label(index, j) for j in rt.active]
+            if not group["preconditioner_enabled"]:
+                step = _adam_count(rt.state)
+                for j, label in zip(rt.active, labels):
+                    p = params[j]
+                    shape = (int(p.shape[0]), int(p[0].numel())) if p.ndim >= 2 else None
+                    records[label] = {
+                        "shape": shape,
+                        "sides": "none",
+                        "rank_left": None,
+                        "rank_right": None,
+                        "phase": "adam",
+                        "blend": 0.0,
+                        "curvature_norm_left": None,
+                        "curvature_norm_right": None,
+                        "refreshes": 0,
+                        "fallbacks_left": None,
+                        "fallbacks_right": None,
+                        "step": step if as_tensors else int(step),
+                    }
+                continue
+            codec = int8_blockwise(group["block_size"]) if group["use_int8_ema"] else fp32_codec()
+            records.update(
+                scao_diagnostics(
+                    rt.state,
+                    warmup_steps=group["warmup_steps"],
+                    blend_steps=group["blend_steps"],
+                    min_precond_updates=group["min_precond_updates"],
+                    blend_shape=group["blend_shape"],
+                    rho=group["rho"],
+                    codec=codec,
+                    names=labels,
+                    shapes=[tuple(params[j].shape) for j in rt.active],
+                    curvature_norms=curvature_norms,
+                    as_tensors=as_tensors,
+                )
+            )
+        return records
+
+
+def _adam_count(state: Any) -> torch.Tensor:
+    from .diagnostics import _find
+    from .transforms.adam import ScaleByAdamState
+
+    found = _find(state, ScaleByAdamState)
+    return found[0].count if found else torch.zeros((), dtype=torch.int64)

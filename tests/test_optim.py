@@ -533,3 +533,286 @@ def test_state_dict_hooks_are_honoured():
     assert sd["extra"] == 1 and calls == ["pre"]
     opt.load_state_dict(sd)
     assert calls == ["pre", "load_post"]
+
+
+# =============================================================================================
+# SCAO facade
+
+from scao_fx.optim import COMPAT_KEYWORDS, INERT_KEYWORDS, SCAO  # noqa: E402
+
+FAST = dict(warmup_steps=4, blend_steps=4, precond_freq=3, min_precond_updates=2, k_min=2, k_max=8)
+
+
+def scao_model(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.Tanh(), torch.nn.Linear(12, 12), torch.nn.Tanh(),
+                               torch.nn.Linear(12, 4)).to(dtype)
+
+
+def test_scao_is_an_optimizer_with_the_original_core_signature():
+    import inspect
+
+    assert issubclass(SCAO, torch.optim.Optimizer)
+    sig = inspect.signature(SCAO)
+    expected = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, precond_freq=20, epsilon_sparse=0.05,
+                    k_min=8, k_max=128, rho=0.999, tau=None, warmup_steps=100, blend_steps=50,
+                    min_precond_updates=10, max_precond_dim=4096, use_int8_ema=True)
+    for name, default in expected.items():
+        assert sig.parameters[name].default == default, name
+    assert sf.SCAO is SCAO and sf.TransformOptimizer is TransformOptimizer
+
+
+def test_scao_equals_functional_chain():
+    model = scao_model()
+    params = [p.detach().clone() for p in model.parameters()]
+    opt = SCAO(model.parameters(), lr=1e-2, **FAST)
+    tx = sf.scao(lr=1e-2, **FAST)
+    state = tx.init(params)
+    x, y = torch.randn(32, 8), torch.randn(32, 4)
+    for _ in range(15):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        opt.step()
+        updates, state = tx.update(grads, state, params=params)
+        params = sf.apply_updates(params, updates)
+    for p, q in zip(model.parameters(), params):
+        assert torch.equal(p, q)
+
+
+def test_scao_in_warmup_equals_adamw():
+    m1, m2 = scao_model(), scao_model()
+    o1 = make_adamw(m1.parameters(), lr=1e-2, weight_decay=0.01)
+    o2 = SCAO(m2.parameters(), lr=1e-2, warmup_steps=20)
+    x, y = torch.randn(32, 8), torch.randn(32, 4)
+    for _ in range(20):
+        for m, o in ((m1, o1), (m2, o2)):
+            o.zero_grad()
+            ((m(x) - y) ** 2).mean().backward()
+            o.step()
+    assert max_diff(m1, m2) == 0.0
+
+
+def test_scao_trains_and_preconditioning_kicks_in():
+    m1, m2 = scao_model(), scao_model()
+    o1 = SCAO(m1.parameters(), lr=1e-2, **FAST)
+    o2 = torch.optim.AdamW(m2.parameters(), lr=1e-2)
+    x, y = torch.randn(64, 8), torch.randn(64, 4)
+    losses = []
+    for _ in range(40):
+        for m, o in ((m1, o1), (m2, o2)):
+            o.zero_grad()
+            loss = ((m(x) - y) ** 2).mean()
+            loss.backward()
+            o.step()
+            if o is o1:
+                losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+    assert max_diff(m1, m2) > 1e-4  # preconditioning changed the trajectory
+    d = o1.diagnostics()
+    assert d["0"]["phase"] == "precond" and d["0"]["blend"] == 1.0 and d["0"]["rank_left"] >= 2
+
+
+def test_scao_per_group_preconditioner_enabled():
+    model = scao_model()
+    ps = list(model.parameters())
+    opt = SCAO([{"params": ps[:2]}, {"params": ps[2:], "preconditioner_enabled": False}], lr=1e-2, **FAST)
+    x, y = torch.randn(32, 8), torch.randn(32, 4)
+    _run(model, opt, 25, x, y)
+    assert isinstance(opt.functional_state(1)[0], sf.ScaleByAdamState)  # plain AdamW chain
+    assert isinstance(opt.functional_state(0)[0], sf.BlendRampState)
+    d = opt.diagnostics()
+    assert d["0"]["phase"] == "precond" and d["2"]["phase"] == "adam" and d["2"]["rank_left"] is None
+
+
+def test_scao_preconditioner_disabled_equals_adamw():
+    m1, m2 = scao_model(), scao_model()
+    o1 = SCAO(m1.parameters(), lr=1e-2, preconditioner_enabled=False, **FAST)
+    o2 = make_adamw(m2.parameters(), lr=1e-2)
+    x, y = torch.randn(32, 8), torch.randn(32, 4)
+    for _ in range(20):
+        for m, o in ((m1, o1), (m2, o2)):
+            o.zero_grad()
+            ((m(x) - y) ** 2).mean().backward()
+            o.step()
+    assert max_diff(m1, m2) == 0.0
+
+
+def test_scao_accepts_every_original_keyword_at_neutral_value():
+    original = dict(
+        use_newton_schulz=False, use_int8_ema=True, async_precond=True, beta3=0.99, sparsity=0.0,
+        noise_std_init=0.0, noise_anneal=0.998, noise_relative=False, lars_coeff=0.0, lookahead_k=0,
+        lookahead_alpha=0.5, dynamic_sparsity=False, adaptive_warmup=False, warmup_stability_threshold=0.05,
+        warmup_patience=5, lazy_precond=False, lazy_delta_threshold=0.1, lazy_max_skip=50, use_gsnr_clip=False,
+        gsnr_threshold=0.5, adaptive_rank=False, preconditioner_enabled=True, factor_mode="full",
+        curvature_mode="dense", curvature_rank=None, update_rule="adamw", tau=1.0,
+    )
+    model = scao_model()
+    opt = SCAO(model.parameters(), **original)
+    x, y = torch.randn(8, 8), torch.randn(8, 4)
+    train_step(model, opt, x, y)
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("use_newton_schulz", True),
+        ("sparsity", 0.1),
+        ("noise_std_init", 0.01),
+        ("lars_coeff", 0.001),
+        ("lookahead_k", 5),
+        ("dynamic_sparsity", True),
+        ("adaptive_warmup", True),
+        ("lazy_precond", True),
+        ("use_gsnr_clip", True),
+        ("adaptive_rank", True),
+        ("curvature_mode", "sketch"),
+        ("curvature_rank", 16),
+        ("update_rule", "lion"),
+        ("factor_mode", "wide"),
+    ],
+)
+def test_scao_rejects_unsupported_features_with_reason(name, value):
+    with pytest.raises(ValueError, match=name) as info:
+        SCAO(scao_model().parameters(), **{name: value})
+    assert "not supported" in str(info.value)
+
+
+def test_compat_tables_cover_the_original_signature():
+    original = {
+        "use_newton_schulz", "async_precond", "beta3", "sparsity", "noise_std_init", "noise_anneal",
+        "noise_relative", "lars_coeff", "lookahead_k", "lookahead_alpha", "dynamic_sparsity", "adaptive_warmup",
+        "warmup_stability_threshold", "warmup_patience", "lazy_precond", "lazy_delta_threshold", "lazy_max_skip",
+        "use_gsnr_clip", "gsnr_threshold", "adaptive_rank", "curvature_mode", "curvature_rank", "update_rule",
+    }
+    assert original == set(COMPAT_KEYWORDS) | set(INERT_KEYWORDS)
+
+
+def test_scao_bad_arguments():
+    ps = list(scao_model().parameters())
+    with pytest.raises(TypeError, match="unexpected keyword.*'warmup'"):
+        SCAO(ps, warmup=10)
+    with pytest.raises(ValueError, match="beta3"):
+        SCAO(ps, beta3=1.5)
+    with pytest.raises(TypeError, match="async_precond must be a bool"):
+        SCAO(ps, async_precond="yes")
+    with pytest.raises(ValueError, match="k_max"):
+        SCAO(ps, k_min=8, k_max=4)
+    with pytest.raises(ValueError, match="rho"):
+        SCAO(ps, rho=1.0)
+    with pytest.raises(ValueError, match="precond_freq"):
+        SCAO(ps, precond_freq=0)
+    with pytest.raises(ValueError, match="lr"):
+        SCAO(ps, lr=-1.0)
+    with pytest.raises(ValueError, match="factor_mode must be one of"):
+        SCAO(ps, factor_mode="diag")
+    with pytest.raises(ValueError, match="lookahead_alpha"):
+        SCAO(ps, lookahead_alpha=2.0)
+    # per-group values are validated too
+    with pytest.raises(ValueError, match="sparsity"):
+        SCAO([{"params": ps, "sparsity": 0.5}])
+
+
+def test_scao_param_without_grad_is_left_unchanged():
+    model = scao_model()
+    opt = SCAO(model.parameters(), lr=1e-2, **FAST)
+    x, y = torch.randn(16, 8), torch.randn(16, 4)
+    for step in range(12):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        if step >= 6:
+            model[2].weight.grad = None
+            frozen = model[2].weight.detach().clone()
+        opt.step()
+        if step >= 6:
+            assert torch.equal(model[2].weight, frozen)
+
+
+def test_scao_bf16_state_dtypes_survive_checkpoint():
+    model = scao_model(dtype=torch.bfloat16)
+    opt = SCAO(model.parameters(), lr=1e-2, **FAST)
+    x, y = torch.randn(16, 8, dtype=torch.bfloat16), torch.randn(16, 4, dtype=torch.bfloat16)
+    _run(model, opt, 8, x, y)
+
+    def dtypes(o):
+        return [(t.dtype, t.device.type) for t in optree.tree_leaves(o.functional_state(0))]
+
+    import optree
+
+    before = dtypes(opt)
+    assert (torch.int8, "cpu") in before and (torch.float32, "cpu") in before and (torch.int64, "cpu") in before
+    assert not any(d == torch.bfloat16 for d, _ in before)  # statistics never in bf16
+    opt2 = SCAO(model.parameters(), lr=1e-2, **FAST)
+    opt2.load_state_dict(save_load(opt.state_dict()))
+    assert dtypes(opt2) == before
+
+
+def _scao_run(model, opt, steps, x, y):
+    for _ in range(steps):
+        train_step(model, opt, x, y)
+
+
+@pytest.mark.parametrize("cut", [2, 5, 6, 7, 9, 13])  # warmup, ramp, right before/at/after refreshes
+def test_scao_resume_bit_identical(cut):
+    x, y = torch.randn(32, 8), torch.randn(32, 4)
+    total = 16
+    ref = scao_model()
+    ref_opt = SCAO(ref.named_parameters(), lr=1e-2, **FAST)
+    _scao_run(ref, ref_opt, total, x, y)
+
+    a = scao_model()
+    a_opt = SCAO(a.named_parameters(), lr=1e-2, **FAST)
+    _scao_run(a, a_opt, cut, x, y)
+    ckpt = save_load({"model": a.state_dict(), "opt": a_opt.state_dict()})
+
+    b = scao_model(seed=99)
+    b.load_state_dict(ckpt["model"])
+    b_opt = SCAO(b.named_parameters(), lr=1e-2, **FAST)
+    b_opt.load_state_dict(ckpt["opt"])
+    _scao_run(b, b_opt, total - cut, x, y)
+    for p, q in zip(ref.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_scao_diagnostics_phases_and_keys():
+    model = scao_model()
+    opt = SCAO(model.named_parameters(), lr=1e-2, **FAST)
+    assert opt.diagnostics() == {}
+    x, y = torch.randn(32, 8), torch.randn(32, 4)
+    phases = []
+    for _ in range(12):
+        train_step(model, opt, x, y)
+        phases.append(opt.diagnostics()["0.weight"]["phase"])
+    # start = max(warmup 4, min_precond_updates 2) = 4; ramp over 4 steps
+    assert phases == ["warmup"] * 4 + ["ramp"] * 3 + ["precond"] * 5
+    d = opt.diagnostics()
+    rec = d["2.weight"]
+    from scao_fx.diagnostics import DIAGNOSTIC_KEYS
+
+    assert set(rec) == set(DIAGNOSTIC_KEYS)
+    assert rec["shape"] == (12, 12) and rec["sides"] == "both"
+    assert 2 <= rec["rank_left"] <= 8 and rec["refreshes"] == 4 and rec["step"] == 12
+    assert rec["curvature_norm_left"] > 0 and rec["fallbacks_left"] == 0
+    assert d["0.bias"]["phase"] == "adam" and d["0.bias"]["rank_left"] is None
+    t = opt.diagnostics(as_tensors=True)["2.weight"]
+    assert isinstance(t["rank_left"], torch.Tensor)
+    # the reported curvature norm is the debiased factor's Frobenius norm: compare with fp32
+    m2 = scao_model()
+    o2 = SCAO(m2.named_parameters(), lr=1e-2, use_int8_ema=False, **FAST)
+    _run(m2, o2, 12, x, y)
+    ref = o2.diagnostics()["2.weight"]["curvature_norm_left"]
+    assert abs(rec["curvature_norm_left"] - ref) / ref < 0.1
+
+
+def test_scao_diagnostics_counts_solver_fallbacks():
+    model = scao_model()
+    opt = SCAO(model.named_parameters(), lr=1e-2, use_int8_ema=False, **FAST)
+    x, y = torch.randn(32, 8), torch.randn(32, 4)
+    _run(model, opt, 5, x, y)
+    # poison one curvature factor: the next refresh fails and keeps the last good basis
+    kron = opt.functional_state(0)[0].inner_state
+    kron.groups[1].left.stat.data.fill_(float("nan"))
+    _run(model, opt, 1, x, y)
+    d = opt.diagnostics()
+    assert d["2.weight"]["fallbacks_left"] >= 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())

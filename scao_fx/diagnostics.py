@@ -1,0 +1,250 @@
+"""Diagnostics of SCAO states, read on demand (nothing is computed in the step).
+
+:func:`scao_diagnostics` walks a functional state (of :func:`scao_fx.scao`, of
+``chain(scao_precondition(...), ...)`` or of anything containing a
+:class:`~scao_fx.transforms.blend.BlendRampState` around a
+:class:`~scao_fx.transforms.kronecker.KroneckerPreconditionState`) and reports, per leaf:
+
+=====================  ======================================================================
+``shape``              the leaf's matrix view ``(m, n)`` (``None`` for 0-d/1-d leaves)
+``sides``              preconditioned sides: ``"both"``, ``"left"``, ``"right"`` or ``"none"``
+``rank_left/right``    kept rank ``k`` of each side (0 before the first refresh, ``None`` if the
+                       side is not preconditioned)
+``phase``              ``"warmup"`` (plain Adam), ``"ramp"`` (blending in), ``"precond"`` (fully
+                       preconditioned) or ``"adam"`` (a leaf that is never preconditioned)
+``blend``              the blend weight ``b`` of the current step, in [0, 1]
+``curvature_norm_*``   Frobenius norm of the debiased curvature factor of each side
+``refreshes``          basis refreshes done so far
+``fallbacks_*``        refreshes whose eigendecomposition failed and kept the last good basis
+``step``               steps done
+=====================  ======================================================================
+
+Every value comes from state tensors (ranks, counters and factors live in the state already), so
+the optimizer step pays nothing for diagnostics; reading them as Python numbers synchronises
+with the device once, at the time you ask. ``as_tensors=True`` returns tensors instead (no sync).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import optree
+import torch
+
+from ._validation import check_choice, check_float, check_int
+from .transforms.adam import ScaleByAdamState
+from .transforms.blend import BlendRampState, blend_factor
+from .transforms.curvature import curvature_ema
+from .transforms.kronecker import KroneckerPreconditionState
+from .transforms.quantization import Codec, int8_blockwise
+
+__all__ = ["scao_diagnostics", "summarize_diagnostics", "DIAGNOSTIC_KEYS"]
+
+#: The keys of each per-leaf diagnostics record.
+DIAGNOSTIC_KEYS = (
+    "shape",
+    "sides",
+    "rank_left",
+    "rank_right",
+    "phase",
+    "blend",
+    "curvature_norm_left",
+    "curvature_norm_right",
+    "refreshes",
+    "fallbacks_left",
+    "fallbacks_right",
+    "step",
+)
+
+
+def _is_node(x: Any) -> bool:
+    return isinstance(x, (BlendRampState, KroneckerPreconditionState, ScaleByAdamState))
+
+
+def _find(state: Any, cls: type) -> list:
+    """All nodes of type ``cls`` in a state tree, in tree order."""
+    found: list = []
+
+    def visit(node: Any) -> None:
+        if isinstance(node, cls):
+            found.append(node)
+            return
+        if isinstance(node, torch.Tensor) or node is None:
+            return
+        if isinstance(node, dict):
+            children = list(node.values())
+        elif isinstance(node, (tuple, list)):
+            children = list(node)
+        else:
+            try:
+                children = optree.tree_flatten(node, is_leaf=lambda x: x is not node and _is_node(x), none_is_leaf=True)[0]
+            except Exception:
+                return
+        for child in children:
+            visit(child)
+
+    visit(state)
+    return found
+
+
+def _num_leaves(state: Any) -> int | None:
+    adam = _find(state, ScaleByAdamState)
+    if not adam:
+        return None
+    return len(optree.tree_flatten(adam[0].mu, none_is_leaf=True)[0])
+
+
+def scao_diagnostics(
+    state: Any,
+    *,
+    warmup_steps: int = 100,
+    blend_steps: int = 50,
+    min_precond_updates: int = 10,
+    blend_shape: str = "linear",
+    rho: float = 0.999,
+    codec: Codec | None = None,
+    names: Sequence[str] | None = None,
+    shapes: Sequence[Sequence[int]] | None = None,
+    curvature_norms: bool = True,
+    as_tensors: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Per-leaf diagnostics of a SCAO functional state (see the module docs for the keys).
+
+    The hyperparameters must be the ones the state was built with (they are not stored in the
+    state); the :class:`scao_fx.SCAO` optimizer passes them for you (``opt.diagnostics()``).
+
+    Args:
+        state: the functional state (e.g. of ``sf.scao(...)``).
+        warmup_steps, blend_steps, min_precond_updates, blend_shape: the blend ramp's settings.
+        rho: the curvature EMA decay (for the debiased factor norms).
+        codec: the curvature storage codec (default: ``int8_blockwise()``, the default of
+            ``use_int8_ema=True``; pass ``fp32_codec()`` for ``use_int8_ema=False``).
+        names: one name per leaf of the parameter tree (default: ``"0"``, ``"1"``, ...).
+        shapes: the leaves' shapes (to fill ``shape`` for leaves without curvature).
+        curvature_norms: decode the factors to report their norms (costs a decode per factor).
+        as_tensors: return 0-d tensors instead of Python numbers (no device synchronisation).
+
+    Returns:
+        ``{name: record}`` for every leaf of the tree.
+
+    Raises:
+        ValueError: if ``state`` holds no SCAO preconditioner state, or ``names`` has the wrong
+            length.
+
+    Example:
+        >>> import torch, scao_fx as sf
+        >>> params = [torch.zeros(4, 3), torch.zeros(3)]
+        >>> tx = sf.scao(warmup_steps=0, precond_freq=1, min_precond_updates=0)
+        >>> state = tx.init(params)
+        >>> _, state = tx.update([torch.randn(4, 3), torch.randn(3)], state, params=params)
+        >>> d = sf.scao_diagnostics(state, warmup_steps=0, min_precond_updates=0)
+        >>> d["0"]["sides"], d["1"]["phase"]
+        ('both', 'adam')
+    """
+    warmup_steps = check_int("warmup_steps", warmup_steps, low=0)
+    blend_steps = check_int("blend_steps", blend_steps, low=0)
+    min_precond_updates = check_int("min_precond_updates", min_precond_updates, low=0)
+    check_choice("blend_shape", blend_shape, ("linear", "cosine"))
+    rho = check_float("rho", rho, low=0.0, high=1.0, high_inclusive=False)
+    ramps = [r for r in _find(state, BlendRampState) if isinstance(r.inner_state, KroneckerPreconditionState)]
+    if not ramps:
+        raise ValueError(
+            "state holds no SCAO preconditioner (a BlendRampState around a KroneckerPreconditionState); "
+            "is it the state of sf.scao(...) or chain(sf.scao_precondition(...), ...)?"
+        )
+    ramp = ramps[0]
+    kron: KroneckerPreconditionState = ramp.inner_state
+    start = max(warmup_steps, min_precond_updates)
+    blend = blend_factor(ramp.count, start, blend_steps, blend_shape)
+    count = int(ramp.count)  # CPU tensor: no device sync
+    ramp_phase = "warmup" if count <= start else ("ramp" if count < start + blend_steps else "precond")
+
+    n = _num_leaves(state)
+    if n is None:
+        n = max((int(i) for g in kron.groups for i in g.leaves.tolist()), default=-1) + 1
+        if names is not None:
+            n = max(n, len(names))
+    if names is not None and len(names) != n:
+        raise ValueError(f"names must have one entry per leaf ({n}), got {len(names)}")
+    labels = [str(i) for i in range(n)] if names is None else [str(x) for x in names]
+    curv = curvature_ema(rho, codec=int8_blockwise() if codec is None else codec)
+
+    def out(x: Any) -> Any:
+        if as_tensors or x is None:
+            return x
+        if isinstance(x, torch.Tensor):
+            return x.item()
+        return x
+
+    records: dict[str, dict[str, Any]] = {}
+    for i, label in enumerate(labels):
+        shape = None
+        if shapes is not None and shapes[i] is not None and len(shapes[i]) >= 2:
+            shape = (int(shapes[i][0]), int(torch.Size(shapes[i][1:]).numel()))
+        records[label] = {
+            "shape": shape,
+            "sides": "none",
+            "rank_left": None,
+            "rank_right": None,
+            "phase": "adam",
+            "blend": out(blend),
+            "curvature_norm_left": None,
+            "curvature_norm_right": None,
+            "refreshes": out(kron.refreshes),
+            "fallbacks_left": None,
+            "fallbacks_right": None,
+            "step": out(ramp.count),
+        }
+    for group in kron.groups:
+        leaf_ids = group.leaves.tolist()  # CPU tensor
+        norms = {}
+        for side_name, side in (("left", group.left), ("right", group.right)):
+            if side is None or not curvature_norms:
+                continue
+            dim = side.basis.shape[1]
+            factor = curv.factor(side.stat, kron.count, dim)
+            norms[side_name] = torch.linalg.matrix_norm(factor)  # (B,)
+        for j, leaf in enumerate(leaf_ids):
+            rec = records[labels[leaf]]
+            m = group.left.basis.shape[1] if group.left is not None else None
+            nn = group.right.basis.shape[1] if group.right is not None else None
+            rec["sides"] = "both" if (m and nn) else ("left" if m else "right")
+            if rec["shape"] is None and m and nn:
+                rec["shape"] = (m, nn)
+            rec["phase"] = ramp_phase
+            for side_name, side in (("left", group.left), ("right", group.right)):
+                if side is None:
+                    continue
+                rec[f"rank_{side_name}"] = out(side.rank[j])
+                rec[f"fallbacks_{side_name}"] = out(side.fallbacks[j])
+                if side_name in norms:
+                    rec[f"curvature_norm_{side_name}"] = out(norms[side_name][j])
+    return records
+
+
+def summarize_diagnostics(records: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Aggregate per-leaf records into a few scalars (for loggers).
+
+    Returns:
+        ``{"preconditioned_leaves", "rank_mean", "blend", "refreshes", "solver_fallbacks",
+        "phase_warmup", "phase_ramp", "phase_precond", "curvature_norm_max"}`` (counts of leaves per
+        phase; ``rank_mean`` over preconditioned sides). Empty records give an empty dict.
+    """
+    if not records:
+        return {}
+    pre = [r for r in records.values() if r["sides"] != "none"]
+    ranks = [r[k] for r in pre for k in ("rank_left", "rank_right") if r[k] is not None]
+    falls = [r[k] for r in pre for k in ("fallbacks_left", "fallbacks_right") if r[k] is not None]
+    norms = [r[k] for r in pre for k in ("curvature_norm_left", "curvature_norm_right") if r[k] is not None]
+    first = next(iter(records.values()))
+    out = {
+        "preconditioned_leaves": float(len(pre)),
+        "rank_mean": float(sum(float(x) for x in ranks) / len(ranks)) if ranks else 0.0,
+        "blend": float(max((float(r["blend"]) for r in pre), default=float(first["blend"]))),
+        "refreshes": float(max(float(r["refreshes"]) for r in records.values())),
+        "solver_fallbacks": float(sum(float(x) for x in falls)),
+        "curvature_norm_max": float(max((float(x) for x in norms), default=0.0)),
+    }
+    for phase in ("warmup", "ramp", "precond"):
+        out[f"phase_{phase}"] = float(sum(1 for r in pre if r["phase"] == phase))
+    return out
