@@ -102,7 +102,7 @@ def _encode(x, emask, offs, seedterm, STOCH: tl.constexpr):
     return code.to(tl.int8), scale
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _quantize_kernel(x_ptr, codes_ptr, scales_ptr, seed, total_blocks, nb, n, bs,
                      STOCH: tl.constexpr, SEED_PTR: tl.constexpr, BPP: tl.constexpr,
                      BLOCK: tl.constexpr, I64: tl.constexpr):
@@ -129,7 +129,7 @@ def _dequantize_kernel(codes_ptr, scales_ptr, out_ptr, total_blocks, nb, n, bs,
     tl.store(out_ptr + offs, _cast_out(x, out_ptr), mask=emask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _ema_kernel(codes_ptr, scales_ptr, upd_ptr, out_codes_ptr, out_scales_ptr, rho, omr, seed,
                 total_blocks, nb, n, bs,
                 RHO_PTR: tl.constexpr, STOCH: tl.constexpr, SEED_PTR: tl.constexpr,

@@ -27,8 +27,10 @@ __all__ = [
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """View/copy ``t`` as (rows, N): leading dims flattened."""
-    n = t.shape[-1]
-    return t.reshape(-1, n)
+    rows = 1
+    for d in t.shape[:-1]:
+        rows *= d
+    return t.reshape(rows, t.shape[-1])
 
 
 def _padded_blocks(x2: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -75,8 +77,8 @@ def _encode(xb: torch.Tensor, n: int, block_size: int, stochastic: bool, seedter
 
 
 def _write(out, codes_b, scales, shape, n):
-    rows = codes_b.shape[0]
-    codes = codes_b.reshape(rows, -1)[:, :n].reshape(shape)
+    rows, nb, bs = codes_b.shape
+    codes = codes_b.reshape(rows, nb * bs)[:, :n].reshape(shape)
     scales = scales.reshape(*shape[:-1], scales.shape[-1])
     if out is None:
         return codes.contiguous(), scales.contiguous()
@@ -115,7 +117,7 @@ def dequantize_blockwise(
     shape = tuple(codes.shape)
     n = shape[-1]
     xb = _decode_blocks(codes, scales, block_size)
-    x = xb.reshape(xb.shape[0], -1)[:, :n].reshape(shape)
+    x = xb.reshape(xb.shape[0], xb.shape[1] * xb.shape[2])[:, :n].reshape(shape)
     if out is None:
         return x.to(dtype).contiguous()
     out.copy_(x)
