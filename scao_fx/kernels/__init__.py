@@ -54,13 +54,16 @@ def quantize_blockwise(
     rows). Per block, in float32:
 
     .. math::
-        s = \max_i |x_i| / 127, \qquad q_i = x_i / s, \qquad
+        s = \max_i |x_i| / 127, \qquad q_i = x_i \cdot (1 / s), \qquad
         c_i = \mathrm{clamp}(\lfloor q_i \rfloor + r_i, -127, 127)
 
     with ``r_i = [frac(q_i) >= 0.5]`` (nearest, ties upward) or, with ``stochastic=True``,
     ``r_i = [u_i < frac(q_i)]`` where ``u_i`` in [0, 1) is a deterministic hash of the element's
     global flat index in ``x`` and ``seed`` (see ``scao_fx.kernels._common.hash_uniform``), so
-    ``E[c_i s] = x_i`` (unbiased rounding). An all-zero block has ``s = 0`` and codes 0.
+    ``E[c_i s] = x_i`` (unbiased rounding). An all-zero block has ``s = 0`` and codes 0; a block
+    whose absmax is below ``127 / FLT_MAX`` (~3.7e-37, where ``1 / s`` overflows) encodes as
+    zeros. All arithmetic is float32 with correctly rounded operations, so the reference and
+    the Triton kernel produce bit-identical codes and scales.
 
     Non-finite input: a block holding a NaN gets ``s = NaN``, one holding an inf (and no NaN)
     gets ``s = inf``; all codes of such a block are 0, so it decodes to NaN everywhere. Other

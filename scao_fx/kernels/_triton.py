@@ -86,8 +86,8 @@ def _encode(x, emask, offs, seedterm, STOCH: tl.constexpr):
     scale = tl.math.div_rn(amax, 127.0)
     scale = tl.where(anynan, float("nan"), scale)
     pos = scale > 0
-    denom = tl.where(pos, scale, 1.0)
-    q = tl.math.div_rn(x, denom[:, None])
+    inv = tl.math.div_rn(1.0, tl.where(pos, scale, 1.0))
+    q = x * inv[:, None]
     fl = tl.floor(q)
     frac = q - fl
     if STOCH:

@@ -47,7 +47,9 @@ def _encode(xb: torch.Tensor, n: int, block_size: int, stochastic: bool, seedter
     """Encode fp32 blocks (rows, nb, bs) (padding must be zero) -> (codes (rows, nb, bs), scales).
 
     Per block: scale = absmax / 127 (NaN if the block holds a NaN, inf if it holds an inf,
-    0 for an all-zero block); q = x / scale; nearest: code = floor(q) + (frac(q) >= 0.5)
+    0 for an all-zero block); q = x * (1 / scale) (one division per block; a block whose
+    absmax is below 127 / FLT_MAX ~ 3.7e-37 has an infinite reciprocal and encodes as zeros);
+    nearest: code = floor(q) + (frac(q) >= 0.5)
     (ties away from -inf); stochastic: code = floor(q) + (u < frac(q)) with u the hash uniform;
     clamped to [-127, 127]; 0 wherever q is not finite or scale is not > 0.
     """
@@ -58,8 +60,8 @@ def _encode(xb: torch.Tensor, n: int, block_size: int, stochastic: bool, seedter
     scale = amax / C.QMAX
     scale = torch.where(isnan.any(dim=-1), torch.full_like(scale, float("nan")), scale)
     pos = scale > 0
-    denom = torch.where(pos, scale, torch.ones_like(scale))
-    q = xb / denom.unsqueeze(-1)
+    inv = 1.0 / torch.where(pos, scale, torch.ones_like(scale))
+    q = xb * inv.unsqueeze(-1)
     fl = torch.floor(q)
     frac = q - fl
     if stochastic:
