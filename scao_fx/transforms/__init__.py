@@ -27,7 +27,7 @@ from .combinators import (
     partition,
 )
 from .blend import BlendRampState, blend_factor, blend_ramp
-from .curvature import CurvatureEMA, curvature_ema
+from .curvature import CurvatureEMA, FactorStatistic, curvature_ema
 from .kronecker import (
     KroneckerGroupState,
     KroneckerPreconditionState,
@@ -72,6 +72,7 @@ __all__ = [
     "int8_blockwise",
     "quantize_state",
     "CurvatureEMA",
+    "FactorStatistic",
     "curvature_ema",
     "RankRule",
     "spectral_mass_rank",

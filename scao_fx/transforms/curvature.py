@@ -9,21 +9,34 @@ EMA keeps
 started at zero and debiased by :math:`1-\rho^t` when read, so the estimate is exact from the
 first step (the classic ``eps0 * I`` start is replaced by a Tikhonov term relative to the
 factor's own trace at refresh time, which keeps the update independent of the loss scale).
-The factors are stored through a :class:`~scao_fx.transforms.quantization.Codec` (int8 with
-block scales by default); the EMA update is one fused decode-lerp-encode pass.
+The diagonal is kept in float32 (``d`` floats per factor) and only the off-diagonal part goes
+through a :class:`~scao_fx.transforms.quantization.Codec` (int8 with block scales by default;
+one fused decode-lerp-encode pass per step). Curvature factors are diagonally dominant, so a
+block holding a diagonal entry would otherwise get a scale several times coarser than its
+neighbours; splitting the diagonal out measurably lowers the re-quantisation noise that an EMA
+accumulates (see ``docs/scao.md``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from .._validation import check_float
+from ..base import register_state
 from .quantization import Codec, EncodedTensor, int8_blockwise
 
-__all__ = ["CurvatureEMA", "curvature_ema"]
+__all__ = ["CurvatureEMA", "FactorStatistic", "curvature_ema"]
+
+
+@register_state
+class FactorStatistic(NamedTuple):
+    """A stack of ``B`` EMA factors: off-diagonal part encoded flat ``(B, d*d)``, diagonal ``(B, d)`` float32."""
+
+    offdiag: EncodedTensor
+    diag: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -38,24 +51,31 @@ class CurvatureEMA:
     rho: float = 0.999
     codec: Codec = field(default_factory=int8_blockwise)
 
-    def init(self, batch: int, dim: int, device: Any = None) -> EncodedTensor:
-        """Zero statistics for ``batch`` stacked ``dim x dim`` factors (stored flat, ``(batch, dim*dim)``)."""
-        return self.codec.zeros((batch, dim * dim), device=device)
+    def init(self, batch: int, dim: int, device: Any = None) -> FactorStatistic:
+        """Zero statistics for ``batch`` stacked ``dim x dim`` factors."""
+        return FactorStatistic(
+            self.codec.zeros((batch, dim * dim), device=device),
+            torch.zeros(batch, dim, dtype=torch.float32, device=device),
+        )
 
-    def accumulate(self, stat: EncodedTensor, gram: torch.Tensor, seed: Any = 0, *, inplace: bool = False) -> EncodedTensor:
+    def accumulate(self, stat: FactorStatistic, gram: torch.Tensor, seed: Any = 0, *, inplace: bool = False) -> FactorStatistic:
         r"""One EMA step :math:`S \leftarrow \rho S + (1-\rho)\,\mathrm{gram}` for a stack ``(batch, d, d)``."""
-        return self.codec.ema(stat, gram.reshape(gram.shape[0], -1), self.rho, seed, inplace=inplace)
+        diag_new = torch.diagonal(gram, dim1=-2, dim2=-1).to(torch.float32)
+        off = gram - torch.diag_embed(torch.diagonal(gram, dim1=-2, dim2=-1))
+        offdiag = self.codec.ema(stat.offdiag, off.reshape(gram.shape[0], -1), self.rho, seed, inplace=inplace)
+        diag = stat.diag.lerp_(diag_new, 1.0 - self.rho) if inplace else stat.diag.lerp(diag_new, 1.0 - self.rho)
+        return FactorStatistic(offdiag, diag)
 
-    def factor(self, stat: EncodedTensor, count: torch.Tensor, dim: int) -> torch.Tensor:
+    def factor(self, stat: FactorStatistic, count: torch.Tensor, dim: int) -> torch.Tensor:
         r"""The debiased, symmetrised factors :math:`\tfrac{1}{1-\rho^t}\,\mathrm{sym}(S)` as float32 ``(batch, d, d)``."""
-        x = self.codec.decode(stat).reshape(-1, dim, dim)
-        x = 0.5 * (x + x.transpose(-1, -2))
+        x = self.codec.decode(stat.offdiag).reshape(-1, dim, dim)
+        x = 0.5 * (x + x.transpose(-1, -2)) + torch.diag_embed(stat.diag)
         bias = 1.0 - self.rho ** count.to(torch.float64)
         return x / bias.clamp(min=1e-30).to(x.dtype)
 
     def state_bytes(self, dim: int) -> float:
-        """Bytes one ``dim x dim`` factor costs in storage."""
-        return dim * dim * self.codec.bytes_per_entry
+        """Bytes one ``dim x dim`` factor costs in storage (codes, scales and the float32 diagonal)."""
+        return dim * dim * self.codec.bytes_per_entry + 4.0 * dim
 
 
 def curvature_ema(rho: float = 0.999, codec: Codec | None = None) -> CurvatureEMA:
@@ -63,7 +83,7 @@ def curvature_ema(rho: float = 0.999, codec: Codec | None = None) -> CurvatureEM
 
     Args:
         rho: EMA decay, in [0, 1). 0.99 was as good or better for runs under ~1k steps.
-        codec: how factors are stored; default :func:`int8_blockwise` (block 256, stochastic
+        codec: how factors are stored; default :func:`int8_blockwise` (block 64, stochastic
             rounding). Pass :func:`fp32_codec` for the full-precision ablation.
 
     Returns:

@@ -33,7 +33,7 @@ import torch
 from .._tree import flatten, unflatten
 from .._validation import check_choice, check_float, check_int
 from ..base import GradientTransformation, increment, register_state, step_count
-from .curvature import CurvatureEMA, curvature_ema
+from .curvature import CurvatureEMA, FactorStatistic, curvature_ema
 from .quantization import EncodedTensor
 from .rank import RankRule, robust_eigh, spectral_mass_rank
 
@@ -55,7 +55,7 @@ class KroneckerSide(NamedTuple):
     """One preconditioned side of a shape group (``B`` stacked ``d x d`` factors).
 
     Attributes:
-        stat: the curvature EMA, encoded, flat ``(B, d*d)``.
+        stat: the curvature EMA (:class:`~scao_fx.transforms.curvature.FactorStatistic`).
         basis: ``(B, d, cap)`` float32 eigenvectors (zero before the first refresh).
         coef: ``(B, cap)`` float32 :math:`s^{-1/4} - c` on kept directions, 0 past ``k``.
         tail: ``(B,)`` float32 complement gain ``c`` (1 before the first refresh).
@@ -63,7 +63,7 @@ class KroneckerSide(NamedTuple):
         fallbacks: ``(B,)`` int64 number of refreshes that kept the previous basis.
     """
 
-    stat: EncodedTensor
+    stat: FactorStatistic
     basis: torch.Tensor
     coef: torch.Tensor
     tail: torch.Tensor
@@ -324,9 +324,10 @@ def kronecker_precondition(
 
 def _pack(side: KroneckerSide) -> tuple:
     """Flatten a side into a tuple of tensors (``torch.cond`` operands)."""
-    return (side.stat.data, side.stat.scale, side.basis, side.coef, side.tail, side.rank, side.fallbacks)
+    st = side.stat
+    return (st.offdiag.data, st.offdiag.scale, st.diag, side.basis, side.coef, side.tail, side.rank, side.fallbacks)
 
 
 def _unpack(ops: Sequence[torch.Tensor]) -> KroneckerSide:
     """Inverse of :func:`_pack`."""
-    return KroneckerSide(EncodedTensor(ops[0], ops[1]), *ops[2:])
+    return KroneckerSide(FactorStatistic(EncodedTensor(ops[0], ops[1]), ops[2]), *ops[3:])
