@@ -1,0 +1,162 @@
+"""Hugging Face ``Trainer`` integration and TensorBoard logging of SCAO diagnostics.
+
+``scao_fx.SCAO`` is a regular ``torch.optim.Optimizer``, so it goes into a ``Trainer`` as is::
+
+    opt = scao_fx.SCAO(model.parameters(), lr=3e-4, weight_decay=0.01)
+    trainer = Trainer(model, args, train_dataset=ds, optimizers=(opt, None))
+    # or let the Trainer build it (its two weight-decay groups included):
+    trainer = Trainer(model, args, train_dataset=ds,
+                      optimizer_cls_and_kwargs=(scao_fx.SCAO, {"lr": 3e-4, "warmup_steps": 100}))
+
+Checkpoints (``save_steps``) and ``resume_from_checkpoint`` work: the optimizer's state dict is
+plain tensors and loads with ``torch.load(weights_only=True)``, as the Trainer loads it.
+
+:class:`SCAODiagnosticsCallback` adds SCAO's diagnostics to the Trainer's logs at every logging
+step and, given a ``torch.utils.tensorboard.SummaryWriter``, writes them to TensorBoard.
+:func:`log_diagnostics` does the same outside a Trainer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..diagnostics import summarize_diagnostics
+
+try:  # the callback base class; the helpers below work without transformers
+    from transformers import TrainerCallback as _CallbackBase
+except ImportError:  # pragma: no cover - exercised only without transformers installed
+    _CallbackBase = object  # type: ignore[assignment,misc]
+
+__all__ = ["SCAODiagnosticsCallback", "diagnostic_scalars", "log_diagnostics", "unwrap_optimizer"]
+
+_PER_PARAM_KEYS = (
+    "rank_left",
+    "rank_right",
+    "blend",
+    "curvature_norm_left",
+    "curvature_norm_right",
+    "fallbacks_left",
+    "fallbacks_right",
+)
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The optimizer with a ``diagnostics()`` method inside wrappers (accelerate's
+    ``AcceleratedOptimizer`` keeps it in ``.optimizer``), or ``None``."""
+    seen = 0
+    while optimizer is not None and not hasattr(optimizer, "diagnostics") and seen < 8:
+        optimizer = getattr(optimizer, "optimizer", None)
+        seen += 1
+    return optimizer if optimizer is not None and hasattr(optimizer, "diagnostics") else None
+
+
+def diagnostic_scalars(
+    optimizer: Any, *, prefix: str = "scao", per_param: bool = False, curvature_norms: bool = True
+) -> dict[str, float]:
+    """Flatten an optimizer's diagnostics into ``{"prefix/key": float}`` scalars.
+
+    Args:
+        optimizer: a :class:`scao_fx.SCAO` (or a wrapper around one).
+        prefix: prefix of every key.
+        per_param: also emit ``prefix/<param>/<key>`` for every numeric per-parameter value
+            (rank, blend, curvature norms, fallbacks of preconditioned parameters).
+        curvature_norms: decode the curvature factors to report their norms.
+
+    Returns:
+        The scalars (empty if the optimizer has no state yet or no diagnostics).
+    """
+    opt = unwrap_optimizer(optimizer)
+    if opt is None:
+        return {}
+    records = opt.diagnostics(curvature_norms=curvature_norms)
+    scalars = {f"{prefix}/{k}": float(v) for k, v in summarize_diagnostics(records).items()}
+    if per_param:
+        for name, rec in records.items():
+            if rec["sides"] == "none":
+                continue
+            for key in _PER_PARAM_KEYS:
+                value = rec[key]
+                if value is not None:
+                    scalars[f"{prefix}/{name}/{key}"] = float(value)
+    return scalars
+
+
+def log_diagnostics(optimizer: Any, writer: Any, step: int, **kwargs: Any) -> dict[str, float]:
+    """Write :func:`diagnostic_scalars` to a TensorBoard ``SummaryWriter`` (``add_scalar``).
+
+    Args:
+        optimizer: a :class:`scao_fx.SCAO` (or a wrapper around one).
+        writer: a ``torch.utils.tensorboard.SummaryWriter`` or any object with
+            ``add_scalar(tag, value, global_step)``.
+        step: the global step to log at.
+        **kwargs: passed to :func:`diagnostic_scalars`.
+
+    Returns:
+        The scalars written.
+    """
+    if not callable(getattr(writer, "add_scalar", None)):
+        raise TypeError(f"writer must have an add_scalar(tag, value, step) method (a SummaryWriter), got {type(writer).__name__}")
+    scalars = diagnostic_scalars(optimizer, **kwargs)
+    for tag, value in scalars.items():
+        if math.isfinite(value):
+            writer.add_scalar(tag, value, step)
+    return scalars
+
+
+class SCAODiagnosticsCallback(_CallbackBase):  # type: ignore[misc,valid-type]
+    """A ``transformers.TrainerCallback`` logging SCAO's diagnostics at every logging step.
+
+    At each ``on_log`` it reads ``optimizer.diagnostics()`` (no cost inside the optimizer step),
+    adds the summary scalars (``scao/rank_mean``, ``scao/blend``, ``scao/refreshes``,
+    ``scao/solver_fallbacks``, ``scao/phase_*``, ``scao/curvature_norm_max``, ...) to the logged
+    dict and to ``state.log_history``, keeps them in :attr:`history`, and writes them to
+    ``writer`` (a ``SummaryWriter``) if one is given.
+
+    Args:
+        writer: optional ``torch.utils.tensorboard.SummaryWriter`` (anything with
+            ``add_scalar``).
+        per_param: also log per-parameter values (``scao/<param>/rank_left``, ...).
+        prefix: prefix of the logged keys.
+        curvature_norms: decode curvature factors for their norms (one decode per factor per
+            logging step; turn off for very large models).
+
+    Example:
+        >>> from scao_fx.integrations.hf import SCAODiagnosticsCallback
+        >>> cb = SCAODiagnosticsCallback()          # Trainer(..., callbacks=[cb])
+    """
+
+    def __init__(self, writer: Any = None, *, per_param: bool = False, prefix: str = "scao", curvature_norms: bool = True):
+        if _CallbackBase is object:  # pragma: no cover
+            raise ImportError("SCAODiagnosticsCallback needs transformers: pip install transformers")
+        if writer is not None and not callable(getattr(writer, "add_scalar", None)):
+            raise TypeError(f"writer must have an add_scalar(tag, value, step) method (a SummaryWriter), got {type(writer).__name__}")
+        if not isinstance(prefix, str) or not prefix:
+            raise ValueError(f"prefix must be a non-empty str, got {prefix!r}")
+        self.writer = writer
+        self.per_param = bool(per_param)
+        self.prefix = prefix
+        self.curvature_norms = bool(curvature_norms)
+        self.history: list[dict[str, float]] = []
+
+    def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):  # noqa: D401 - HF signature
+        scalars = diagnostic_scalars(
+            optimizer, prefix=self.prefix, per_param=self.per_param, curvature_norms=self.curvature_norms
+        )
+        if not scalars:
+            return control
+        if logs is not None:
+            logs.update(scalars)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(scalars)
+        self.history.append({"step": state.global_step, **scalars})
+        if self.writer is not None:
+            for tag, value in scalars.items():
+                if math.isfinite(value):
+                    self.writer.add_scalar(tag, value, state.global_step)
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.writer is not None and callable(getattr(self.writer, "flush", None)):
+            self.writer.flush()
+        return control
