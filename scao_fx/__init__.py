@@ -17,6 +17,7 @@ from .diagnostics import scao_diagnostics, summarize_diagnostics
 from .optim import SCAO, TransformOptimizer
 from .transforms import *  # noqa: F401,F403  (re-export the transform families)
 from .transforms import __all__ as _transforms_all
+from .memory import memory_report, state_bytes
 from .update import apply_updates
 
 __version__ = "0.1.0"
@@ -25,6 +26,8 @@ __all__ = [
     "GradientTransformation",
     "EmptyState",
     "apply_updates",
+    "memory_report",
+    "state_bytes",
     "TransformOptimizer",
     "SCAO",
     "scao_diagnostics",

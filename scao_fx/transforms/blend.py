@@ -28,10 +28,11 @@ __all__ = ["blend_ramp", "BlendRampState", "blend_factor"]
 
 @register_state
 class BlendRampState(NamedTuple):
-    """State of :func:`blend_ramp`: the inner state and the step count (CPU int64)."""
+    """State of :func:`blend_ramp`: the inner state, the step count (CPU int64) and the last blend weight (CPU float32)."""
 
     inner_state: Any
     count: torch.Tensor
+    blend: torch.Tensor
 
 
 def blend_factor(count: torch.Tensor, start: int, blend_steps: int, shape: str = "linear") -> torch.Tensor:
@@ -76,7 +77,7 @@ def blend_ramp(
     start = max(warmup_steps, min_precond_updates)
 
     def init(params):
-        return BlendRampState(inner.init(params), step_count())
+        return BlendRampState(inner.init(params), step_count(), torch.zeros(()))
 
     def update(updates, state, *, params=None, inplace=True):
         count = increment(state.count)
@@ -93,6 +94,6 @@ def blend_ramp(
             # where(): exactly the raw gradient while b == 0, whatever the inner output holds.
             mixed = torch.where(w > 0, torch.lerp(g, p, w), g)
             out.append(g.copy_(mixed) if inplace else mixed)
-        return unflatten(spec, out), BlendRampState(inner_state, count)
+        return unflatten(spec, out), BlendRampState(inner_state, count, b)
 
     return GradientTransformation(init, update)
