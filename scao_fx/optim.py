@@ -551,15 +551,24 @@ INERT_KEYWORDS: dict[str, Any] = {
     "gsnr_threshold": 0.5,
 }
 
-#: Extra keywords of :func:`scao_fx.scao_precondition` that the facade passes through.
-PRECONDITION_EXTRAS: dict[str, Any] = {
-    "block_size": 256,
-    "complement": "mean_tail",
-    "graft": "frobenius",
-    "blend_shape": "linear",
-    "tikhonov": 1e-4,
-    "grouped": True,
-}
+def _precondition_extras() -> dict[str, Any]:
+    """The keyword-only arguments of :func:`scao_fx.scao_precondition` (beyond the original
+    package's), with their current defaults, read from its signature so the facade and the
+    functional alias can never disagree on a default."""
+    import inspect
+
+    from .alias import scao_precondition
+
+    out = {}
+    for name, param in inspect.signature(scao_precondition).parameters.items():
+        if param.kind is inspect.Parameter.KEYWORD_ONLY and name != "rank_eps":
+            out[name] = param.default
+    return out
+
+
+#: Extra keywords of :func:`scao_fx.scao_precondition` that the facade passes through
+#: (``block_size``, ``complement``, ``graft``, ``blend_shape``, ``tikhonov``, ``grouped``, ...).
+PRECONDITION_EXTRAS: dict[str, Any] = _precondition_extras()
 
 
 def _check_compat(values: Mapping[str, Any]) -> None:
@@ -809,6 +818,22 @@ class SCAO(TransformOptimizer):
                 )
             )
         return records
+
+    def synchronize_precond(self) -> None:
+        """Compatibility with the original package: a no-op here.
+
+        The original refreshes bases on a side stream (``async_precond``) and needs this before
+        checkpoints; scao_fx refreshes inline, deterministically, so there is nothing to wait for.
+        """
+
+    def current_ranks(self) -> dict[str, tuple[int | None, int | None]]:
+        """``{param: (rank_left, rank_right)}`` of the preconditioned parameters (``None`` for a
+        side that is not preconditioned; 0 before the first refresh)."""
+        return {
+            name: (rec["rank_left"], rec["rank_right"])
+            for name, rec in self.diagnostics(curvature_norms=False).items()
+            if rec["sides"] != "none"
+        }
 
 
 def _adam_count(state: Any) -> torch.Tensor:

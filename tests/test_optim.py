@@ -811,8 +811,19 @@ def test_scao_diagnostics_counts_solver_fallbacks():
     _run(model, opt, 5, x, y)
     # poison one curvature factor: the next refresh fails and keeps the last good basis
     kron = opt.functional_state(0)[0].inner_state
-    kron.groups[1].left.stat.data.fill_(float("nan"))
+    kron.groups[1].left.stat.diag.fill_(float("nan"))
     _run(model, opt, 1, x, y)
     d = opt.diagnostics()
     assert d["2.weight"]["fallbacks_left"] >= 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_scao_compat_methods():
+    model = scao_model()
+    opt = SCAO(model.named_parameters(), lr=1e-2, **FAST)
+    x, y = torch.randn(32, 8), torch.randn(32, 4)
+    _run(model, opt, 7, x, y)
+    assert opt.synchronize_precond() is None
+    ranks = opt.current_ranks()
+    assert set(ranks) == {"0.weight", "2.weight", "4.weight"}
+    assert all(2 <= k <= 8 for pair in ranks.values() for k in pair)
