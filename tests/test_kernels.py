@@ -100,6 +100,20 @@ def test_hash_uniform_matches_spec_and_is_uniform():
     _exact(C.hash_uniform(idx, C.seed_term(torch.tensor(5), idx.device)), u)
 
 
+@pytest.mark.parametrize("n", [300, 2**31 - 3, 2**32 + 7, 3 * 2**32 - 1])
+@pytest.mark.parametrize("seed", [0, 5, 2**31 + 11, -3])
+def test_fast_int32_hash_equals_exact_int64_hash(n, seed):
+    """The int32 wrap-around hash used by the reference equals the overflow-free one, also
+    where the global index passes 2**31 and 2**32 (n is only the row stride here)."""
+    rows, nb, bs = 5, 3, 100
+    for st in (C.seed_term(seed, "cpu"), C.seed_term(torch.tensor(seed), "cpu")):
+        fast = C.block_uniforms(rows, nb, bs, n, st, torch.device("cpu"))
+        r = torch.arange(rows, dtype=torch.int64).view(rows, 1) * n
+        c = torch.arange(nb * bs, dtype=torch.int64).view(1, -1)
+        exact = C.hash_uniform(r + c, st).view(rows, nb, bs)
+        _exact(fast, exact)
+
+
 # --------------------------------------------------------------------------- reference codec
 
 
@@ -740,18 +754,24 @@ def test_gpu_auto_dispatch_is_triton_and_no_host_sync():
     x = _rand((24, 65536 + 3), device=dev)
     p, g, m, v, pc = _adam_inputs((24, 4099), torch.bfloat16, device=dev)
     step = torch.tensor(3, device=dev)
+    rho = torch.tensor(0.99, device=dev)
+    lr = torch.tensor(1e-3, device=dev)
+    blend = torch.tensor(0.5, device=dev)
+
+    def calls():
+        codes, scales = K.quantize_blockwise(x, stochastic=True, seed=step)
+        K.dequantize_blockwise(codes, scales, dtype=torch.bfloat16)
+        K.int8_ema_update(codes, scales, x, rho, seed=step, out=(codes, scales))
+        K.adam_epilogue(p, g, m, v, lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
+                        step=step, precond=pc, blend=blend)
+        K.adam_epilogue(p, g, m, v, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                        weight_decay=0.1, step=4)
+
+    calls()  # compile the kernels first
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        codes, scales = K.quantize_blockwise(x, stochastic=True, seed=step)
-        K.dequantize_blockwise(codes, scales, dtype=torch.bfloat16)
-        K.int8_ema_update(codes, scales, x, torch.tensor(0.99, device=dev), seed=step,
-                          out=(codes, scales))
-        K.adam_epilogue(p, g, m, v, lr=torch.tensor(1e-3, device=dev), beta1=0.9, beta2=0.999,
-                        eps=1e-8, weight_decay=0.1, step=step, precond=pc,
-                        blend=torch.tensor(0.5, device=dev))
-        K.adam_epilogue(p, g, m, v, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
-                        weight_decay=0.1, step=4)
+        calls()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()

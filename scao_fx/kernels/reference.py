@@ -49,32 +49,24 @@ def _encode(xb: torch.Tensor, n: int, block_size: int, stochastic: bool, seedter
     Per block: scale = absmax / 127 (NaN if the block holds a NaN, inf if it holds an inf,
     0 for an all-zero block); q = x * (1 / scale) (one division per block; a block whose
     absmax is below 127 / FLT_MAX ~ 3.7e-37 has an infinite reciprocal and encodes as zeros);
-    nearest: code = floor(q) + (frac(q) >= 0.5)
-    (ties away from -inf); stochastic: code = floor(q) + (u < frac(q)) with u the hash uniform;
-    clamped to [-127, 127]; 0 wherever q is not finite or scale is not > 0.
+    nearest: code = floor(q) + (frac(q) >= 0.5) (ties upward); stochastic:
+    code = floor(q) + (u < frac(q)) with u the hash uniform; clamped to [-127, 127]; 0 wherever
+    q is not finite or scale is not > 0. ``xb`` may be overwritten (it is a temporary).
     """
     rows, nb, bs = xb.shape
-    isnan = torch.isnan(xb)
-    ax = torch.where(isnan, torch.zeros((), dtype=xb.dtype, device=xb.device), xb.abs())
-    amax = ax.amax(dim=-1)
-    scale = amax / C.QMAX
-    scale = torch.where(isnan.any(dim=-1), torch.full_like(scale, float("nan")), scale)
+    # amax propagates NaN (NaN beats inf), so a NaN block gets a NaN scale, an inf block inf.
+    scale = xb.abs().amax(dim=-1).div_(C.QMAX)
     pos = scale > 0
-    inv = 1.0 / torch.where(pos, scale, torch.ones_like(scale))
-    q = xb * inv.unsqueeze(-1)
+    inv = torch.where(pos, 1.0 / scale, torch.zeros((), dtype=scale.dtype, device=scale.device))
+    q = xb.mul_(inv.unsqueeze(-1))
+    q = torch.nan_to_num_(q, nan=0.0, posinf=0.0, neginf=0.0)
     fl = torch.floor(q)
-    frac = q - fl
+    frac = q.sub_(fl)
     if stochastic:
-        r = torch.arange(rows, device=xb.device, dtype=torch.int64).view(rows, 1, 1) * n
-        c = torch.arange(nb * bs, device=xb.device, dtype=torch.int64).view(1, nb, bs)
-        u = C.hash_uniform(r + c, seedterm)
-        up = u < frac
+        up = C.block_uniforms(rows, nb, bs, n, seedterm, xb.device) < frac
     else:
         up = frac >= 0.5
-    code = fl + up.to(fl.dtype)
-    code = code.clamp(-C.QMAX, C.QMAX)
-    ok = pos.unsqueeze(-1) & torch.isfinite(q)
-    code = torch.where(ok, code, torch.zeros((), dtype=code.dtype, device=code.device))
+    code = fl.add_(up).clamp_(-C.QMAX, C.QMAX)
     return code.to(torch.int8), scale
 
 
@@ -102,6 +94,8 @@ def quantize_blockwise(
     n = shape[-1]
     x2 = _rows(x).to(torch.float32)
     xb = _padded_blocks(x2, block_size)
+    if xb.data_ptr() == x.data_ptr():
+        xb = xb.clone()  # _encode works in place on its input
     st = C.seed_term(seed, x.device) if stochastic else 0
     codes_b, scales = _encode(xb, n, block_size, stochastic, st)
     return _write(out, codes_b, scales, shape, n)
@@ -151,9 +145,7 @@ def int8_ema_update(
     r, omr = C.ema_scalars(rho, codes.device)
     dec = _decode_blocks(codes, scales, block_size)
     ub = _padded_blocks(_rows(update.reshape(shape)).to(torch.float32), block_size)
-    a = dec * r
-    b = ub * omr
-    x = a + b
+    x = dec.mul_(r).add_(ub * omr)  # (c*s)*rho + u*(1-rho), each op rounded in fp32
     st = C.seed_term(seed, codes.device) if stochastic else 0
     codes_b, new_scales = _encode(x, n, block_size, stochastic, st)
     return _write(out, codes_b, new_scales, shape, n)
