@@ -9,7 +9,7 @@ import torch
 
 import scao_fx as sf
 from scao_fx.transforms.adam import moment_dtype_for
-from treeutil import assert_tree_close, clone
+from treeutil import assert_tree_close, clone, versions
 
 
 def reference_adam(grads, b1, b2, eps, eps_root=0.0):
@@ -88,10 +88,12 @@ def test_none_gradient_leaves_state_untouched():
     params = {"a": torch.ones(2), "b": torch.ones(3)}
     tx = sf.scale_by_adam()
     state = tx.init(params)
+    _, state = tx.update({"a": torch.ones(2), "b": torch.ones(3)}, state)
+    mu_b, nu_b, mu_a = state.mu["b"].clone(), state.nu["b"].clone(), state.mu["a"].clone()
     u, state = tx.update({"a": torch.ones(2), "b": None}, state)
     assert u["b"] is None
-    assert torch.equal(state.mu["b"], torch.zeros(3)) and torch.equal(state.nu["b"], torch.zeros(3))
-    assert not torch.equal(state.mu["a"], torch.zeros(2))
+    assert torch.equal(state.mu["b"], mu_b) and torch.equal(state.nu["b"], nu_b)
+    assert not torch.equal(state.mu["a"], mu_a)
 
 
 def test_mismatched_state_raises():
@@ -116,9 +118,17 @@ def test_add_decayed_weights(inplace):
     p = {"w": torch.randn(3, 2), "b": torch.randn(2)}
     g = {"w": torch.randn(3, 2), "b": torch.randn(2)}
     tx = sf.add_decayed_weights(0.3)
-    u, s = tx.update(clone(g), tx.init(p), params=p, inplace=inplace)
+    g_in, saved = clone(g), clone((g, p))
+    vers = versions((g_in, p))
+    u, s = tx.update(g_in, tx.init(p), params=p, inplace=inplace)
     assert isinstance(s, sf.EmptyState)
     assert_tree_close(u, {k: g[k] + 0.3 * p[k] for k in p}, rtol=1e-6, atol=1e-7)
+    assert_tree_close(p, saved[1])
+    if inplace:
+        assert u["w"] is g_in["w"]
+    else:
+        assert versions((g_in, p)) == vers
+        assert_tree_close(g_in, saved[0])
 
 
 def test_add_decayed_weights_mask_and_zero():
