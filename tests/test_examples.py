@@ -1,0 +1,22 @@
+"""The documented examples run and do what the docs say."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
+
+
+def test_functional_loop_example_trains():
+    script = EXAMPLES / "functional_loop.py"
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    match = re.search(r"loss went from ([0-9.]+) to ([0-9.]+)", result.stdout)
+    assert match, result.stdout
+    first, last = float(match.group(1)), float(match.group(2))
+    assert last < 0.5 * first, result.stdout
+    losses = [float(v) for v in re.findall(r"step +\d+ +loss ([0-9.]+)", result.stdout)]
+    assert len(losses) >= 5 and losses[-1] < losses[0]
