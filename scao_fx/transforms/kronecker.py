@@ -150,13 +150,16 @@ def _maybe_refresh(due: torch.Tensor, side: KroneckerSide, refresh: Callable[[Kr
     ``torch.cond``, so a compiled step has no graph break.
     """
     if torch.compiler.is_compiling():
+        # The refresh never changes the statistics (the first 3 packed tensors): they are
+        # operands only, not outputs (torch.cond rejects branches returning an input alias).
+        ops = _pack(side)
         out = torch.cond(
             due,
-            lambda *ops: _pack(refresh(_unpack(ops))),
-            lambda *ops: tuple(o.clone() for o in ops),
-            _pack(side),
+            lambda *ops: _pack(refresh(_unpack(ops)))[3:],
+            lambda *ops: tuple(o.clone() for o in ops[3:]),
+            ops,
         )
-        return _unpack(out)
+        return _unpack(ops[:3] + tuple(out))
     return refresh(side) if bool(due) else side
 
 
