@@ -306,6 +306,30 @@ class TransformOptimizer(torch.optim.Optimizer):
         start = sum(len(g["params"]) for g in self.param_groups[:index])
         return str(start + j)
 
+    # ------------------------------------------------------------------ copy / pickle
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_transform_factory"] = self._transform_factory
+        state["_missing_grad"] = self._missing_grad
+        # Transforms are closures over this optimizer's lr tensors: rebuilt on the other side.
+        state["_runtimes"] = [(rt.state, rt.active) for rt in self._runtimes]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        saved = state.pop("_runtimes", [])
+        had_differentiable = "differentiable" in state.get("defaults", {})
+        super().__setstate__(state)
+        if not had_differentiable:  # torch adds it; it is not a hyperparameter of the factory
+            self.defaults.pop("differentiable", None)
+        self._runtimes = []
+        for index, (fstate, active) in enumerate(saved):
+            rt = _GroupRuntime()
+            rt.state, rt.active = fstate, active
+            self._runtimes.append(rt)
+            self._build(index)
+
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:

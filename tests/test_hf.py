@@ -228,7 +228,8 @@ def test_peft_lora_finetuning_loss_goes_down():
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and len(frozen) > 50
 
-    opt = scao_fx.SCAO(trainable, lr=3e-3, weight_decay=0.0, **{**FAST, "precond_freq": 4})
+    # all parameters, frozen ones included: they must be skipped and get no state
+    opt = scao_fx.SCAO(model.named_parameters(), lr=3e-3, weight_decay=0.0, **{**FAST, "precond_freq": 4})
     batch = tok([s for s, _ in SENTENCES], padding=True, return_tensors="pt")
     labels = torch.tensor([y for _, y in SENTENCES])
     model.train()

@@ -827,3 +827,39 @@ def test_scao_compat_methods():
     ranks = opt.current_ranks()
     assert set(ranks) == {"0.weight", "2.weight", "4.weight"}
     assert all(2 <= k <= 8 for pair in ranks.values() for k in pair)
+
+
+@pytest.mark.parametrize("which", ["adamw", "scao"])
+def test_step_reads_no_device_value(which):
+    """The facade's step never reads a device tensor on the host (no .item()/bool() sync).
+
+    On the meta device any such read raises, so a step that completes there has no host sync
+    outside the every-precond_freq refresh (kept out of range here)."""
+    ps = [torch.nn.Parameter(torch.empty(6, 4, device="meta")), torch.nn.Parameter(torch.empty(4, device="meta"))]
+    if which == "adamw":
+        opt = make_adamw(ps)
+    else:
+        opt = SCAO(ps, warmup_steps=2, blend_steps=2, min_precond_updates=0, precond_freq=1000)
+    for _ in range(6):  # warmup, ramp and fully blended steps
+        for p in ps:
+            p.grad = torch.empty_like(p)
+        opt.step()
+    with pytest.raises(Exception, match="meta"):
+        ps[0].sum().item()  # the probe really detects host reads
+
+
+def test_deepcopy_gives_an_independent_optimizer():
+    model = scao_model()
+    opt = SCAO(model.parameters(), lr=1e-2, **FAST)
+    x, y = torch.randn(32, 8), torch.randn(32, 4)
+    _run(model, opt, 5, x, y)
+    model2 = copy.deepcopy(model)
+    both = copy.deepcopy({"model": model, "opt": opt})  # params and state copied together
+    m3, o3 = both["model"], both["opt"]
+    assert o3.param_groups[0]["params"][0] is next(m3.parameters())
+    assert "differentiable" not in o3.defaults
+    o3.param_groups[0]["lr"] = 0.0  # the copy's lr drives the copy's transform only
+    _run(m3, o3, 3, x, y)
+    assert all(torch.equal(a, b) for a, b in zip(m3.parameters(), model2.parameters()))
+    _run(model, opt, 3, x, y)
+    assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
