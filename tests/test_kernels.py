@@ -616,6 +616,44 @@ def test_triton_adam_bf16_moments_and_noncontiguous():
     _check_adam((40, 37), torch.float32, "blend", "tensor", "cpu", noncontig=True)
 
 
+# --------------------------------------------------------------------------- benchmark
+
+
+def test_bench_quick_runs_and_writes_json(tmp_path, capsys):
+    import json
+
+    from scao_fx.kernels import bench
+
+    path = tmp_path / "k.json"
+    rc = bench.main(["--quick", "--device", "cpu", "--layers", "1", "--d-model", "32",
+                     "--d-mlp", "64", "--repeats", "1", "--warmup", "0", "--copy-mb", "8",
+                     "--json", str(path)])
+    assert rc == 0
+    rep = json.loads(path.read_text())
+    assert rep["copy_bandwidth_gbps"] > 0 and rep["device_type"] == "cpu"
+    kernels = {r["kernel"] for r in rep["results"]}
+    assert kernels == {"quantize(nearest)", "quantize(stochastic)", "dequantize(fp32)",
+                       "int8_ema_update", "adam_epilogue(fp32 param)",
+                       "adam_epilogue(bf16 param)"}
+    assert {r["backend"] for r in rep["results"]} == {"reference"}
+    assert {r["mode"] for r in rep["results"]} == {"grouped", "loop"}
+    # factor groups 32^2 (x5) and 64^2 (x2); param groups (32,32) x4, (32,64), (64,32)
+    groups = {r["group"] for r in rep["results"]}
+    assert {"5x(32x32)", "2x(64x64)", "4x(32x32)", "1x(32x64)", "1x(64x32)"} <= groups
+    assert all(r["ms"] > 0 and r["gbps"] > 0 for r in rep["results"])
+    assert "int8_ema_update" in capsys.readouterr().out
+
+
+def test_bench_model_groups_gpt2_medium():
+    from scao_fx.kernels.bench import model_groups
+
+    g = model_groups()
+    assert g.factor_groups == {1024: 240, 4096: 48}
+    assert g.param_groups == {(1024, 1024): 96, (1024, 4096): 24, (4096, 1024): 24}
+    params = sum(m * n * c for (m, n), c in g.param_groups.items())
+    assert params == 24 * 12 * 1024 * 1024
+
+
 # --------------------------------------------------------------------------- compile for sm_90
 
 

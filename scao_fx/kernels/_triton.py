@@ -23,10 +23,19 @@ from .reference import _blend_usage
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Elements handled by one program of the codec kernels (whole blocks; at least one block).
-_CODEC_TILE = 4096
-# Elements per program of the Adam epilogue.
-_ADAM_BLOCK = 2048
+
+def _env_pow2(name: str, default: int) -> int:
+    v = int(os.environ.get(name, default))
+    if v < 16 or v & (v - 1):
+        raise ValueError(f"{name} must be a power of two >= 16, got {v}")
+    return v
+
+
+# Tuning knobs (module attributes, read at every launch; the environment sets the defaults).
+#: Elements handled by one program of the codec kernels (whole blocks, at least one block).
+CODEC_TILE = _env_pow2("SCAO_FX_CODEC_TILE", 2048)
+#: Elements per program of the Adam epilogue.
+ADAM_BLOCK = _env_pow2("SCAO_FX_ADAM_BLOCK", 2048)
 _INT32_LIMIT = 2**31 - 1
 
 
@@ -228,13 +237,14 @@ def _codec_config(n: int, block_size: int, total_elems: int):
             f"the triton codec supports block_size <= {C.MAX_TRITON_BLOCK}, got {block_size}"
         )
     block = triton.next_power_of_2(block_size)
-    bpp = max(1, _CODEC_TILE // block)
-    i64 = total_elems + block > _INT32_LIMIT
+    bpp = max(1, CODEC_TILE // block)
+    i64 = total_elems + bpp * block > _INT32_LIMIT
     return block, bpp, i64
 
 
 def _num_warps(tile: int) -> int:
-    return 8 if tile >= 4096 else 4
+    """About 8 elements per thread: 4 warps for 1024 elements, 8 for 2048, 16 from 4096."""
+    return max(4, min(16, tile // 256))
 
 
 def _contig(t: torch.Tensor) -> torch.Tensor:
@@ -343,7 +353,8 @@ def adam_epilogue(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, we
     mc, vc = _contig(exp_avg), _contig(exp_avg_sq)
     gc = _contig(grad) if use_g else pc_
     pcc = _contig(precond) if use_pc else pc_
-    i64 = n + _ADAM_BLOCK > _INT32_LIMIT
+    block = ADAM_BLOCK
+    i64 = n + block > _INT32_LIMIT
 
     def arg(v):
         return (v, True) if isinstance(v, torch.Tensor) else (float(v), False)
@@ -353,12 +364,12 @@ def adam_epilogue(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, we
     sbc2, sbc2_ptr = arg(s["sbc2"])
     blend_v, blend_ptr = arg(s["blend"])
     omblend = 0.0 if blend_ptr else float(s["omblend"])
-    grid = (triton.cdiv(n, _ADAM_BLOCK),)
+    grid = (triton.cdiv(n, block),)
     _adam_kernel[grid](pc_, gc, mc, vc, pcc, n, decay, ss, sbc2, blend_v, omblend,
                        s["beta1"], s["omb1"], s["beta2"], s["omb2"], s["eps"],
                        USE_G=use_g, USE_PC=use_pc, DECAY_PTR=decay_ptr, SS_PTR=ss_ptr,
-                       SBC2_PTR=sbc2_ptr, BLEND_PTR=blend_ptr, BLOCK=_ADAM_BLOCK, I64=i64,
-                       num_warps=8, enable_fp_fusion=False)
+                       SBC2_PTR=sbc2_ptr, BLEND_PTR=blend_ptr, BLOCK=block, I64=i64,
+                       num_warps=_num_warps(block), enable_fp_fusion=False)
     for src, dst in ((pc_, param), (mc, exp_avg), (vc, exp_avg_sq)):
         if src is not dst:
             dst.copy_(src)

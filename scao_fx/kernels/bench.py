@@ -165,6 +165,28 @@ def run(args: argparse.Namespace) -> dict:
         _print_row(res)
 
     modes = ["grouped"] + (["loop"] if not args.no_loop else [])
+
+    def variants(kind: str):
+        """(label, backend, configure) per backend; Triton once per requested tile size."""
+        out = []
+        for b in backends:
+            sizes = (args.codec_tiles if kind == "codec" else args.adam_blocks) or [None]
+            if b != "triton":
+                sizes = [None]
+            for size in sizes:
+                label = b if size is None else f"{b}/{size}"
+                out.append((label, b, size))
+        return out
+
+    def configure(kind: str, size):
+        if size is None:
+            return
+        from . import _triton
+
+        if kind == "codec":
+            _triton.CODEC_TILE = size
+        else:
+            _triton.ADAM_BLOCK = size
     print(f"# device: {_device_name(device)}; copy bandwidth {copy_gbps:.1f} GB/s; "
           f"block_size {bs}; backends {','.join(backends)}")
     _print_header()
@@ -184,7 +206,8 @@ def run(args: argparse.Namespace) -> dict:
         q_bytes = count * (n * (4 + 1) + nb * 4)
         d_bytes = count * (n * (1 + 4) + nb * 4)
         e_bytes = count * (n * (1 + 4 + 1) + nb * 4 * 2)
-        for backend in backends:
+        for label, backend, size in variants("codec"):
+            configure("codec", size)
             for mode in modes:
                 rows = [slice(None)] if mode == "grouped" else [slice(i, i + 1)
                                                                   for i in range(count)]
@@ -208,13 +231,13 @@ def run(args: argparse.Namespace) -> dict:
                         int8_ema_update(codes[r], scales[r], upd[r], 0.999, block_size=bs,
                                         seed=step, out=(codes[r], scales[r]), backend=backend)
 
-                record("quantize(nearest)", group, count, count * n, backend, mode, q_bytes,
+                record("quantize(nearest)", group, count, count * n, label, mode, q_bytes,
                        q_near)
-                record("quantize(stochastic)", group, count, count * n, backend, mode,
+                record("quantize(stochastic)", group, count, count * n, label, mode,
                        q_bytes, q_stoch)
-                record("dequantize(fp32)", group, count, count * n, backend, mode, d_bytes,
+                record("dequantize(fp32)", group, count, count * n, label, mode, d_bytes,
                        deq)
-                record("int8_ema_update", group, count, count * n, backend, mode, e_bytes, ema)
+                record("int8_ema_update", group, count, count * n, label, mode, e_bytes, ema)
         del x, upd, codes, scales, out_f
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -237,7 +260,8 @@ def run(args: argparse.Namespace) -> dict:
             lr = torch.tensor(1e-4, device=device)
             stp = torch.tensor(10, device=device)
             blend = torch.tensor(0.5, device=device)
-            for backend in backends:
+            for label, backend, size in variants("adam"):
+                configure("adam", size)
                 for mode in modes:
                     rows = [slice(None)] if mode == "grouped" else [slice(i, i + 1)
                                                                       for i in range(count)]
@@ -249,7 +273,7 @@ def run(args: argparse.Namespace) -> dict:
                                           precond=pc[r], blend=blend, backend=backend)
 
                     record(f"adam_epilogue({pdt} param)", group, count, count * numel,
-                           backend, mode, nbytes, adam)
+                           label, mode, nbytes, adam)
             del p, g, pc, mom, vel
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -288,7 +312,7 @@ def _summary(results: Sequence[BenchResult]) -> dict:
     return out
 
 
-_COLS = [("kernel", 24), ("group", 18), ("backend", 9), ("mode", 7), ("ms", 10),
+_COLS = [("kernel", 25), ("group", 18), ("backend", 14), ("mode", 7), ("ms", 10),
          ("GB/s", 9), ("% copy", 7)]
 
 
@@ -345,6 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--copy-mb", type=int, default=None,
                    help="size of the copy-bandwidth probe in MiB")
     p.add_argument("--no-loop", action="store_true", help="skip the per-layer loop runs")
+    p.add_argument("--codec-tiles", default="",
+                   help="Triton codec/EMA tile sizes to sweep, e.g. 1024,2048,4096 (default: "
+                        "the configured one, SCAO_FX_CODEC_TILE or 2048)")
+    p.add_argument("--adam-blocks", default="",
+                   help="Triton Adam block sizes to sweep, e.g. 1024,2048,4096")
     p.add_argument("--allow-interpreter", action="store_true",
                    help="also time the Triton interpreter on the CPU (not meaningful)")
     p.add_argument("--json", dest="json_path", default=None, help="write results as JSON")
@@ -366,11 +395,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.backends is None:
         args.backends = "reference,triton" if cuda else "reference"
     args.param_dtypes = [s.strip() for s in args.param_dtypes.split(",") if s.strip()]
+    args.codec_tiles = [int(v) for v in args.codec_tiles.split(",") if v.strip()]
+    args.adam_blocks = [int(v) for v in args.adam_blocks.split(",") if v.strip()]
+    for v in args.codec_tiles + args.adam_blocks:
+        if v < 16 or v & (v - 1):
+            raise SystemExit(f"tile/block sizes must be powers of two >= 16, got {v}")
     for s in args.param_dtypes:
         if s not in ("fp32", "bf16"):
             raise SystemExit(f"unknown param dtype {s!r} (fp32, bf16)")
     t0 = time.perf_counter()
-    report = run(args)
+    saved = None
+    if args.codec_tiles or args.adam_blocks:
+        from . import _triton
+
+        saved = (_triton.CODEC_TILE, _triton.ADAM_BLOCK)
+    try:
+        report = run(args)
+    finally:
+        if saved is not None:
+            _triton.CODEC_TILE, _triton.ADAM_BLOCK = saved
     report["wall_s"] = time.perf_counter() - t0
     print(f"# summary (grouped: worst % of copy bandwidth; loop/grouped time ratios):")
     for k, v in report["summary"].items():
