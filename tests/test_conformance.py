@@ -59,6 +59,9 @@ class OptimizerEntry:
     note: str = ""
 
 
+#: SCAO with short phases, so a few steps cover warmup, ramp and several refreshes.
+SCAO_TEST_KW = dict(warmup_steps=2, blend_steps=3, min_precond_updates=0, precond_freq=2, k_min=1, k_max=2, rho=0.9)
+
 OPTIMIZERS: list[OptimizerEntry] = [
     OptimizerEntry(
         name="adam",
@@ -78,6 +81,46 @@ OPTIMIZERS: list[OptimizerEntry] = [
             sf.add_decayed_weights(1e-4),
             sf.scale_by_learning_rate(sf.schedules.warmup_cosine_decay(lr, 10, 5000, init=lr / 10)),
         ],
+    ),
+    OptimizerEntry(
+        name="scao",
+        factory=lambda lr: sf.scao(lr, weight_decay=1e-4, **SCAO_TEST_KW),
+        links=lambda lr: [
+            sf.scao_precondition(**SCAO_TEST_KW),
+            sf.scale_by_adam(),
+            sf.add_decayed_weights(1e-4),
+            sf.scale_by_learning_rate(lr),
+        ],
+        # The blend and the Kronecker products run in float32 whatever the parameter dtype.
+        compile_tol=(1e-4, 1e-6),
+        note="short warmup/ramp and frequent refreshes so the battery exercises preconditioning",
+    ),
+    OptimizerEntry(
+        name="scao-fp32-fullrank",
+        factory=lambda lr: sf.chain(
+            sf.blend_ramp(
+                sf.kronecker_precondition(
+                    curvature=sf.curvature_ema(0.95, codec=sf.fp32_codec()), rank=sf.full_rank(), precond_freq=3
+                ),
+                warmup_steps=2,
+                blend_steps=0,
+            ),
+            sf.adamw(lr, weight_decay=1e-4),
+        ),
+        links=lambda lr: [
+            sf.blend_ramp(
+                sf.kronecker_precondition(
+                    curvature=sf.curvature_ema(0.95, codec=sf.fp32_codec()), rank=sf.full_rank(), precond_freq=3
+                ),
+                warmup_steps=2,
+                blend_steps=0,
+            ),
+            sf.scale_by_adam(),
+            sf.add_decayed_weights(1e-4),
+            sf.scale_by_learning_rate(lr),
+        ],
+        compile_tol=(1e-4, 1e-6),
+        note="the ablation without int8 and without rank truncation, hard switch",
     ),
 ]
 
