@@ -1,0 +1,61 @@
+"""Griffe extension for the docs build: render the library's reST-flavoured docstrings.
+
+The docstrings follow the Google layout (``Args:``, ``Returns:``, ...) but use a few reST
+constructs that Markdown does not know. On every object griffe loads, this rewrites:
+
+* ``Example:`` (singular) -> ``Examples:``, so doctest examples render as code;
+* ``:math:`x``` -> ``$x$`` and ``.. math::`` blocks -> ``$$ ... $$`` (rendered by MathJax
+  through ``pymdownx.arithmatex``);
+* ``:func:`name```, ``:class:`~mod.Name``` and the other Python roles -> ``name`` in code.
+
+Only the rendered documentation changes; the docstrings in the source stay as they are.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import griffe
+
+_ROLE = re.compile(r":(?:py:)?(?:func|class|mod|meth|attr|data|obj|exc|const):`~?([^`]+)`")
+_MATH_ROLE = re.compile(r":math:`([^`]+)`")
+_EXAMPLE = re.compile(r"^(\s*)Example:\s*$", re.MULTILINE)
+
+
+def _math_blocks(text: str) -> str:
+    lines = text.split("\n")
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.strip() != ".. math::":
+            out.append(line)
+            i += 1
+            continue
+        indent = line[: len(line) - len(line.lstrip())]
+        body: list[str] = []
+        i += 1
+        while i < len(lines) and (not lines[i].strip() or len(lines[i]) - len(lines[i].lstrip()) > len(indent)):
+            body.append(lines[i].strip())
+            i += 1
+        while body and not body[-1]:
+            body.pop()
+        out.extend([indent + "$$", *(indent + b for b in body if b), indent + "$$", ""])
+    return "\n".join(out)
+
+
+def convert(text: str) -> str:
+    """Rewrite one docstring (see the module docstring)."""
+    text = _EXAMPLE.sub(r"\1Examples:", text)
+    text = _math_blocks(text)
+    text = _MATH_ROLE.sub(lambda m: f"${m.group(1)}$", text)
+    return _ROLE.sub(lambda m: f"`{m.group(1)}`", text)
+
+
+class RstToMarkdown(griffe.Extension):
+    """Apply :func:`convert` to every docstring once the object tree is built."""
+
+    def on_object(self, *, obj: griffe.Object, **kwargs: Any) -> None:
+        if obj.docstring is not None:
+            obj.docstring.value = convert(obj.docstring.value)

@@ -1,0 +1,77 @@
+"""The documentation: every public name in the API reference, and the code on the pages runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+import scao_fx as sf
+
+ROOT = Path(__file__).resolve().parent.parent
+API = ROOT / "docs" / "api.md"
+
+
+def python_blocks(path: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.DOTALL)
+
+
+def test_every_public_name_is_in_the_api_reference():
+    listed = set(re.findall(r"^::: scao_fx\.(\w+)", API.read_text(), flags=re.MULTILINE))
+    missing = sorted(set(sf.__all__) - listed)
+    assert not missing, f"add '::: scao_fx.<name>' entries to docs/api.md for: {missing}"
+    unknown = sorted(listed - set(sf.__all__))
+    assert not unknown, f"docs/api.md documents names that scao_fx does not export: {unknown}"
+
+
+@pytest.mark.parametrize("name", sf.__all__)
+def test_public_name_has_a_summary_line(name):
+    doc = inspect.getdoc(getattr(sf, name))
+    assert doc and doc.splitlines()[0].strip(), f"scao_fx.{name} needs a docstring with a one-line summary"
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/functional-loop.md", "docs/protocol.md"])
+def test_code_on_the_page_runs(page):
+    blocks = python_blocks(ROOT / page)
+    assert blocks, f"no python code blocks found in {page}"
+    namespace: dict = {"__name__": f"docs_{Path(page).stem}"}
+    for block in blocks:  # the blocks of a page build on each other, in order
+        exec(compile(block, page, "exec"), namespace)
+
+
+def test_readme_loop_is_short():
+    loop = python_blocks(ROOT / "README.md")[0]
+    code_lines = [line for line in loop.splitlines() if line.strip()]
+    assert len(code_lines) <= 16, f"the README loop has {len(code_lines)} lines"
+
+
+def load_extension():
+    spec = importlib.util.spec_from_file_location("rst_to_markdown", ROOT / "docs" / "_ext" / "rst_to_markdown.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_docstring_conversion_for_the_docs_build():
+    convert = load_extension().convert
+    text = (
+        "Summary with :math:`\\eta` and :func:`~scao_fx.adam`.\n\n"
+        "    .. math::\n        a = b\\\\\n        c = d\n\n    after\n\n"
+        "Example:\n    >>> 1 + 1\n    2\n"
+    )
+    out = convert(text)
+    assert "$\\eta$" in out and "`scao_fx.adam`" in out
+    assert "    $$\n    a = b\\\\\n    c = d\n    $$\n" in out
+    assert "Examples:\n    >>> 1 + 1" in out and "Example:\n" not in out
+    assert "after" in out
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Tests", 1)[1]
+    command = re.search(r"```bash\n(.+?)\n```", section, flags=re.DOTALL).group(1).strip()
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert command in ci_lines, f".ci/run must run the README's test command verbatim: {command!r}"
