@@ -1,0 +1,59 @@
+"""Optimizer-state bytes per parameter on GPT-2-small-shaped leaves (124M parameters).
+
+Builds the parameter shapes of GPT-2 small (12 layers, d=768, vocabulary 50257, context 1024),
+initialises each optimizer's state for real (no training) and prints what
+``scao_fx.memory_report`` measures. Run: ``python docs/examples/memory_gpt2_small.py``
+(about 30 s and 2 GB of RAM on a laptop CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+
+import scao_fx as sf
+
+
+def gpt2_small_params(layers: int = 12, d: int = 768, vocab: int = 50257, ctx: int = 1024) -> dict:
+    """Uninitialised tensors with GPT-2 small's parameter shapes (Conv1D weights as (out, in))."""
+    p = {"wte": torch.empty(vocab, d), "wpe": torch.empty(ctx, d)}
+    for i in range(layers):
+        h = f"h{i}"
+        p[f"{h}.ln_1.weight"], p[f"{h}.ln_1.bias"] = torch.empty(d), torch.empty(d)
+        p[f"{h}.attn.c_attn.weight"], p[f"{h}.attn.c_attn.bias"] = torch.empty(3 * d, d), torch.empty(3 * d)
+        p[f"{h}.attn.c_proj.weight"], p[f"{h}.attn.c_proj.bias"] = torch.empty(d, d), torch.empty(d)
+        p[f"{h}.ln_2.weight"], p[f"{h}.ln_2.bias"] = torch.empty(d), torch.empty(d)
+        p[f"{h}.mlp.c_fc.weight"], p[f"{h}.mlp.c_fc.bias"] = torch.empty(4 * d, d), torch.empty(4 * d)
+        p[f"{h}.mlp.c_proj.weight"], p[f"{h}.mlp.c_proj.bias"] = torch.empty(d, 4 * d), torch.empty(d)
+    p["ln_f.weight"], p["ln_f.bias"] = torch.empty(d), torch.empty(d)
+    return p
+
+
+CONFIGS = {
+    "adamw (fp32 moments)": lambda: sf.adamw(),
+    "scao default (int8 curvature, fp32 moments)": lambda: sf.scao(),
+    "scao, fp32 curvature (use_int8_ema=False)": lambda: sf.scao(use_int8_ema=False),
+    "scao, max_precond_dim=1024": lambda: sf.scao(max_precond_dim=1024),
+    "scao, max_precond_dim=1024, k_max=64": lambda: sf.scao(max_precond_dim=1024, k_max=64),
+    "scao, max_precond_dim=1024, int8 Adam moments": lambda: sf.chain(
+        sf.scao_precondition(max_precond_dim=1024),
+        sf.quantize_state(sf.scale_by_adam(), sf.int8_blockwise()),
+        sf.add_decayed_weights(0.01),
+        sf.scale_by_learning_rate(1e-3),
+    ),
+}
+
+
+def main() -> None:
+    params = gpt2_small_params()
+    n = sum(p.numel() for p in params.values())
+    print(f"GPT-2 small shapes: {n / 1e6:.1f}M parameters")
+    print(f"{'optimizer':<52} {'state MB':>9} {'bytes/param':>12}")
+    for name, make in CONFIGS.items():
+        state = make().init(params)
+        rep = sf.memory_report(state, params)
+        print(f"{name:<52} {rep['total_bytes'] / 1e6:9.1f} {rep['bytes_per_param']:12.2f}")
+        del state
+
+
+if __name__ == "__main__":
+    main()
