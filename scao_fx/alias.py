@@ -107,6 +107,7 @@ def scao_precondition(
     tikhonov: float = 1e-4,
     grouped: bool = True,
     rank_eps: float | None = None,
+    sides: str = "both",
 ) -> GradientTransformation:
     r"""SCAO's preconditioner, built from its five named parts.
 
@@ -142,6 +143,7 @@ def scao_precondition(
         blend_shape: ``"linear"`` or ``"cosine"``.
         tikhonov: relative Tikhonov factor, >= 0.
         grouped: stack same-shape leaves (False: per-leaf loop).
+        sides: ``"both"``, or ``"wide"`` (only the longer side of non-square matrices: LoRA).
         rank_eps: alternative name of ``epsilon_sparse``.
 
     Returns:
@@ -170,6 +172,7 @@ def scao_precondition(
             tau=tau,
             tikhonov=tikhonov,
             grouped=grouped,
+            sides=sides,
         ),
         warmup_steps=warmup_steps,
         blend_steps=blend_steps,

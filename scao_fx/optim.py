@@ -660,11 +660,9 @@ def _scao_factory(**hp: Any) -> GradientTransformation:
     if factor_mode not in ("full", "wide"):
         raise ValueError(f"factor_mode must be one of ('full', 'wide'), got {factor_mode!r}")
     if factor_mode == "wide":
-        raise ValueError(
-            "factor_mode='wide' (one-sided factors for LoRA adapters) is not supported yet: "
-            "scao_fx preconditions both sides of every matrix whose side is <= max_precond_dim; "
-            "the rank-r side of a LoRA adapter costs r*r entries, so 'full' is cheap there"
-        )
+        if hp["sides"] not in ("both", "wide"):
+            raise ValueError(f"sides must be one of ('both', 'wide'), got {hp['sides']!r}")
+        hp = {**hp, "sides": "wide"}
     if not enabled:
         return adamw(hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"])
     extras = {k: hp[k] for k in PRECONDITION_EXTRAS}
@@ -715,12 +713,13 @@ class SCAO(TransformOptimizer):
         max_precond_dim: sides longer than this are not preconditioned (one-sided or AdamW).
         use_int8_ema: keep curvature factors in block-wise int8 (False: float32).
         preconditioner_enabled: False runs the group as plain AdamW.
-        factor_mode: ``"full"`` (both sides); ``"wide"`` is rejected (not implemented yet).
+        factor_mode: ``"full"`` (both sides) or ``"wide"`` (only the longer side of non-square
+            matrices, for LoRA adapters: same as ``sides="wide"``).
         **compat: the other keywords of the original ``scao`` package's ``SCAO`` (see
             :data:`COMPAT_KEYWORDS`, :data:`INERT_KEYWORDS`), each accepted at its neutral value
             and rejected with a ``ValueError`` explaining why otherwise; and the extra
             ``scao_precondition`` keywords ``block_size``, ``complement``, ``graft``,
-            ``blend_shape``, ``tikhonov``, ``grouped``.
+            ``blend_shape``, ``tikhonov``, ``grouped``, ``sides``.
 
     Raises:
         TypeError: for an unknown keyword (naming it) or a wrongly typed value.

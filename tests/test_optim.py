@@ -669,7 +669,6 @@ def test_scao_accepts_every_original_keyword_at_neutral_value():
         ("curvature_mode", "sketch"),
         ("curvature_rank", 16),
         ("update_rule", "lion"),
-        ("factor_mode", "wide"),
     ],
 )
 def test_scao_rejects_unsupported_features_with_reason(name, value):
@@ -706,6 +705,8 @@ def test_scao_bad_arguments():
         SCAO(ps, lr=-1.0)
     with pytest.raises(ValueError, match="factor_mode must be one of"):
         SCAO(ps, factor_mode="diag")
+    with pytest.raises(ValueError, match="sides"):
+        SCAO(ps, sides="left")
     with pytest.raises(ValueError, match="lookahead_alpha"):
         SCAO(ps, lookahead_alpha=2.0)
     # per-group values are validated too
@@ -863,3 +864,27 @@ def test_deepcopy_gives_an_independent_optimizer():
     assert all(torch.equal(a, b) for a, b in zip(m3.parameters(), model2.parameters()))
     _run(model, opt, 3, x, y)
     assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+
+
+def test_scao_factor_mode_wide_is_one_sided():
+    torch.manual_seed(0)
+    lora_a = torch.nn.Parameter(0.1 * torch.randn(4, 24))   # (r, d_in): wide side is the right one
+    lora_b = torch.nn.Parameter(0.1 * torch.randn(24, 4))   # (d_out, r): wide side is the left one
+    square = torch.nn.Parameter(0.1 * torch.randn(6, 6))
+    named = [("a", lora_a), ("b", lora_b), ("sq", square)]
+    opts = {mode: SCAO([(n, p.detach().clone().requires_grad_()) for n, p in named], lr=1e-2, factor_mode=mode, **FAST)
+            for mode in ("full", "wide")}
+    for mode, opt in opts.items():
+        ps = opt.param_groups[0]["params"]
+        for _ in range(8):
+            opt.zero_grad()
+            x = torch.randn(16, 24)
+            (x @ ps[1] @ ps[0]).pow(2).mean().add(ps[2].sum() ** 2).backward()
+            opt.step()
+    wide, full = opts["wide"].diagnostics(), opts["full"].diagnostics()
+    assert wide["a"]["sides"] == "right" and wide["a"]["rank_left"] is None and wide["a"]["rank_right"] >= 2
+    assert wide["b"]["sides"] == "left" and wide["b"]["rank_right"] is None
+    assert wide["sq"]["sides"] == "both" and full["a"]["sides"] == "both"
+    # the functional equivalent
+    assert opts["wide"].param_groups[0]["factor_mode"] == "wide"
+    assert SCAO([lora_a], sides="wide").param_groups[0]["sides"] == "wide"

@@ -111,8 +111,10 @@ class _Group:
     indices: tuple[int, ...]
 
 
-def _plan(leaves: Sequence[Any], max_precond_dim: int, grouped: bool) -> list[_Group]:
-    """Group preconditioned leaves by (matrix shape, dtype, device); order of first appearance."""
+def _plan(leaves: Sequence[Any], max_precond_dim: int, grouped: bool, side_mode: str = "both") -> list[_Group]:
+    """Group preconditioned leaves by (matrix shape, dtype, device); order of first appearance.
+
+    ``side_mode="wide"`` keeps only the longer side of a non-square matrix (LoRA adapters)."""
     groups: dict[tuple, list[int]] = {}
     sides: dict[tuple, tuple[int, int, bool, bool]] = {}
     for i, leaf in enumerate(leaves):
@@ -123,6 +125,8 @@ def _plan(leaves: Sequence[Any], max_precond_dim: int, grouped: bool) -> list[_G
             continue
         m, n = mn
         left, right = 1 < m <= max_precond_dim, 1 < n <= max_precond_dim
+        if side_mode == "wide" and m != n:
+            left, right = left and m > n, right and n > m
         if not (left or right):
             continue
         key = (m, n, leaf.dtype, leaf.device) if grouped else (i,)
@@ -174,6 +178,7 @@ def kronecker_precondition(
     tau: float | None = None,
     tikhonov: float = 1e-4,
     grouped: bool = True,
+    sides: str = "both",
 ) -> GradientTransformation:
     r"""Precondition matrix leaves by low-rank-plus-complement Kronecker factors.
 
@@ -193,6 +198,9 @@ def kronecker_precondition(
         tikhonov: relative Tikhonov factor :math:`\epsilon = \mathrm{tikhonov}\cdot\mathrm{tr}(L)/m`, >= 0.
         grouped: stack leaves of equal shape and process them together (False: one group per
             leaf, for comparison).
+        sides: ``"both"`` preconditions every side up to ``max_precond_dim``; ``"wide"`` only
+            the longer side of a non-square matrix (one-sided, for LoRA adapters ``(r, d)`` /
+            ``(d, r)`` whose ``r x r`` side is not worth a factor); square matrices keep both.
 
     Returns:
         A ``GradientTransformation`` with state :class:`KroneckerPreconditionState`. It never
@@ -214,6 +222,7 @@ def kronecker_precondition(
     check_choice("graft", graft, ("frobenius", "none"))
     tau = check_float("tau", tau, low=0.0, low_inclusive=False, allow_none=True)
     tikhonov = check_float("tikhonov", tikhonov, low=0.0)
+    side_mode = check_choice("sides", sides, ("both", "wide"))
 
     def init_side(batch: int, dim: int, device) -> KroneckerSide:
         cap = rank.capacity(dim)
@@ -229,7 +238,7 @@ def kronecker_precondition(
     def init(params):
         leaves, _ = flatten(params)
         groups = []
-        for g in _plan(leaves, max_precond_dim, grouped):
+        for g in _plan(leaves, max_precond_dim, grouped, side_mode):
             dev = leaves[g.indices[0]].device
             b = len(g.indices)
             groups.append(
@@ -274,7 +283,7 @@ def kronecker_precondition(
 
     def update(updates, state, *, params=None, inplace=True):
         leaves, spec = flatten(updates)
-        plan = _plan(leaves, max_precond_dim, grouped)
+        plan = _plan(leaves, max_precond_dim, grouped, side_mode)
         if len(plan) != len(state.groups) or any(
             len(g.indices) != gs.leaves.numel() for g, gs in zip(plan, state.groups)
         ):
