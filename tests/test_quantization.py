@@ -1,0 +1,213 @@
+"""Codecs (fp32, bf16, int8 block-wise) and the quantize_state combinator (8-bit Adam)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import scao_fx as sf
+from treeutil import tensor_leaves
+
+
+# --------------------------------------------------------------------------- codecs
+
+
+def test_fp32_codec_is_exact():
+    x = torch.randn(3, 50)
+    codec = sf.fp32_codec()
+    enc = codec.encode(x)
+    assert torch.equal(codec.decode(enc), x)
+    assert enc.scale.numel() == 0 and codec.bytes_per_entry == 4.0
+
+
+def test_bf16_codec_rounds_to_bfloat16():
+    x = torch.randn(3, 50)
+    codec = sf.bf16_codec()
+    enc = codec.encode(x)
+    assert enc.data.dtype == torch.bfloat16 and codec.bytes_per_entry == 2.0
+    assert torch.equal(codec.decode(enc), x.to(torch.bfloat16).float())
+
+
+@pytest.mark.parametrize("block_size", [8, 64, 256])
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e6])
+def test_int8_nearest_error_within_half_step(block_size, scale):
+    torch.manual_seed(0)
+    x = scale * torch.randn(4, 300)
+    codec = sf.int8_blockwise(block_size, stochastic=False)
+    enc = codec.encode(x)
+    nb = -(-300 // block_size)
+    assert enc.data.dtype == torch.int8 and enc.data.shape == (4, 300)
+    assert enc.scale.shape == (4, nb) and enc.scale.dtype == torch.float32
+    # The per-block scale is absmax / 127 and the error is at most half a step.
+    pad = torch.nn.functional.pad(x, (0, nb * block_size - 300)).reshape(4, nb, block_size)
+    torch.testing.assert_close(enc.scale, pad.abs().amax(-1) / 127, rtol=1e-6, atol=0)
+    step = enc.scale.repeat_interleave(block_size, -1)[:, :300]
+    err = (codec.decode(enc) - x).abs()
+    assert torch.all(err <= 0.5 * step * (1 + 1e-5))
+    assert codec.bytes_per_entry == 1 + 4 / block_size
+
+
+def test_int8_stochastic_rounding_unbiased_and_reproducible():
+    x = torch.full((1, 64), 0.3)
+    x[0, 0] = 127.0  # scale 1: every other entry sits 0.3 of a step above zero
+    codec = sf.int8_blockwise(64)
+    decs = torch.stack([codec.decode(codec.encode(x, seed)) for seed in range(400)])
+    assert set(decs[:, 0, 1:].unique().tolist()) == {0.0, 1.0}
+    assert float(decs[:, 0, 1:].mean()) == pytest.approx(0.3, abs=0.02)
+    a, b = codec.encode(x, 7), codec.encode(x, 7)
+    assert torch.equal(a.data, b.data)
+    assert not torch.equal(codec.encode(x, 8).data, a.data)
+    # nearest rounding would always give 0 here
+    assert torch.equal(sf.int8_blockwise(64, stochastic=False).decode(sf.int8_blockwise(64, stochastic=False).encode(x))[0, 1:],
+                       torch.zeros(63))
+
+
+def test_int8_ema_does_not_freeze_on_tiny_increments():
+    """rho = 0.999 moves an entry by far less than a step per update: stochastic rounding keeps it moving."""
+    codec = sf.int8_blockwise(64)
+    x = torch.zeros(1, 64)
+    x[0, 0] = 127.0
+    enc = codec.encode(x)
+    target = x.clone()
+    target[0, 1:] = 20.0
+    ref = x.clone()
+    for t in range(1, 301):
+        enc = codec.ema(enc, target, 0.999, seed=t)
+        ref = 0.999 * ref + 0.001 * target
+    got = codec.decode(enc)[0, 1:]
+    # the true EMA moved to 20 * (1 - 0.999^300) = 5.2 steps; nearest rounding would stay at 0
+    assert float(got.mean()) == pytest.approx(float(ref[0, 1:].mean()), rel=0.1)
+    frozen = sf.int8_blockwise(64, stochastic=False)
+    enc_n = frozen.encode(x)
+    for t in range(1, 301):
+        enc_n = frozen.ema(enc_n, target, 0.999)
+    assert float(frozen.decode(enc_n)[0, 1:].abs().max()) == 0.0
+
+
+def test_codec_ema_matches_decode_lerp_encode():
+    torch.manual_seed(1)
+    x, u = torch.randn(2, 200), torch.randn(2, 200)
+    for codec in (sf.fp32_codec(), sf.int8_blockwise(64, stochastic=False)):
+        got = codec.decode(codec.ema(codec.encode(x), u, 0.9))
+        ref = codec.decode(codec.encode(0.9 * codec.decode(codec.encode(x)) + 0.1 * u))
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    # bf16 lerps in bf16 (u is rounded to bf16 first): the result's rounding plus u's.
+    codec = sf.bf16_codec()
+    got = codec.decode(codec.ema(codec.encode(x), u, 0.9))
+    exact = 0.9 * codec.decode(codec.encode(x)) + 0.1 * u
+    assert torch.all((got - exact).abs() <= 2.0**-8 * (exact.abs() + 0.1 * u.abs()) * 1.01)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "BUG (reported): the bf16 codec's EMA rounds to nearest in bfloat16, so with rho=0.999 an "
+        "increment (1-rho)(u-x) below half a bf16 ulp (0.4 % relative) is lost and the EMA freezes; "
+        "int8 avoids this with stochastic rounding, bf16 has none."
+    ),
+)
+def test_bf16_ema_does_not_freeze():
+    codec = sf.bf16_codec()
+    enc = codec.encode(torch.ones(1, 64))
+    for t in range(1, 301):
+        enc = codec.ema(enc, torch.full((1, 64), 1.5), 0.999, seed=t)
+    exact = 1.0 + 0.5 * (1 - 0.999**300)  # 1.13
+    assert float(codec.decode(enc).mean()) == pytest.approx(exact, rel=0.02)
+
+
+def test_zeros_and_bad_codec_arguments():
+    z = sf.int8_blockwise(64).zeros((3, 100))
+    assert z.data.dtype == torch.int8 and z.scale.shape == (3, 2)
+    assert torch.equal(sf.int8_blockwise(64).decode(z), torch.zeros(3, 100))
+    with pytest.raises(ValueError, match="block_size"):
+        sf.int8_blockwise(4)
+    with pytest.raises(TypeError, match="block_size"):
+        sf.int8_blockwise(64.0)
+    with pytest.raises(TypeError, match="stochastic"):
+        sf.int8_blockwise(64, stochastic=1)
+
+
+# --------------------------------------------------------------------------- quantize_state
+
+
+def _lsq_run(tx, steps=80, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(128, 64, generator=g)
+    w_true = torch.randn(64, 64, generator=g) * torch.logspace(0, -2, 64)
+    y = x @ w_true
+    params = {"w": torch.zeros(64, 64), "b": torch.zeros(64)}
+    state = tx.init(params)
+
+    def loss(p):
+        return ((x @ p["w"] + p["b"] - y) ** 2).mean()
+
+    states = []
+    for _ in range(steps):
+        grads = torch.func.grad(loss)(params)
+        updates, state = tx.update(grads, state, params=params)
+        params = sf.apply_updates(params, updates)
+        states.append(state)
+    return float(loss(params)), params, states
+
+
+def test_quantize_state_structure_and_dtypes_stable():
+    tx = sf.chain(sf.quantize_state(sf.scale_by_adam(), sf.int8_blockwise(64)), sf.scale_by_learning_rate(1e-3))
+    _, _, states = _lsq_run(tx, steps=5)
+    inner = states[0][0].inner_state
+    # the 64x64 moments (4096 entries >= min_size) are int8 codes; the bias moments stay float32
+    assert isinstance(inner.mu["w"], sf.EncodedTensor) and inner.mu["w"].data.dtype == torch.int8
+    assert isinstance(inner.nu["w"], sf.EncodedTensor) and inner.mu["w"].data.shape == (64, 64)
+    assert inner.mu["w"].scale.shape == (64,)  # 4096 / 64 blocks over the flattened tensor
+    assert inner.mu["b"].dtype == torch.float32
+    sig = [(t.dtype, t.shape) for t in tensor_leaves(states[0])]
+    for s in states[1:]:
+        assert [(t.dtype, t.shape) for t in tensor_leaves(s)] == sig
+    assert [int(s[0].count) for s in states] == [1, 2, 3, 4, 5]
+
+
+def test_quantize_state_fp32_codec_is_transparent():
+    base = sf.chain(sf.scale_by_adam(), sf.scale_by_learning_rate(1e-2))
+    wrapped = sf.chain(sf.quantize_state(sf.scale_by_adam(), sf.fp32_codec()), sf.scale_by_learning_rate(1e-2))
+    l0, p0, _ = _lsq_run(base, steps=20)
+    l1, p1, _ = _lsq_run(wrapped, steps=20)
+    assert torch.equal(p0["w"], p1["w"]) and torch.equal(p0["b"], p1["b"])
+
+
+def test_quantize_state_bf16_adam_close_to_fp32():
+    lr = 1e-2
+    l32, p32, _ = _lsq_run(sf.chain(sf.scale_by_adam(), sf.scale_by_learning_rate(lr)))
+    l16, p16, _ = _lsq_run(sf.chain(sf.quantize_state(sf.scale_by_adam(), sf.bf16_codec()), sf.scale_by_learning_rate(lr)))
+    assert l16 < 1.05 * l32  # measured: 0.638 vs 0.639
+    assert float((p16["w"] - p32["w"]).norm() / p32["w"].norm()) < 0.02  # measured 0.0023
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "BUG (reported): linear block-wise int8 on Adam's second moment rounds small v entries to 0 "
+        "while m stays non-zero, so m / (sqrt(v) + eps) explodes: the loss diverges to ~1e5-1e7 at "
+        "lr 1e-3..3e-2 for block sizes 8 and 64, nearest or stochastic rounding (bf16 storage is fine). "
+        "8-bit Adam needs a non-linear (dynamic-exponent / companded) code for v."
+    ),
+)
+def test_quantize_state_int8_adam_close_to_fp32():
+    lr = 1e-2
+    l32, p32, _ = _lsq_run(sf.chain(sf.scale_by_adam(), sf.scale_by_learning_rate(lr)))
+    l8, p8, _ = _lsq_run(
+        sf.chain(sf.quantize_state(sf.scale_by_adam(), sf.int8_blockwise()), sf.scale_by_learning_rate(lr))
+    )
+    assert l8 < 1.5 * l32
+    assert float((p8["w"] - p32["w"]).norm() / p32["w"].norm()) < 0.1
+
+
+def test_quantize_state_min_size_and_arguments():
+    tx = sf.quantize_state(sf.scale_by_adam(), sf.int8_blockwise(), min_size=10)
+    state = tx.init({"a": torch.zeros(3, 4), "b": torch.zeros(9)})
+    assert isinstance(state.inner_state.mu["a"], sf.EncodedTensor)
+    assert isinstance(state.inner_state.mu["b"], torch.Tensor) and state.inner_state.mu["b"].dtype == torch.float32
+    with pytest.raises(TypeError, match="codec"):
+        sf.quantize_state(sf.scale_by_adam(), "int8")
+    with pytest.raises(TypeError, match="inner"):
+        sf.quantize_state(lambda g: g, sf.int8_blockwise())
+    with pytest.raises(ValueError, match="min_size"):
+        sf.quantize_state(sf.scale_by_adam(), sf.int8_blockwise(), min_size=0)
