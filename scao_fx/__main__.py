@@ -1,22 +1,63 @@
-"""Command-line entry point: ``scao-fx`` / ``python -m scao_fx``."""
+"""Command-line entry point: ``scao-fx`` / ``python -m scao_fx``.
+
+Sub-commands:
+
+* ``bench``: the side-by-side optimizer benchmark on real text (see docs/benchmarks.md);
+* ``bench-kernels``: micro-benchmarks of the fused kernels (``scao_fx.kernels.bench``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 __all__ = ["main"]
 
 
+def _bench_kernels(argv: list[str]) -> int:
+    try:
+        module = importlib.import_module("scao_fx.kernels.bench")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("scao_fx.kernels.bench", "scao_fx.kernels"):
+            raise
+        print("scao-fx bench-kernels: the kernel benchmark (scao_fx.kernels.bench) is not part of this "
+              "installation yet", file=sys.stderr)
+        return 2
+    entry = getattr(module, "main", None)
+    if entry is None:
+        print("scao-fx bench-kernels: scao_fx.kernels.bench has no main(argv)", file=sys.stderr)
+        return 2
+    rc = entry(argv)
+    return int(rc or 0)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Parse the command line and run the chosen sub-command."""
+    """Parse the command line and run the chosen sub-command; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="scao-fx", description="scao-fx command-line tools")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    args = parser.parse_args(argv)
-    from . import __version__
+    sub = parser.add_subparsers(dest="command", metavar="{bench,bench-kernels}")
+    from .bench import cli as bench_cli
 
-    print(f"scao-fx {__version__}")
-    return 0
+    bench = sub.add_parser(
+        "bench", help="train a small GPT on standard-library text with each optimizer and compare them",
+        description="Side-by-side optimizer benchmark: validation loss, speed, memory (see docs/benchmarks.md).",
+    )
+    bench_cli.add_arguments(bench)
+    sub.add_parser("bench-kernels", help="micro-benchmark the fused kernels (arguments are passed through)",
+                   add_help=False)
+    if argv and argv[0] == "bench-kernels":  # pass everything after it through untouched
+        return _bench_kernels(argv[1:])
+    args = parser.parse_args(argv)
+    if args.version or args.command is None:
+        from . import __version__
+
+        print(f"scao-fx {__version__}")
+        if args.command is None and not args.version:
+            parser.print_help()
+        return 0
+    return bench_cli.run_from_args(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,192 @@
+"""``scao-fx bench``: the command-line front end of the benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from . import optimizers as optreg
+from .corpus import DEFAULT_CORPUS_BYTES
+from .model import PRESETS
+
+__all__ = ["add_arguments", "config_from_args", "main", "QUICK"]
+
+#: What ``--quick`` changes (the CI smoke run: under a minute on 2 CPU cores).
+QUICK = dict(preset="tiny", steps=40, eval_every=10, eval_batches=2, corpus_chars=200_000, sweep_steps=20)
+#: SCAO options under ``--quick`` (unless --scao-opt is given): short warmup and ramp, so the
+#: smoke run exercises the preconditioned phase, not only SCAO's Adam warmup.
+QUICK_SCAO = dict(warmup_steps=10, blend_steps=10, precond_freq=5, min_precond_updates=2)
+
+
+def _value(text: str):
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low == "none":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def _scao_options(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--scao-opt expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = _value(value)
+    return out
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _lr_overrides(items: list[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for item in items:
+        if "=" not in item:
+            raise argparse.ArgumentTypeError(f"--lr expects NAME=VALUE, got {item!r}")
+        name, value = item.split("=", 1)
+        out[name.strip()] = float(value)
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the ``bench`` options to ``p``."""
+    names = ", ".join(optreg.REGISTRY)
+    p.add_argument("--optimizers", "-O", default=",".join(optreg.DEFAULT_OPTIMIZERS),
+                   help=f"comma-separated optimizers (unavailable ones are reported and skipped); registered: {names}")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default 500; --quick 40)")
+    p.add_argument("--eval-every", type=int, default=None, help="evaluate every K steps (default 50)")
+    p.add_argument("--eval-batches", type=int, default=None, help="validation batches per evaluation (default 8)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="model size: tiny (--quick), small (default: 4 layers, d=128, 4 heads, ctx 128, batch 16), "
+                        "medium / large (for a GPU)")
+    p.add_argument("--batch-size", type=int, default=None, help="override the preset's batch size")
+    p.add_argument("--block-size", type=int, default=None, help="override the preset's context length")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--data", default=None, metavar="PATH", help="train on this text file instead of the stdlib corpus")
+    p.add_argument("--corpus-chars", type=int, default=None, help=f"corpus size cap in characters (default {DEFAULT_CORPUS_BYTES:,})")
+    p.add_argument("--tokenizer", choices=("char", "byte"), default="char")
+    p.add_argument("--seeds", type=int, default=1, help="number of paired seeds (same init and data order per seed)")
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--lr", action="append", default=[], metavar="NAME=VALUE", help="fix an optimizer's learning rate (repeatable)")
+    p.add_argument("--lr-sweep", action="store_true",
+                   help="pick each optimizer's learning rate from default_lr x --lr-grid by final validation loss (first seed)")
+    p.add_argument("--lr-grid", type=_float_list, default=optreg.LR_GRID,
+                   help="multipliers of the default learning rate for --lr-sweep (default %(default)s)")
+    p.add_argument("--sweep-steps", type=int, default=None, help="steps per sweep run (default: --steps)")
+    p.add_argument("--ablate", action="store_true", help="also run SCAO with each link removed in turn (at SCAO's lr)")
+    p.add_argument("--interleave", action="store_true",
+                   help="run a seed's optimizers step by step in round robin (timing ratios robust to background load; "
+                        "peak memory is then shared)")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--scao-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra keyword argument of scao_fx.scao for 'scao' and the ablations (repeatable), "
+                        "e.g. --scao-opt warmup_steps=50 --scao-opt use_int8_ema=false")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--out", default="bench-out", help="output directory (default ./bench-out)")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run (< 1 minute on 2 CPU cores)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--list", action="store_true", help="list the registered optimizers and whether they run here, then exit")
+
+
+def config_from_args(args: argparse.Namespace):
+    from .runner import BenchConfig
+
+    base = dict(QUICK) if args.quick else {}
+    def pick(name, default):
+        value = getattr(args, name)
+        return value if value is not None else base.get(name, default)
+
+    names = tuple(n.strip() for n in args.optimizers.split(",") if n.strip())
+    for n in names:
+        optreg.get(n)  # KeyError with the registered names for a typo
+    return BenchConfig(
+        preset=pick("preset", "small"),
+        steps=pick("steps", 500),
+        eval_every=pick("eval_every", 50),
+        eval_batches=pick("eval_batches", 8),
+        batch_size=args.batch_size,
+        block_size=args.block_size,
+        device=args.device,
+        data=args.data,
+        corpus_chars=pick("corpus_chars", DEFAULT_CORPUS_BYTES),
+        tokenizer=args.tokenizer,
+        seeds=args.seeds,
+        seed=args.seed,
+        optimizers=names,
+        lrs=_lr_overrides(args.lr),
+        weight_decay=args.weight_decay,
+        scao_options=_scao_options(args.scao_opt) if args.scao_opt else (dict(QUICK_SCAO) if args.quick else {}),
+        lr_sweep=args.lr_sweep,
+        lr_grid=tuple(args.lr_grid),
+        sweep_steps=pick("sweep_steps", None),
+        ablate=args.ablate,
+        interleave=args.interleave,
+        threads=args.threads,
+        progress=not args.no_progress,
+        quick=args.quick,
+    )
+
+
+def _list(device: str) -> int:
+    for name, reason in optreg.available(device).items():
+        spec = optreg.get(name)
+        state = "runs here" if reason is None else f"skipped: {reason}"
+        print(f"{name:22s} {spec.kind:9s} lr {spec.default_lr:<8.3g} {state}\n{'':22s} {spec.description}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``scao-fx bench``; returns the process exit code."""
+    parser = argparse.ArgumentParser(prog="scao-fx bench", description=__doc__)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return run_from_args(args)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    if args.list:
+        return _list(args.device)
+    try:
+        cfg = config_from_args(args)
+    except (KeyError, ValueError) as exc:
+        print(f"scao-fx bench: error: {exc}", file=sys.stderr)
+        return 2
+    from .report import summary_table, write_results
+    from .runner import BASELINE, run_benchmark
+
+    t0 = time.perf_counter()
+    results = run_benchmark(cfg, log=lambda msg: print(msg, flush=True))
+    if not results["runs"]:
+        print("scao-fx bench: no optimizer could run", file=sys.stderr)
+        return 1
+    print()
+    print(summary_table(results))
+    print(f"ratios vs {BASELINE} of the same seed; 'steps/time to target' = to reach {BASELINE}'s final validation "
+          f"loss, relative to {BASELINE}'s own (k/n seeds reached); Δ = paired difference of final validation loss")
+    if results["skipped"]:
+        print("skipped: " + "; ".join(f"{k} ({v})" for k, v in results["skipped"].items()))
+    paths = write_results(results, args.out)
+    if not args.no_plots:
+        from .plots import plot_results
+
+        paths.update(plot_results(results, args.out))
+    print(f"wrote {', '.join(sorted(paths))} to {args.out} ({time.perf_counter() - t0:.0f} s)")
+    failed = [r for r in results["runs"] if r["status"] == "error" and r["kind"] in ("baseline", "ours")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""PNG plots of a benchmark run (matplotlib, Agg backend: no display needed).
+
+* ``val_loss_vs_step.png``: validation loss against training step, one colour per optimizer
+  (mean over seeds in bold, individual seeds faint), AdamW's final loss as a dashed line;
+* ``val_loss_vs_time.png``: the same against training wall-clock seconds;
+* ``memory.png``: optimizer-state bytes per parameter and peak memory, one bar per optimizer;
+* ``lr_sweep.png`` (after ``--lr-sweep``): final validation loss against learning rate.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+__all__ = ["plot_results"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colors(names: list[str]) -> dict[str, str]:
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+               "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39"]
+    fixed = {"adamw": "#000000", "scao": "#d62728"}
+    out, k = {}, 0
+    for name in names:
+        if name in fixed:
+            out[name] = fixed[name]
+        else:
+            while palette[k % len(palette)] in fixed.values():
+                k += 1
+            out[name] = palette[k % len(palette)]
+            k += 1
+    return out
+
+
+def _mean_curve(curves: list[list[dict]], key: str) -> tuple[list[float], list[float]]:
+    """Mean (over seeds) of ``val_loss`` at each evaluation step, x = mean of ``key``."""
+    n = min(len(c) for c in curves)
+    xs, ys = [], []
+    for i in range(n):
+        vals = [c[i]["val_loss"] for c in curves]
+        if not all(v is not None and math.isfinite(v) for v in vals):
+            break
+        xs.append(sum(c[i][key] for c in curves) / len(curves))
+        ys.append(sum(vals) / len(vals))
+    return xs, ys
+
+
+def _loss_plot(results: dict, key: str, xlabel: str, path: Path) -> None:
+    plt = _pyplot()
+    runs = [r for r in results["runs"] if r["curve"]]
+    names = list(dict.fromkeys(r["name"] for r in runs))
+    colors = _colors(names)
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    all_vals = []
+    for name in names:
+        mine = [r for r in runs if r["name"] == name]
+        for r in mine if len(mine) > 1 else []:
+            xs = [p[key] for p in r["curve"]]
+            ys = [p["val_loss"] for p in r["curve"]]
+            ax.plot(xs, ys, color=colors[name], alpha=0.25, linewidth=0.8)
+        xs, ys = _mean_curve([r["curve"] for r in mine], key)
+        lr = mine[0]["lr"]
+        style = "--" if mine[0]["kind"] == "ablation" else "-"
+        ax.plot(xs, ys, style, color=colors[name], linewidth=2.0 if name in ("adamw", "scao") else 1.4,
+                label=f"{name} (lr {lr:.3g})", marker="o", markersize=2.5)
+        all_vals.extend(ys)
+    target = [r["final_val"] for r in runs if r["name"] == "adamw" and r["final_val"] is not None]
+    if target:
+        t = sum(target) / len(target)
+        ax.axhline(t, color="#000000", linestyle=":", linewidth=1.0, label=f"AdamW final ({t:.3f})")
+    finite = sorted(v for v in all_vals if v is not None and math.isfinite(v))
+    if finite:
+        # zoom on the interesting part: the initial loss (log vocab) dwarfs the differences
+        lo = finite[0]
+        hi = finite[min(len(finite) - 1, int(0.9 * len(finite)))]
+        pad = 0.05 * max(hi - lo, 1e-3)
+        ax.set_ylim(lo - pad, hi + pad)
+    seeds = max((r["seed"] for r in runs), default=0) - min((r["seed"] for r in runs), default=0) + 1
+    cfg = results["config"]
+    ax.set_title(f"{cfg['preset']} GPT, {cfg['steps']} steps, {seeds} seed(s): validation loss vs {xlabel.split(' ')[0].lower()}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _memory_plot(results: dict, path: Path) -> None:
+    plt = _pyplot()
+    rows = [r for r in results["summary"] if r.get("bytes_per_param") is not None or r.get("peak_mem_mb")]
+    names = [r["name"] for r in rows]
+    colors = _colors(names)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=110)
+    bpp = [r.get("bytes_per_param") or 0.0 for r in rows]
+    bars = ax1.barh(names, bpp, color=[colors[n] for n in names])
+    ax1.bar_label(bars, labels=[f"{v:.2f}" for v in bpp], fontsize=8, padding=2)
+    ax1.axvline(8.0, color="#000000", linestyle=":", linewidth=1.0, label="AdamW fp32 = 8")
+    ax1.set_xlabel("optimizer state, bytes per parameter")
+    ax1.invert_yaxis()
+    ax1.legend(fontsize=8, loc="lower right")
+    ax1.set_xlim(0, max(bpp + [8.0]) * 1.18)
+    kind = rows[0].get("mem_kind", "rss") if rows else "rss"
+    if kind == "interleaved":
+        ax2.text(0.5, 0.5, "peak memory not measured per optimizer\n(--interleave: all runs share the process)",
+                 ha="center", va="center", transform=ax2.transAxes, fontsize=9)
+        ax2.set_axis_off()
+    else:
+        mem = [r.get("peak_mem_delta_mb") or 0.0 for r in rows]
+        total = [r.get("peak_mem_mb") or 0.0 for r in rows]
+        bars = ax2.barh(names, mem, color=[colors[n] for n in names])
+        ax2.bar_label(bars, labels=[f"{v:,.1f} (total {t:,.0f})" for v, t in zip(mem, total)], fontsize=8, padding=2)
+        what = "CUDA memory allocated" if kind == "cuda" else "process RSS"
+        ax2.set_xlabel(f"peak {what} above the level before the optimizer existed, MB")
+        ax2.invert_yaxis()
+        ax2.set_xlim(0, max(mem + [1.0]) * 1.45)
+        ax2.set_title("peak memory of the training run")
+    ax1.set_title("optimizer state")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _sweep_plot(results: dict, path: Path) -> None:
+    plt = _pyplot()
+    sweep = results["sweep"]
+    names = list(dict.fromkeys(r["name"] for r in sweep))
+    colors = _colors(names)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for name in names:
+        pts = sorted((r["lr"], r["final_val"]) for r in sweep if r["name"] == name)
+        xs = [p[0] for p in pts if p[1] is not None and math.isfinite(p[1])]
+        ys = [p[1] for p in pts if p[1] is not None and math.isfinite(p[1])]
+        ax.plot(xs, ys, "-o", color=colors[name], label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("final validation loss")
+    ax.set_title("learning-rate sweep (diverged runs omitted)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_results(results: dict, out_dir: str | Path) -> dict[str, Path]:
+    """Write the PNG plots of ``results`` into ``out_dir``; returns ``{name: path}``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "val_loss_vs_step.png": out / "val_loss_vs_step.png",
+        "val_loss_vs_time.png": out / "val_loss_vs_time.png",
+        "memory.png": out / "memory.png",
+    }
+    _loss_plot(results, "step", "training step", paths["val_loss_vs_step.png"])
+    _loss_plot(results, "seconds", "training wall-clock seconds (evaluation excluded)", paths["val_loss_vs_time.png"])
+    _memory_plot(results, paths["memory.png"])
+    if results.get("sweep"):
+        paths["lr_sweep.png"] = out / "lr_sweep.png"
+        _sweep_plot(results, paths["lr_sweep.png"])
+    return paths

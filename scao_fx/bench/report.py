@@ -1,0 +1,138 @@
+"""Write benchmark results: JSON, CSV files and a plain-text / Markdown summary table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+__all__ = ["write_results", "summary_table", "SUMMARY_COLUMNS"]
+
+#: (key in a summary row, column title, format)
+SUMMARY_COLUMNS: list[tuple[str, str, str]] = [
+    ("name", "optimizer", "{}"),
+    ("lr", "lr", "{:.3g}"),
+    ("final_val", "val loss", "{:.4f}"),
+    ("val_diff_mean", "Δ vs adamw", "{:+.4f}"),
+    ("val_diff_std", "± (paired std)", "{:.4f}"),
+    ("steps_ratio", "steps to target", "{:.2f}"),
+    ("seconds_ratio", "time to target", "{:.2f}"),
+    ("step_time_ratio_mean", "step time (mean)", "{:.2f}x"),
+    ("step_time_ratio_median", "step time (median)", "{:.2f}x"),
+    ("opt_ms_median", "opt step ms (median)", "{:.1f}"),
+    ("tokens_per_s", "tokens/s", "{:,.0f}"),
+    ("bytes_per_param", "state B/param", "{:.2f}"),
+    ("peak_mem_mb", "peak mem MB", "{:,.0f}"),
+    ("peak_mem_delta_mb", "peak Δ MB", "{:,.1f}"),
+]
+
+
+def _fmt(value, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    try:
+        return fmt.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def summary_table(results: dict, markdown: bool = False) -> str:
+    """The per-optimizer summary as an aligned text table (or a Markdown table).
+
+    Ratios are against AdamW of the same seed; "steps/time to target" = steps (seconds) to reach
+    AdamW's final validation loss divided by AdamW's own, "-" where never reached (the
+    ``reached`` count is appended as ``k/n``).
+    """
+    rows = []
+    for row in results["summary"]:
+        cells = []
+        for key, _, fmt in SUMMARY_COLUMNS:
+            text = _fmt(row.get(key), fmt)
+            if key == "steps_ratio":
+                text = f"{text} ({row['reached']}/{row['seeds']})"
+            if key == "name" and row.get("status") not in (None, "ok"):
+                text = f"{text} [{row['status']}]"
+            cells.append(text)
+        rows.append(cells)
+    headers = [title for _, title, _ in SUMMARY_COLUMNS]
+    if markdown:
+        lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(out)
+
+
+def _write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
+
+
+def _json_safe(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def write_results(results: dict, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``results.json``, ``curves.csv``, ``runs.csv``, ``summary.csv``, ``summary.md``
+    (and ``sweep.csv`` after an LR sweep) into ``out_dir``; returns ``{name: path}``.
+
+    Non-finite floats are written as JSON ``null`` / empty CSV cells.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+
+    paths["results.json"] = out / "results.json"
+    paths["results.json"].write_text(json.dumps(_json_safe(results), indent=1) + "\n", encoding="utf-8")
+
+    curve_rows = []
+    for run in results["runs"]:
+        for point in run["curve"]:
+            curve_rows.append(dict(optimizer=run["name"], lr=run["lr"], seed=run["seed"], **point))
+    paths["curves.csv"] = out / "curves.csv"
+    _write_csv(paths["curves.csv"], curve_rows, ["optimizer", "lr", "seed", "step", "tokens", "seconds", "val_loss", "train_loss"])
+
+    run_fields = [
+        "name", "kind", "lr", "seed", "status", "error", "steps_done", "final_val", "best_val", "val_diff", "target",
+        "steps_to_target", "seconds_to_target", "steps_ratio", "seconds_ratio", "step_time_ratio_mean",
+        "step_time_ratio_median", "step_time_mean", "step_time_median", "opt_time_mean", "opt_time_median",
+        "tokens_per_s", "state_bytes", "n_params", "bytes_per_param", "peak_mem_bytes", "mem_kind",
+    ]
+    run_rows = []
+    for run in results["runs"]:
+        row = dict(run)
+        for key in ("step_time", "opt_time"):
+            row[f"{key}_mean"] = run[key].get("mean")
+            row[f"{key}_median"] = run[key].get("median")
+        run_rows.append(_json_safe(row))
+    paths["runs.csv"] = out / "runs.csv"
+    _write_csv(paths["runs.csv"], run_rows, run_fields)
+
+    summary_fields = list(results["summary"][0].keys()) if results["summary"] else ["name"]
+    paths["summary.csv"] = out / "summary.csv"
+    _write_csv(paths["summary.csv"], [_json_safe(r) for r in results["summary"]], summary_fields)
+
+    paths["summary.md"] = out / "summary.md"
+    paths["summary.md"].write_text(summary_table(results, markdown=True) + "\n", encoding="utf-8")
+
+    if results.get("sweep"):
+        sweep_rows = []
+        for run in results["sweep"]:
+            for point in run["curve"]:
+                sweep_rows.append(dict(optimizer=run["name"], lr=run["lr"], seed=run["seed"], status=run["status"], **point))
+        paths["sweep.csv"] = out / "sweep.csv"
+        _write_csv(paths["sweep.csv"], _json_safe(sweep_rows),
+                   ["optimizer", "lr", "seed", "status", "step", "tokens", "seconds", "val_loss", "train_loss"])
+    return paths

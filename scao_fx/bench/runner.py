@@ -1,0 +1,579 @@
+"""Train the benchmark GPT with each optimizer and measure it.
+
+The unit of work is a :class:`Trainer`: one optimizer, one learning rate, one seed. For a
+given seed every trainer starts from the same weights and sees the same batches (paired
+comparison); validation always uses the same fixed set of held-out windows.
+
+Measured per run (see :class:`RunResult`): the validation-loss curve (at step 0, every
+``eval_every`` steps and at the end), the training loss at those points, the wall-clock time of
+every training step (forward + backward + optimizer step, batch sampling and evaluation
+excluded) and of the optimizer step alone, tokens per second, optimizer-state bytes (after the
+last step) and peak memory (CUDA max-allocated, or the process's peak RSS).
+
+:func:`summarize` then derives, per seed, the ratios against AdamW of the same run (training-step
+time, steps and seconds to reach AdamW's final validation loss) and, per optimizer, the paired
+differences across seeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import optimizers as optreg
+from .corpus import DEFAULT_CORPUS_BYTES, BatchStream, Corpus, build_corpus, sample_batch
+from .metrics import PeakMemory, paired_differences, summarize_times, time_to_target
+from .model import GPT, GPTConfig, preset
+
+__all__ = ["BenchConfig", "Trainer", "RunResult", "run_benchmark", "summarize", "environment", "BASELINE"]
+
+#: The reference optimizer every ratio is taken against.
+BASELINE = "adamw"
+#: Slack (nats) when testing whether a run reached the baseline's final validation loss: runs
+#: equal to the baseline up to float rounding (e.g. another AdamW implementation) count as reaching it.
+TARGET_TOL = 1e-4
+#: Seed of the fixed validation windows (the same for every run).
+EVAL_SEED = 1_000_003
+
+
+@dataclass
+class BenchConfig:
+    """Everything a benchmark run depends on (recorded in ``results.json``)."""
+
+    preset: str = "small"
+    steps: int = 500
+    eval_every: int = 50
+    eval_batches: int = 8
+    batch_size: int | None = None
+    block_size: int | None = None
+    device: str = "cpu"
+    data: str | None = None
+    corpus_chars: int = DEFAULT_CORPUS_BYTES
+    tokenizer: str = "char"
+    seeds: int = 1
+    seed: int = 0
+    optimizers: tuple[str, ...] = optreg.DEFAULT_OPTIMIZERS
+    lrs: dict[str, float] = field(default_factory=dict)
+    weight_decay: float = 0.01
+    scao_options: dict[str, Any] = field(default_factory=dict)
+    lr_sweep: bool = False
+    lr_grid: tuple[float, ...] = optreg.LR_GRID
+    sweep_steps: int | None = None
+    ablate: bool = False
+    interleave: bool = False
+    threads: int | None = None
+    progress: bool = True
+    quick: bool = False
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.eval_every < 1:
+            raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
+        if self.eval_batches < 1:
+            raise ValueError(f"eval_batches must be >= 1, got {self.eval_batches}")
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be >= 1, got {self.seeds}")
+        if not self.lr_grid or any(not (m > 0 and math.isfinite(m)) for m in self.lr_grid):
+            raise ValueError(f"lr_grid must be positive finite multipliers, got {self.lr_grid}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["optimizers"] = list(self.optimizers)
+        d["lr_grid"] = list(self.lr_grid)
+        return d
+
+
+@dataclass
+class RunResult:
+    """The measurements of one (optimizer, learning rate, seed) run."""
+
+    name: str
+    kind: str
+    lr: float
+    seed: int
+    status: str = "ok"  # ok | diverged | error
+    error: str | None = None
+    steps_done: int = 0
+    curve: list[dict] = field(default_factory=list)  # step, tokens, seconds, val_loss, train_loss
+    final_val: float = math.nan
+    best_val: float = math.nan
+    step_time: dict = field(default_factory=dict)  # mean / median / total seconds
+    opt_time: dict = field(default_factory=dict)
+    tokens_per_s: float = math.nan
+    state_bytes: int | None = None
+    n_params: int = 0
+    bytes_per_param: float | None = None
+    peak_mem_bytes: int | None = None
+    peak_mem_delta_bytes: int | None = None  # peak minus the level before the optimizer existed
+    mem_kind: str = "rss"
+    # filled by summarize(): comparisons with the baseline of the same seed
+    target: float | None = None
+    steps_to_target: float | None = None
+    seconds_to_target: float | None = None
+    steps_ratio: float | None = None
+    seconds_ratio: float | None = None
+    step_time_ratio_mean: float | None = None
+    step_time_ratio_median: float | None = None
+    val_diff: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Trainer:
+    """One optimizer training one freshly initialised model on one seed's batch stream."""
+
+    def __init__(
+        self,
+        spec: optreg.OptimizerSpec,
+        lr: float,
+        seed: int,
+        corpus: Corpus,
+        model_cfg: GPTConfig,
+        cfg: BenchConfig,
+        val_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> None:
+        self.spec = spec
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.val_batches = val_batches
+        self.tokens_per_step = model_cfg.batch_size * model_cfg.block_size
+        self.result = RunResult(name=spec.name, kind=spec.kind, lr=float(lr), seed=int(seed))
+        self.memory = PeakMemory(self.device)
+        torch.manual_seed(seed)  # for optimizers that draw from the global RNG (stochastic rounding)
+        self.model = GPT(model_cfg, seed=seed).to(self.device)
+        self.result.n_params = self.model.num_params()
+        self.stream = BatchStream(corpus.train, model_cfg.batch_size, model_cfg.block_size, seed, self.device)
+        self.memory.start()
+        self.optimizer = spec.make(self.model.parameters(), lr, cfg.weight_decay, cfg.scao_options)
+        self.step = 0
+        self.elapsed = 0.0
+        self._step_times: list[float] = []
+        self._opt_times: list[float] = []
+        self._last_loss: torch.Tensor | None = None
+        self.done = False
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        was_training = self.model.training
+        self.model.eval()
+        total = 0.0
+        for x, y in self.val_batches:
+            _, loss = self.model(x, y)
+            total += float(loss)
+        self.model.train(was_training)
+        return total / len(self.val_batches)
+
+    def record(self) -> None:
+        val = self.evaluate()
+        train = float(self._last_loss) if self._last_loss is not None else math.nan
+        self.result.curve.append(
+            dict(step=self.step, tokens=self.step * self.tokens_per_step, seconds=self.elapsed, val_loss=val, train_loss=train)
+        )
+        if not math.isfinite(val) or (self._last_loss is not None and not math.isfinite(train)):
+            self.result.status = "diverged"
+            self.done = True
+
+    def train_step(self) -> None:
+        x, y = next(self.stream)
+        _sync(self.device)
+        t0 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        _, loss = self.model(x, y)
+        loss.backward()
+        _sync(self.device)
+        t1 = time.perf_counter()
+        self.optimizer.step()
+        _sync(self.device)
+        t2 = time.perf_counter()
+        self._step_times.append(t2 - t0)
+        self._opt_times.append(t2 - t1)
+        self.elapsed += t2 - t0
+        self._last_loss = loss.detach()
+        self.step += 1
+        self.memory.sample()
+        if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
+            self.record()
+        if self.step >= self.cfg.steps:
+            self.done = True
+
+    def fail(self, exc: BaseException) -> None:
+        self.result.status = "error"
+        self.result.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        self.done = True
+
+    def finish(self) -> RunResult:
+        r = self.result
+        r.steps_done = self.step
+        self.memory.stop()
+        r.peak_mem_bytes = self.memory.peak
+        if self.memory.peak is not None and self.memory.baseline is not None:
+            r.peak_mem_delta_bytes = self.memory.peak - self.memory.baseline
+        r.mem_kind = self.memory.kind
+        r.step_time = summarize_times(self._step_times)
+        r.opt_time = summarize_times(self._opt_times)
+        if self._step_times:
+            r.tokens_per_s = self.step * self.tokens_per_step / r.step_time["total"]
+        try:
+            r.state_bytes = int(optreg.state_bytes(self.optimizer)) if r.status != "error" or self.step else None
+        except Exception:  # a report, never a failure
+            r.state_bytes = None
+        if r.state_bytes is not None and r.n_params:
+            r.bytes_per_param = r.state_bytes / r.n_params
+        vals = [p["val_loss"] for p in r.curve if math.isfinite(p["val_loss"])]
+        if r.curve:
+            r.final_val = r.curve[-1]["val_loss"]
+        if vals:
+            r.best_val = min(vals)
+        # free the model and optimizer before the next run
+        self.model = None  # type: ignore[assignment]
+        self.optimizer = None
+        return r
+
+
+class _Progress:
+    def __init__(self, enabled: bool, total: int, desc: str, position: int | None = None) -> None:
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, desc=desc, unit="step", leave=True, dynamic_ncols=True, file=sys.stderr,
+                                position=position)
+            except ImportError:
+                self.bar = None
+
+    def update(self, n: int = 1, **postfix) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _start(trainer: Trainer) -> None:
+    try:
+        trainer.record()  # step 0: identical for every optimizer of a seed
+    except Exception as exc:  # noqa: BLE001 - a failing optimizer is reported, not fatal
+        trainer.fail(exc)
+
+
+def _advance(trainer: Trainer) -> None:
+    try:
+        trainer.train_step()
+    except Exception as exc:  # noqa: BLE001
+        trainer.fail(exc)
+
+
+def _postfix(trainer: Trainer) -> dict:
+    last = trainer.result.curve[-1] if trainer.result.curve else None
+    return {"val": f"{last['val_loss']:.3f}"} if last else {}
+
+
+def _run_trainers(make: list, cfg: BenchConfig, log) -> list[RunResult]:
+    """Run the trainers built by ``make`` (zero-arg callables) sequentially or interleaved."""
+    results: list[RunResult] = []
+    if not cfg.interleave:
+        for label, build in make:
+            try:
+                trainer = build()
+            except Exception as exc:  # noqa: BLE001
+                log(f"  {label}: failed to start: {type(exc).__name__}: {exc}")
+                continue
+            bar = _Progress(cfg.progress, cfg.steps, label)
+            _start(trainer)
+            while not trainer.done:
+                _advance(trainer)
+                bar.update(1, **_postfix(trainer))
+            bar.close()
+            res = trainer.finish()
+            if res.status != "ok":
+                log(f"  {label}: {res.status}" + (f" ({res.error})" if res.error else f" at step {res.steps_done}"))
+            results.append(res)
+        return results
+    trainers: list[Trainer] = []
+    for label, build in make:
+        try:
+            trainers.append(build())
+        except Exception as exc:  # noqa: BLE001
+            log(f"  {label}: failed to start: {type(exc).__name__}: {exc}")
+    bars = [_Progress(cfg.progress, cfg.steps, f"{t.spec.name} lr={t.result.lr:.3g} seed={t.result.seed}", position=i)
+            for i, t in enumerate(trainers)]
+    for t in trainers:
+        _start(t)
+    while any(not t.done for t in trainers):
+        for t, bar in zip(trainers, bars):  # round robin: background load hits every optimizer alike
+            if not t.done:
+                _advance(t)
+                bar.update(1, **_postfix(t))
+    for bar in bars:
+        bar.close()
+    for t in trainers:
+        res = t.finish()
+        # all models lived at once: per-optimizer peak memory is not separable in this mode
+        res.peak_mem_bytes = res.peak_mem_delta_bytes = None
+        res.mem_kind = "interleaved"
+        if res.status != "ok":
+            log(f"  {t.spec.name}: {res.status}" + (f" ({res.error})" if res.error else f" at step {res.steps_done}"))
+        results.append(res)
+    return results
+
+
+def _git_commit() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=False
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: str = "cpu") -> dict:
+    """Hardware, software versions and time of a run (recorded with every result)."""
+    import scao_fx
+
+    env = dict(
+        date_utc=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        command=" ".join(["scao-fx", *sys.argv[1:]]) if sys.argv and sys.argv[0] else "",
+        python=platform.python_version(),
+        platform=platform.platform(),
+        cpu=_cpu_model(),
+        cpu_count=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        scao_fx=scao_fx.__version__,
+        git_commit=_git_commit(),
+        load_average_start=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        packages={
+            dist: optreg.package_version(dist)
+            for dist in ("torchopt", "scao", "heavyball", "torchao", "bitsandbytes", "optree", "numpy")
+        },
+    )
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def _resolve(cfg: BenchConfig, log) -> tuple[list[optreg.OptimizerSpec], dict[str, str]]:
+    names = list(dict.fromkeys(cfg.optimizers))
+    if cfg.ablate:
+        for name in optreg.ABLATIONS:
+            if name not in names:
+                names.append(name)
+        if "scao" not in names:
+            names.append("scao")
+    if BASELINE in names:  # the baseline first: the others are compared against it
+        names.remove(BASELINE)
+        names.insert(0, BASELINE)
+    specs, skipped = [], {}
+    for name in names:
+        spec = optreg.get(name)
+        reason = spec.unavailable_reason(cfg.device)
+        if reason is None:
+            specs.append(spec)
+        else:
+            skipped[name] = reason
+            log(f"skipping {name}: {reason}")
+    return specs, skipped
+
+
+def run_benchmark(cfg: BenchConfig, log=print) -> dict:
+    """Run the whole benchmark described by ``cfg``; returns the results as a JSON-ready dict.
+
+    Keys: ``config``, ``environment``, ``corpus``, ``model``, ``skipped`` (name -> reason),
+    ``lrs`` (name -> learning rate used), ``sweep`` (list of sweep runs, empty without
+    ``--lr-sweep``), ``runs`` (every :class:`RunResult` as a dict, curves included),
+    ``summary`` (one row per optimizer, see :func:`summarize`), ``wall_seconds``.
+    """
+    t_start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was given but torch.cuda.is_available() is False")
+    env = environment(cfg.device)
+    corpus = build_corpus(cfg.data, max_chars=cfg.corpus_chars, tokenizer=cfg.tokenizer)
+    model_cfg = preset(cfg.preset, corpus.vocab_size, batch_size=cfg.batch_size, block_size=cfg.block_size)
+    gen = torch.Generator(device="cpu").manual_seed(EVAL_SEED)
+    val_batches = []
+    for _ in range(cfg.eval_batches):
+        x, y = sample_batch(corpus.val, model_cfg.batch_size, model_cfg.block_size, gen)
+        val_batches.append((x.to(device), y.to(device)))
+    specs, skipped = _resolve(cfg, log)
+    log(
+        f"corpus: {corpus.n_chars:,} chars, vocab {corpus.vocab_size} ({corpus.tokenizer}); "
+        f"model: {cfg.preset} {model_cfg.n_layer}x{model_cfg.d_model}, "
+        f"{GPT(model_cfg).num_params():,} params; {cfg.steps} steps x batch {model_cfg.batch_size}x{model_cfg.block_size} "
+        f"on {cfg.device} ({torch.get_num_threads()} threads)"
+    )
+
+    def trainer_factory(spec, lr, seed, steps_cfg):
+        return lambda: Trainer(spec, lr, seed, corpus, model_cfg, steps_cfg, val_batches)
+
+    # learning rates: explicit --lr, else the sweep, else the registry default; ablations
+    # follow SCAO's learning rate
+    lrs: dict[str, float] = {}
+    sweep: list[dict] = []
+    tunable = [s for s in specs if s.kind != "ablation" and s.name not in cfg.lrs]
+    if cfg.lr_sweep and tunable:
+        sweep_cfg = dataclasses.replace(cfg, steps=cfg.sweep_steps or cfg.steps)
+        for spec in tunable:
+            log(f"lr sweep: {spec.name} at {', '.join(f'{spec.default_lr * m:.3g}' for m in cfg.lr_grid)}")
+            make = [
+                (f"sweep {spec.name} lr={spec.default_lr * m:.3g}", trainer_factory(spec, spec.default_lr * m, cfg.seed, sweep_cfg))
+                for m in cfg.lr_grid
+            ]
+            runs = _run_trainers(make, sweep_cfg, log)
+            for r in runs:
+                sweep.append(dict(name=r.name, lr=r.lr, seed=r.seed, status=r.status, final_val=r.final_val,
+                                  best_val=r.best_val, steps=r.steps_done, curve=r.curve))
+            ok = [r for r in runs if r.status == "ok" and math.isfinite(r.final_val)]
+            if ok:
+                lrs[spec.name] = min(ok, key=lambda r: r.final_val).lr
+                log(f"  -> {spec.name}: lr {lrs[spec.name]:.3g}")
+    for spec in specs:
+        if spec.name in cfg.lrs:
+            lrs[spec.name] = float(cfg.lrs[spec.name])
+        elif spec.name not in lrs:
+            if spec.kind == "ablation":
+                lrs[spec.name] = float(cfg.lrs.get("scao", lrs.get("scao", optreg.get("scao").default_lr)))
+            else:
+                lrs[spec.name] = spec.default_lr
+
+    runs: list[RunResult] = []
+    for k in range(cfg.seeds):
+        seed = cfg.seed + k
+        log(f"seed {seed} ({k + 1}/{cfg.seeds})")
+        make = [(f"{s.name} lr={lrs[s.name]:.3g} seed={seed}", trainer_factory(s, lrs[s.name], seed, cfg)) for s in specs]
+        runs.extend(_run_trainers(make, cfg, log))
+
+    summary = summarize(runs)
+    env["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    return dict(
+        config=cfg.to_dict(),
+        environment=env,
+        corpus=corpus.describe(),
+        model=dict(model_cfg.to_dict(), n_params=GPT(model_cfg).num_params()),
+        skipped=skipped,
+        lrs=lrs,
+        sweep=sweep,
+        runs=[r.to_dict() for r in runs],
+        summary=summary,
+        wall_seconds=time.perf_counter() - t_start,
+    )
+
+
+def _mean(xs) -> float | None:
+    xs = [float(x) for x in xs if x is not None and math.isfinite(float(x))]
+    return statistics.fmean(xs) if xs else None
+
+
+def summarize(runs: list[RunResult]) -> list[dict]:
+    """Fill the per-run comparisons with the baseline and aggregate per optimizer.
+
+    Per run (against the :data:`BASELINE` run of the same seed): ``target`` = the baseline's
+    final validation loss; ``steps_to_target`` / ``seconds_to_target`` = when this run's curve
+    first reaches it (linear interpolation between evaluations; ``None`` = never);
+    ``steps_ratio`` / ``seconds_ratio`` = those divided by the baseline's own time to reach its
+    final value (the same interpolation, so the baseline's ratio is 1); training-step time ratios
+    (mean and median step); ``val_diff`` = final validation loss minus the baseline's.
+
+    Per optimizer (one dict each, in run order): mean final/best validation loss over seeds,
+    the paired difference ``val_diff`` as mean, sample std and n, mean ratios, the number of
+    seeds that reached the target, tokens/s, median optimizer-step and training-step times,
+    state bytes per parameter and peak memory.
+    """
+    base = {r.seed: r for r in runs if r.name == BASELINE and r.status == "ok"}
+    for r in runs:
+        b = base.get(r.seed)
+        if b is None or not r.curve:
+            continue
+        steps = [p["step"] for p in r.curve]
+        vals = [p["val_loss"] for p in r.curve]
+        secs = [p["seconds"] for p in r.curve]
+        r.target = b.final_val
+        r.steps_to_target, r.seconds_to_target = time_to_target(steps, vals, r.target, secs, tol=TARGET_TOL)
+        b_steps, b_secs = time_to_target(
+            [p["step"] for p in b.curve], [p["val_loss"] for p in b.curve], r.target, [p["seconds"] for p in b.curve],
+            tol=TARGET_TOL,
+        )
+        if r.steps_to_target is not None and b_steps:
+            r.steps_ratio = r.steps_to_target / b_steps
+        if r.seconds_to_target is not None and b_secs:
+            r.seconds_ratio = r.seconds_to_target / b_secs
+        if r.step_time.get("n") and b.step_time.get("n"):
+            r.step_time_ratio_mean = r.step_time["mean"] / b.step_time["mean"]
+            r.step_time_ratio_median = r.step_time["median"] / b.step_time["median"]
+        if r.status == "ok":
+            r.val_diff = r.final_val - b.final_val
+
+    rows = []
+    for name in dict.fromkeys(r.name for r in runs):
+        mine = [r for r in runs if r.name == name]
+        ok = [r for r in mine if r.status == "ok"]
+        paired_base = [base[r.seed].final_val if r.seed in base else None for r in mine]
+        d_mean, d_std, d_n = paired_differences([r.final_val if r.status == "ok" else None for r in mine], paired_base)
+        rows.append(
+            dict(
+                name=name,
+                kind=mine[0].kind,
+                lr=mine[0].lr,
+                seeds=len(mine),
+                ok=len(ok),
+                status=",".join(sorted({r.status for r in mine})),
+                final_val=_mean(r.final_val for r in ok),
+                best_val=_mean(r.best_val for r in ok),
+                val_diff_mean=None if d_n == 0 else d_mean,
+                val_diff_std=None if d_n == 0 else d_std,
+                val_diff_n=d_n,
+                reached=sum(1 for r in mine if r.steps_to_target is not None),
+                steps_ratio=_mean(r.steps_ratio for r in mine),
+                seconds_ratio=_mean(r.seconds_ratio for r in mine),
+                step_time_ratio_mean=_mean(r.step_time_ratio_mean for r in mine),
+                step_time_ratio_median=_mean(r.step_time_ratio_median for r in mine),
+                tokens_per_s=_mean(r.tokens_per_s for r in mine),
+                step_ms_median=_mean(1e3 * r.step_time["median"] for r in mine if r.step_time.get("n")),
+                opt_ms_median=_mean(1e3 * r.opt_time["median"] for r in mine if r.opt_time.get("n")),
+                opt_ms_mean=_mean(1e3 * r.opt_time["mean"] for r in mine if r.opt_time.get("n")),
+                bytes_per_param=_mean(r.bytes_per_param for r in mine),
+                peak_mem_mb=_mean(r.peak_mem_bytes / 2**20 for r in mine if r.peak_mem_bytes),
+                peak_mem_delta_mb=_mean(r.peak_mem_delta_bytes / 2**20 for r in mine if r.peak_mem_delta_bytes is not None),
+                mem_kind=mine[0].mem_kind,
+            )
+        )
+    return rows
