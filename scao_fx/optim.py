@@ -28,6 +28,7 @@ rest next to its parameter), so resuming is bit-identical to not stopping.
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 from typing import Any, Callable, Iterable, Mapping
@@ -172,7 +173,10 @@ class TransformOptimizer(torch.optim.Optimizer):
             raise
         check_transform("transform_factory(...)", tx)
         rt.transform = tx
-        rt.built_with = {k: v for k, v in hyper.items() if k != "lr"}
+        # Snapshot (not references): a list or dict hyperparameter mutated in place is seen.
+        rt.built_with = {
+            k: v if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in hyper.items() if k != "lr"
+        }
 
     @staticmethod
     def _fill_lr(buf: torch.Tensor, lr: Any) -> None:

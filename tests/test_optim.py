@@ -122,6 +122,20 @@ def test_other_hyperparameter_change_rebuilds_transform():
     assert max_diff(m1, m2) < 1e-6
 
 
+def test_in_place_mutated_hyperparameter_is_seen():
+    m1, m2 = mlp(), mlp()
+    o1 = torch.optim.AdamW(m1.parameters(), lr=1e-2, betas=[0.9, 0.999])
+    o2 = make_adamw(m2.parameters(), lr=1e-2, betas=[0.9, 0.999])
+    x, y = data()
+    for step in range(6):
+        if step == 3:
+            o1.param_groups[0]["betas"] = (0.5, 0.999)
+            o2.param_groups[0]["betas"][0] = 0.5  # a list mutated in place
+        train_step(m1, o1, x, y)
+        train_step(m2, o2, x, y)
+    assert max_diff(m1, m2) < 1e-6
+
+
 def test_grad_never_overwritten():
     model = mlp()
     opt = make_adamw(model.parameters())
