@@ -175,8 +175,8 @@ def int8_ema_update(
 def adam_epilogue(
     param: torch.Tensor,
     grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
+    exp_avg: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
+    exp_avg_sq: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
     *,
     lr: Scalar,
     beta1: float,
@@ -186,8 +186,10 @@ def adam_epilogue(
     step: Scalar,
     precond: Optional[torch.Tensor] = None,
     blend: Scalar = 1.0,
+    moment_block_size: int = 256,
+    seed: Union[int, torch.Tensor] = 0,
     backend: Optional[str] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+):
     r"""Fused blend + Adam + decoupled weight decay, in place.
 
     In fp32 (whatever the storage dtypes), element-wise:
@@ -206,20 +208,35 @@ def adam_epilogue(
     A Python ``blend`` of exactly 1.0 does not read ``grad``; exactly 0.0 does not read
     ``precond``.
 
+    **8-bit moments.** ``exp_avg`` and/or ``exp_avg_sq`` may be ``(codes, scales)`` pairs of the
+    block-wise int8 codec (codes of shape ``(..., N)`` with ``param.numel()`` elements, blocks of
+    ``moment_block_size`` along the last dimension, matched to ``param`` by flat index).
+    ``exp_avg`` stores ``m``; ``exp_avg_sq`` stores **sqrt(v)** (a linear int8 code of ``v``
+    itself would lose every entry below 1/127 of its block maximum; the square root halves the
+    dynamic range in log terms). The step is computed from the fp32 moments (decoded state
+    updated with the new gradient); the new state is then re-encoded with fresh block scales and
+    stochastic rounding (hash of the flat index and ``seed``; the ``v`` stream xors the seed
+    term with ``0x68E31DA4``), so an EMA change far below one quantization step is not lost.
+    Pass a different ``seed`` every step. Zero state: codes 0 and scales 0.
+
     Args:
-        param, grad, exp_avg, exp_avg_sq: float tensors with the same number of elements on
-            one device (any shapes, e.g. a stacked group ``(B, m, n)``).
+        param, grad: float tensors with the same number of elements on one device (any
+            shapes, e.g. a stacked group ``(B, m, n)``).
+        exp_avg, exp_avg_sq: float tensors like ``param``, or ``(codes, scales)`` pairs.
         lr: learning rate (Python float or 0-d tensor).
         beta1, beta2, eps, weight_decay: Python floats.
         step: the 1-based step count used for bias correction (number or 0-d tensor).
         precond: optional preconditioned gradient to blend in.
         blend: blend factor ``b`` (Python float or 0-d tensor); used only with ``precond``.
+        moment_block_size: block size of 8-bit moments.
+        seed: stochastic-rounding seed of 8-bit moments (int or integer tensor).
         backend: see :func:`backend`.
 
     Returns:
-        ``(param, exp_avg, exp_avg_sq)``, the same tensors, updated.
+        ``(param, exp_avg, exp_avg_sq)``, the same objects, updated.
     """
-    _C.check_adam_tensors(param, grad, exp_avg, exp_avg_sq, precond)
+    _C.check_adam_tensors(param, grad, exp_avg, exp_avg_sq, precond, moment_block_size)
     return _impl(param.device, backend).adam_epilogue(
         param, grad, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-        weight_decay=weight_decay, step=step, precond=precond, blend=blend)
+        weight_decay=weight_decay, step=step, precond=precond, blend=blend,
+        moment_block_size=moment_block_size, seed=seed)

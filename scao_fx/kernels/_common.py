@@ -22,6 +22,8 @@ HASH_SEED_MUL = 0x85EBCA77
 HASH_MIX1 = 0x2C1B3C6D
 HASH_MIX2 = 0x297A2D39
 QMAX = 127.0
+#: Xor-ed into the seed term for the second-moment stream of the 8-bit Adam epilogue.
+ADAM8_V_STREAM = 0x68E31DA4
 
 #: Largest ``block_size`` the Triton codec kernels accept (a whole block lives in registers).
 MAX_TRITON_BLOCK = 8192
@@ -260,11 +262,28 @@ def adam_scalars(lr: Scalar, beta1: float, beta2: float, eps: float, weight_deca
                 eps=eps)
 
 
-def check_adam_tensors(param, grad, exp_avg, exp_avg_sq, precond) -> None:
+def check_adam_tensors(param, grad, exp_avg, exp_avg_sq, precond,
+                       moment_block_size: int = 256) -> None:
     check_float("param", param)
     n = param.numel()
+    qshape = None
+    for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if isinstance(t, tuple):
+            if len(t) != 2:
+                raise TypeError(f"an 8-bit {name} must be a (codes, scales) pair")
+            check_block_size(moment_block_size)
+            check_codes(t[0], t[1], moment_block_size)
+            if t[0].numel() != n:
+                raise ValueError(f"{name} codes have {t[0].numel()} elements, param has {n}")
+            if t[0].device != param.device:
+                raise ValueError(f"{name} is on {t[0].device}, param on {param.device}")
+            if qshape is not None and tuple(t[0].shape) != qshape:
+                raise ValueError("8-bit exp_avg and exp_avg_sq must have the same codes shape")
+            qshape = tuple(t[0].shape)
     for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq),
                     ("precond", precond)):
+        if isinstance(t, tuple):
+            continue
         if t is None:
             if name == "precond":
                 continue

@@ -217,6 +217,82 @@ def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, pc_ptr, n,
     tl.store(p_ptr + offs, _cast_out(p, p_ptr), mask=mask)
 
 
+@triton.jit(do_not_specialize=["seed"])
+def _adam8_kernel(p_ptr, g_ptr, pc_ptr, m_ptr, ms_ptr, v_ptr, vs_ptr, seed,
+                  total_blocks, nb, n, bs,
+                  decay, step_size, sbc2, blend, omblend, beta1, omb1, beta2, omb2, eps,
+                  M8: tl.constexpr, V8: tl.constexpr, USE_G: tl.constexpr, USE_PC: tl.constexpr,
+                  DECAY_PTR: tl.constexpr, SS_PTR: tl.constexpr, SBC2_PTR: tl.constexpr,
+                  BLEND_PTR: tl.constexpr, SEED_PTR: tl.constexpr, BPP: tl.constexpr,
+                  BLOCK: tl.constexpr, I64: tl.constexpr):
+    """Adam with block-wise int8 moments (m, and sqrt(v)); see reference._adam8."""
+    pid = tl.program_id(0)
+    b, bmask, offs, emask = _tile(pid, total_blocks, nb, n, bs, BPP, BLOCK, I64)
+    if DECAY_PTR:
+        dc = tl.load(decay)
+    else:
+        dc = decay
+    if SS_PTR:
+        ss = tl.load(step_size)
+    else:
+        ss = step_size
+    if SBC2_PTR:
+        sb = tl.load(sbc2)
+    else:
+        sb = sbc2
+    if USE_PC:
+        pc = tl.load(pc_ptr + offs, mask=emask, other=0.0).to(tl.float32)
+        if BLEND_PTR:
+            bl = tl.load(blend)
+            obl = 1.0 - bl
+        else:
+            bl = blend
+            obl = omblend
+        g = pc * bl
+        if USE_G:
+            gr = tl.load(g_ptr + offs, mask=emask, other=0.0).to(tl.float32)
+            g = g + gr * obl
+    else:
+        g = tl.load(g_ptr + offs, mask=emask, other=0.0).to(tl.float32)
+    if M8:
+        cm = tl.load(m_ptr + offs, mask=emask, other=0).to(tl.float32)
+        sm = tl.load(ms_ptr + b, mask=bmask, other=0.0)
+        m = cm * sm[:, None]
+    else:
+        m = tl.load(m_ptr + offs, mask=emask, other=0.0).to(tl.float32)
+    if V8:
+        cv = tl.load(v_ptr + offs, mask=emask, other=0).to(tl.float32)
+        sv = tl.load(vs_ptr + b, mask=bmask, other=0.0)
+        r = cv * sv[:, None]
+        v = r * r
+    else:
+        v = tl.load(v_ptr + offs, mask=emask, other=0.0).to(tl.float32)
+    p = tl.load(p_ptr + offs, mask=emask, other=0.0).to(tl.float32)
+    m = m * beta1 + g * omb1
+    v = v * beta2 + (g * g) * omb2
+    rv = tl.sqrt_rn(v)
+    denom = tl.math.div_rn(rv, sb) + eps
+    p = p * dc - tl.math.div_rn(m * ss, denom)
+    tl.store(p_ptr + offs, _cast_out(p, p_ptr), mask=emask)
+    if M8 or V8:
+        if SEED_PTR:
+            st = tl.load(seed).to(tl.uint32)
+        else:
+            st = seed.to(tl.uint32)
+    if M8:
+        cm2, sm2 = _encode(m, emask, offs, st, True)
+        tl.store(m_ptr + offs, cm2, mask=emask)
+        tl.store(ms_ptr + b, sm2, mask=bmask)
+    else:
+        tl.store(m_ptr + offs, _cast_out(m, m_ptr), mask=emask)
+    if V8:
+        cv2, sv2 = _encode(rv, emask, offs, st ^ 0x68E31DA4, True)
+        tl.store(v_ptr + offs, cv2, mask=emask)
+        tl.store(vs_ptr + b, sv2, mask=bmask)
+    else:
+        tl.store(v_ptr + offs, _cast_out(v, v_ptr), mask=emask)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -342,19 +418,17 @@ def int8_ema_update(codes, scales, update, rho, *, block_size=256, stochastic=Tr
 
 
 def adam_epilogue(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay,
-                  step, precond=None, blend=1.0):
+                  step, precond=None, blend=1.0, moment_block_size=256, seed=0):
     _check_device(param)
     s = C.adam_scalars(lr, beta1, beta2, eps, weight_decay, step, blend, param.device)
     use_pc, use_g = _blend_usage(precond, blend)
     n = param.numel()
     if n == 0:
         return param, exp_avg, exp_avg_sq
+    q8m, q8v = isinstance(exp_avg, tuple), isinstance(exp_avg_sq, tuple)
     pc_ = _contig(param)
-    mc, vc = _contig(exp_avg), _contig(exp_avg_sq)
     gc = _contig(grad) if use_g else pc_
     pcc = _contig(precond) if use_pc else pc_
-    block = ADAM_BLOCK
-    i64 = n + block > _INT32_LIMIT
 
     def arg(v):
         return (v, True) if isinstance(v, torch.Tensor) else (float(v), False)
@@ -364,13 +438,40 @@ def adam_epilogue(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, we
     sbc2, sbc2_ptr = arg(s["sbc2"])
     blend_v, blend_ptr = arg(s["blend"])
     omblend = 0.0 if blend_ptr else float(s["omblend"])
-    grid = (triton.cdiv(n, block),)
-    _adam_kernel[grid](pc_, gc, mc, vc, pcc, n, decay, ss, sbc2, blend_v, omblend,
-                       s["beta1"], s["omb1"], s["beta2"], s["omb2"], s["eps"],
-                       USE_G=use_g, USE_PC=use_pc, DECAY_PTR=decay_ptr, SS_PTR=ss_ptr,
-                       SBC2_PTR=sbc2_ptr, BLEND_PTR=blend_ptr, BLOCK=block, I64=i64,
-                       num_warps=_num_warps(block), enable_fp_fusion=False)
-    for src, dst in ((pc_, param), (mc, exp_avg), (vc, exp_avg_sq)):
+    consts = (s["beta1"], s["omb1"], s["beta2"], s["omb2"], s["eps"])
+    flags = dict(USE_G=use_g, USE_PC=use_pc, DECAY_PTR=decay_ptr, SS_PTR=ss_ptr,
+                 SBC2_PTR=sbc2_ptr, BLEND_PTR=blend_ptr)
+
+    if q8m or q8v:
+        cshape = (exp_avg if q8m else exp_avg_sq)[0].shape
+        nn = cshape[-1]
+        nb = C.n_blocks(nn, moment_block_size)
+        total_blocks = n // nn * nb
+        block, bpp, i64 = _codec_config(nn, moment_block_size, n)
+        mc = tuple(_contig(t) for t in exp_avg) if q8m else _contig(exp_avg)
+        vc = tuple(_contig(t) for t in exp_avg_sq) if q8v else _contig(exp_avg_sq)
+        m_codes, m_scales = mc if q8m else (mc, mc)
+        v_codes, v_scales = vc if q8v else (vc, vc)
+        st, seed_ptr = _seed_arg(seed, param.device)
+        grid = (triton.cdiv(total_blocks, bpp),)
+        _adam8_kernel[grid](pc_, gc, pcc, m_codes, m_scales, v_codes, v_scales, st,
+                            total_blocks, nb, nn, moment_block_size,
+                            decay, ss, sbc2, blend_v, omblend, *consts,
+                            M8=q8m, V8=q8v, SEED_PTR=seed_ptr, BPP=bpp, BLOCK=block, I64=i64,
+                            num_warps=_num_warps(bpp * block), enable_fp_fusion=False, **flags)
+        pairs = [(pc_, param)]
+        pairs += list(zip(mc, exp_avg)) if q8m else [(mc, exp_avg)]
+        pairs += list(zip(vc, exp_avg_sq)) if q8v else [(vc, exp_avg_sq)]
+    else:
+        mc, vc = _contig(exp_avg), _contig(exp_avg_sq)
+        block = ADAM_BLOCK
+        i64 = n + block > _INT32_LIMIT
+        grid = (triton.cdiv(n, block),)
+        _adam_kernel[grid](pc_, gc, mc, vc, pcc, n, decay, ss, sbc2, blend_v, omblend, *consts,
+                           BLOCK=block, I64=i64, num_warps=_num_warps(block),
+                           enable_fp_fusion=False, **flags)
+        pairs = [(pc_, param), (mc, exp_avg), (vc, exp_avg_sq)]
+    for src, dst in pairs:
         if src is not dst:
             dst.copy_(src)
     return param, exp_avg, exp_avg_sq

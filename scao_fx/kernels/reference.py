@@ -154,8 +154,8 @@ def int8_ema_update(
 def adam_epilogue(
     param: torch.Tensor,
     grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
+    exp_avg,
+    exp_avg_sq,
     *,
     lr,
     beta1: float,
@@ -165,30 +165,103 @@ def adam_epilogue(
     step,
     precond: Optional[torch.Tensor] = None,
     blend=1.0,
+    moment_block_size: int = 256,
+    seed: Union[int, torch.Tensor] = 0,
 ):
     """Reference fused Adam epilogue (in place); see :func:`scao_fx.kernels.adam_epilogue`."""
     s = C.adam_scalars(lr, beta1, beta2, eps, weight_decay, step, blend, param.device)
     use_pc, use_g = _blend_usage(precond, blend)
+    q8m, q8v = isinstance(exp_avg, tuple), isinstance(exp_avg_sq, tuple)
+    if q8m or q8v:
+        return _adam8(param, grad, exp_avg, exp_avg_sq, precond, s, use_pc, use_g, q8m, q8v,
+                      moment_block_size, seed)
     shape = param.shape
-    if use_pc:
-        pc = precond.reshape(shape).to(torch.float32)
-        g_eff = pc * s["blend"]
-        if use_g:
-            g_eff = g_eff + grad.reshape(shape).to(torch.float32) * s["omblend"]
-    else:
-        g_eff = grad.reshape(shape).to(torch.float32)
-
+    g_eff = _g_eff(lambda t: t.reshape(shape).to(torch.float32), grad, precond, s, use_pc,
+                   use_g)
     m = exp_avg.reshape(shape).to(torch.float32)
     v = exp_avg_sq.reshape(shape).to(torch.float32)
     m = m * s["beta1"] + g_eff * s["omb1"]
     v = v * s["beta2"] + (g_eff * g_eff) * s["omb2"]
-    denom = v.sqrt() / s["sbc2"] + s["eps"]
+    denom = _sqrt_rn(v) / s["sbc2"] + s["eps"]
     upd = (m * s["step_size"]) / denom
     p = param.to(torch.float32) * s["decay"] - upd
 
     exp_avg.copy_(m.reshape(exp_avg.shape))
     exp_avg_sq.copy_(v.reshape(exp_avg_sq.shape))
     param.copy_(p)
+    return param, exp_avg, exp_avg_sq
+
+
+def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 square root.
+
+    PyTorch's vectorized CPU ``sqrt`` for float32 is not always correctly rounded (off by one
+    ulp for ~0.7 % of inputs); the square root taken in float64 and rounded once to float32
+    is (53 >= 2*24 + 2 bits, so the double rounding is innocuous). The Triton kernels use
+    ``sqrt_rn``, so both backends agree bit for bit.
+    """
+    return x.double().sqrt_().float()
+
+
+def _g_eff(view, grad, precond, s, use_pc, use_g):
+    """Blended gradient in fp32: ``precond*blend + grad*(1-blend)`` (or one of them)."""
+    if use_pc:
+        g_eff = view(precond) * s["blend"]
+        if use_g:
+            g_eff = g_eff + view(grad) * s["omblend"]
+        return g_eff
+    return view(grad)
+
+
+def _adam8(param, grad, exp_avg, exp_avg_sq, precond, s, use_pc, use_g, q8m, q8v, bs, seed):
+    """Adam with block-wise int8 moments: m as the codec stores it, v stored as sqrt(v).
+
+    Works on the (rows, nb, bs) block view of the codes' shape (..., N); param/grad/precond
+    are matched by flat index. The step uses the fp32 moments computed from the decoded
+    state and the new gradient; the new state is then re-encoded with stochastic rounding
+    (hash of the flat index and ``seed``; the v stream xors the seed term with
+    ``ADAM8_V_STREAM``).
+    """
+    cshape = (exp_avg if q8m else exp_avg_sq)[0].shape
+    if param.numel() == 0:
+        return param, exp_avg, exp_avg_sq
+    rows = param.numel() // cshape[-1]
+    n = cshape[-1]
+
+    def view(t):
+        return _padded_blocks(t.reshape(rows, n).to(torch.float32), bs)
+
+    g = _g_eff(view, grad, precond, s, use_pc, use_g)
+    m_prev = _decode_blocks(exp_avg[0], exp_avg[1], bs) if q8m else view(exp_avg)
+    if q8v:
+        r_prev = _decode_blocks(exp_avg_sq[0], exp_avg_sq[1], bs)
+        v_prev = r_prev * r_prev
+    else:
+        v_prev = view(exp_avg_sq)
+    m = m_prev * s["beta1"] + g * s["omb1"]
+    v = v_prev * s["beta2"] + (g * g) * s["omb2"]
+    rv = _sqrt_rn(v)
+    denom = rv / s["sbc2"] + s["eps"]
+    upd = (m * s["step_size"]) / denom
+    p = view(param) * s["decay"] - upd
+
+    def unpad(t):
+        return t.reshape(rows, -1)[:, :n]
+
+    param.copy_(unpad(p).reshape(param.shape))
+    st = C.seed_term(seed, param.device)
+    if q8m:
+        codes, scales = _encode(m, n, bs, True, st)
+        exp_avg[0].copy_(unpad(codes).reshape(exp_avg[0].shape))
+        exp_avg[1].copy_(scales.reshape(exp_avg[1].shape))
+    else:
+        exp_avg.copy_(unpad(m).reshape(exp_avg.shape))
+    if q8v:
+        codes, scales = _encode(rv, n, bs, True, st ^ C.ADAM8_V_STREAM)
+        exp_avg_sq[0].copy_(unpad(codes).reshape(exp_avg_sq[0].shape))
+        exp_avg_sq[1].copy_(scales.reshape(exp_avg_sq[1].shape))
+    else:
+        exp_avg_sq.copy_(unpad(v).reshape(exp_avg_sq.shape))
     return param, exp_avg, exp_avg_sq
 
 
