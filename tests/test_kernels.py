@@ -691,7 +691,8 @@ def test_bench_quick_runs_and_writes_json(tmp_path, capsys):
     kernels = {r["kernel"] for r in rep["results"]}
     assert kernels == {"quantize(nearest)", "quantize(stochastic)", "dequantize(fp32)",
                        "int8_ema_update", "adam_epilogue(fp32 param)",
-                       "adam_epilogue(bf16 param)"}
+                       "adam_epilogue(bf16 param)", "adam_epilogue(fp32, int8 m/v)",
+                       "adam_epilogue(bf16, int8 m/v)"}
     assert {r["backend"] for r in rep["results"]} == {"reference"}
     assert {r["mode"] for r in rep["results"]} == {"grouped", "loop"}
     # factor groups 32^2 (x10) and 64^2 (x2); param groups (32,32) x4, (32,64), (64,32)

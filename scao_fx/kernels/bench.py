@@ -47,6 +47,7 @@ class BenchResult:
     bytes: int
     gbps: Optional[float]
     pct_copy_bw: Optional[float]
+    ms_min: Optional[float] = None
     note: str = ""
 
 
@@ -79,7 +80,7 @@ class _Timer:
         self.device, self.warmup, self.repeats = device, warmup, repeats
 
     def __call__(self, fn: Callable[[], object]) -> float:
-        """Median milliseconds of ``fn()``."""
+        """Median milliseconds of ``fn()`` (the minimum is kept in ``self.last_min``)."""
         for _ in range(self.warmup):
             fn()
         times = []
@@ -98,6 +99,7 @@ class _Timer:
                 t0 = time.perf_counter()
                 fn()
                 times.append((time.perf_counter() - t0) * 1e3)
+        self.last_min = min(times)
         return statistics.median(times)
 
 
@@ -155,12 +157,13 @@ def run(args: argparse.Namespace) -> dict:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             results.append(BenchResult(kernel, group, count, elements, backend, mode, None,
-                                       nbytes, None, None, f"out of memory: {type(e).__name__}"))
+                                       nbytes, None, None, None,
+                                       f"out of memory: {type(e).__name__}"))
             _print_row(results[-1])
             return
         gbps = nbytes / (ms * 1e-3) / 1e9
         res = BenchResult(kernel, group, count, elements, backend, mode, ms, nbytes, gbps,
-                          100.0 * gbps / copy_gbps, note)
+                          100.0 * gbps / copy_gbps, timer.last_min, note)
         results.append(res)
         _print_row(res)
 
@@ -274,6 +277,32 @@ def run(args: argparse.Namespace) -> dict:
 
                     record(f"adam_epilogue({pdt} param)", group, count, count * numel,
                            label, mode, nbytes, adam)
+            if args.int8_moments:
+                # moments as block-wise int8 (m and sqrt(v)), codes shaped (count, m*n)
+                nbm = n_blocks(numel, bs)
+                m8 = (torch.zeros((count, numel), dtype=torch.int8, device=device),
+                      torch.zeros((count, nbm), device=device))
+                v8 = (torch.zeros((count, numel), dtype=torch.int8, device=device),
+                      torch.zeros((count, nbm), device=device))
+                # read p, g, precond, codes x2, scales x2; write p, codes x2, scales x2
+                nbytes8 = count * (numel * (2 * eb + eb + 4 + 2 * 2) + nbm * 4 * 4)
+                for label, backend, size in variants("codec"):
+                    configure("codec", size)
+                    for mode in modes:
+                        rows = [slice(None)] if mode == "grouped" else [
+                            slice(i, i + 1) for i in range(count)]
+
+                        def adam8(rows=rows, backend=backend):
+                            for r in rows:
+                                adam_epilogue(p[r], g[r], (m8[0][r], m8[1][r]),
+                                              (v8[0][r], v8[1][r]), lr=lr, beta1=0.9,
+                                              beta2=0.999, eps=1e-8, weight_decay=0.01,
+                                              step=stp, precond=pc[r], blend=blend,
+                                              moment_block_size=bs, seed=stp, backend=backend)
+
+                        record(f"adam_epilogue({pdt}, int8 m/v)", group, count, count * numel,
+                               label, mode, nbytes8, adam8)
+                del m8, v8
             del p, g, pc, mom, vel
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -312,7 +341,7 @@ def _summary(results: Sequence[BenchResult]) -> dict:
     return out
 
 
-_COLS = [("kernel", 25), ("group", 18), ("backend", 14), ("mode", 7), ("ms", 10),
+_COLS = [("kernel", 28), ("group", 18), ("backend", 14), ("mode", 7), ("ms", 10),
          ("GB/s", 9), ("% copy", 7)]
 
 
@@ -369,6 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--copy-mb", type=int, default=None,
                    help="size of the copy-bandwidth probe in MiB")
     p.add_argument("--no-loop", action="store_true", help="skip the per-layer loop runs")
+    p.add_argument("--no-int8-moments", dest="int8_moments", action="store_false",
+                   help="skip the Adam epilogue with 8-bit moments")
     p.add_argument("--codec-tiles", default="",
                    help="Triton codec/EMA tile sizes to sweep, e.g. 1024,2048,4096 (default: "
                         "the configured one, SCAO_FX_CODEC_TILE or 2048)")
