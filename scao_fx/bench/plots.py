@@ -53,7 +53,7 @@ def _mean_curve(curves: list[list[dict]], key: str) -> tuple[list[float], list[f
     return xs, ys
 
 
-def _loss_plot(results: dict, key: str, xlabel: str, path: Path) -> None:
+def _loss_plot(results: dict, key: str, xlabel: str, xname: str, path: Path) -> None:
     plt = _pyplot()
     runs = [r for r in results["runs"] if r["curve"]]
     names = list(dict.fromkeys(r["name"] for r in runs))
@@ -85,11 +85,11 @@ def _loss_plot(results: dict, key: str, xlabel: str, path: Path) -> None:
         ax.set_ylim(lo - pad, hi + pad)
     seeds = max((r["seed"] for r in runs), default=0) - min((r["seed"] for r in runs), default=0) + 1
     cfg = results["config"]
-    ax.set_title(f"{cfg['preset']} GPT, {cfg['steps']} steps, {seeds} seed(s): validation loss vs {xlabel.split(' ')[0].lower()}")
+    ax.set_title(f"{cfg['preset']} GPT, {cfg['steps']} steps, {seeds} seed(s): validation loss vs {xname}", fontsize=10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("validation loss (nats/token)")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -104,10 +104,9 @@ def _memory_plot(results: dict, path: Path) -> None:
     bpp = [r.get("bytes_per_param") or 0.0 for r in rows]
     bars = ax1.barh(names, bpp, color=[colors[n] for n in names])
     ax1.bar_label(bars, labels=[f"{v:.2f}" for v in bpp], fontsize=8, padding=2)
-    ax1.axvline(8.0, color="#000000", linestyle=":", linewidth=1.0, label="AdamW fp32 = 8")
-    ax1.set_xlabel("optimizer state, bytes per parameter")
+    ax1.axvline(8.0, color="#000000", linestyle=":", linewidth=1.0)
+    ax1.set_xlabel("optimizer state, bytes per parameter (dotted: AdamW fp32 = 8)")
     ax1.invert_yaxis()
-    ax1.legend(fontsize=8, loc="lower right")
     ax1.set_xlim(0, max(bpp + [8.0]) * 1.18)
     kind = rows[0].get("mem_kind", "rss") if rows else "rss"
     if kind == "interleaved":
@@ -161,8 +160,9 @@ def plot_results(results: dict, out_dir: str | Path) -> dict[str, Path]:
         "val_loss_vs_time.png": out / "val_loss_vs_time.png",
         "memory.png": out / "memory.png",
     }
-    _loss_plot(results, "step", "training step", paths["val_loss_vs_step.png"])
-    _loss_plot(results, "seconds", "training wall-clock seconds (evaluation excluded)", paths["val_loss_vs_time.png"])
+    _loss_plot(results, "step", "training step", "step", paths["val_loss_vs_step.png"])
+    _loss_plot(results, "seconds", "training wall-clock seconds (evaluation excluded)", "wall-clock",
+               paths["val_loss_vs_time.png"])
     _memory_plot(results, paths["memory.png"])
     if results.get("sweep"):
         paths["lr_sweep.png"] = out / "lr_sweep.png"
