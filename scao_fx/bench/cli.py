@@ -85,6 +85,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-grid", type=_float_list, default=optreg.LR_GRID,
                    help="multipliers of the default learning rate for --lr-sweep (default %(default)s)")
     p.add_argument("--sweep-steps", type=int, default=None, help="steps per sweep run (default: --steps)")
+    p.add_argument("--sweep-only", action="store_true", help="with --lr-sweep: report the sweep and stop (no main runs)")
     p.add_argument("--ablate", action="store_true", help="also run SCAO with each link removed in turn (at SCAO's lr)")
     p.add_argument("--interleave", action="store_true",
                    help="run a seed's optimizers step by step in round robin (timing ratios robust to background load; "
@@ -129,7 +130,8 @@ def config_from_args(args: argparse.Namespace):
         lrs=_lr_overrides(args.lr),
         weight_decay=args.weight_decay,
         scao_options=_scao_options(args.scao_opt) if args.scao_opt else (dict(QUICK_SCAO) if args.quick else {}),
-        lr_sweep=args.lr_sweep,
+        lr_sweep=args.lr_sweep or args.sweep_only,
+        sweep_only=args.sweep_only,
         lr_grid=tuple(args.lr_grid),
         sweep_steps=pick("sweep_steps", None),
         ablate=args.ablate,
@@ -169,6 +171,18 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     results = run_benchmark(cfg, log=lambda msg: print(msg, flush=True))
+    if cfg.sweep_only:
+        from .report import sweep_table
+
+        print()
+        print(sweep_table(results))
+        paths = write_results(results, args.out)
+        if not args.no_plots and results["sweep"]:
+            from .plots import plot_results
+
+            paths.update(plot_results(results, args.out))
+        print(f"wrote {', '.join(sorted(paths))} to {args.out} ({time.perf_counter() - t0:.0f} s)")
+        return 0 if results["sweep"] else 1
     if not results["runs"]:
         print("scao-fx bench: no optimizer could run", file=sys.stderr)
         return 1

@@ -155,16 +155,19 @@ def plot_results(results: dict, out_dir: str | Path) -> dict[str, Path]:
     """Write the PNG plots of ``results`` into ``out_dir``; returns ``{name: path}``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {
+    paths: dict[str, Path] = {}
+    if results.get("sweep"):
+        paths["lr_sweep.png"] = out / "lr_sweep.png"
+        _sweep_plot(results, paths["lr_sweep.png"])
+    if not any(r["curve"] for r in results["runs"]):
+        return paths  # --sweep-only
+    paths.update({
         "val_loss_vs_step.png": out / "val_loss_vs_step.png",
         "val_loss_vs_time.png": out / "val_loss_vs_time.png",
         "memory.png": out / "memory.png",
-    }
+    })
     _loss_plot(results, "step", "training step", "step", paths["val_loss_vs_step.png"])
     _loss_plot(results, "seconds", "training wall-clock seconds (evaluation excluded)", "wall-clock",
                paths["val_loss_vs_time.png"])
     _memory_plot(results, paths["memory.png"])
-    if results.get("sweep"):
-        paths["lr_sweep.png"] = out / "lr_sweep.png"
-        _sweep_plot(results, paths["lr_sweep.png"])
     return paths

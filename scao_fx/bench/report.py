@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-__all__ = ["write_results", "summary_table", "SUMMARY_COLUMNS"]
+__all__ = ["write_results", "summary_table", "sweep_table", "SUMMARY_COLUMNS"]
 
 #: (key in a summary row, column title, format)
 SUMMARY_COLUMNS: list[tuple[str, str, str]] = [
@@ -64,6 +64,34 @@ def summary_table(results: dict, markdown: bool = False) -> str:
     out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
     out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     return "\n".join(out)
+
+
+def sweep_table(results: dict, markdown: bool = False) -> str:
+    """The learning-rate sweep: final validation loss per optimizer and learning rate (* = chosen)."""
+    sweep = results.get("sweep") or []
+    names = list(dict.fromkeys(r["name"] for r in sweep))
+    lrs = sorted({r["lr"] for r in sweep})
+    headers = ["optimizer", *[f"lr {lr:.3g}" for lr in lrs]]
+    rows = []
+    for name in names:
+        cells = [name]
+        for lr in lrs:
+            hit = [r for r in sweep if r["name"] == name and r["lr"] == lr]
+            if not hit:
+                cells.append("")
+                continue
+            r = hit[0]
+            text = _fmt(r["final_val"], "{:.4f}") if r["status"] == "ok" else r["status"]
+            if results.get("lrs", {}).get(name) == lr:
+                text += " *"
+            cells.append(text)
+        rows.append(cells)
+    if markdown:
+        lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
+    return "\n".join(out + ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows])
 
 
 def _write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
@@ -125,7 +153,10 @@ def write_results(results: dict, out_dir: str | Path) -> dict[str, Path]:
     _write_csv(paths["summary.csv"], [_json_safe(r) for r in results["summary"]], summary_fields)
 
     paths["summary.md"] = out / "summary.md"
-    paths["summary.md"].write_text(summary_table(results, markdown=True) + "\n", encoding="utf-8")
+    text = summary_table(results, markdown=True) + "\n" if results["summary"] else ""
+    if results.get("sweep"):
+        text += "\nLearning-rate sweep (final validation loss, * = chosen):\n\n" + sweep_table(results, markdown=True) + "\n"
+    paths["summary.md"].write_text(text, encoding="utf-8")
 
     if results.get("sweep"):
         sweep_rows = []

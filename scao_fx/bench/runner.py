@@ -69,6 +69,7 @@ class BenchConfig:
     weight_decay: float = 0.01
     scao_options: dict[str, Any] = field(default_factory=dict)
     lr_sweep: bool = False
+    sweep_only: bool = False
     lr_grid: tuple[float, ...] = optreg.LR_GRID
     sweep_steps: int | None = None
     ablate: bool = False
@@ -476,7 +477,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
                 lrs[spec.name] = spec.default_lr
 
     runs: list[RunResult] = []
-    for k in range(cfg.seeds):
+    for k in range(0 if cfg.sweep_only else cfg.seeds):
         seed = cfg.seed + k
         log(f"seed {seed} ({k + 1}/{cfg.seeds})")
         make = [(f"{s.name} lr={lrs[s.name]:.3g} seed={seed}", trainer_factory(s, lrs[s.name], seed, cfg)) for s in specs]
