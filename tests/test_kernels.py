@@ -952,6 +952,12 @@ def test_gpu_auto_dispatch_is_triton_and_no_host_sync():
                         step=step, precond=pc, blend=blend)
         K.adam_epilogue(p, g, m, v, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
                         weight_decay=0.1, step=4)
+        # CPU scalar tensors with CUDA data are read on the host, never copied (no sync)
+        K.adam_epilogue(p, g, m, v, lr=torch.tensor(1e-3), beta1=0.9, beta2=0.999, eps=1e-8,
+                        weight_decay=0.1, step=torch.tensor(5), precond=pc,
+                        blend=torch.tensor(0.25))
+        K.int8_ema_update(codes, scales, x, torch.tensor(0.99), seed=torch.tensor(6),
+                          out=(codes, scales))
 
     calls()  # compile the kernels first
     torch.cuda.synchronize()

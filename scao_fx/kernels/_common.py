@@ -86,6 +86,17 @@ def check_out_pair(out, shape_codes, shape_scales, device) -> None:
         raise ValueError("out tensors must be on the same device as the inputs")
 
 
+def _host_copy_needed(t: torch.Tensor, device) -> bool:
+    """A CPU scalar tensor used with data on an accelerator: read it on the host instead.
+
+    Reading a CPU tensor is not a device synchronisation, whereas copying it to the device
+    (``.to(device)`` from pageable memory) makes PyTorch wait for the stream. Under
+    ``torch.compile`` tracing the tensor is kept (and copied) so no graph break happens.
+    """
+    return (t.device.type == "cpu" and torch.device(device).type != "cpu"
+            and not torch.compiler.is_compiling())
+
+
 def seed_term(seed: Scalar, device: torch.device) -> Union[int, torch.Tensor]:
     """``seed * HASH_SEED_MUL mod 2**32``: a Python int, or an int64 0-d tensor on ``device``.
 
@@ -94,6 +105,8 @@ def seed_term(seed: Scalar, device: torch.device) -> Union[int, torch.Tensor]:
     if isinstance(seed, torch.Tensor):
         if seed.numel() != 1 or seed.is_floating_point() or seed.is_complex():
             raise TypeError("a tensor seed must be a one-element integer tensor")
+        if _host_copy_needed(seed, device):
+            return (int(seed.reshape(()).item()) * HASH_SEED_MUL) & MASK32
         s = seed.reshape(()).to(device=device, dtype=torch.int64) & MASK32
         return mul32(s, HASH_SEED_MUL)
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -175,7 +188,10 @@ def as_scalar(x: Scalar, device: torch.device, name: str) -> Union[float, torch.
     """A Python float, or a float32 0-d tensor on ``device`` (never read on the host)."""
     if isinstance(x, torch.Tensor):
         if x.numel() != 1:
-            raise ValueError(f"{name} must be a scalar (one-element tensor), got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"{name} must be a scalar (one-element tensor), got shape {tuple(x.shape)}")
+        if _host_copy_needed(x, device):
+            return float(x.reshape(()).item())
         return x.reshape(()).to(device=device, dtype=torch.float32)
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise TypeError(f"{name} must be a float or a 0-d tensor, got {type(x).__name__}")
@@ -224,6 +240,10 @@ def adam_scalars(lr: Scalar, beta1: float, beta2: float, eps: float, weight_deca
     if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
         raise ValueError(f"betas must be in [0, 1), got ({beta1}, {beta2})")
 
+    if isinstance(lr, torch.Tensor) and lr.numel() == 1 and _host_copy_needed(lr, device):
+        lr = float(lr.reshape(()).item())
+    if isinstance(step, torch.Tensor) and step.numel() == 1 and _host_copy_needed(step, device):
+        step = step.reshape(()).item()
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1:
             raise ValueError("lr must be a scalar")

@@ -12,7 +12,6 @@ reference's operation order exactly; that is what makes the int8 codes bit-ident
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
 
 import torch
 import triton

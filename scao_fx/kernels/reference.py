@@ -89,7 +89,7 @@ def quantize_blockwise(
     seed: Union[int, torch.Tensor] = 0,
     out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Reference block-wise symmetric int8 quantization; see :func:`scao_fx.kernels.quantize_blockwise`."""
+    """Reference block-wise int8 quantization; see :func:`scao_fx.kernels.quantize_blockwise`."""
     shape = tuple(x.shape)
     n = shape[-1]
     x2 = _rows(x).to(torch.float32)
