@@ -142,5 +142,8 @@ def test_single_step_bitwise_close_to_torchopt(inplace):
     ours, theirs = sf.adamw(1e-3), torchopt.adamw(1e-3)
     u1, _ = ours.update({k: v.clone() for k, v in g.items()}, ours.init(params), params=params, inplace=inplace)
     u2, _ = theirs.update({k: v.clone() for k, v in g.items()}, theirs.init(params), params=params, inplace=inplace)
+    # torchopt computes 1 - 0.999**t in float32 (at t = 1: 0.00099998713, 1.3e-5 relative off);
+    # ours uses the float64 value, as torch.optim.AdamW does, so the first step differs by
+    # sqrt(1 + 1.3e-5) - 1 = 6.4e-6 relative.
     for k in params:
-        torch.testing.assert_close(u1[k], u2[k], rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(u1[k], u2[k], rtol=1e-5, atol=1e-9)

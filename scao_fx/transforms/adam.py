@@ -7,6 +7,7 @@ learning rate, as in AdamW).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -26,6 +27,21 @@ class ScaleByAdamState(NamedTuple):
     mu: Any
     nu: Any
     count: torch.Tensor
+
+
+def _bias_corrections(count: torch.Tensor, b1: float, b2: float):
+    """``(1 - b1^t, 1 - b2^t)``: Python floats (float64) in eager mode, where the CPU step counter is
+    read without a device sync, exactly as ``torch.optim.AdamW`` does; float64 tensors under
+    ``torch.compile`` (no graph break) and ``torch.func`` transforms (a batched counter)."""
+    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(count):
+        t = count.to(torch.float64)  # traced or under vmap: stay in tensor land
+        return 1 - b1**t, 1 - b2**t
+    t = int(count)
+    return 1 - b1**t, 1 - b2**t
+
+
+def _sqrt(x):
+    return x.sqrt() if isinstance(x, torch.Tensor) else math.sqrt(x)
 
 
 def moment_dtype_for(dtype: torch.dtype, moment_dtype: torch.dtype | None = None) -> torch.dtype:
@@ -92,30 +108,42 @@ def scale_by_adam(
                 f"{mu_spec.num_leaves}; was init() called on the same parameter tree?"
             )
         count = increment(state.count)
-        out, new_mu, new_nu = [], [], []
-        for g, m, v in zip(g_leaves, mu_leaves, nu_leaves):
-            if g is None:
-                out.append(None)
-                new_mu.append(m)
-                new_nu.append(v)
-                continue
-            t = count.to(m.dtype)
-            bc1 = 1 - b1**t
-            bc2 = 1 - b2**t
-            gm = g.to(m.dtype)
-            if inplace:
-                m = m.lerp_(gm, 1 - b1)
-                v = v.mul_(b2).addcmul_(gm, gm, value=1 - b2)
+        bc1, bc2 = _bias_corrections(count, b1, b2)
+        live = [i for i, g in enumerate(g_leaves) if g is not None]
+        grads = [g_leaves[i].to(mu_leaves[i].dtype) for i in live]
+        mus = [mu_leaves[i] for i in live]
+        nus = [nu_leaves[i] for i in live]
+        if inplace and not torch.compiler.is_compiling() and live:
+            # Fast path: one multi-tensor kernel per operation (same arithmetic as below).
+            torch._foreach_lerp_(mus, grads, 1 - b1)
+            torch._foreach_mul_(nus, b2)
+            torch._foreach_addcmul_(nus, grads, grads, value=1 - b2)
+            if eps_root:
+                denom = torch._foreach_div(nus, bc2)
+                torch._foreach_add_(denom, eps_root)
+                torch._foreach_sqrt_(denom)
             else:
-                m = m.lerp(gm, 1 - b1)
-                v = v.mul(b2).addcmul(gm, gm, value=1 - b2)
-            denom = (v / bc2 + eps_root).sqrt_().add_(eps) if eps_root else v.sqrt().div_(bc2.sqrt()).add_(eps)
-            u = (m / bc1).div_(denom)
-            if inplace and u.dtype == g.dtype:
-                u = g.copy_(u)
-            out.append(u.to(g.dtype))
-            new_mu.append(m)
-            new_nu.append(v)
+                denom = torch._foreach_sqrt(nus)
+                torch._foreach_div_(denom, _sqrt(bc2))
+            torch._foreach_add_(denom, eps)
+            us = torch._foreach_div(mus, bc1)
+            torch._foreach_div_(us, denom)
+        else:
+            us = []
+            for j, (g, m, v) in enumerate(zip(grads, mus, nus)):
+                if inplace:
+                    m = m.lerp_(g, 1 - b1)
+                    v = v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                else:
+                    m = m.lerp(g, 1 - b1)
+                    v = v.mul(b2).addcmul(g, g, value=1 - b2)
+                denom = (v / bc2 + eps_root).sqrt_() if eps_root else v.sqrt().div_(_sqrt(bc2))
+                us.append((m / bc1).div_(denom.add_(eps)))
+                mus[j], nus[j] = m, v
+        out, new_mu, new_nu = [None] * len(g_leaves), list(mu_leaves), list(nu_leaves)
+        for j, i in enumerate(live):
+            out[i] = us[j].to(g_leaves[i].dtype)
+            new_mu[i], new_nu[i] = mus[j], nus[j]
         return unflatten(spec, out), ScaleByAdamState(unflatten(mu_spec, new_mu), unflatten(mu_spec, new_nu), count)
 
     return GradientTransformation(init, update)
