@@ -217,6 +217,22 @@ def test_reference_tiny_blocks_encode_as_zero():
     torch.testing.assert_close(y[0, 64:], x[0, 64:], rtol=1e-6, atol=0)
 
 
+def test_reference_and_triton_leave_inputs_untouched():
+    backends = ["reference"] + (["triton"] if (HAS_TRITON and INTERPRET and not HAS_CUDA) else [])
+    for be in backends:
+        x = _rand((3, 512))  # a multiple of the block: the reference works on a view
+        x0 = x.clone()
+        codes, scales = K.quantize_blockwise(x, 256, stochastic=True, seed=1, backend=be)
+        _exact(x, x0)
+        c0, s0 = codes.clone(), scales.clone()
+        u = _rand((3, 512), seed=2)
+        u0 = u.clone()
+        K.int8_ema_update(codes, scales, u, 0.9, backend=be)
+        _exact(codes, c0)
+        _exact(scales, s0)
+        _exact(u, u0)
+
+
 def test_reference_dequantize_dtype_and_out():
     x = _rand((3, 517))
     codes, scales = R.quantize_blockwise(x, 100)

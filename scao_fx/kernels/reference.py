@@ -94,8 +94,8 @@ def quantize_blockwise(
     n = shape[-1]
     x2 = _rows(x).to(torch.float32)
     xb = _padded_blocks(x2, block_size)
-    if xb.data_ptr() == x.data_ptr():
-        xb = xb.clone()  # _encode works in place on its input
+    if xb.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        xb = xb.clone()  # _encode works in place on its input: never on the caller's x
     st = C.seed_term(seed, x.device) if stochastic else 0
     codes_b, scales = _encode(xb, n, block_size, stochastic, st)
     return _write(out, codes_b, scales, shape, n)
