@@ -74,7 +74,9 @@ def test_tiny_benchmark_is_paired_and_complete(tmp_path):
     assert runs[1]["final_val"] == pytest.approx(runs[0]["final_val"], abs=1e-3)
     row = {r["name"]: r for r in res["summary"]}["sf-adamw"]
     assert row["reached"] == 2 and abs(row["val_diff_mean"]) < 1e-3
-    assert res["lrs"] == {"adamw": 2e-3, "sf-adamw": 2e-3}
+    from scao_fx.bench.optimizers import REGISTRY
+
+    assert res["lrs"] == {"adamw": REGISTRY["adamw"].default_lr, "sf-adamw": REGISTRY["sf-adamw"].default_lr}
     assert res["corpus"]["n_chars"] == 60_000 and res["environment"]["torch"]
 
 

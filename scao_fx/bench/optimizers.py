@@ -8,9 +8,11 @@ an availability check (a missing peer package or a CUDA-only optimizer on a CPU 
 Functional ``scao_fx`` chains run through :class:`scao_fx.TransformOptimizer`, so any chain of
 the library becomes a registry entry with one line (see :func:`register_chain`).
 
-Default learning rates: chosen on this workload (the ``small`` preset, 500 steps) with
-``scao-fx bench --lr-sweep``; the sweep's grid is ``default_lr x LR_GRID`` (see
-docs/benchmarks.md for the sweep that chose them).
+Default learning rates: the best final validation loss of ``scao-fx bench --sweep-only`` on
+the default workload (``small`` preset, 500 steps, seed 0) over the grid 2.5e-4 ... 8e-3 (factors
+of 2; SOAP 3.75e-4 ... 1.2e-2); docs/benchmarks.md lists the sweep. ``sf-adamw`` and
+``torchopt-adamw`` compute AdamW's update, so they take AdamW's. ``--lr-sweep`` re-tunes on any
+workload over ``default_lr x LR_GRID``.
 """
 
 from __future__ import annotations
@@ -255,23 +257,23 @@ def _sf_adamw(lr, weight_decay):
     return sf.adamw(lr=lr, weight_decay=weight_decay)
 
 
-register(OptimizerSpec("adamw", _torch_adamw, 2e-3, "torch.optim.AdamW (foreach)", kind="baseline"))
+register(OptimizerSpec("adamw", _torch_adamw, 1e-3, "torch.optim.AdamW (foreach)", kind="baseline"))
 register(
     OptimizerSpec(
-        "scao", _scao_facade, 2e-3, "scao_fx SCAO (int8 curvature, adaptive rank, complement, blend ramp)",
+        "scao", _scao_facade, 1e-3, "scao_fx SCAO (int8 curvature, adaptive rank, complement, blend ramp)",
         kind="ours", requires=("scao_fx",), takes_options=True,
     )
 )
-register_chain("sf-adamw", _sf_adamw, 2e-3, "scao_fx adamw chain via TransformOptimizer", kind="ours")
+register_chain("sf-adamw", _sf_adamw, 1e-3, "scao_fx adamw chain via TransformOptimizer", kind="ours")
 register(
     OptimizerSpec(
-        "torchopt-adamw", _torchopt_adamw, 2e-3, "torchopt.adamw via torchopt.Optimizer",
+        "torchopt-adamw", _torchopt_adamw, 1e-3, "torchopt.adamw via torchopt.Optimizer",
         kind="peer", requires=("torchopt",),
     )
 )
 register(
     OptimizerSpec(
-        "scao-orig", _scao_original, 2e-3, "original SCAO (PyPI scao), package defaults",
+        "scao-orig", _scao_original, 1e-3, "original SCAO (PyPI scao), package defaults",
         kind="peer", requires=("scao",),
     )
 )
