@@ -90,7 +90,8 @@ def blend_ramp(
             if g is None:
                 out.append(None)
                 continue
-            w = b.to(device=g.device, dtype=g.dtype)
+            # non_blocking: a pageable 0-d host->device copy that never waits for the device
+            w = b.to(device=g.device, dtype=g.dtype, non_blocking=True)
             # where(): exactly the raw gradient while b == 0, whatever the inner output holds.
             mixed = torch.where(w > 0, torch.lerp(g, p, w), g)
             out.append(g.copy_(mixed) if inplace else mixed)
