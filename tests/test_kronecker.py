@@ -334,6 +334,24 @@ def test_wrong_tree_raises():
         tx.update({"w": torch.zeros(4)}, state)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "BUG (reported): update() checks the number of shape groups and leaves per group but not the "
+        "matrix shapes, so a same-structure tree with a leaf of another shape fails deep inside "
+        "(fp32: RuntimeError from lerp, int8: 'update has 9 elements, codes has 16') instead of a "
+        "ValueError naming the state mismatch. Fix: also compare each group's side dims with "
+        "state.groups[i].left/right.basis.shape[-2] (static shapes, compile-safe)."
+    ),
+)
+@pytest.mark.parametrize("shape", [(3, 4), (4, 5), (2, 6)])
+def test_wrong_leaf_shape_raises_value_error(shape):
+    tx = _tx()
+    state = tx.init({"w": torch.zeros(4, 3)})
+    with pytest.raises(ValueError, match="kronecker_precondition"):
+        tx.update({"w": torch.zeros(shape)}, state)
+
+
 # --------------------------------------------------------------------------- robustness
 
 

@@ -13,7 +13,7 @@ import torch
 
 import scao_fx as sf
 from scaoref import cosine, rel_err
-from treeutil import assert_tree_close, clone, tensor_leaves
+from treeutil import assert_tree_close, clone, structure, tensor_leaves
 
 
 
@@ -543,6 +543,25 @@ def test_weights_only_checkpoint_round_trip_is_bit_identical():
     p2, s2 = cont(loaded["params"], loaded["state"])
     assert_tree_close(p1, p2)
     assert_tree_close(s1, s2)
+
+
+def test_state_structure_and_dtypes_stable_across_phases():
+    """Warmup, ramp, refresh and plain steps all return a state of the same structure, dtypes,
+    shapes and devices (int8 codes stay int8), and the counters are CPU int64."""
+    params, loss = mlp_problem(4)
+    tx = sf.scao(1e-2, **fast_scao_kwargs())
+    state = tx.init(params)
+    sig = [(t.dtype, t.shape, t.device) for t in tensor_leaves(state)]
+    spec = structure(state)
+    p = clone(params)
+    for _ in range(26):
+        u, state = tx.update(torch.func.grad(loss)(p), state, params=p)
+        p = sf.apply_updates(p, u)
+        assert structure(state) == spec
+        assert [(t.dtype, t.shape, t.device) for t in tensor_leaves(state)] == sig
+    kron = state[0].inner_state
+    assert kron.count.dtype == torch.int64 and kron.count.device.type == "cpu"
+    assert {t.dtype for t in tensor_leaves(kron.groups)} >= {torch.int8, torch.float32, torch.int64}
 
 
 # --------------------------------------------------------------------------- arguments
