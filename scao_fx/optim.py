@@ -559,6 +559,15 @@ COMPAT_KEYWORDS: dict[str, tuple[Any, str | None]] = {
     "curvature_mode": ("dense", "only dense Kronecker factors are implemented"),
     "curvature_rank": (None, "only dense Kronecker factors are implemented (curvature_mode='dense')"),
     "update_rule": ("adamw", "SCAO runs Adam with decoupled weight decay on the preconditioned gradient"),
+    # torch.optim.AdamW's keywords, so that replacing the class name is the only change.
+    "amsgrad": (False, "AMSGrad's running maximum of the second moment is not implemented"),
+    "maximize": (False, "maximization is not implemented; minimise the negated objective"),
+    "capturable": (
+        False,
+        "the step counters live on the CPU (so schedules never wait for the GPU), which a CUDA "
+        "graph cannot capture",
+    ),
+    "differentiable": (False, "differentiating through the optimizer step is not supported"),
 }
 
 #: Keywords accepted at any valid value: they have no effect here (documented per keyword).
@@ -577,6 +586,9 @@ INERT_KEYWORDS: dict[str, Any] = {
     "lazy_delta_threshold": 0.1,
     "lazy_max_skip": 50,
     "gsnr_threshold": 0.5,
+    # torch.optim.AdamW's implementation choices: the library picks its own kernels.
+    "foreach": None,
+    "fused": None,
 }
 
 def _precondition_extras() -> dict[str, Any]:
@@ -617,6 +629,9 @@ def _check_compat(values: Mapping[str, Any]) -> None:
         raise ValueError(f"beta3 must be a real number in [0, 1), got {b3!r}")
     for name in ("async_precond", "noise_relative"):
         _check_bool(name, values[name])
+    for name in ("foreach", "fused"):
+        if values[name] is not None:
+            _check_bool(name, values[name])
     for name, low, high in (
         ("noise_anneal", 0.0, 1.0),
         ("lookahead_alpha", 0.0, 1.0),

@@ -698,7 +698,26 @@ def test_compat_tables_cover_the_original_signature():
         "warmup_stability_threshold", "warmup_patience", "lazy_precond", "lazy_delta_threshold", "lazy_max_skip",
         "use_gsnr_clip", "gsnr_threshold", "adaptive_rank", "curvature_mode", "curvature_rank", "update_rule",
     }
-    assert original == set(COMPAT_KEYWORDS) | set(INERT_KEYWORDS)
+    adamw_only = {"amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused"}
+    assert original | adamw_only == set(COMPAT_KEYWORDS) | set(INERT_KEYWORDS)
+
+
+def test_scao_accepts_torch_adamw_keywords():
+    import inspect
+
+    adamw_params = set(inspect.signature(torch.optim.AdamW).parameters) - {"params", "self"}
+    model = scao_model()
+    kwargs = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, amsgrad=False, maximize=False,
+                  foreach=None, capturable=False, differentiable=False, fused=None)
+    assert adamw_params <= set(kwargs), adamw_params - set(kwargs)
+    opt = SCAO(model.parameters(), **{k: kwargs[k] for k in adamw_params})
+    train_step(model, opt, torch.randn(8, 8), torch.randn(8, 4))
+    SCAO(model.parameters(), foreach=True, fused=False)
+    for name in ("amsgrad", "maximize", "capturable", "differentiable"):
+        with pytest.raises(ValueError, match=f"{name}=True is not supported"):
+            SCAO(model.parameters(), **{name: True})
+    with pytest.raises(TypeError, match="fused must be a bool"):
+        SCAO(model.parameters(), fused="yes")
 
 
 def test_scao_bad_arguments():
@@ -872,7 +891,10 @@ def test_deepcopy_gives_an_independent_optimizer():
     both = copy.deepcopy({"model": model, "opt": opt})  # params and state copied together
     m3, o3 = both["model"], both["opt"]
     assert o3.param_groups[0]["params"][0] is next(m3.parameters())
-    assert "differentiable" not in o3.defaults
+    assert o3.defaults == opt.defaults  # torch adds "differentiable" on unpickle; not passed on
+    adam_copy = copy.deepcopy(make_adamw(mlp().parameters()))
+    assert "differentiable" not in adam_copy.defaults
+    adam_copy.transform()  # rebuilds: the factory does not receive an unknown keyword
     o3.param_groups[0]["lr"] = 0.0  # the copy's lr drives the copy's transform only
     _run(m3, o3, 3, x, y)
     assert all(torch.equal(a, b) for a, b in zip(m3.parameters(), model2.parameters()))
