@@ -324,6 +324,14 @@ def test_torchopt_chain_runs():
         train_step(m1, o1, x, y)
         train_step(m2, o2, x, y)
     assert max_diff(m1, m2) < 1e-5
+    # a torchopt state checkpoints through the same plain-tensor state_dict
+    m3 = copy.deepcopy(m1)
+    o3 = TransformOptimizer(m3.parameters(), lambda lr: torchopt.adam(lr=lr), {"lr": 1e-2})
+    o3.load_state_dict(save_load(o1.state_dict()))
+    for _ in range(3):
+        train_step(m1, o1, x, y)
+        train_step(m3, o3, x, y)
+    assert max_diff(m1, m3) == 0.0
 
 
 def test_factory_without_lr_and_custom_keys():
