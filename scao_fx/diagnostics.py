@@ -87,6 +87,15 @@ def _find(state: Any, cls: type) -> list:
     return found
 
 
+def _default_codec() -> Codec:
+    """The curvature codec of ``scao_precondition()``'s defaults (int8, its default block size)."""
+    import inspect
+
+    from .alias import scao_precondition
+
+    return int8_blockwise(inspect.signature(scao_precondition).parameters["block_size"].default)
+
+
 def _num_leaves(state: Any) -> int | None:
     adam = _find(state, ScaleByAdamState)
     if not adam:
@@ -110,15 +119,17 @@ def scao_diagnostics(
 ) -> dict[str, dict[str, Any]]:
     """Per-leaf diagnostics of a SCAO functional state (see the module docs for the keys).
 
-    The hyperparameters must be the ones the state was built with (they are not stored in the
-    state); the :class:`scao_fx.SCAO` optimizer passes them for you (``opt.diagnostics()``).
+    ``blend`` and ``phase`` come from the blend weight the state records at every step; the
+    ramp's settings below are only used for states that do not record it. ``rho`` and ``codec``
+    must be the ones the state was built with (they are not stored in the state); the
+    :class:`scao_fx.SCAO` optimizer passes them for you (``opt.diagnostics()``).
 
     Args:
         state: the functional state (e.g. of ``sf.scao(...)``).
         warmup_steps, blend_steps, min_precond_updates, blend_shape: the blend ramp's settings.
         rho: the curvature EMA decay (for the debiased factor norms).
-        codec: the curvature storage codec (default: ``int8_blockwise()``, the default of
-            ``use_int8_ema=True``; pass ``fp32_codec()`` for ``use_int8_ema=False``).
+        codec: the curvature storage codec (default: int8 with ``scao_precondition``'s default
+            ``block_size``; pass ``fp32_codec()`` for ``use_int8_ema=False``).
         names: one name per leaf of the parameter tree (default: ``"0"``, ``"1"``, ...).
         shapes: the leaves' shapes (to fill ``shape`` for leaves without curvature).
         curvature_norms: decode the factors to report their norms (costs a decode per factor).
@@ -154,10 +165,16 @@ def scao_diagnostics(
         )
     ramp = ramps[0]
     kron: KroneckerPreconditionState = ramp.inner_state
-    start = max(warmup_steps, min_precond_updates)
-    blend = blend_factor(ramp.count, start, blend_steps, blend_shape)
-    count = int(ramp.count)  # CPU tensor: no device sync
-    ramp_phase = "warmup" if count <= start else ("ramp" if count < start + blend_steps else "precond")
+    recorded = getattr(ramp, "blend", None)  # the blend weight of the last step, if the state keeps it
+    if isinstance(recorded, torch.Tensor) and recorded.device.type == "cpu":
+        blend = recorded
+        b = float(recorded)  # CPU tensor: no device sync
+        ramp_phase = "warmup" if b <= 0.0 else ("precond" if b >= 1.0 else "ramp")
+    else:
+        start = max(warmup_steps, min_precond_updates)
+        blend = blend_factor(ramp.count, start, blend_steps, blend_shape)
+        count = int(ramp.count)  # CPU tensor: no device sync
+        ramp_phase = "warmup" if count <= start else ("ramp" if count < start + blend_steps else "precond")
 
     n = _num_leaves(state)
     if n is None:
@@ -167,7 +184,7 @@ def scao_diagnostics(
     if names is not None and len(names) != n:
         raise ValueError(f"names must have one entry per leaf ({n}), got {len(names)}")
     labels = [str(i) for i in range(n)] if names is None else [str(x) for x in names]
-    curv = curvature_ema(rho, codec=int8_blockwise() if codec is None else codec)
+    curv = curvature_ema(rho, codec=_default_codec() if codec is None else codec)
 
     def out(x: Any) -> Any:
         if as_tensors or x is None:

@@ -932,3 +932,36 @@ def test_scao_factor_mode_wide_is_one_sided():
     # the functional equivalent
     assert opts["wide"].param_groups[0]["factor_mode"] == "wide"
     assert SCAO([lora_a], sides="wide").param_groups[0]["sides"] == "wide"
+
+
+def test_functional_scao_diagnostics_and_errors():
+    params = {"w": torch.zeros(6, 5), "b": torch.zeros(5)}
+    tx = sf.scao(warmup_steps=1, blend_steps=2, min_precond_updates=0, precond_freq=1, k_min=1, k_max=4)
+    state = tx.init(params)
+    phases = []
+    for _ in range(4):
+        grads = {"w": torch.randn(6, 5), "b": torch.randn(5)}
+        _, state = tx.update(grads, state, params=params)
+        # tree order of a dict is sorted by key: "b", then "w"
+        phases.append(sf.scao_diagnostics(state, names=["b", "w"])["w"]["phase"])
+    assert phases == ["warmup", "ramp", "precond", "precond"]
+    rec = sf.scao_diagnostics(state, names=["b", "w"], codec=sf.int8_blockwise(64))["w"]
+    assert rec["refreshes"] == 4 and 1 <= rec["rank_left"] <= 4 and rec["shape"] == (6, 5)
+    # the default codec decodes scao()'s default int8 state: its norm matches an fp32 run's
+    big = [torch.zeros(40, 30)]
+    norms = []
+    for int8 in (True, False):
+        torch.manual_seed(0)
+        tx2 = sf.scao(warmup_steps=0, min_precond_updates=0, precond_freq=1, use_int8_ema=int8)
+        st2 = tx2.init(big)
+        for _ in range(3):
+            _, st2 = tx2.update([torch.randn(40, 30)], st2, params=big)
+        norms.append(sf.scao_diagnostics(st2, codec=None if int8 else sf.fp32_codec())["0"]["curvature_norm_left"])
+    assert norms[1] > 0 and abs(norms[0] - norms[1]) / norms[1] < 0.05
+    summary = sf.summarize_diagnostics(sf.scao_diagnostics(state))
+    assert summary["phase_precond"] == 1.0 and summary["preconditioned_leaves"] == 1.0
+    with pytest.raises(ValueError, match="names must have one entry per leaf"):
+        sf.scao_diagnostics(state, names=["only-one"])
+    with pytest.raises(ValueError, match="no SCAO preconditioner"):
+        sf.scao_diagnostics(sf.adamw().init(params))
+    assert sf.summarize_diagnostics({}) == {}
