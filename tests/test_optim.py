@@ -965,3 +965,22 @@ def test_functional_scao_diagnostics_and_errors():
     with pytest.raises(ValueError, match="no SCAO preconditioner"):
         sf.scao_diagnostics(sf.adamw().init(params))
     assert sf.summarize_diagnostics({}) == {}
+
+
+def test_scao_never_used_parameter_stays_put_and_finite():
+    model = scao_model()
+    unused = torch.nn.Linear(12, 12)  # requires grad, never receives one (an unused head)
+    opt = SCAO(list(model.parameters()) + list(unused.parameters()), lr=1e-2, **FAST)
+    w0 = unused.weight.detach().clone()
+    x, y = torch.randn(16, 8), torch.randn(16, 4)
+    _run(model, opt, 12, x, y)
+    assert torch.equal(unused.weight, w0)
+    leaves = [t for t in optree_leaves(opt.functional_state(0)) if t.is_floating_point()]
+    assert all(torch.isfinite(t).all() for t in leaves)
+    assert opt.diagnostics()["6"]["phase"] == "precond"  # unused.weight has state, is just never moved
+
+
+def optree_leaves(tree):
+    import optree
+
+    return optree.tree_leaves(tree)
