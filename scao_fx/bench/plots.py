@@ -119,7 +119,7 @@ def _memory_plot(results: dict, path: Path) -> None:
         bars = ax2.barh(names, mem, color=[colors[n] for n in names])
         ax2.bar_label(bars, labels=[f"{v:,.1f} (total {t:,.0f})" for v, t in zip(mem, total)], fontsize=8, padding=2)
         what = "CUDA memory allocated" if kind == "cuda" else "process RSS"
-        ax2.set_xlabel(f"peak {what} above the level before the optimizer existed, MB")
+        ax2.set_xlabel(f"peak {what} above the pre-optimizer level, MB")
         ax2.invert_yaxis()
         ax2.set_xlim(0, max(mem + [1.0]) * 1.45)
         ax2.set_title("peak memory of the training run")

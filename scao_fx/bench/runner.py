@@ -436,6 +436,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
         x, y = sample_batch(corpus.val, model_cfg.batch_size, model_cfg.block_size, gen)
         val_batches.append((x.to(device), y.to(device)))
     specs, skipped = _resolve(cfg, log)
+    _warm_up(model_cfg, corpus, device)
     log(
         f"corpus: {corpus.n_chars:,} chars, vocab {corpus.vocab_size} ({corpus.tokenizer}); "
         f"model: {cfg.preset} {model_cfg.n_layer}x{model_cfg.d_model}, "
@@ -497,6 +498,22 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
         summary=summary,
         wall_seconds=time.perf_counter() - t_start,
     )
+
+
+def _warm_up(model_cfg: GPTConfig, corpus: Corpus, device: torch.device, steps: int = 3) -> None:
+    """A few untimed forward/backward passes of a throwaway model before the first measured run,
+    so that one-time costs (thread pools, allocator arenas, kernel selection, CUDA context) do not
+    land in the timings and peak memory of whichever optimizer happens to run first."""
+    model = GPT(model_cfg, seed=0).to(device)
+    stream = BatchStream(corpus.train, model_cfg.batch_size, model_cfg.block_size, seed=0, device=device)
+    for _ in range(steps):
+        x, y = next(stream)
+        _, loss = model(x, y)
+        loss.backward()
+    with torch.no_grad():
+        model(x, y)
+    _sync(device)
+    del model, stream
 
 
 def _mean(xs) -> float | None:
