@@ -114,14 +114,18 @@ def _memory_plot(results: dict, path: Path) -> None:
                  ha="center", va="center", transform=ax2.transAxes, fontsize=9)
         ax2.set_axis_off()
     else:
-        mem = [r.get("peak_mem_delta_mb") or 0.0 for r in rows]
-        total = [r.get("peak_mem_mb") or 0.0 for r in rows]
+        if kind == "cuda":  # exact: the allocator's own peak, minus what existed before the optimizer
+            mem = [r.get("peak_mem_delta_mb") or 0.0 for r in rows]
+            labels = [f"{v:,.1f}" for v in mem]
+            ax2.set_xlabel("peak CUDA memory allocated above the pre-optimizer level, MB")
+        else:  # RSS of the whole process: runs share one allocator, so only the total is honest
+            mem = [r.get("peak_mem_mb") or 0.0 for r in rows]
+            labels = [f"{v:,.0f}" for v in mem]
+            ax2.set_xlabel("peak resident memory of the whole process, MB")
         bars = ax2.barh(names, mem, color=[colors[n] for n in names])
-        ax2.bar_label(bars, labels=[f"{v:,.1f} (total {t:,.0f})" for v, t in zip(mem, total)], fontsize=8, padding=2)
-        what = "CUDA memory allocated" if kind == "cuda" else "process RSS"
-        ax2.set_xlabel(f"peak {what} above the pre-optimizer level, MB")
+        ax2.bar_label(bars, labels=labels, fontsize=8, padding=2)
         ax2.invert_yaxis()
-        ax2.set_xlim(0, max(mem + [1.0]) * 1.45)
+        ax2.set_xlim(0, max(mem + [1.0]) * 1.2)
         ax2.set_title("peak memory of the training run")
     ax1.set_title("optimizer state")
     fig.tight_layout()
