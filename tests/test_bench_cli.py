@@ -16,6 +16,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def test_bench_quick_smoke(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="the bench extra (matplotlib) is needed for the plots")
     out = tmp_path / "out"
     rc = main(["bench", "--quick", "--no-progress", "--out", str(out)])
     printed = capsys.readouterr().out

@@ -158,6 +158,17 @@ def main(argv: list[str] | None = None) -> int:
     return run_from_args(args)
 
 
+def _plots(results: dict, out: str) -> dict:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("matplotlib is not installed: no PNG plots (pip install 'scao-fx[bench]')", file=sys.stderr)
+        return {}
+    from .plots import plot_results
+
+    return plot_results(results, out)
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     if args.list:
         return _list(args.device)
@@ -178,9 +189,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(sweep_table(results))
         paths = write_results(results, args.out)
         if not args.no_plots and results["sweep"]:
-            from .plots import plot_results
-
-            paths.update(plot_results(results, args.out))
+            paths.update(_plots(results, args.out))
         print(f"wrote {', '.join(sorted(paths))} to {args.out} ({time.perf_counter() - t0:.0f} s)")
         return 0 if results["sweep"] else 1
     if not results["runs"]:
@@ -194,9 +203,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         print("skipped: " + "; ".join(f"{k} ({v})" for k, v in results["skipped"].items()))
     paths = write_results(results, args.out)
     if not args.no_plots:
-        from .plots import plot_results
-
-        paths.update(plot_results(results, args.out))
+        paths.update(_plots(results, args.out))
     print(f"wrote {', '.join(sorted(paths))} to {args.out} ({time.perf_counter() - t0:.0f} s)")
     failed = [r for r in results["runs"] if r["status"] == "error" and r["kind"] in ("baseline", "ours")]
     return 1 if failed else 0
