@@ -185,8 +185,9 @@ def test_quantize_state_bf16_adam_close_to_fp32():
     strict=True,
     reason=(
         "BUG (reported): linear block-wise int8 on Adam's second moment rounds small v entries to 0 "
-        "while m stays non-zero, so m / (sqrt(v) + eps) explodes: the loss diverges to ~1e5-1e7 at "
-        "lr 1e-3..3e-2 for block sizes 8 and 64, nearest or stochastic rounding (bf16 storage is fine). "
+        "while m stays non-zero, so m / (sqrt(v) + eps) explodes: after 80 steps of this least-squares "
+        "problem the loss is 12-756 (fp32 Adam: 5.1) at lr 1e-3 and 61-1.1e5 (fp32: 0.64) at lr 1e-2 for "
+        "block 64 stochastic / block 64 nearest / block 8 (bf16 storage matches fp32). "
         "8-bit Adam needs a non-linear (dynamic-exponent / companded) code for v."
     ),
 )
