@@ -169,9 +169,11 @@ def test_warmup_equals_adamw_exactly(warmup, min_updates):
 # Adam (eps=1e-16, negligible), the Frobenius graft, the relative Tikhonov term, the debiased
 # EMA and the block-wise int8 codec are all exactly scale-equivariant, so nothing amplifies
 # these differences except float32 eigh (eigenvector perturbation ~ eps * spread of the
-# spectrum / gap) over 12 refreshes: measured max relative parameter difference 6.8e-7
-# (fp32 codec) and 5.8e-7 (int8; no stochastic-rounding decision flipped) after 60 steps. The
-# tolerance 2e-5 keeps ~30x headroom for other BLAS builds and is still 4 orders of magnitude
+# spectrum / gap) over 12 refreshes, plus, with int8, the rare stochastic-rounding decision that
+# flips when x / scale lands within rounding of the hash threshold: measured max relative
+# parameter difference 6.8e-7 (fp32 codec) and 5.8e-7 .. 1.7e-6 (int8, exact eigh / warm-started
+# subspace solver) after 60 steps. The tolerance 2e-5 keeps >10x headroom for other BLAS builds
+# and solvers and is still 4 orders of magnitude
 # below what a scale-dependent constant does (graft="none": 0.28 at 1e-2, 0.76 at 1e2).
 SCALE_RTOL = 2e-5
 
