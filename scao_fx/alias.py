@@ -108,6 +108,7 @@ def scao_precondition(
     grouped: bool = True,
     rank_eps: float | None = None,
     sides: str = "both",
+    eigensolver: str = "auto",
 ) -> GradientTransformation:
     r"""SCAO's preconditioner, built from its five named parts.
 
@@ -144,6 +145,7 @@ def scao_precondition(
         tikhonov: relative Tikhonov factor, >= 0.
         grouped: stack same-shape leaves (False: per-leaf loop).
         sides: ``"both"``, or ``"wide"`` (only the longer side of non-square matrices: LoRA).
+        eigensolver: ``"auto"``, ``"eigh"`` or ``"subspace"`` (see :func:`kronecker_precondition`).
         rank_eps: alternative name of ``epsilon_sparse``.
 
     Returns:
@@ -173,6 +175,7 @@ def scao_precondition(
             tikhonov=tikhonov,
             grouped=grouped,
             sides=sides,
+            eigensolver=eigensolver,
         ),
         warmup_steps=warmup_steps,
         blend_steps=blend_steps,

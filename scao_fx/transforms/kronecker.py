@@ -43,6 +43,8 @@ __all__ = [
     "KroneckerGroupState",
     "KroneckerSide",
     "matrix_shape",
+    "top_eigenpairs_exact",
+    "top_eigenpairs_subspace",
     "TIKHONOV_FLOOR",
 ]
 
@@ -135,6 +137,27 @@ def _plan(leaves: Sequence[Any], max_precond_dim: int, grouped: bool, side_mode:
     return [_Group(*sides[k], tuple(v)) for k, v in groups.items()]
 
 
+def _side_dim(side: KroneckerSide | None) -> int | None:
+    return None if side is None else side.basis.shape[-2]
+
+
+def _check_plan(plan: list[_Group], groups: tuple) -> None:
+    """Raise a ValueError unless the updates' shape groups are the ones the state was built for."""
+    # Leaf indices are a CPU tensor: compared in eager mode only (static shapes under compile).
+    eager = not torch.compiler.is_compiling()
+    expected = [
+        (gs.leaves.tolist() if eager else gs.leaves.numel(), _side_dim(gs.left), _side_dim(gs.right)) for gs in groups
+    ]
+    got = [(list(g.indices) if eager else len(g.indices), g.m if g.left else None, g.n if g.right else None) for g in plan]
+    if got != expected:
+        raise ValueError(
+            "updates do not match the kronecker_precondition state: the state was built for shape "
+            f"groups (leaf indices, left dim, right dim) {expected}, the updates give {got}; was "
+            "init() called on the same parameter tree, with the same shapes, and do the same leaves "
+            "have gradients?"
+        )
+
+
 def _apply_left(side: KroneckerSide, g: torch.Tensor) -> torch.Tensor:
     """:math:`A G` for ``g`` of shape ``(B, d, n)``."""
     t = torch.matmul(side.basis.transpose(-1, -2), g) * side.coef[..., None]
@@ -145,6 +168,58 @@ def _apply_right(side: KroneckerSide, g: torch.Tensor) -> torch.Tensor:
     """:math:`G A` for ``g`` of shape ``(B, m, d)``."""
     t = torch.matmul(g, side.basis) * side.coef[:, None, :]
     return torch.baddbmm(g * side.tail[:, None, None], t, side.basis.transpose(-1, -2))
+
+
+def _branch(pred: torch.Tensor, true_fn: Callable, false_fn: Callable, operands: tuple) -> tuple:
+    """``true_fn(*operands) if pred else false_fn(*operands)`` for a CPU bool tensor ``pred``.
+
+    Eager: a Python branch (no device sync). Under ``torch.compile``: ``torch.cond``. Both
+    functions return tuples of fresh tensors of the same shapes.
+    """
+    if torch.compiler.is_compiling():
+        return torch.cond(pred, true_fn, false_fn, operands)
+    return true_fn(*operands) if bool(pred) else false_fn(*operands)
+
+
+def top_eigenpairs_exact(factor: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Top ``cap = basis.shape[-1]`` eigenpairs of a stack of symmetric factors by a full ``eigh``.
+
+    Returns ``(values (B, cap) decreasing, vectors (B, d, cap), ok (B,), rest (B, d - cap))``
+    where ``rest`` holds the remaining eigenvalues.
+    """
+    cap = basis.shape[-1]
+    vals, vecs, ok = robust_eigh(factor)
+    return _dense(vals[:, :cap]), _dense(vecs[..., :cap]), ok, _dense(vals[:, cap:])
+
+
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    """A copy with standard strides (``contiguous()`` keeps odd strides of size-1 dims, which
+    ``torch.cond`` rejects when its two branches disagree)."""
+    return x.clone(memory_format=torch.contiguous_format)
+
+
+def top_eigenpairs_subspace(factor: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    r"""Top eigenpairs by one step of orthogonal iteration warm-started at ``basis``, then Rayleigh-Ritz.
+
+    :math:`Q = \mathrm{qr}(F U_{prev})`, :math:`Q^\top F Q = W \Lambda W^\top`, :math:`U = Q W`.
+    Costs :math:`O(d^2 k)` instead of the :math:`O(d^3)` of a full ``eigh``; repeated at every
+    refresh it tracks the leading subspace as the factor drifts (the previous basis is already
+    close). Columns of a never-computed (all-zero) basis start from identity columns. The
+    remaining ``d - cap`` eigenvalues are not computed: ``rest`` spreads the remaining trace
+    evenly over them.
+    """
+    d, cap = basis.shape[-2], basis.shape[-1]
+    start = torch.eye(d, cap, device=basis.device, dtype=factor.dtype).expand_as(basis)
+    empty = (basis.abs().sum(dim=(-2, -1)) == 0)[:, None, None]
+    u0 = torch.where(empty, start, basis.to(factor.dtype))
+    q, _ = torch.linalg.qr(torch.matmul(factor, u0))
+    h = torch.matmul(q.transpose(-1, -2), torch.matmul(factor, q))
+    vals, w, ok = robust_eigh(0.5 * (h + h.transpose(-1, -2)))
+    vals, vecs = vals.to(factor.dtype), torch.matmul(q, w.to(q.dtype))
+    ok = ok & torch.isfinite(vecs).flatten(1).all(-1)
+    remaining = torch.diagonal(factor, dim1=-2, dim2=-1).sum(-1) - vals.sum(-1)
+    rest = (remaining / max(d - cap, 1))[:, None].expand(-1, d - cap)
+    return _dense(vals), _dense(vecs), ok, _dense(rest)
 
 
 def _maybe_refresh(due: torch.Tensor, side: KroneckerSide, refresh: Callable[[KroneckerSide], KroneckerSide]) -> KroneckerSide:
@@ -179,6 +254,7 @@ def kronecker_precondition(
     tikhonov: float = 1e-4,
     grouped: bool = True,
     sides: str = "both",
+    eigensolver: str = "auto",
 ) -> GradientTransformation:
     r"""Precondition matrix leaves by low-rank-plus-complement Kronecker factors.
 
@@ -202,6 +278,11 @@ def kronecker_precondition(
             the longer side of a non-square matrix (one-sided, for LoRA adapters ``(r, d)`` /
             ``(d, r)`` whose ``r x r`` side is not worth a factor); square matrices keep both.
 
+        eigensolver: how a refresh finds the top-``k_max`` eigenpairs: ``"eigh"`` (a full
+            decomposition every time), ``"subspace"`` (full at the first refresh, then one
+            warm-started orthogonal iteration + Rayleigh-Ritz, :math:`O(d^2 k)`), or ``"auto"``
+            (``"subspace"`` where the basis is narrower than the factor, else ``"eigh"``).
+
     Returns:
         A ``GradientTransformation`` with state :class:`KroneckerPreconditionState`. It never
         modifies its input updates, even with ``inplace=True`` (which only reuses state buffers).
@@ -223,6 +304,7 @@ def kronecker_precondition(
     tau = check_float("tau", tau, low=0.0, low_inclusive=False, allow_none=True)
     tikhonov = check_float("tikhonov", tikhonov, low=0.0)
     side_mode = check_choice("sides", sides, ("both", "wide"))
+    check_choice("eigensolver", eigensolver, ("auto", "eigh", "subspace"))
 
     def init_side(batch: int, dim: int, device) -> KroneckerSide:
         cap = rank.capacity(dim)
@@ -250,15 +332,23 @@ def kronecker_precondition(
             )
         return KroneckerPreconditionState(step_count(), step_count(), tuple(groups))
 
-    def refresh_side(side: KroneckerSide, count: torch.Tensor, dim: int) -> KroneckerSide:
+    def refresh_side(side: KroneckerSide, count: torch.Tensor, dim: int, first: torch.Tensor) -> KroneckerSide:
         factor = curvature.factor(side.stat, count, dim)
         trace = torch.diagonal(factor, dim1=-2, dim2=-1).sum(-1)
         eps = torch.clamp(tikhonov * trace / dim, min=TIKHONOV_FLOOR)
         eye = torch.eye(dim, device=factor.device, dtype=factor.dtype)
-        vals, vecs, ok = robust_eigh(factor + eps[:, None, None] * eye)
-        s = torch.maximum(vals, eps[:, None])  # (B, d) decreasing, >= eps
-        k = rank.select((vals - eps[:, None]).clamp(min=0))
+        reg = factor + eps[:, None, None] * eye
         cap = rank.capacity(dim)
+        if eigensolver == "eigh" or (eigensolver == "auto" and cap == dim):
+            vals, vecs, ok, rest = top_eigenpairs_exact(reg, side.basis)
+        else:
+            vals, vecs, ok, rest = _branch(first, top_eigenpairs_exact, top_eigenpairs_subspace, (reg, side.basis))
+        # The full regularised spectrum, each eigenvalue floored at eps (an int8-decoded factor can
+        # be slightly indefinite): the ``cap`` computed values, then the rest (exact, or the
+        # remaining trace spread evenly by the subspace solver). Past ``cap`` only sums matter.
+        s_all = torch.maximum(torch.cat([vals, rest], dim=-1), eps[:, None])
+        s = s_all[:, :cap]
+        k = rank.select(s_all - eps[:, None])
         idx = torch.arange(dim, device=s.device)
         if complement == "none":
             c = torch.zeros_like(eps)
@@ -267,14 +357,15 @@ def kronecker_precondition(
         else:
             tail_mask = idx[None, :] >= k[:, None]
             n_tail = tail_mask.sum(-1)
-            mean_tail = (s * tail_mask).sum(-1) / n_tail.clamp(min=1)
-            c = torch.where(n_tail > 0, mean_tail, s[:, -1]) ** -0.25
-        keep = idx[None, :cap] < k[:, None]
-        coef = torch.where(keep, s[:, :cap] ** -0.25 - c[:, None], torch.zeros_like(s[:, :cap]))
+            mean_tail = (s_all * tail_mask).sum(-1) / n_tail.clamp(min=1)
+            c = torch.where(n_tail > 0, mean_tail, s_all[:, -1]) ** -0.25
+        idx = idx[:cap]
+        keep = idx[None, :] < k[:, None]
+        coef = torch.where(keep, s ** -0.25 - c[:, None], torch.zeros_like(s))
         okb = ok[:, None]
         return KroneckerSide(
             stat=side.stat,
-            basis=torch.where(ok[:, None, None], vecs[..., :cap], side.basis).contiguous(),
+            basis=torch.where(ok[:, None, None], vecs, side.basis).contiguous(),
             coef=torch.where(okb, coef, side.coef).contiguous(),
             tail=torch.where(ok, c.to(side.tail.dtype), side.tail).contiguous(),
             rank=torch.where(ok, k, side.rank).contiguous(),
@@ -284,16 +375,10 @@ def kronecker_precondition(
     def update(updates, state, *, params=None, inplace=True):
         leaves, spec = flatten(updates)
         plan = _plan(leaves, max_precond_dim, grouped, side_mode)
-        if len(plan) != len(state.groups) or any(
-            len(g.indices) != gs.leaves.numel() for g, gs in zip(plan, state.groups)
-        ):
-            raise ValueError(
-                "updates do not match the kronecker_precondition state: the state was built for "
-                f"{len(state.groups)} shape groups, the updates give {len(plan)}; was init() called "
-                "on the same parameter tree (and do the same leaves have gradients)?"
-            )
+        _check_plan(plan, state.groups)
         count = increment(state.count)
         due = (count % precond_freq) == 0
+        first = state.refreshes == 0
         out = list(leaves)
         new_groups = []
         for gi, (g, gs) in enumerate(zip(plan, state.groups)):
@@ -309,7 +394,7 @@ def kronecker_precondition(
                     continue
                 stat = curvature.accumulate(side.stat, gram(grads), seed, inplace=inplace)
                 side = side._replace(stat=stat)
-                side = _maybe_refresh(due, side, lambda sd, dim=dim: refresh_side(sd, count, dim))
+                side = _maybe_refresh(due, side, lambda sd, dim=dim: refresh_side(sd, count, dim, first))
                 sides.append(side)
                 seed = seed + 1
             left, right = sides
