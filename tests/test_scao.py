@@ -566,6 +566,27 @@ def test_state_structure_and_dtypes_stable_across_phases():
     assert {t.dtype for t in tensor_leaves(kron.groups)} >= {torch.int8, torch.float32, torch.int64}
 
 
+def test_inplace_and_out_of_place_steps_agree_and_inputs_untouched():
+    params, loss = mlp_problem(5)
+    tx = sf.scao(1e-2, **fast_scao_kwargs())
+    s_in, s_out = tx.init(params), tx.init(params)
+    p_in, p_out = clone(params), clone(params)
+    for _ in range(22):
+        g = torch.func.grad(loss)(p_out)
+        g_keep, s_keep, p_keep = clone(g), clone(s_out), clone(p_out)
+        u_out, s_out_new = tx.update(g, s_out, params=p_out, inplace=False)
+        assert_tree_close(g, g_keep, msg="inplace=False changed the updates")
+        assert_tree_close(s_out, s_keep, msg="inplace=False changed the state")
+        assert_tree_close(p_out, p_keep, msg="inplace=False changed the params")
+        u_in, s_in = tx.update(clone(g), s_in, params=p_in, inplace=True)
+        assert_tree_close(u_in, u_out)
+        s_out = s_out_new
+        p_out = sf.apply_updates(p_out, u_out, inplace=False)
+        p_in = sf.apply_updates(p_in, u_in)
+    assert_tree_close(p_in, p_out)
+    assert_tree_close(s_in, s_out)
+
+
 # --------------------------------------------------------------------------- arguments
 
 
