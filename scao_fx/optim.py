@@ -87,9 +87,9 @@ class TransformOptimizer(torch.optim.Optimizer):
             kept in the group but not passed to the factory.
         missing_grad: what the transform sees for a trainable parameter whose ``grad`` is
             ``None`` at a step: ``"none"`` (default) passes ``None`` (every transform of the
-            library skips such leaves: state untouched); ``"zero"`` passes a zero gradient, for
-            transforms that need every leaf at every step (SCAO's grouped preconditioner); the
-            parameter itself is left unchanged either way.
+            library skips such leaves, SCAO's grouped preconditioner included: state untouched);
+            ``"zero"`` passes a zero gradient, for transforms that need every leaf at every step;
+            the parameter itself is left unchanged either way.
 
     Raises:
         TypeError: if ``transform_factory`` is not callable, ``defaults`` is not a mapping with
@@ -801,7 +801,7 @@ class SCAO(TransformOptimizer):
         )
         for k, v in known.items():
             defaults[k] = compat.get(k, v)
-        super().__init__(params, _scao_factory, defaults, missing_grad="zero")
+        super().__init__(params, _scao_factory, defaults)
 
     def diagnostics(self, *, curvature_norms: bool = True, as_tensors: bool = False) -> dict[str, dict[str, Any]]:
         """Per-parameter diagnostics: rank, phase, blend, curvature norm, refreshes, fallbacks.

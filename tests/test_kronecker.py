@@ -423,3 +423,41 @@ def test_auto_solver_matches_eigh_at_first_refresh_and_stays_close():
     assert rel_err(approx[4], exact[4]) < RTOL_F32  # steps 4..7 use the first (exact) refresh
     assert rel_err(approx[15], exact[15]) < 0.2  # later refreshes: one iteration per refresh
     assert int(state.refreshes) == 4
+
+
+# --------------------------------------------------------------------------- None updates
+
+
+@pytest.mark.parametrize("codec", [sf.fp32_codec(), sf.int8_blockwise()], ids=["fp32", "int8"])
+def test_none_update_leaves_its_stacked_state_untouched(codec):
+    """A leaf without a gradient at a step keeps its statistics and basis; its group mates move on."""
+    import copy
+
+    tx = _tx(sf.fixed_rank(2), freq=2, codec=codec)
+    params = {"a": torch.zeros(6, 4), "b": torch.zeros(6, 4)}
+    state = tx.init(params)
+    gs = _grads((6, 4), 6, seed=21)
+    for t in range(6):
+        before = copy.deepcopy(state)
+        upd = {"a": gs[t], "b": None if t in (3, 4) else gs[t] * 0.5}
+        out, state = tx.update(upd, state, inplace=True)
+        grp, old = state.groups[0], before.groups[0]
+        if upd["b"] is None:
+            assert out["b"] is None
+            for new_t, old_t in zip(sf.transforms.kronecker._pack(grp.left), sf.transforms.kronecker._pack(old.left)):
+                if new_t.numel():  # (the fp32 codec's scale is an empty placeholder)
+                    assert torch.equal(new_t[1], old_t[1])  # leaf "b" is the second of the stack
+            assert not torch.equal(grp.left.stat.diag[0], old.left.stat.diag[0])  # "a" moved on
+        else:
+            assert out["b"] is not None
+    assert int(state.refreshes) == 3
+
+
+def test_none_update_for_a_whole_group_and_the_chain():
+    params = {"w": torch.zeros(5, 3), "b": torch.zeros(3)}
+    tx = sf.scao(1e-2, warmup_steps=0, min_precond_updates=0, blend_steps=0, precond_freq=1)
+    state = tx.init(params)
+    updates, state = tx.update({"w": None, "b": torch.ones(3)}, state, params=params)
+    assert updates["w"] is None and updates["b"] is not None
+    fresh = tx.init(params)[0].inner_state.groups[0]
+    assert torch.equal(state[0].inner_state.groups[0].left.stat.diag, fresh.left.stat.diag)

@@ -19,7 +19,8 @@ Leaves of equal matrix shape, dtype and device are stacked and processed togethe
 
 Sides: a side longer than ``max_precond_dim`` (or of length 1) is not preconditioned
 (one-sided); leaves with no preconditioned side (0-d/1-d, or both sides too long) pass through.
-Before the first refresh :math:`A = I`.
+Before the first refresh :math:`A = I`. A leaf whose update is ``None`` at a step (no gradient)
+gets ``None`` back and its statistics and basis are left exactly as they were.
 """
 
 from __future__ import annotations
@@ -135,6 +136,44 @@ def _plan(leaves: Sequence[Any], max_precond_dim: int, grouped: bool, side_mode:
         groups.setdefault(key, []).append(i)
         sides[key] = (m, n, left, right)
     return [_Group(*sides[k], tuple(v)) for k, v in groups.items()]
+
+
+def _resolve_plan(leaves: Sequence[Any], groups: tuple, max_precond_dim: int, grouped: bool, side_mode: str) -> list[_Group]:
+    """The shape groups of this step: the state's groups, checked against the updates.
+
+    In eager mode the state's groups (their leaf indices) are authoritative, so leaves whose
+    update is ``None`` (no gradient this step) keep their place in their group. Under
+    ``torch.compile`` the groups are rebuilt from the updates' static shapes (no ``None``).
+    """
+    plan = _plan(leaves, max_precond_dim, grouped, side_mode)
+    if torch.compiler.is_compiling() or all(leaf is not None for leaf in leaves):
+        _check_plan(plan, groups)
+        return plan
+    found = {i: (g.m if g.left else None, g.n if g.right else None) for g in plan for i in g.indices}
+    resolved = []
+    for gs in groups:
+        idx = gs.leaves.tolist()  # CPU tensor: no device sync
+        dims = (_side_dim(gs.left), _side_dim(gs.right))
+        present = [i for i in idx if leaves[i] is not None]
+        if any(found.pop(i, None) != dims for i in present):
+            _check_plan(plan, groups)  # raises with the full picture
+        m, n = matrix_shape(leaves[present[0]].shape) if present else (0, 0)
+        resolved.append(_Group(m, n, gs.left is not None, gs.right is not None, tuple(idx)))
+    if found:  # a leaf that the state does not precondition now has a preconditionable shape
+        _check_plan(plan, groups)
+    return resolved
+
+
+def _keep_absent(present: torch.Tensor, new: KroneckerSide, old: KroneckerSide) -> KroneckerSide:
+    """Per stacked leaf: ``new`` where its update was present this step, ``old`` where it was ``None``."""
+    out = []
+    for a, b in zip(_pack(new), _pack(old)):
+        if a.dim() == 0 or a.shape[0] != present.numel():  # not stacked (e.g. the empty fp32 scale)
+            out.append(a)
+            continue
+        mask = present.to(a.device).reshape(-1, *([1] * (a.dim() - 1)))
+        out.append(torch.where(mask, a, b))
+    return _unpack(out)
 
 
 def _side_dim(side: KroneckerSide | None) -> int | None:
@@ -374,15 +413,25 @@ def kronecker_precondition(
 
     def update(updates, state, *, params=None, inplace=True):
         leaves, spec = flatten(updates)
-        plan = _plan(leaves, max_precond_dim, grouped, side_mode)
-        _check_plan(plan, state.groups)
+        plan = _resolve_plan(leaves, state.groups, max_precond_dim, grouped, side_mode)
         count = increment(state.count)
         due = (count % precond_freq) == 0
         first = state.refreshes == 0
         out = list(leaves)
         new_groups = []
         for gi, (g, gs) in enumerate(zip(plan, state.groups)):
-            grads = torch.stack([leaves[i].reshape(g.m, g.n) for i in g.indices]).to(torch.float32)
+            present = [leaves[i] is not None for i in g.indices]
+            if not any(present):  # no gradient for any leaf of the group: state untouched
+                new_groups.append(gs)
+                continue
+            partial = not all(present)
+            like = next(leaves[i] for i in g.indices if leaves[i] is not None)
+            grads = torch.stack(
+                [
+                    (leaves[i] if leaves[i] is not None else torch.zeros_like(like)).reshape(g.m, g.n)
+                    for i in g.indices
+                ]
+            ).to(torch.float32)
             seed = count * 64 + (2 * gi) % 64
             sides = []
             for side, dim, gram in (
@@ -392,9 +441,12 @@ def kronecker_precondition(
                 if side is None:
                     sides.append(None)
                     continue
-                stat = curvature.accumulate(side.stat, gram(grads), seed, inplace=inplace)
+                old = side
+                stat = curvature.accumulate(side.stat, gram(grads), seed, inplace=inplace and not partial)
                 side = side._replace(stat=stat)
                 side = _maybe_refresh(due, side, lambda sd, dim=dim: refresh_side(sd, count, dim, first))
+                if partial:
+                    side = _keep_absent(torch.tensor(present), side, old)
                 sides.append(side)
                 seed = seed + 1
             left, right = sides
@@ -411,7 +463,8 @@ def kronecker_precondition(
             elif tau is not None:
                 pg = pg * torch.clamp(tau * gnorm / safe_p, max=1.0)[:, None, None]
             for j, i in enumerate(g.indices):
-                out[i] = pg[j].reshape(leaves[i].shape).to(leaves[i].dtype)
+                if leaves[i] is not None:
+                    out[i] = pg[j].reshape(leaves[i].shape).to(leaves[i].dtype)
             new_groups.append(KroneckerGroupState(gs.leaves, left, right))
         refreshes = state.refreshes + due.to(torch.int64)
         return unflatten(spec, out), KroneckerPreconditionState(count, refreshes, tuple(new_groups))
