@@ -15,8 +15,9 @@ Codecs have a fused :meth:`Codec.ema` (decode, :math:`x \leftarrow \rho x + (1-\
 one pass, a Triton kernel on CUDA) used by the curvature EMA.
 
 :func:`quantize_state` wraps *any* transform so that its floating state tensors are stored
-through a codec between steps, e.g. ``quantize_state(scale_by_adam(), int8_blockwise())`` is
-8-bit Adam.
+through a codec between steps (e.g. bf16 momentum). Linear int8 is not suitable for Adam's
+second moment: its small entries round to zero while the first moment's do not, and training
+diverges (a tested limitation; see ``docs/scao.md``).
 """
 
 from __future__ import annotations
@@ -147,7 +148,12 @@ def fp32_codec() -> Codec:
 
 
 def bf16_codec() -> Codec:
-    """Store in bfloat16 (2 bytes per entry, 8 mantissa bits)."""
+    """Store in bfloat16 (2 bytes per entry, 8 mantissa bits, round to nearest).
+
+    Nearest rounding loses EMA increments smaller than half a bf16 step: with ``rho`` close to
+    1 (0.999) a bf16-stored EMA stops moving. Prefer :func:`int8_blockwise` (stochastic
+    rounding) or :func:`fp32_codec` there.
+    """
     return Codec("bf16")
 
 
@@ -199,10 +205,13 @@ def quantize_state(inner: GradientTransformation, codec: Codec, *, min_size: int
     Returns:
         A ``GradientTransformation`` with state :class:`QuantizedState`.
 
+    Linear int8 storage of Adam's second moment diverges (small entries round to zero); use
+    ``bf16_codec()`` for Adam moments.
+
     Example:
         >>> import scao_fx as sf
-        >>> adam8 = sf.chain(sf.quantize_state(sf.scale_by_adam(), sf.int8_blockwise(64)),
-        ...                  sf.scale_by_learning_rate(1e-3))
+        >>> adam_bf16 = sf.chain(sf.quantize_state(sf.scale_by_adam(), sf.bf16_codec()),
+        ...                      sf.scale_by_learning_rate(1e-3))
     """
     check_transform("inner", inner)
     if not isinstance(codec, Codec):
