@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 import optree
 import torch
 
-__all__ = ["flatten", "unflatten", "check_same_structure", "leaf_is_tensor"]
+__all__ = ["flatten", "unflatten", "check_same_structure", "leaf_is_tensor", "walk", "find_nodes"]
 
 # torchopt's trees: the default optree registry, ``None`` as an empty node (not a leaf).
 NONE_IS_LEAF = False
@@ -47,3 +47,34 @@ def leaf_is_tensor(x: Any) -> bool:
 def map_leaves(fn: Callable, *leaf_lists: Sequence[Any]) -> list[Any]:
     """Apply ``fn`` leaf-wise over flat lists, passing ``None`` through where the first list has it."""
     return [None if xs[0] is None else fn(*xs) for xs in zip(*leaf_lists)]
+
+
+def walk(tree: Any, visit: Callable[[Any], bool]) -> None:
+    """Depth-first walk over a state tree (dicts, lists, tuples and NamedTuples).
+
+    ``visit(node)`` is called on every node; returning True stops the descent below that node.
+    """
+    if visit(tree):
+        return
+    if isinstance(tree, dict):
+        children = list(tree.values())
+    elif isinstance(tree, (tuple, list)):
+        children = list(tree)
+    else:
+        return
+    for child in children:
+        walk(child, visit)
+
+
+def find_nodes(tree: Any, cls: type) -> list:
+    """All nodes of type ``cls`` in ``tree``, in depth-first order (not searching inside them)."""
+    found: list = []
+
+    def visit(node: Any) -> bool:
+        if isinstance(node, cls):
+            found.append(node)
+            return True
+        return False
+
+    walk(tree, visit)
+    return found

@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import optree
 import torch
 
+from ._tree import find_nodes
 from ._validation import check_choice, check_float, check_int
 from .transforms.adam import ScaleByAdamState
 from .transforms.blend import BlendRampState, blend_factor
@@ -57,36 +58,6 @@ DIAGNOSTIC_KEYS = (
 )
 
 
-def _is_node(x: Any) -> bool:
-    return isinstance(x, (BlendRampState, KroneckerPreconditionState, ScaleByAdamState))
-
-
-def _find(state: Any, cls: type) -> list:
-    """All nodes of type ``cls`` in a state tree, in tree order."""
-    found: list = []
-
-    def visit(node: Any) -> None:
-        if isinstance(node, cls):
-            found.append(node)
-            return
-        if isinstance(node, torch.Tensor) or node is None:
-            return
-        if isinstance(node, dict):
-            children = list(node.values())
-        elif isinstance(node, (tuple, list)):
-            children = list(node)
-        else:
-            try:
-                children = optree.tree_flatten(node, is_leaf=lambda x: x is not node and _is_node(x), none_is_leaf=True)[0]
-            except Exception:
-                return
-        for child in children:
-            visit(child)
-
-    visit(state)
-    return found
-
-
 def _default_codec() -> Codec:
     """The curvature codec of ``scao_precondition()``'s defaults (int8, its default block size)."""
     import inspect
@@ -97,7 +68,7 @@ def _default_codec() -> Codec:
 
 
 def _num_leaves(state: Any) -> int | None:
-    adam = _find(state, ScaleByAdamState)
+    adam = find_nodes(state, ScaleByAdamState)
     if not adam:
         return None
     return len(optree.tree_flatten(adam[0].mu, none_is_leaf=True)[0])
@@ -157,7 +128,7 @@ def scao_diagnostics(
     min_precond_updates = check_int("min_precond_updates", min_precond_updates, low=0)
     check_choice("blend_shape", blend_shape, ("linear", "cosine"))
     rho = check_float("rho", rho, low=0.0, high=1.0, high_inclusive=False)
-    ramps = [r for r in _find(state, BlendRampState) if isinstance(r.inner_state, KroneckerPreconditionState)]
+    ramps = [r for r in find_nodes(state, BlendRampState) if isinstance(r.inner_state, KroneckerPreconditionState)]
     if not ramps:
         raise ValueError(
             "state holds no SCAO preconditioner (a BlendRampState around a KroneckerPreconditionState); "

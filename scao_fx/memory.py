@@ -22,7 +22,7 @@ from typing import Any
 import optree
 import torch
 
-from ._tree import flatten
+from ._tree import find_nodes, flatten, walk
 from .transforms.kronecker import KroneckerPreconditionState
 
 __all__ = ["state_bytes", "memory_report"]
@@ -48,24 +48,6 @@ def state_bytes(state: Any) -> int:
         key = (storage.data_ptr(), t.device.type, t.device.index)
         seen[key] = max(seen.get(key, 0), storage.nbytes())
     return sum(seen.values())
-
-
-def _find_kronecker(state: Any) -> list[KroneckerPreconditionState]:
-    found = []
-
-    def visit(node):
-        if isinstance(node, KroneckerPreconditionState):
-            found.append(node)
-            return
-        if isinstance(node, (tuple, list)):
-            for x in node:
-                visit(x)
-        elif isinstance(node, dict):
-            for x in node.values():
-                visit(x)
-
-    visit(state)
-    return found
 
 
 def memory_report(state: Any, params: Any) -> dict[str, Any]:
@@ -94,7 +76,7 @@ def memory_report(state: Any, params: Any) -> dict[str, Any]:
     counted: set[int] = set()
 
     # Stacked Kronecker groups: spread evenly over the group's leaves.
-    for kp in _find_kronecker(state):
+    for kp in find_nodes(state, KroneckerPreconditionState):
         for group in kp.groups:
             idx = [int(i) for i in group.leaves]
             tensors = [t for t in _tensors((group.left, group.right))]
@@ -104,27 +86,19 @@ def memory_report(state: Any, params: Any) -> dict[str, Any]:
                 per_leaf[paths[i]] += nbytes // len(idx)
 
     # Per-leaf trees (Adam moments and alike): any sub-tree with the params' structure.
-    def visit(node):
+    def visit(node) -> bool:
         if isinstance(node, KroneckerPreconditionState):
-            return
-        try:
-            leaves, spec = optree.tree_flatten(node, none_is_leaf=True)
-        except Exception:  # pragma: no cover - optree accepts any object
-            leaves, spec = [], None
-        if spec is not None and spec == p_spec and all(isinstance(x, (torch.Tensor, type(None))) for x in leaves):
-            for path, x in zip(paths, leaves):
-                if isinstance(x, torch.Tensor) and id(x) not in counted:
-                    per_leaf[path] += x.untyped_storage().nbytes()
-                    counted.add(id(x))
-            return
-        if isinstance(node, (tuple, list)):
-            for x in node:
-                visit(x)
-        elif isinstance(node, dict):
-            for x in node.values():
-                visit(x)
+            return True
+        leaves, spec = optree.tree_flatten(node, none_is_leaf=True)
+        if spec != p_spec or not all(isinstance(x, (torch.Tensor, type(None))) for x in leaves):
+            return False
+        for path, x in zip(paths, leaves):
+            if isinstance(x, torch.Tensor) and id(x) not in counted:
+                per_leaf[path] += x.untyped_storage().nbytes()
+                counted.add(id(x))
+        return True
 
-    visit(state)
+    walk(state, visit)
     total = state_bytes(state)
     n = sum(p.numel() for p in p_leaves if p is not None)
     attributed = sum(per_leaf.values())

@@ -879,8 +879,8 @@ class SCAO(TransformOptimizer):
 
 
 def _adam_count(state: Any) -> torch.Tensor:
-    from .diagnostics import _find
+    from ._tree import find_nodes
     from .transforms.adam import ScaleByAdamState
 
-    found = _find(state, ScaleByAdamState)
+    found = find_nodes(state, ScaleByAdamState)
     return found[0].count if found else torch.zeros((), dtype=torch.int64)

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import optree
 
@@ -18,7 +18,6 @@ from .._tree import check_same_structure, flatten, unflatten
 from ..base import (
     register_state,
     ChainedGradientTransformation,
-    EmptyState,
     GradientTransformation,
     IdentityGradientTransformation,
     check_transform,
