@@ -100,18 +100,21 @@ def test_hash_uniform_matches_spec_and_is_uniform():
     _exact(C.hash_uniform(idx, C.seed_term(torch.tensor(5), idx.device)), u)
 
 
-@pytest.mark.parametrize("n", [300, 2**31 - 3, 2**32 + 7, 3 * 2**32 - 1])
+@pytest.mark.parametrize("n,row_start", [(300, 0), (2**20 + 3, 2047), (2**20 + 3, 4095),
+                                         (2**20 + 3, 3 * 4096 - 5)])
 @pytest.mark.parametrize("seed", [0, 5, 2**31 + 11, -3])
-def test_fast_int32_hash_equals_exact_int64_hash(n, seed):
+def test_fast_int32_hash_equals_exact_int64_hash(n, row_start, seed):
     """The int32 wrap-around hash used by the reference equals the overflow-free one, also
-    where the global index passes 2**31 and 2**32 (n is only the row stride here)."""
-    rows, nb, bs = 5, 3, 100
+    where the global index passes 2**31 and 2**32 (rows far down a (rows, 2**20 + 3) tensor)."""
+    rows = 3
     for st in (C.seed_term(seed, "cpu"), C.seed_term(torch.tensor(seed), "cpu")):
-        fast = C.block_uniforms(rows, nb, bs, n, st, torch.device("cpu"))
-        r = torch.arange(rows, dtype=torch.int64).view(rows, 1) * n
-        c = torch.arange(nb * bs, dtype=torch.int64).view(1, -1)
-        exact = C.hash_uniform(r + c, st).view(rows, nb, bs)
+        fast = C.row_uniforms(rows, n, st, torch.device("cpu"), row_start=row_start)
+        r = torch.arange(row_start, row_start + rows, dtype=torch.int64).view(rows, 1) * n
+        c = torch.arange(n, dtype=torch.int64).view(1, -1)
+        exact = C.hash_uniform(r + c, st)
         _exact(fast, exact)
+    if row_start:
+        assert int(r.max()) + n > 2**31
 
 
 # --------------------------------------------------------------------------- reference codec
@@ -439,6 +442,39 @@ def test_reference_adam_8bit_state_encodes_m_and_sqrt_v():
     assert bool(((dm - m32).abs() <= sm * 1.0001).all())
     assert bool(((dr - v32.sqrt()).abs() <= sr * 1.0001).all())
     assert int(v8[0].min()) >= 0  # sqrt(v) >= 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [320, 300])
+def test_reference_path_compiles_fullgraph_and_matches_eager(n):
+    """The reference path traces with torch.compile(fullgraph=True) (no graph break, no host
+    sync) and the compiled step gives bit-identical codes, scales and parameters, also with a
+    partial last block (n = 300, blocks of 64)."""
+    def step(codes, scales, u, x, p, g, m, v, m8c, m8s, v8c, v8s, t):
+        c, s = K.quantize_blockwise(x, 64, stochastic=True, seed=t)
+        K.int8_ema_update(codes, scales, u, 0.999, block_size=64, seed=t, out=(codes, scales))
+        d = K.dequantize_blockwise(codes, scales, 64)
+        K.adam_epilogue(p, g, m, v, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                        weight_decay=0.1, step=t, precond=d.view(p.shape), blend=0.5)
+        K.adam_epilogue(p, g, (m8c, m8s), (v8c, v8s), lr=1e-3, beta1=0.9, beta2=0.999,
+                        eps=1e-8, weight_decay=0.1, step=t, moment_block_size=64, seed=t)
+        return c, s, d
+
+    codes, scales = R.quantize_blockwise(_rand((4, n)), 64)
+    m8 = R.quantize_blockwise(_rand((4, n), scale=0.1, seed=1), 64)
+    v8 = R.quantize_blockwise(_rand((4, n), seed=2).abs(), 64)
+    args = (codes, scales, _rand((4, n), seed=3), _rand((4, n), seed=4), _rand((4, n), seed=5),
+            _rand((4, n), seed=6), torch.zeros(4, n), torch.zeros(4, n), *m8, *v8,
+            torch.tensor(3))
+    torch._dynamo.reset()
+    eager_args = [a.clone() for a in args]
+    comp_args = [a.clone() for a in args]
+    want = step(*eager_args)
+    got = torch.compile(step, fullgraph=True)(*comp_args)
+    for a, b in zip(got, want):
+        _exact(a, b)
+    for a, b in zip(comp_args, eager_args):  # in-place updated state and parameters
+        _exact(a, b)
 
 
 # --------------------------------------------------------------------------- dispatch

@@ -155,23 +155,21 @@ def _to_i32(v):
     return v - (1 << 32) if v >= 1 << 31 else v
 
 
-def block_uniforms(rows: int, nb: int, bs: int, n: int, seedterm, device) -> torch.Tensor:
-    """Hash uniforms for a (rows, nb, bs) block view of a (rows, n) tensor (fast path).
+def row_uniforms(rows: int, n: int, seedterm, device, row_start: int = 0) -> torch.Tensor:
+    """Hash uniforms of shape (rows, n): element (r, j) gets ``hash((row_start + r) * n + j)``.
 
-    Element (r, j) (flat column ``j = blk * bs + k``) gets ``hash(r * n + j)``, the same
-    bits as :func:`hash_uniform`. Computed in int32 with wrap-around multiplication (what
-    the CPU and CUDA integer units do) and masked arithmetic shifts to emulate logical ones,
-    which is 3-4x cheaper than the overflow-free int64 formulation; the tests check the two
-    agree. Columns past ``n`` (padding) get values too; the caller ignores them.
+    The same bits as :func:`hash_uniform`, computed in int32 with wrap-around multiplication
+    (what the CPU and CUDA integer units do) and masked arithmetic shifts standing in for
+    logical ones: 3-4x cheaper than the overflow-free int64 formulation; the tests check that
+    the two agree, also past 2**31 and 2**32.
     """
-    width = nb * bs
-    if width >= 2**31 or rows * n >= 2**62:
-        r = torch.arange(rows, device=device, dtype=torch.int64).view(rows, 1) * n
-        c = torch.arange(width, device=device, dtype=torch.int64).view(1, width)
-        return hash_uniform(r + c, seedterm).view(rows, nb, bs)
-    base = _to_i32(torch.arange(rows, device=device, dtype=torch.int64) * n)
-    h = base.to(torch.int32).view(rows, 1) + torch.arange(width, device=device,
-                                                         dtype=torch.int32).view(1, width)
+    r = torch.arange(row_start, row_start + rows, device=device, dtype=torch.int64)
+    if n >= 2**31:
+        c = torch.arange(n, device=device, dtype=torch.int64).view(1, n)
+        return hash_uniform(r.view(rows, 1) * n + c, seedterm)
+    base = _to_i32(r * n)
+    h = base.to(torch.int32).view(rows, 1) + torch.arange(n, device=device,
+                                                         dtype=torch.int32).view(1, n)
     h.mul_(_to_i32(HASH_IDX_MUL))
     st = _to_i32(seedterm)
     h.add_(st.to(torch.int32) if isinstance(st, torch.Tensor) else st)
@@ -180,8 +178,7 @@ def block_uniforms(rows: int, nb: int, bs: int, n: int, seedterm, device) -> tor
     h.bitwise_xor_((h >> 12).bitwise_and_(0xFFFFF))
     h.mul_(_to_i32(HASH_MIX2))
     h.bitwise_xor_((h >> 15).bitwise_and_(0x1FFFF))
-    u = (h >> 8).bitwise_and_(0xFFFFFF).to(torch.float32).mul_(2.0**-24)
-    return u.view(rows, nb, bs)
+    return (h >> 8).bitwise_and_(0xFFFFFF).to(torch.float32).mul_(2.0**-24)
 
 
 def as_scalar(x: Scalar, device: torch.device, name: str) -> Union[float, torch.Tensor]:

@@ -33,47 +33,67 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(rows, t.shape[-1])
 
 
-def _padded_blocks(x2: torch.Tensor, block_size: int) -> torch.Tensor:
-    """(rows, N) -> (rows, nb, block_size), zero-padding the last partial block."""
+def _block_of_column(n: int, block_size: int, device) -> torch.Tensor:
+    """Block index of every column: ``arange(n) // block_size``."""
+    return torch.arange(n, device=device) // block_size
+
+
+def _block_absmax(x2: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(rows, N) -> (rows, nb) absolute maxima of the blocks; NaN propagates (beats inf)."""
     rows, n = x2.shape
     nb = C.n_blocks(n, block_size)
+    ax = x2.abs()
     pad = nb * block_size - n
     if pad:
-        x2 = torch.nn.functional.pad(x2, (0, pad))
-    return x2.reshape(rows, nb, block_size)
+        ax = torch.nn.functional.pad(ax, (0, pad))
+    return ax.reshape(rows, nb, block_size).amax(dim=-1)
 
 
-def _encode(xb: torch.Tensor, n: int, block_size: int, stochastic: bool, seedterm):
-    """Encode fp32 blocks (rows, nb, bs) (padding must be zero) -> (codes (rows, nb, bs), scales).
+def _encode(x2: torch.Tensor, block_size: int, stochastic: bool, seedterm):
+    """Encode fp32 rows (rows, N) -> (codes (rows, N) int8, scales (rows, nb) fp32).
 
     Per block: scale = absmax / 127 (NaN if the block holds a NaN, inf if it holds an inf,
     0 for an all-zero block); q = x * (1 / scale) (one division per block; a block whose
     absmax is below 127 / FLT_MAX ~ 3.7e-37 has an infinite reciprocal and encodes as zeros);
     nearest: code = floor(q) + (frac(q) >= 0.5) (ties upward); stochastic:
-    code = floor(q) + (u < frac(q)) with u the hash uniform; clamped to [-127, 127]; 0 wherever
-    q is not finite or scale is not > 0. ``xb`` may be overwritten (it is a temporary).
+    code = floor(q) + (u < frac(q)) with u the hash uniform of the flat index row * N + col;
+    clamped to [-127, 127]; 0 wherever q is not finite or scale is not > 0. ``x2`` is not
+    modified.
+
+    Everything element-wise is done in the (rows, N) layout (per-block values gathered per
+    column) rather than on a padded (rows, nb, bs) view: besides saving the padded copies, the
+    pad -> reduce -> reshape-back pattern is miscompiled by torch.compile's CPU backend in
+    torch 2.13 (garbage in the partial last block), and this layout is not.
     """
-    rows, nb, bs = xb.shape
-    # amax propagates NaN (NaN beats inf), so a NaN block gets a NaN scale, an inf block inf.
-    scale = xb.abs().amax(dim=-1).div_(C.QMAX)
+    rows, n = x2.shape
+    scale = _block_absmax(x2, block_size).div_(C.QMAX)
     pos = scale > 0
     inv = torch.where(pos, 1.0 / scale, torch.zeros((), dtype=scale.dtype, device=scale.device))
-    q = xb.mul_(inv.unsqueeze(-1))
+    q = x2 * inv.index_select(1, _block_of_column(n, block_size, x2.device))
     q = torch.nan_to_num_(q, nan=0.0, posinf=0.0, neginf=0.0)
     fl = torch.floor(q)
     frac = q.sub_(fl)
     if stochastic:
-        up = C.block_uniforms(rows, nb, bs, n, seedterm, xb.device) < frac
+        up = C.row_uniforms(rows, n, seedterm, x2.device) < frac
     else:
         up = frac >= 0.5
     code = fl.add_(up).clamp_(-C.QMAX, C.QMAX)
     return code.to(torch.int8), scale
 
 
-def _write(out, codes_b, scales, shape, n):
-    rows, nb, bs = codes_b.shape
-    codes = codes_b.reshape(rows, nb * bs)[:, :n].reshape(shape)
-    scales = scales.reshape(*shape[:-1], scales.shape[-1])
+def _decode(codes: torch.Tensor, scales: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(…, N) int8 codes and (…, nb) scales -> (rows, N) fp32 ``code * scale``."""
+    c2 = _rows(codes)
+    s2 = scales.reshape(c2.shape[0], -1) if c2.shape[0] else scales.reshape(0, 0)
+    if c2.shape[0] == 0 or c2.shape[1] == 0:
+        return torch.zeros(c2.shape, dtype=torch.float32, device=codes.device)
+    return c2.to(torch.float32) * s2.index_select(
+        1, _block_of_column(c2.shape[1], block_size, codes.device))
+
+
+def _write(out, codes2, scales2, shape):
+    codes = codes2.reshape(shape)
+    scales = scales2.reshape(*shape[:-1], scales2.shape[-1])
     if out is None:
         return codes.contiguous(), scales.contiguous()
     out[0].copy_(codes)
@@ -91,14 +111,10 @@ def quantize_blockwise(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Reference block-wise int8 quantization; see :func:`scao_fx.kernels.quantize_blockwise`."""
     shape = tuple(x.shape)
-    n = shape[-1]
     x2 = _rows(x).to(torch.float32)
-    xb = _padded_blocks(x2, block_size)
-    if xb.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
-        xb = xb.clone()  # _encode works in place on its input: never on the caller's x
     st = C.seed_term(seed, x.device) if stochastic else 0
-    codes_b, scales = _encode(xb, n, block_size, stochastic, st)
-    return _write(out, codes_b, scales, shape, n)
+    codes2, scales2 = _encode(x2, block_size, stochastic, st)
+    return _write(out, codes2, scales2, shape)
 
 
 def dequantize_blockwise(
@@ -110,21 +126,11 @@ def dequantize_blockwise(
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Reference decode ``x = code * scale`` (computed in fp32, cast to ``dtype``)."""
-    shape = tuple(codes.shape)
-    n = shape[-1]
-    xb = _decode_blocks(codes, scales, block_size)
-    x = xb.reshape(xb.shape[0], xb.shape[1] * xb.shape[2])[:, :n].reshape(shape)
+    x = _decode(codes, scales, block_size).reshape(codes.shape)
     if out is None:
-        return x.to(dtype).contiguous()
+        return x.to(dtype)
     out.copy_(x)
     return out
-
-
-def _decode_blocks(codes, scales, block_size):
-    c2 = _rows(codes)
-    cb = _padded_blocks(c2.to(torch.float32), block_size)
-    s = scales.reshape(cb.shape[0], cb.shape[1], 1)
-    return cb * s
 
 
 def int8_ema_update(
@@ -141,14 +147,13 @@ def int8_ema_update(
     """Reference fused EMA: dequantize, ``x = rho*x + (1-rho)*update`` (as ``(x*rho) + (u*(1-rho))``
     in fp32), re-quantize with fresh block scales and the same rounding hash."""
     shape = tuple(codes.shape)
-    n = shape[-1]
     r, omr = C.ema_scalars(rho, codes.device)
-    dec = _decode_blocks(codes, scales, block_size)
-    ub = _padded_blocks(_rows(update.reshape(shape)).to(torch.float32), block_size)
-    x = dec.mul_(r).add_(ub * omr)  # (c*s)*rho + u*(1-rho), each op rounded in fp32
+    dec = _decode(codes, scales, block_size)
+    u2 = _rows(update.reshape(shape)).to(torch.float32)
+    x = dec.mul_(r).add_(u2 * omr)  # (c*s)*rho + u*(1-rho), each op rounded in fp32
     st = C.seed_term(seed, codes.device) if stochastic else 0
-    codes_b, new_scales = _encode(x, n, block_size, stochastic, st)
-    return _write(out, codes_b, new_scales, shape, n)
+    codes2, scales2 = _encode(x, block_size, stochastic, st)
+    return _write(out, codes2, scales2, shape)
 
 
 def adam_epilogue(
@@ -216,25 +221,24 @@ def _g_eff(view, grad, precond, s, use_pc, use_g):
 def _adam8(param, grad, exp_avg, exp_avg_sq, precond, s, use_pc, use_g, q8m, q8v, bs, seed):
     """Adam with block-wise int8 moments: m as the codec stores it, v stored as sqrt(v).
 
-    Works on the (rows, nb, bs) block view of the codes' shape (..., N); param/grad/precond
-    are matched by flat index. The step uses the fp32 moments computed from the decoded
-    state and the new gradient; the new state is then re-encoded with stochastic rounding
-    (hash of the flat index and ``seed``; the v stream xors the seed term with
-    ``ADAM8_V_STREAM``).
+    Works on the (rows, N) layout of the codes' shape (..., N); param/grad/precond are matched
+    by flat index. The step uses the fp32 moments computed from the decoded state and the new
+    gradient; the new state is then re-encoded with stochastic rounding (hash of the flat
+    index and ``seed``; the v stream xors the seed term with ``ADAM8_V_STREAM``).
     """
     cshape = (exp_avg if q8m else exp_avg_sq)[0].shape
     if param.numel() == 0:
         return param, exp_avg, exp_avg_sq
-    rows = param.numel() // cshape[-1]
     n = cshape[-1]
+    rows = param.numel() // n
 
     def view(t):
-        return _padded_blocks(t.reshape(rows, n).to(torch.float32), bs)
+        return t.reshape(rows, n).to(torch.float32)
 
     g = _g_eff(view, grad, precond, s, use_pc, use_g)
-    m_prev = _decode_blocks(exp_avg[0], exp_avg[1], bs) if q8m else view(exp_avg)
+    m_prev = _decode(exp_avg[0], exp_avg[1], bs) if q8m else view(exp_avg)
     if q8v:
-        r_prev = _decode_blocks(exp_avg_sq[0], exp_avg_sq[1], bs)
+        r_prev = _decode(exp_avg_sq[0], exp_avg_sq[1], bs)
         v_prev = r_prev * r_prev
     else:
         v_prev = view(exp_avg_sq)
@@ -245,23 +249,20 @@ def _adam8(param, grad, exp_avg, exp_avg_sq, precond, s, use_pc, use_g, q8m, q8v
     upd = (m * s["step_size"]) / denom
     p = view(param) * s["decay"] - upd
 
-    def unpad(t):
-        return t.reshape(rows, -1)[:, :n]
-
-    param.copy_(unpad(p).reshape(param.shape))
+    param.copy_(p.reshape(param.shape))
     st = C.seed_term(seed, param.device)
     if q8m:
-        codes, scales = _encode(m, n, bs, True, st)
-        exp_avg[0].copy_(unpad(codes).reshape(exp_avg[0].shape))
+        codes, scales = _encode(m, bs, True, st)
+        exp_avg[0].copy_(codes.reshape(exp_avg[0].shape))
         exp_avg[1].copy_(scales.reshape(exp_avg[1].shape))
     else:
-        exp_avg.copy_(unpad(m).reshape(exp_avg.shape))
+        exp_avg.copy_(m.reshape(exp_avg.shape))
     if q8v:
-        codes, scales = _encode(rv, n, bs, True, st ^ C.ADAM8_V_STREAM)
-        exp_avg_sq[0].copy_(unpad(codes).reshape(exp_avg_sq[0].shape))
+        codes, scales = _encode(rv, bs, True, st ^ C.ADAM8_V_STREAM)
+        exp_avg_sq[0].copy_(codes.reshape(exp_avg_sq[0].shape))
         exp_avg_sq[1].copy_(scales.reshape(exp_avg_sq[1].shape))
     else:
-        exp_avg_sq.copy_(unpad(v).reshape(exp_avg_sq.shape))
+        exp_avg_sq.copy_(v.reshape(exp_avg_sq.shape))
     return param, exp_avg, exp_avg_sq
 
 
