@@ -34,8 +34,14 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _block_of_column(n: int, block_size: int, device) -> torch.Tensor:
-    """Block index of every column: ``arange(n) // block_size``."""
-    return torch.arange(n, device=device) // block_size
+    """Block index of every column, ``floor(j / block_size)``.
+
+    Computed by float64 division (exact for j < 2**52) rather than integer ``//``: in torch
+    2.13 Inductor's CPU backend tiles ``arange(n) // b`` by ``b`` and never writes the columns
+    past the last full block, so a compiled step went wrong exactly in partial blocks.
+    """
+    j = torch.arange(n, device=device, dtype=torch.float64)
+    return torch.div(j, block_size).floor_().long()
 
 
 def _block_absmax(x2: torch.Tensor, block_size: int) -> torch.Tensor:
