@@ -577,7 +577,7 @@ def summarize(runs: list[RunResult]) -> list[dict]:
                 final_val=_mean(r.final_val for r in ok),
                 best_val=_mean(r.best_val for r in ok),
                 val_diff_mean=None if d_n == 0 else d_mean,
-                val_diff_std=None if d_n == 0 else d_std,
+                val_diff_std=None if d_n < 2 else d_std,  # no spread from a single pair
                 val_diff_n=d_n,
                 reached=sum(1 for r in mine if r.steps_to_target is not None),
                 steps_ratio=_mean(r.steps_ratio for r in mine),
