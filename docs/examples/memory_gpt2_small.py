@@ -36,7 +36,7 @@ CONFIGS = {
     "scao, max_precond_dim=1024, k_max=64": lambda: sf.scao(max_precond_dim=1024, k_max=64),
     "scao, max_precond_dim=1024, int8 Adam moments": lambda: sf.chain(
         sf.scao_precondition(max_precond_dim=1024),
-        sf.quantize_state(sf.scale_by_adam(), sf.int8_blockwise()),
+        sf.quantize_state(sf.scale_by_adam(), sf.int8_adam_codecs()),
         sf.add_decayed_weights(0.01),
         sf.scale_by_learning_rate(1e-3),
     ),

@@ -41,6 +41,7 @@ from .quantization import (
     QuantizedState,
     bf16_codec,
     fp32_codec,
+    int8_adam_codecs,
     int8_blockwise,
     quantize_state,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "bf16_codec",
     "int8_blockwise",
     "quantize_state",
+    "int8_adam_codecs",
     "CurvatureEMA",
     "FactorStatistic",
     "curvature_ema",

@@ -15,9 +15,9 @@ Codecs have a fused :meth:`Codec.ema` (decode, :math:`x \leftarrow \rho x + (1-\
 one pass, a Triton kernel on CUDA) used by the curvature EMA.
 
 :func:`quantize_state` wraps *any* transform so that its floating state tensors are stored
-through a codec between steps (e.g. bf16 momentum). Linear int8 is not suitable for Adam's
-second moment: its small entries round to zero while the first moment's do not, and training
-diverges (a tested limitation; see ``docs/scao.md``).
+through codecs between steps: ``quantize_state(scale_by_adam(), int8_adam_codecs())`` is 8-bit
+Adam (first moment linear int8, second moment stored as its square root; plain linear int8 of
+the second moment rounds small entries to zero and diverges).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import torch
 
 from .._validation import check_int
 from ..base import GradientTransformation, check_transform, increment, register_state, step_count
+from .adam import ScaleByAdamState
 
 __all__ = [
     "Codec",
@@ -39,6 +40,7 @@ __all__ = [
     "int8_blockwise",
     "quantize_state",
     "QuantizedState",
+    "int8_adam_codecs",
 ]
 
 
@@ -70,11 +72,14 @@ class Codec:
         kind: ``"fp32"``, ``"bf16"`` or ``"int8"``.
         block_size: entries per scale block (int8 only).
         stochastic: stochastic rounding (int8 only).
+        square_root: store :math:`\sqrt{x}` of a non-negative tensor (int8 only; for second
+            moments, see :func:`int8_blockwise`).
     """
 
     kind: str = "fp32"
     block_size: int = 64
     stochastic: bool = True
+    square_root: bool = False
 
     @property
     def bytes_per_entry(self) -> float:
@@ -89,9 +94,10 @@ class Codec:
             return EncodedTensor(x.to(torch.bfloat16), _empty(x))
         from ..kernels import quantize_blockwise
 
-        codes, scales = quantize_blockwise(
-            x.to(torch.float32), self.block_size, stochastic=self.stochastic, seed=_seed_arg(seed)
-        )
+        x = x.to(torch.float32)
+        if self.square_root:
+            x = x.clamp(min=0).sqrt()
+        codes, scales = quantize_blockwise(x, self.block_size, stochastic=self.stochastic, seed=_seed_arg(seed))
         return EncodedTensor(codes, scales)
 
     def decode(self, enc: EncodedTensor) -> torch.Tensor:
@@ -100,7 +106,14 @@ class Codec:
             return enc.data.to(torch.float32)
         from ..kernels import dequantize_blockwise
 
-        return dequantize_blockwise(enc.data, enc.scale, self.block_size, dtype=torch.float32)
+        y = dequantize_blockwise(enc.data, enc.scale, self.block_size, dtype=torch.float32)
+        if not self.square_root:
+            return y
+        # A zero code means sqrt(x) < one step: decode it as half a step, never as 0, so that a
+        # second moment never becomes 0 where its first moment is not (that would turn
+        # m / (sqrt(v) + eps) into m / eps).
+        half_step = 0.5 * dequantize_blockwise(torch.ones_like(enc.data), enc.scale, self.block_size, dtype=torch.float32)
+        return torch.maximum(y, half_step).square()
 
     def zeros(self, shape: tuple[int, ...], device: torch.device | str | None = None) -> EncodedTensor:
         """Encoded zeros of ``shape``."""
@@ -117,17 +130,19 @@ class Codec:
     def ema(self, enc: EncodedTensor, new: torch.Tensor, rho: float, seed: Any = 0, *, inplace: bool = False) -> EncodedTensor:
         r"""Return the encoding of :math:`\rho\,x + (1-\rho)\,u` where ``x`` is ``enc`` decoded."""
         if self.kind == "int8":
+            if self.square_root:
+                raise ValueError("Codec.ema does not support square_root=True codecs (use them with quantize_state)")
             from ..kernels import int8_ema_update
 
-            codes, scales = (enc.data, enc.scale) if inplace else (enc.data.clone(), enc.scale.clone())
             codes, scales = int8_ema_update(
-                codes,
-                scales,
-                new.to(torch.float32),
+                enc.data,
+                enc.scale,
+                new,
                 rho,
                 block_size=self.block_size,
                 stochastic=self.stochastic,
                 seed=_seed_arg(seed),
+                out=(enc.data, enc.scale) if inplace else None,
             )
             return EncodedTensor(codes, scales)
         data = enc.data
@@ -157,7 +172,7 @@ def bf16_codec() -> Codec:
     return Codec("bf16")
 
 
-def int8_blockwise(block_size: int = 64, *, stochastic: bool = True) -> Codec:
+def int8_blockwise(block_size: int = 64, *, stochastic: bool = True, square_root: bool = False) -> Codec:
     r"""Symmetric int8 with a float32 scale per block of ``block_size`` consecutive entries.
 
     Cost: :math:`1 + 4/\text{block\_size}` bytes per entry. The default 64 was chosen by
@@ -167,6 +182,9 @@ def int8_blockwise(block_size: int = 64, *, stochastic: bool = True) -> Codec:
     Args:
         block_size: entries per block, >= 8.
         stochastic: unbiased stochastic rounding (deterministic hash of index and step).
+        square_root: for a non-negative statistic such as Adam's second moment: store
+            :math:`\sqrt{x}` (twice the dynamic range in decades) and decode a zero code as half a
+            step, so small entries never decode to exactly 0.
 
     Example:
         >>> import torch, scao_fx as sf
@@ -178,7 +196,9 @@ def int8_blockwise(block_size: int = 64, *, stochastic: bool = True) -> Codec:
     block_size = check_int("block_size", block_size, low=8)
     if not isinstance(stochastic, bool):
         raise TypeError(f"stochastic must be a bool, got {stochastic!r}")
-    return Codec("int8", block_size, stochastic)
+    if not isinstance(square_root, bool):
+        raise TypeError(f"square_root must be a bool, got {square_root!r}")
+    return Codec("int8", block_size, stochastic, square_root)
 
 
 @register_state
@@ -189,8 +209,43 @@ class QuantizedState(NamedTuple):
     count: torch.Tensor
 
 
-def quantize_state(inner: GradientTransformation, codec: Codec, *, min_size: int = 4096) -> GradientTransformation:
-    """Store ``inner``'s float32 state tensors with ``codec`` between steps.
+def _map_codecs(tree: Any, codecs: Any, fn) -> Any:
+    """Apply ``fn(codec, subtree)`` where ``codecs`` (a prefix of ``tree``) holds a Codec; keep
+    subtrees whose codec entry is ``None``."""
+    if codecs is None:
+        return tree
+    if isinstance(codecs, Codec):
+        return fn(codecs, tree)
+    if isinstance(codecs, dict) and isinstance(tree, dict):
+        return {k: _map_codecs(v, codecs.get(k), fn) for k, v in tree.items()}
+    if isinstance(codecs, (tuple, list)) and isinstance(tree, (tuple, list)) and len(codecs) == len(tree):
+        items = [_map_codecs(t, c, fn) for t, c in zip(tree, codecs)]
+        return tree._make(items) if hasattr(tree, "_make") else type(tree)(items)
+    raise ValueError(
+        f"codec must be a Codec or a prefix of the inner state's tree; got {type(codecs).__name__} "
+        f"where the state has {type(tree).__name__}"
+    )
+
+
+def int8_adam_codecs(block_size: int = 64) -> ScaleByAdamState:
+    """Codecs for :func:`scale_by_adam`'s state: 8-bit Adam with :func:`quantize_state`.
+
+    The first moment is stored linearly, the second as its square root
+    (``int8_blockwise(block_size, square_root=True)``): linear int8 rounds small second-moment
+    entries to zero while their first moment is not, and ``m / (sqrt(v) + eps)`` explodes.
+
+    Example:
+        >>> import scao_fx as sf
+        >>> adam8 = sf.chain(sf.quantize_state(sf.scale_by_adam(), sf.int8_adam_codecs()),
+        ...                  sf.add_decayed_weights(0.01), sf.scale_by_learning_rate(1e-3))
+    """
+    return ScaleByAdamState(
+        mu=int8_blockwise(block_size), nu=int8_blockwise(block_size, square_root=True), count=None
+    )
+
+
+def quantize_state(inner: GradientTransformation, codec: Any, *, min_size: int = 4096) -> GradientTransformation:
+    """Store ``inner``'s float32 state tensors through codecs between steps.
 
     Float32 tensors with at least ``min_size`` entries are encoded as :class:`EncodedTensor`
     (codes keep the tensor's shape; blocks run over its flattened entries); smaller tensors,
@@ -199,49 +254,52 @@ def quantize_state(inner: GradientTransformation, codec: Codec, *, min_size: int
 
     Args:
         inner: any transform (of this library or torchopt) whose state holds float32 tensors.
-        codec: the storage codec, e.g. :func:`int8_blockwise`.
+        codec: one :class:`Codec` for every tensor, or a prefix of the inner state's tree with a
+            codec (or ``None``: not encoded) per sub-tree, e.g. :func:`int8_adam_codecs` for
+            :func:`scale_by_adam` (plain linear int8 is *not* suitable for Adam's second moment).
         min_size: smallest tensor (in entries) worth encoding, >= 1.
 
     Returns:
         A ``GradientTransformation`` with state :class:`QuantizedState`.
 
-    Linear int8 storage of Adam's second moment diverges (small entries round to zero); use
-    ``bf16_codec()`` for Adam moments.
-
     Example:
         >>> import scao_fx as sf
-        >>> adam_bf16 = sf.chain(sf.quantize_state(sf.scale_by_adam(), sf.bf16_codec()),
-        ...                      sf.scale_by_learning_rate(1e-3))
+        >>> adam8 = sf.chain(sf.quantize_state(sf.scale_by_adam(), sf.int8_adam_codecs()),
+        ...                  sf.scale_by_learning_rate(1e-3))
     """
     check_transform("inner", inner)
-    if not isinstance(codec, Codec):
-        raise TypeError(f"codec must be a Codec (fp32_codec(), bf16_codec(), int8_blockwise()), got {codec!r}")
+    if not isinstance(codec, (Codec, tuple, list, dict)):
+        raise TypeError(
+            "codec must be a Codec (fp32_codec(), bf16_codec(), int8_blockwise()) or a prefix tree of "
+            f"them (e.g. int8_adam_codecs()), got {codec!r}"
+        )
     min_size = check_int("min_size", min_size, low=1)
 
-    def encode_tree(tree, seed):
+    def encode_with(c: Codec, tree: Any, seed: Any) -> Any:
         def enc(x):
             if isinstance(x, torch.Tensor) and x.dtype == torch.float32 and x.numel() >= min_size:
-                e = codec.encode(x.reshape(-1), seed)
+                e = c.encode(x.reshape(-1), seed)
                 return EncodedTensor(e.data.view(x.shape), e.scale)
             return x
 
         return optree.tree_map(enc, tree, none_is_leaf=True)
 
-    def decode_tree(tree):
+    def decode_with(c: Codec, tree: Any) -> Any:
         def dec(x):
             if isinstance(x, EncodedTensor):
-                return codec.decode(EncodedTensor(x.data.reshape(-1), x.scale)).view(x.data.shape)
+                return c.decode(EncodedTensor(x.data.reshape(-1), x.scale)).view(x.data.shape)
             return x
 
         return optree.tree_map(dec, tree, is_leaf=lambda x: isinstance(x, EncodedTensor), none_is_leaf=True)
 
     def init(params):
-        return QuantizedState(encode_tree(inner.init(params), 0), step_count())
+        state = _map_codecs(inner.init(params), codec, lambda c, t: encode_with(c, t, 0))
+        return QuantizedState(state, step_count())
 
     def update(updates, state, *, params=None, inplace=True):
         count = increment(state.count)
-        inner_state = decode_tree(state.inner_state)
+        inner_state = _map_codecs(state.inner_state, codec, decode_with)
         updates, inner_state = inner.update(updates, inner_state, params=params, inplace=inplace)
-        return updates, QuantizedState(encode_tree(inner_state, count), count)
+        return updates, QuantizedState(_map_codecs(inner_state, codec, lambda c, t: encode_with(c, t, count)), count)
 
     return GradientTransformation(init, update)
