@@ -100,7 +100,7 @@ def scao_precondition(
     tau: float | None = None,
     use_int8_ema: bool = True,
     *,
-    block_size: int = 64,
+    block_size: int = 32,
     complement: str = "mean_tail",
     graft: str = "frobenius",
     blend_shape: str = "linear",

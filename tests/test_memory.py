@@ -32,7 +32,7 @@ def test_memory_report_adamw_per_leaf_and_bf16_moments_fp32():
     assert rep["bytes_per_param"] == pytest.approx((136 * 8 + 8) / 136)
 
 
-def scao_matrix_bytes(m: int, n: int, block: int = 64, k_max: int = 128, batch: int = 1) -> int:
+def scao_matrix_bytes(m: int, n: int, block: int = 32, k_max: int = 128, batch: int = 1) -> int:
     """The documented formula for one two-sided leaf, written independently of the library."""
 
     def side(d: int) -> int:
@@ -67,7 +67,9 @@ def test_int8_curvature_costs_about_a_quarter_of_fp32():
     int8 = sf.memory_report(sf.scao(use_int8_ema=True, k_max=8).init(params), params)["per_leaf"]["w"]
     adam = 8 * 128 * 128
     ratio = (int8 - adam) / (fp32 - adam)
-    assert 0.25 < ratio < 0.32, ratio
+    # codes + block scales (1 + 4/32 bytes) against 4 bytes per entry, plus the shared float32
+    # diagonal and bases: 0.329 measured
+    assert 0.28 < ratio < 0.34, ratio
 
 
 def test_max_precond_dim_bounds_the_factor_cost():

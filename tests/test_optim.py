@@ -945,7 +945,7 @@ def test_functional_scao_diagnostics_and_errors():
         # tree order of a dict is sorted by key: "b", then "w"
         phases.append(sf.scao_diagnostics(state, names=["b", "w"])["w"]["phase"])
     assert phases == ["warmup", "ramp", "precond", "precond"]
-    rec = sf.scao_diagnostics(state, names=["b", "w"], codec=sf.int8_blockwise(64))["w"]
+    rec = sf.scao_diagnostics(state, names=["b", "w"], codec=sf.int8_blockwise())["w"]
     assert rec["refreshes"] == 4 and 1 <= rec["rank_left"] <= 4 and rec["shape"] == (6, 5)
     # the default codec decodes scao()'s default int8 state: its norm matches an fp32 run's
     big = [torch.zeros(40, 30)]

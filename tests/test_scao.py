@@ -113,7 +113,7 @@ def test_scao_precondition_is_built_from_the_named_parts():
     by_hand = sf.chain(
         sf.blend_ramp(
             sf.kronecker_precondition(
-                curvature=sf.curvature_ema(0.95, codec=sf.int8_blockwise(64)),
+                curvature=sf.curvature_ema(0.95, codec=sf.int8_blockwise(32)),
                 rank=sf.spectral_mass_rank(0.05, 2, 8),
                 precond_freq=5,
                 complement="mean_tail",
@@ -376,7 +376,7 @@ def test_real_data_classification_not_worse_than_adamw():
 def _fidelity(m, n, steps, rho, rank, scales, seed=0):
     """Feed G = scale * (Q sqrt(logspace(0,-3,m))) @ randn(m, n) for ``steps`` steps, one leaf per
     scale (stacked in one group: one pass for all scales, and each scale gets its own stochastic
-    rounding stream), refresh at the last step; int8_blockwise(64) vs fp32 curvature storage."""
+    rounding stream), refresh at the last step; int8_blockwise() (block 32) vs fp32 curvature storage."""
     g = torch.Generator().manual_seed(seed)
     q = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))[0]
     mix = (q * torch.logspace(0, -3, m, dtype=torch.float64).sqrt()).float()
@@ -423,32 +423,25 @@ def fidelity_256():
 
 @pytest.mark.slow
 def test_int8_fidelity_256_cosine_and_rank(fidelity_256):
-    """Measured: cosine 0.9981-0.9985, rank 112-113 vs 110 (fp32)."""
+    """Measured (block 32): cosine 0.9984-0.9986, rank 112 vs 110 (fp32)."""
     for s, (cos, rel, k8, k32) in fidelity_256.items():
         assert cos >= 0.998, (s, cos)
         assert abs(k8 - k32) <= 0.15 * k32, (s, k8, k32)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "TARGET NOT MET (reported): relative error of P(G) int8 vs fp32 is 5.5-6.2 % over five independent "
-        "stochastic-rounding streams (measured 5.93, 5.83, 5.50, 6.16, 5.65 %), i.e. the 6 % target sits at "
-        "the median; the codec is scale-free (a single stream gives the same error at every scale)."
-    ),
-)
 def test_int8_fidelity_256_relative_error(fidelity_256):
+    """Measured with the default block of 32: 5.64, 5.49, 5.35, 5.38, 5.33 % (block 64 gave 5.5-6.2 %,
+    which is why the default is 32)."""
     for s, (cos, rel, k8, k32) in fidelity_256.items():
         assert rel <= 0.06, (s, rel)
 
 
 @pytest.mark.slow
 def test_int8_fidelity_256_error_bound_observed(fidelity_256):
-    """Regression guard at the observed level (the 6 % target itself is the xfail above)."""
+    """Regression guard a little below the target, at the observed level (mean 5.44 %)."""
     rels = [r[1] for r in fidelity_256.values()]
-    assert max(rels) <= 0.065, rels
-    assert sum(rels) / len(rels) <= 0.06, rels
+    assert sum(rels) / len(rels) <= 0.0575, rels
 
 
 # --------------------------------------------------------------------------- compile

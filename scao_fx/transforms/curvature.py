@@ -83,7 +83,7 @@ def curvature_ema(rho: float = 0.999, codec: Codec | None = None) -> CurvatureEM
 
     Args:
         rho: EMA decay, in [0, 1). 0.99 was as good or better for runs under ~1k steps.
-        codec: how factors are stored; default :func:`int8_blockwise` (block 64, stochastic
+        codec: how factors are stored; default :func:`int8_blockwise` (block 32, stochastic
             rounding). Pass :func:`fp32_codec` for the full-precision ablation.
 
     Returns:

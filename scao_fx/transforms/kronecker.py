@@ -316,7 +316,6 @@ def kronecker_precondition(
         sides: ``"both"`` preconditions every side up to ``max_precond_dim``; ``"wide"`` only
             the longer side of a non-square matrix (one-sided, for LoRA adapters ``(r, d)`` /
             ``(d, r)`` whose ``r x r`` side is not worth a factor); square matrices keep both.
-
         eigensolver: how a refresh finds the top-``k_max`` eigenpairs: ``"eigh"`` (a full
             decomposition every time), ``"subspace"`` (full at the first refresh, then one
             warm-started orthogonal iteration + Rayleigh-Ritz, :math:`O(d^2 k)`), or ``"auto"``
