@@ -75,8 +75,19 @@ def adamw(
 ) -> GradientTransformation:
     r"""AdamW: :func:`adam` with ``weight_decay=0.01`` by default (``torch.optim.AdamW``'s default).
 
-    Matches ``torch.optim.AdamW`` (same hyperparameters) to rounding; see :func:`adam` for the
-    arguments.
+    Matches ``torch.optim.AdamW`` (same hyperparameters) to rounding.
+
+    Args:
+        lr: learning rate: float >= 0, 0-d tensor, or schedule ``count -> lr``.
+        betas: ``(beta1, beta2)``, each in [0, 1).
+        eps: denominator epsilon, >= 0.
+        weight_decay: decoupled weight decay, >= 0 (default 0.01).
+        eps_root: epsilon inside the square root, >= 0.
+        mask: tree of bools (or callable) selecting the leaves that are decayed.
+        moment_dtype: dtype of the moments (default: at least float32).
+
+    Returns:
+        The chain ``(scale_by_adam, add_decayed_weights, scale_by_learning_rate)``.
 
     Example:
         >>> import torch, scao_fx as sf

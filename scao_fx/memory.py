@@ -36,6 +36,12 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
 def state_bytes(state: Any) -> int:
     """Total bytes of the tensors in ``state`` (a storage shared by several tensors counts once).
 
+    Args:
+        state: any tree of tensors (a transform's state, a list of tensors, ...).
+
+    Returns:
+        The number of bytes, as an int.
+
     Example:
         >>> import torch, scao_fx as sf
         >>> st = sf.adamw(1e-3).init({"w": torch.zeros(10, 10)})

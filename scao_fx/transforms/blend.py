@@ -36,7 +36,22 @@ class BlendRampState(NamedTuple):
 
 
 def blend_factor(count: torch.Tensor, start: int, blend_steps: int, shape: str = "linear") -> torch.Tensor:
-    """The blend weight ``b`` (0-d float32 tensor) after ``count`` steps; see the module docs."""
+    """The blend weight ``b`` after ``count`` steps (see the module docs).
+
+    Args:
+        count: steps done, a 0-d integer tensor.
+        start: last step with ``b = 0`` (``max(warmup_steps, min_precond_updates)``).
+        blend_steps: ramp length (0: hard switch).
+        shape: ``"linear"`` or ``"cosine"``.
+
+    Returns:
+        A 0-d float32 tensor in [0, 1].
+
+    Example:
+        >>> import torch, scao_fx as sf
+        >>> float(sf.blend_factor(torch.tensor(125), 100, 50))
+        0.5
+    """
     t = count.to(torch.float32) - start
     if blend_steps == 0:
         return (t > 0).to(torch.float32)

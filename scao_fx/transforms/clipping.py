@@ -20,9 +20,20 @@ def _per_leaf_norms(tensors) -> bool:
 
 
 def global_norm(leaves) -> torch.Tensor:
-    """Euclidean norm of all tensors in a flat list (``None`` skipped), as a 0-d tensor.
+    """Euclidean norm of all tensors in a flat list together (``None`` skipped).
 
-    Computed in float32, or float64 when a leaf is float64.
+    Computed in float32, or float64 when a leaf is float64, without host synchronisation.
+
+    Args:
+        leaves: a flat list of tensors (or ``None``).
+
+    Returns:
+        A 0-d tensor.
+
+    Example:
+        >>> import torch, scao_fx as sf
+        >>> float(sf.global_norm([torch.tensor([3.0]), None, torch.tensor([4.0])]))
+        5.0
     """
     tensors = [g for g in leaves if g is not None]
     if not tensors:

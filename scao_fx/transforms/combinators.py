@@ -57,7 +57,17 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
 
 def identity() -> GradientTransformation:
-    """The transform that returns its updates unchanged (state: ``EmptyState()``)."""
+    """The transform that returns its updates unchanged.
+
+    Returns:
+        A ``GradientTransformation`` with state ``EmptyState()``; ``chain`` drops it.
+
+    Example:
+        >>> import torch, scao_fx as sf
+        >>> tx = sf.identity()
+        >>> tx.update({"w": torch.ones(2)}, tx.init({"w": torch.zeros(2)}))[0]["w"]
+        tensor([1., 1.])
+    """
     return IdentityGradientTransformation()
 
 

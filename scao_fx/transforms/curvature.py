@@ -46,6 +46,14 @@ class CurvatureEMA:
     Attributes:
         rho: EMA decay in [0, 1).
         codec: storage codec of the factors.
+
+    Example:
+        >>> import torch, scao_fx as sf
+        >>> curv = sf.curvature_ema(0.9, codec=sf.fp32_codec())
+        >>> stat = curv.accumulate(curv.init(1, 2), torch.eye(2)[None])
+        >>> curv.factor(stat, torch.tensor(1), 2)[0]
+        tensor([[1., 0.],
+                [0., 1.]])
     """
 
     rho: float = 0.999

@@ -99,7 +99,19 @@ class KroneckerPreconditionState(NamedTuple):
 
 
 def matrix_shape(shape: Sequence[int]) -> tuple[int, int] | None:
-    """The matrix view ``(m, n)`` of a leaf shape, or ``None`` for 0-d and 1-d leaves."""
+    """The matrix view ``(m, n)`` of a leaf shape, or ``None`` for 0-d and 1-d leaves.
+
+    Args:
+        shape: a tensor shape.
+
+    Returns:
+        ``(shape[0], prod(shape[1:]))``, or ``None`` below two dimensions.
+
+    Example:
+        >>> import scao_fx as sf
+        >>> sf.matrix_shape((64, 3, 3, 3)), sf.matrix_shape((7,))
+        ((64, 27), None)
+    """
     if len(shape) < 2:
         return None
     return int(shape[0]), int(math.prod(shape[1:]))

@@ -65,7 +65,7 @@ def _seed_arg(seed: Any) -> Any:
 
 @dataclass(frozen=True)
 class Codec:
-    """How a float tensor is stored. Build one with :func:`fp32_codec`, :func:`bf16_codec` or
+    r"""How a float tensor is stored. Build one with :func:`fp32_codec`, :func:`bf16_codec` or
     :func:`int8_blockwise`.
 
     Attributes:
@@ -74,6 +74,13 @@ class Codec:
         stochastic: stochastic rounding (int8 only).
         square_root: store :math:`\sqrt{x}` of a non-negative tensor (int8 only; for second
             moments, see :func:`int8_blockwise`).
+
+    Example:
+        >>> import torch, scao_fx as sf
+        >>> codec = sf.int8_blockwise(32)
+        >>> enc = codec.encode(torch.tensor([0.5, -1.0, 0.25]))
+        >>> enc.data.dtype, enc.scale.shape
+        (torch.int8, torch.Size([1]))
     """
 
     kind: str = "fp32"
@@ -158,7 +165,15 @@ def _empty(like: torch.Tensor) -> torch.Tensor:
 
 
 def fp32_codec() -> Codec:
-    """Store in float32 (exact): the 'no quantization' choice."""
+    """Store in float32 (exact): the 'no quantization' choice (the ablation of int8).
+
+    Returns:
+        A :class:`Codec` of kind ``"fp32"`` (4 bytes per entry).
+
+    Example:
+        >>> import scao_fx as sf
+        >>> curv = sf.curvature_ema(0.999, codec=sf.fp32_codec())
+    """
     return Codec("fp32")
 
 
@@ -168,6 +183,13 @@ def bf16_codec() -> Codec:
     Nearest rounding loses EMA increments smaller than half a bf16 step: with ``rho`` close to
     1 (0.999) a bf16-stored EMA stops moving. Prefer :func:`int8_blockwise` (stochastic
     rounding) or :func:`fp32_codec` there.
+
+    Returns:
+        A :class:`Codec` of kind ``"bf16"``.
+
+    Example:
+        >>> import scao_fx as sf
+        >>> adam_bf16 = sf.quantize_state(sf.scale_by_adam(), sf.bf16_codec())
     """
     return Codec("bf16")
 
@@ -186,6 +208,9 @@ def int8_blockwise(block_size: int = 32, *, stochastic: bool = True, square_root
         square_root: for a non-negative statistic such as Adam's second moment: store
             :math:`\sqrt{x}` (twice the dynamic range in decades) and decode a zero code as half a
             step, so small entries never decode to exactly 0.
+
+    Returns:
+        A :class:`Codec` of kind ``"int8"``.
 
     Example:
         >>> import torch, scao_fx as sf
@@ -234,6 +259,13 @@ def int8_adam_codecs(block_size: int = 64) -> ScaleByAdamState:
     The first moment is stored linearly, the second as its square root
     (``int8_blockwise(block_size, square_root=True)``): linear int8 rounds small second-moment
     entries to zero while their first moment is not, and ``m / (sqrt(v) + eps)`` explodes.
+
+    Args:
+        block_size: entries per scale block, >= 8.
+
+    Returns:
+        A :class:`~scao_fx.transforms.adam.ScaleByAdamState` of codecs (``count``: not encoded),
+        to pass as ``codec`` to :func:`quantize_state` around :func:`scale_by_adam`.
 
     Example:
         >>> import scao_fx as sf

@@ -34,6 +34,12 @@ class RankRule:
         k_min: lower clamp on ``k``.
         k_max: upper clamp on ``k`` and the basis width (``None``: the factor's dimension).
         adaptive: whether ``k`` depends on the spectrum (False: ``k = capacity``).
+
+    Example:
+        >>> import torch, scao_fx as sf
+        >>> rule = sf.spectral_mass_rank(0.05, k_min=1, k_max=8)
+        >>> rule.capacity(4), int(rule.select(torch.tensor([10.0, 0.1, 0.1, 0.1])))
+        (4, 1)
     """
 
     epsilon: float = 0.0
@@ -79,6 +85,9 @@ def spectral_mass_rank(epsilon: float = 0.05, k_min: int = 8, k_max: int = 128) 
         k_min: smallest rank, >= 1.
         k_max: largest rank and basis width, >= k_min.
 
+    Returns:
+        A :class:`RankRule` (adaptive).
+
     Example:
         >>> import torch, scao_fx as sf
         >>> rule = sf.spectral_mass_rank(0.1, k_min=1, k_max=4)
@@ -92,7 +101,15 @@ def spectral_mass_rank(epsilon: float = 0.05, k_min: int = 8, k_max: int = 128) 
 
 
 def full_rank() -> RankRule:
-    r"""Keep every direction: the preconditioner is exactly :math:`L^{-1/4}` (the ablation of adaptive rank)."""
+    r"""Keep every direction: the preconditioner is exactly :math:`L^{-1/4}` (the ablation of adaptive rank).
+
+    Returns:
+        A :class:`RankRule` with ``k = dim`` and a full-width basis.
+
+    Example:
+        >>> import scao_fx as sf
+        >>> tx = sf.kronecker_precondition(rank=sf.full_rank())
+    """
     return RankRule(epsilon=0.0, k_min=1, k_max=None, adaptive=False)
 
 
@@ -101,6 +118,14 @@ def fixed_rank(k: int) -> RankRule:
 
     Args:
         k: the rank, >= 1.
+
+    Returns:
+        A non-adaptive :class:`RankRule` of width ``min(k, dim)``.
+
+    Example:
+        >>> import scao_fx as sf
+        >>> sf.fixed_rank(16).capacity(768)
+        16
     """
     k = check_int("k", k, low=1)
     return RankRule(epsilon=0.0, k_min=k, k_max=k, adaptive=False)
@@ -121,6 +146,12 @@ def robust_eigh(factors: torch.Tensor, *, retry_float64: bool = True) -> tuple[t
     are retried in float64 when ``retry_float64`` (eager mode only: the retry needs a host
     decision). Factors that fail both are reported in ``ok`` and their outputs are zeroed, so the
     caller can keep its last good basis with ``torch.where``.
+
+    Example:
+        >>> import torch, scao_fx as sf
+        >>> vals, vecs, ok = sf.robust_eigh(torch.diag(torch.tensor([1.0, 3.0]))[None])
+        >>> vals, bool(ok)
+        (tensor([[3., 1.]]), True)
 
     Args:
         factors: ``(..., d, d)`` symmetric matrices.

@@ -35,6 +35,12 @@ def _scale_leaves(updates, factor, inplace: bool):
 def scale(step_size: float) -> GradientTransformation:
     """Multiply every update by a constant ``step_size`` (any real number).
 
+    Args:
+        step_size: the factor.
+
+    Returns:
+        A ``GradientTransformation`` with state ``EmptyState()``.
+
     Example:
         >>> import scao_fx as sf
         >>> tx = sf.scale(-1.0)   # gradient ascent -> descent
