@@ -25,29 +25,22 @@ __all__ = [
 ]
 
 
-def tensor_bytes(tree: object) -> int:
-    """Total bytes of the distinct tensor storages reachable from ``tree``.
+def _storages(tree: object) -> set[tuple[int, int]]:
+    """``(data_ptr, nbytes)`` of every distinct, materialised tensor storage reachable from ``tree``.
 
     Walks dicts, lists, tuples (NamedTuples included), sets and objects exposing ``__dict__``
-    (or ``__slots__``); each storage is counted once, so views and shared tensors are not
-    double-counted. Non-tensor leaves count zero.
+    (or ``__slots__``); meta tensors and empty storages are skipped.
     """
-    seen_storages: set[tuple[int, int]] = set()
+    keys: set[tuple[int, int]] = set()
     seen_objects: set[int] = set()
-    total = 0
     stack = [tree]
     while stack:
         obj = stack.pop()
         if isinstance(obj, torch.Tensor):
-            if obj.is_meta:
-                continue
-            storage = obj.untyped_storage()
-            key = (storage.data_ptr(), storage.nbytes())
-            if storage.data_ptr() == 0 and storage.nbytes() == 0:
-                continue
-            if key not in seen_storages:
-                seen_storages.add(key)
-                total += storage.nbytes()
+            if not obj.is_meta:
+                storage = obj.untyped_storage()
+                if storage.data_ptr() != 0 or storage.nbytes() != 0:
+                    keys.add((storage.data_ptr(), storage.nbytes()))
             continue
         if obj is None or isinstance(obj, (str, bytes, int, float, bool, complex, torch.dtype, torch.device)):
             continue
@@ -62,7 +55,16 @@ def tensor_bytes(tree: object) -> int:
             stack.extend(vars(obj).values())
         elif hasattr(obj, "__slots__"):
             stack.extend(getattr(obj, s) for s in obj.__slots__ if hasattr(obj, s))
-    return total
+    return keys
+
+
+def tensor_bytes(tree: object) -> int:
+    """Total bytes of the distinct tensor storages reachable from ``tree``.
+
+    Each storage is counted once, so views and shared tensors are not double-counted;
+    non-tensor leaves count zero.
+    """
+    return sum(nbytes for _, nbytes in _storages(tree))
 
 
 def optimizer_state_bytes(optimizer: object) -> int:
@@ -84,37 +86,9 @@ def optimizer_state_bytes(optimizer: object) -> int:
         roots.append(dict(state) if isinstance(state, dict) else state)
     if not roots:
         return 0
-    total = tensor_bytes(roots)
-    # subtract parameter storages that the state happens to reference (e.g. lookahead copies
-    # are separate tensors and do count; the live parameters themselves do not)
-    shared = 0
+    # the live parameters do not count even when the state refers to them (copies do count)
     param_keys = {(p.untyped_storage().data_ptr(), p.untyped_storage().nbytes()) for p in params}
-    if param_keys:
-        state_keys: set[tuple[int, int]] = set()
-        _collect_storage_keys(roots, state_keys)
-        shared = sum(nb for ptr, nb in state_keys & param_keys)
-    return total - shared
-
-
-def _collect_storage_keys(tree: object, out: set[tuple[int, int]]) -> None:
-    seen: set[int] = set()
-    stack = [tree]
-    while stack:
-        obj = stack.pop()
-        if isinstance(obj, torch.Tensor):
-            if not obj.is_meta:
-                s = obj.untyped_storage()
-                out.add((s.data_ptr(), s.nbytes()))
-            continue
-        if id(obj) in seen or obj is None or isinstance(obj, (str, bytes, int, float, bool)):
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, dict):
-            stack.extend(obj.values())
-        elif isinstance(obj, (list, tuple, set, frozenset)):
-            stack.extend(obj)
-        elif hasattr(obj, "__dict__") and not callable(obj):
-            stack.extend(vars(obj).values())
+    return sum(nbytes for _, nbytes in _storages(roots) - param_keys)
 
 
 def time_to_target(
