@@ -71,7 +71,7 @@ class Codec:
     Attributes:
         kind: ``"fp32"``, ``"bf16"`` or ``"int8"``.
         block_size: entries per scale block (int8 only).
-        stochastic: stochastic rounding (int8 only).
+        stochastic: stochastic rounding (int8 and bf16).
         square_root: store :math:`\sqrt{x}` of a non-negative tensor (int8 only; for second
             moments, see :func:`int8_blockwise`).
 
@@ -98,7 +98,8 @@ class Codec:
         if self.kind == "fp32":
             return EncodedTensor(x.to(torch.float32), _empty(x))
         if self.kind == "bf16":
-            return EncodedTensor(x.to(torch.bfloat16), _empty(x))
+            data = _bf16_stochastic(x, seed) if self.stochastic else x.to(torch.bfloat16)
+            return EncodedTensor(data, _empty(x))
         from ..kernels import quantize_blockwise
 
         x = x.to(torch.float32)
@@ -153,11 +154,32 @@ class Codec:
             )
             return EncodedTensor(codes, scales)
         data = enc.data
+        if self.kind == "bf16" and self.stochastic:
+            mixed = _bf16_stochastic(data.float().lerp(new.float(), 1.0 - rho), seed)
+            return EncodedTensor(data.copy_(mixed) if inplace else mixed, enc.scale)
         if inplace:
             data.lerp_(new.to(data.dtype), 1.0 - rho)
         else:
             data = data.lerp(new.to(data.dtype), 1.0 - rho)
         return EncodedTensor(data, enc.scale)
+
+
+def _bf16_stochastic(x: torch.Tensor, seed: Any) -> torch.Tensor:
+    """Round float32 ``x`` to bfloat16 stochastically (unbiased), with the codec's index hash.
+
+    The 16 low bits of the float32 pattern are dropped after adding a 16-bit hash of the element
+    index and ``seed``: the magnitude rounds up with probability equal to the dropped fraction.
+    """
+    from ..kernels import _common as C
+
+    x = x.to(torch.float32).contiguous()
+    rows = x.numel() // x.shape[-1] if x.dim() else 1
+    n = x.shape[-1] if x.dim() else 1
+    u = C.row_uniforms(rows, n, C.seed_term(_seed_arg(seed), x.device), x.device).view(x.shape)
+    noise = (u * 65536.0).to(torch.int32)  # 16 random low bits
+    bits = (x.view(torch.int32) + noise) & -65536
+    rounded = bits.view(torch.float32)
+    return torch.where(torch.isnan(x), x, rounded).to(torch.bfloat16)
 
 
 def _empty(like: torch.Tensor) -> torch.Tensor:
@@ -177,12 +199,14 @@ def fp32_codec() -> Codec:
     return Codec("fp32")
 
 
-def bf16_codec() -> Codec:
-    """Store in bfloat16 (2 bytes per entry, 8 mantissa bits, round to nearest).
+def bf16_codec(*, stochastic: bool = True) -> Codec:
+    """Store in bfloat16 (2 bytes per entry, 8 mantissa bits).
 
-    Nearest rounding loses EMA increments smaller than half a bf16 step: with ``rho`` close to
-    1 (0.999) a bf16-stored EMA stops moving. Prefer :func:`int8_blockwise` (stochastic
-    rounding) or :func:`fp32_codec` there.
+    Args:
+        stochastic: round stochastically (unbiased, the same deterministic index hash as
+            :func:`int8_blockwise`). Round-to-nearest (False) loses EMA increments smaller than
+            half a bf16 step, so with ``rho`` close to 1 (0.999) a nearest-rounded EMA stops
+            moving.
 
     Returns:
         A :class:`Codec` of kind ``"bf16"``.
@@ -191,7 +215,9 @@ def bf16_codec() -> Codec:
         >>> import scao_fx as sf
         >>> adam_bf16 = sf.quantize_state(sf.scale_by_adam(), sf.bf16_codec())
     """
-    return Codec("bf16")
+    if not isinstance(stochastic, bool):
+        raise TypeError(f"stochastic must be a bool, got {stochastic!r}")
+    return Codec("bf16", stochastic=stochastic)
 
 
 def int8_blockwise(block_size: int = 32, *, stochastic: bool = True, square_root: bool = False) -> Codec:
