@@ -58,6 +58,34 @@ DIAGNOSTIC_KEYS = (
 )
 
 
+def adam_record(shape: tuple[int, int] | None, *, blend: Any, refreshes: Any, step: Any) -> dict[str, Any]:
+    """The diagnostics record of a leaf that is not preconditioned (plain Adam).
+
+    Args:
+        shape: the leaf's matrix view, or ``None``.
+        blend: the blend weight to report.
+        refreshes: the refresh count to report.
+        step: the step count to report.
+
+    Returns:
+        A record with every key of :data:`DIAGNOSTIC_KEYS`.
+    """
+    return {
+        "shape": shape,
+        "sides": "none",
+        "rank_left": None,
+        "rank_right": None,
+        "phase": "adam",
+        "blend": blend,
+        "curvature_norm_left": None,
+        "curvature_norm_right": None,
+        "refreshes": refreshes,
+        "fallbacks_left": None,
+        "fallbacks_right": None,
+        "step": step,
+    }
+
+
 def _default_codec() -> Codec:
     """The curvature codec of ``scao_precondition()``'s defaults (int8, its default block size)."""
     import inspect
@@ -169,20 +197,7 @@ def scao_diagnostics(
         shape = None
         if shapes is not None and shapes[i] is not None and len(shapes[i]) >= 2:
             shape = (int(shapes[i][0]), int(torch.Size(shapes[i][1:]).numel()))
-        records[label] = {
-            "shape": shape,
-            "sides": "none",
-            "rank_left": None,
-            "rank_right": None,
-            "phase": "adam",
-            "blend": out(blend),
-            "curvature_norm_left": None,
-            "curvature_norm_right": None,
-            "refreshes": out(kron.refreshes),
-            "fallbacks_left": None,
-            "fallbacks_right": None,
-            "step": out(ramp.count),
-        }
+        records[label] = adam_record(shape, blend=out(blend), refreshes=out(kron.refreshes), step=out(ramp.count))
     for group in kron.groups:
         leaf_ids = group.leaves.tolist()  # CPU tensor
         norms = {}

@@ -813,7 +813,7 @@ class SCAO(TransformOptimizer):
         the record's keys. Nothing is computed during ``step()``; this call reads the state
         (and synchronises with the device once, unless ``as_tensors=True``).
         """
-        from .diagnostics import scao_diagnostics
+        from .diagnostics import adam_record, scao_diagnostics
         from .transforms.quantization import fp32_codec, int8_blockwise
 
         records: dict[str, dict[str, Any]] = {}
@@ -828,20 +828,7 @@ class SCAO(TransformOptimizer):
                 for j, label in zip(rt.active, labels):
                     p = params[j]
                     shape = (int(p.shape[0]), int(p[0].numel())) if p.ndim >= 2 else None
-                    records[label] = {
-                        "shape": shape,
-                        "sides": "none",
-                        "rank_left": None,
-                        "rank_right": None,
-                        "phase": "adam",
-                        "blend": 0.0,
-                        "curvature_norm_left": None,
-                        "curvature_norm_right": None,
-                        "refreshes": 0,
-                        "fallbacks_left": None,
-                        "fallbacks_right": None,
-                        "step": step if as_tensors else int(step),
-                    }
+                    records[label] = adam_record(shape, blend=0.0, refreshes=0, step=step if as_tensors else int(step))
                 continue
             codec = int8_blockwise(group["block_size"]) if group["use_int8_ema"] else fp32_codec()
             records.update(
