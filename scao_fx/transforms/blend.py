@@ -98,6 +98,14 @@ def blend_ramp(
         count = increment(state.count)
         pre, inner_state = inner.update(updates, state.inner_state, params=params, inplace=False)
         b = blend_factor(count, start, blend_steps, shape)
+        if not torch.compiler.is_compiling():
+            # Outside the ramp the blend is exactly one side (lerp with weight 1 returns its end
+            # point bit for bit); b lives on the CPU, so reading it is no device sync.
+            weight = float(b)
+            if weight == 0.0:
+                return updates, BlendRampState(inner_state, count, b)
+            if weight == 1.0:
+                return pre, BlendRampState(inner_state, count, b)
         raw, spec = flatten(updates)
         pre_leaves, _ = flatten(pre)
         out = []
