@@ -55,6 +55,20 @@ def _block_absmax(x2: torch.Tensor, block_size: int) -> torch.Tensor:
     return ax.reshape(rows, nb, block_size).amax(dim=-1)
 
 
+def _mul_per_block(x2: torch.Tensor, values: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``x2 (rows, N) * values (rows, nb)`` with each block's value applied to its columns.
+
+    Eager mode with whole blocks: a broadcast over a (rows, nb, block) view (no gathered copy of
+    the values); otherwise an ``index_select`` by the column's block (the form torch.compile
+    gets right in partial blocks). Same products either way, so the same bits.
+    """
+    rows, n = x2.shape
+    nb = values.shape[1]
+    if n == nb * block_size and not torch.compiler.is_compiling():
+        return (x2.reshape(rows, nb, block_size) * values.unsqueeze(-1)).reshape(rows, n)
+    return x2 * values.index_select(1, _block_of_column(n, block_size, values.device))
+
+
 def _encode(x2: torch.Tensor, block_size: int, stochastic: bool, seedterm):
     """Encode fp32 rows (rows, N) -> (codes (rows, N) int8, scales (rows, nb) fp32).
 
@@ -75,7 +89,7 @@ def _encode(x2: torch.Tensor, block_size: int, stochastic: bool, seedterm):
     scale = _block_absmax(x2, block_size).div_(C.QMAX)
     pos = scale > 0
     inv = torch.where(pos, 1.0 / scale, torch.zeros((), dtype=scale.dtype, device=scale.device))
-    q = x2 * inv.index_select(1, _block_of_column(n, block_size, x2.device))
+    q = _mul_per_block(x2, inv, block_size)
     q = torch.nan_to_num_(q, nan=0.0, posinf=0.0, neginf=0.0)
     fl = torch.floor(q)
     frac = q.sub_(fl)
@@ -93,8 +107,7 @@ def _decode(codes: torch.Tensor, scales: torch.Tensor, block_size: int) -> torch
     s2 = scales.reshape(c2.shape[0], -1) if c2.shape[0] else scales.reshape(0, 0)
     if c2.shape[0] == 0 or c2.shape[1] == 0:
         return torch.zeros(c2.shape, dtype=torch.float32, device=codes.device)
-    return c2.to(torch.float32) * s2.index_select(
-        1, _block_of_column(c2.shape[1], block_size, codes.device))
+    return _mul_per_block(c2.to(torch.float32), s2, block_size)
 
 
 def _write(out, codes2, scales2, shape):
