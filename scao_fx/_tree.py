@@ -10,13 +10,8 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import optree
-import torch
 
-__all__ = ["flatten", "unflatten", "check_same_structure", "leaf_is_tensor", "walk", "find_nodes"]
-
-# torchopt's trees: the default optree registry, ``None`` as an empty node (not a leaf).
-NONE_IS_LEAF = False
-
+__all__ = ["flatten", "unflatten", "check_same_structure", "walk", "find_nodes"]
 
 def flatten(tree: Any) -> tuple[list[Any], optree.PyTreeSpec]:
     """Flatten ``tree`` into its leaves (``None`` kept as a leaf placeholder) and its spec."""
@@ -37,16 +32,6 @@ def check_same_structure(name_a: str, spec_a: optree.PyTreeSpec, name_b: str, sp
             f"  {name_a}: {spec_a}\n  {name_b}: {spec_b}\n"
             "(was the state created by init() on a different parameter tree?)"
         )
-
-
-def leaf_is_tensor(x: Any) -> bool:
-    """True for tensor leaves (``None`` placeholders are not)."""
-    return isinstance(x, torch.Tensor)
-
-
-def map_leaves(fn: Callable, *leaf_lists: Sequence[Any]) -> list[Any]:
-    """Apply ``fn`` leaf-wise over flat lists, passing ``None`` through where the first list has it."""
-    return [None if xs[0] is None else fn(*xs) for xs in zip(*leaf_lists)]
 
 
 def walk(tree: Any, visit: Callable[[Any], bool]) -> None:

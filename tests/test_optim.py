@@ -609,9 +609,7 @@ def test_scao_in_warmup_equals_adamw():
     x, y = torch.randn(32, 8), torch.randn(32, 4)
     for _ in range(20):
         for m, o in ((m1, o1), (m2, o2)):
-            o.zero_grad()
-            ((m(x) - y) ** 2).mean().backward()
-            o.step()
+            train_step(m, o, x, y)
     assert max_diff(m1, m2) == 0.0
 
 
@@ -622,13 +620,8 @@ def test_scao_trains_and_preconditioning_kicks_in():
     x, y = torch.randn(64, 8), torch.randn(64, 4)
     losses = []
     for _ in range(40):
-        for m, o in ((m1, o1), (m2, o2)):
-            o.zero_grad()
-            loss = ((m(x) - y) ** 2).mean()
-            loss.backward()
-            o.step()
-            if o is o1:
-                losses.append(loss.item())
+        losses.append(train_step(m1, o1, x, y).item())
+        train_step(m2, o2, x, y)
     assert losses[-1] < 0.7 * losses[0]
     assert max_diff(m1, m2) > 1e-4  # preconditioning changed the trajectory
     d = o1.diagnostics()
@@ -654,9 +647,7 @@ def test_scao_preconditioner_disabled_equals_adamw():
     x, y = torch.randn(32, 8), torch.randn(32, 4)
     for _ in range(20):
         for m, o in ((m1, o1), (m2, o2)):
-            o.zero_grad()
-            ((m(x) - y) ** 2).mean().backward()
-            o.step()
+            train_step(m, o, x, y)
     assert max_diff(m1, m2) == 0.0
 
 
