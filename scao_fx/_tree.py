@@ -13,6 +13,7 @@ import optree
 
 __all__ = ["flatten", "unflatten", "check_same_structure", "walk", "find_nodes"]
 
+
 def flatten(tree: Any) -> tuple[list[Any], optree.PyTreeSpec]:
     """Flatten ``tree`` into its leaves (``None`` kept as a leaf placeholder) and its spec."""
     leaves, spec = optree.tree_flatten(tree, none_is_leaf=True)
