@@ -437,12 +437,14 @@ def kronecker_precondition(
                 continue
             partial = not all(present)
             like = next(leaves[i] for i in g.indices if leaves[i] is not None)
-            grads = torch.stack(
-                [
-                    (leaves[i] if leaves[i] is not None else torch.zeros_like(like)).reshape(g.m, g.n)
-                    for i in g.indices
-                ]
-            ).to(torch.float32)
+            grads, unscale, gram_scale = _normalized(
+                torch.stack(
+                    [
+                        (leaves[i] if leaves[i] is not None else torch.zeros_like(like)).reshape(g.m, g.n)
+                        for i in g.indices
+                    ]
+                )
+            )
             seed = count * 64 + (2 * gi) % 64
             sides = []
             for side, dim, gram in (
@@ -453,7 +455,7 @@ def kronecker_precondition(
                     sides.append(None)
                     continue
                 old = side
-                stat = curvature.accumulate(side.stat, gram(grads), seed, inplace=inplace and not partial)
+                stat = curvature.accumulate(side.stat, _finite_gram(gram(grads), gram_scale), seed, inplace=inplace and not partial)
                 side = side._replace(stat=stat)
                 side = _maybe_refresh(due, side, lambda sd, dim=dim: refresh_side(sd, count, dim, first))
                 if partial:
@@ -475,12 +477,57 @@ def kronecker_precondition(
                 pg = pg * torch.clamp(tau * gnorm / safe_p, max=1.0)[:, None, None]
             for j, i in enumerate(g.indices):
                 if leaves[i] is not None:
-                    out[i] = pg[j].reshape(leaves[i].shape).to(leaves[i].dtype)
+                    out[i] = _unscaled(pg[j], unscale[j]).reshape(leaves[i].shape).to(leaves[i].dtype)
             new_groups.append(KroneckerGroupState(gs.leaves, left, right))
         refreshes = state.refreshes + due.to(torch.int64)
         return unflatten(spec, out), KroneckerPreconditionState(count, refreshes, tuple(new_groups))
 
     return GradientTransformation(init, update)
+
+
+def _pow2(e: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``2 ** e`` built from its bits (exact), for integers ``e`` in ``dtype``'s normal range."""
+    if dtype == torch.float64:
+        return ((e.to(torch.int64) + 1023) << 52).view(torch.float64)
+    return ((e.to(torch.int32) + 127) << 23).view(torch.float32)
+
+
+def _normalized(stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Scale each stacked gradient by a power of two near its largest entry, as float32.
+
+    The preconditioner is linear in :math:`G` and the graft is scale-free, so the work runs on
+    :math:`G / 2^e` and the result is multiplied back by :math:`2^e` (exact: a power of two), in
+    the leaf's own dtype. Bit for bit the same as working on :math:`G` in the usual range, but a
+    gradient of 1e30 (float32) or 1e300 (float64) no longer overflows float32 intermediates
+    (norms, products) into inf/NaN.
+
+    Returns ``(float32 normalized stack, per-leaf 2^e in the output's working dtype, per-leaf
+    4^e as float32 (inf/0 where out of range) to rescale Gram matrices)``.
+    """
+    amax = stack.detach().abs().amax(dim=(-2, -1)).to(torch.float64)
+    e = torch.frexp(torch.where(torch.isfinite(amax), amax, torch.zeros_like(amax)))[1].to(torch.int64)
+    if stack.dtype == torch.float64:
+        e = e.clamp(-1000, 1000)
+        work = torch.float64
+    else:  # float32 (and narrower) values lie within 2^[-149, 128]: one float32 factor suffices
+        e = e.clamp(-100, 100)
+        work = torch.float32
+    normalized = (stack.to(work) * _pow2(-e, work)[:, None, None]).to(torch.float32)
+    gram_scale = _pow2(e.clamp(-500, 500) * 2, torch.float64).to(torch.float32)
+    return normalized, _pow2(e, work), gram_scale
+
+
+def _finite_gram(gram: torch.Tensor, gram_scale: torch.Tensor) -> torch.Tensor:
+    """The Gram matrices of the unnormalized gradients; one that overflows float32 (gradient
+    entries beyond about 1e19) adds nothing to the statistics instead of inf/NaN."""
+    gram = gram * gram_scale[:, None, None]
+    ok = torch.isfinite(gram).flatten(1).all(-1)[:, None, None]
+    return torch.where(ok, gram, torch.zeros_like(gram))
+
+
+def _unscaled(pg: torch.Tensor, unscale: torch.Tensor) -> torch.Tensor:
+    """Undo :func:`_normalized`'s scaling of one leaf, in the working dtype (float32 or float64)."""
+    return pg.to(unscale.dtype) * unscale
 
 
 def _pack(side: KroneckerSide) -> tuple:
