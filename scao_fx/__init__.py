@@ -14,6 +14,7 @@ from . import schedules, transforms
 from .alias import adam, adamw, scao, scao_precondition
 from .base import EmptyState, GradientTransformation
 from .diagnostics import scao_diagnostics, summarize_diagnostics
+from .distributed import assign_owners, dcp_state_dict, gather_full, shard_like
 from .optim import SCAO, TransformOptimizer
 from .transforms import *  # noqa: F401,F403  (re-export the transform families)
 from .transforms import __all__ as _transforms_all
@@ -32,6 +33,10 @@ __all__ = [
     "SCAO",
     "scao_diagnostics",
     "summarize_diagnostics",
+    "assign_owners",
+    "gather_full",
+    "shard_like",
+    "dcp_state_dict",
     "adam",
     "adamw",
     "scao",

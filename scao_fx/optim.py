@@ -29,6 +29,7 @@ rest next to its parameter), so resuming is bit-identical to not stopping.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import numbers
 from typing import Any, Callable, Iterable, Mapping
@@ -37,6 +38,7 @@ import optree
 import torch
 
 from .base import GradientTransformation, check_transform
+from .distributed import check_process_group
 
 __all__ = ["TransformOptimizer", "SCAO", "COMPAT_KEYWORDS", "INERT_KEYWORDS"]
 
@@ -601,7 +603,7 @@ def _precondition_extras() -> dict[str, Any]:
 
     out = {}
     for name, param in inspect.signature(scao_precondition).parameters.items():
-        if param.kind is inspect.Parameter.KEYWORD_ONLY and name != "rank_eps":
+        if param.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("rank_eps", "process_group"):
             out[name] = param.default
     return out
 
@@ -701,6 +703,7 @@ def _scao_factory(**hp: Any) -> GradientTransformation:
         min_precond_updates=hp["min_precond_updates"],
         max_precond_dim=hp["max_precond_dim"],
         use_int8_ema=hp["use_int8_ema"],
+        process_group=hp.get("process_group"),  # SCAO(process_group=...): not a hyperparameter
         **extras,
     )
 
@@ -734,6 +737,9 @@ class SCAO(TransformOptimizer):
         preconditioner_enabled: False runs the group as plain AdamW.
         factor_mode: ``"full"`` (both sides) or ``"wide"`` (only the longer side of non-square
             matrices, for LoRA adapters: same as ``sides="wide"``).
+        process_group: a ``torch.distributed`` process group: basis refreshes are spread over
+            its ranks (see ``docs/distributed.md``). Not a hyperparameter: it is not saved in
+            ``state_dict()``, and an optimizer holding one cannot be pickled.
         **compat: the other keywords of the original ``scao`` package's ``SCAO`` (see
             :data:`COMPAT_KEYWORDS`, :data:`INERT_KEYWORDS`), each accepted at its neutral value
             and rejected with a ``ValueError`` explaining why otherwise; and the extra
@@ -770,6 +776,8 @@ class SCAO(TransformOptimizer):
         use_int8_ema: bool = True,
         preconditioner_enabled: bool = True,
         factor_mode: str = "full",
+        *,
+        process_group: Any = None,
         **compat: Any,
     ) -> None:
         known = {k: v[0] for k, v in COMPAT_KEYWORDS.items()}
@@ -801,7 +809,10 @@ class SCAO(TransformOptimizer):
         )
         for k, v in known.items():
             defaults[k] = compat.get(k, v)
-        super().__init__(params, _scao_factory, defaults)
+        factory = _scao_factory
+        if check_process_group("process_group", process_group) is not None:
+            factory = functools.partial(_scao_factory, process_group=process_group)
+        super().__init__(params, factory, defaults)
 
     def diagnostics(self, *, curvature_norms: bool = True, as_tensors: bool = False) -> dict[str, dict[str, Any]]:
         """Per-parameter diagnostics: rank, phase, blend, curvature norm, refreshes, fallbacks.

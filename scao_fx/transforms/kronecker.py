@@ -33,6 +33,7 @@ import torch
 
 from .._tree import flatten, unflatten
 from .._validation import check_choice, check_float, check_int
+from ..distributed import _is_dtensor, _owner_refresh, assign_owners, check_process_group, gather_full, shard_like
 from ..base import GradientTransformation, increment, register_state, step_count
 from .curvature import CurvatureEMA, FactorStatistic, curvature_ema
 from .quantization import EncodedTensor
@@ -293,6 +294,25 @@ def _maybe_refresh(due: torch.Tensor, side: KroneckerSide, refresh: Callable[[Kr
     return refresh(side) if bool(due) else side
 
 
+def _refresh_owners(groups: tuple, world: int) -> dict[tuple[int, int], list[int]]:
+    """Owner rank of every stacked factor: ``{(group, side 0 left / 1 right): [owner per row]}``.
+
+    Costs :math:`d^3` per ``d x d`` factor, balanced by :func:`~scao_fx.distributed.assign_owners`.
+    Read from the state's shapes only, so every rank computes the same assignment.
+    """
+    keys, costs = [], []
+    for gi, gs in enumerate(groups):
+        for s, side in enumerate((gs.left, gs.right)):
+            if side is not None:
+                batch, dim = side.basis.shape[0], side.basis.shape[-2]
+                keys += [(gi, s)] * batch
+                costs += [float(dim) ** 3] * batch
+    out: dict[tuple[int, int], list[int]] = {}
+    for key, owner in zip(keys, assign_owners(costs, world)):
+        out.setdefault(key, []).append(owner)
+    return out
+
+
 def kronecker_precondition(
     *,
     curvature: CurvatureEMA | None = None,
@@ -306,6 +326,7 @@ def kronecker_precondition(
     grouped: bool = True,
     sides: str = "both",
     eigensolver: str = "auto",
+    process_group: Any = None,
 ) -> GradientTransformation:
     r"""Precondition matrix leaves by low-rank-plus-complement Kronecker factors.
 
@@ -332,6 +353,14 @@ def kronecker_precondition(
             decomposition every time), ``"subspace"`` (full at the first refresh, then one
             warm-started orthogonal iteration + Rayleigh-Ritz, :math:`O(d^2 k)`), or ``"auto"``
             (``"subspace"`` where the basis is narrower than the factor, else ``"eigh"``).
+        process_group: a ``torch.distributed`` process group over which refreshes are spread:
+            each factor is decomposed by one owner rank and the results are broadcast (same
+            result as ``None``, 1/world of the work per rank; every rank must call ``update``
+            with the same leaves present). ``None``: every process refreshes everything itself.
+            See :mod:`scao_fx.distributed`.
+
+    DTensor updates (FSDP2's sharded gradients) are all-gathered per preconditioned matrix,
+    preconditioned in full and returned as this rank's shard (see ``docs/distributed.md``).
 
     Returns:
         A ``GradientTransformation`` with state :class:`KroneckerPreconditionState`. It never
@@ -355,6 +384,7 @@ def kronecker_precondition(
     tikhonov = check_float("tikhonov", tikhonov, low=0.0)
     side_mode = check_choice("sides", sides, ("both", "wide"))
     check_choice("eigensolver", eigensolver, ("auto", "eigh", "subspace"))
+    process_group = check_process_group("process_group", process_group)
 
     def init_side(batch: int, dim: int, device) -> KroneckerSide:
         cap = rank.capacity(dim)
@@ -428,6 +458,16 @@ def kronecker_precondition(
         count = increment(state.count)
         due = (count % precond_freq) == 0
         first = state.refreshes == 0
+        owners = None
+        if process_group is not None:
+            if torch.compiler.is_compiling():
+                raise NotImplementedError("kronecker_precondition(process_group=...) runs eagerly; do not torch.compile its update")
+            if bool(due):  # a CPU tensor: no device sync
+                owners = _refresh_owners(state.groups, torch.distributed.get_world_size(process_group))
+        # FSDP2: DTensor gradients of preconditioned matrices are gathered whole (all-gather).
+        sharded = {i: leaves[i] for g in plan for i in g.indices if _is_dtensor(leaves[i])}
+        if sharded:
+            leaves = [gather_full(x) if i in sharded else x for i, x in enumerate(leaves)]
         out = list(leaves)
         new_groups = []
         for gi, (g, gs) in enumerate(zip(plan, state.groups)):
@@ -447,17 +487,20 @@ def kronecker_precondition(
             )
             seed = count * 64 + (2 * gi) % 64
             sides = []
-            for side, dim, gram in (
+            for s, (side, dim, gram) in enumerate((
                 (gs.left, g.m, (lambda x: torch.matmul(x, x.transpose(-1, -2)))),
                 (gs.right, g.n, (lambda x: torch.matmul(x.transpose(-1, -2), x))),
-            ):
+            )):
                 if side is None:
                     sides.append(None)
                     continue
                 old = side
                 stat = curvature.accumulate(side.stat, _finite_gram(gram(grads), gram_scale), seed, inplace=inplace and not partial)
                 side = side._replace(stat=stat)
-                side = _maybe_refresh(due, side, lambda sd, dim=dim: refresh_side(sd, count, dim, first))
+                refresh = lambda sd, dim=dim: refresh_side(sd, count, dim, first)  # noqa: E731
+                if owners is not None:
+                    refresh = lambda sd, own=owners[gi, s], local=refresh: _owner_refresh(sd, local, own, process_group)  # noqa: E731
+                side = _maybe_refresh(due, side, refresh)
                 if partial:
                     side = _keep_absent(torch.tensor(present), side, old)
                 sides.append(side)
@@ -479,6 +522,8 @@ def kronecker_precondition(
                 if leaves[i] is not None:
                     out[i] = _unscaled(pg[j], unscale[j]).reshape(leaves[i].shape).to(leaves[i].dtype)
             new_groups.append(KroneckerGroupState(gs.leaves, left, right))
+        for i, like in sharded.items():
+            out[i] = shard_like(out[i], like) if out[i] is not None else None
         refreshes = state.refreshes + due.to(torch.int64)
         return unflatten(spec, out), KroneckerPreconditionState(count, refreshes, tuple(new_groups))
 

@@ -1,0 +1,230 @@
+r"""Beyond one GPU: distributed basis refreshes, FSDP2 (DTensor) parameters, distributed checkpoints.
+
+Three independent pieces (the guide is ``docs/distributed.md``):
+
+* **Distributed refresh.** ``kronecker_precondition(process_group=group)`` (and ``scao``,
+  ``scao_precondition``, ``SCAO(..., process_group=group)``) spreads the eigendecompositions of a
+  refresh over the ranks of ``group``: every stacked factor (one side of one matrix) gets one
+  owner rank, chosen by :func:`assign_owners` (greedy longest-processing-time on a cost of
+  :math:`d^3` per ``d x d`` factor); each rank decomposes only the factors it owns and then
+  every owner broadcasts its results (basis, coefficients, tail gain, rank, fallback count) in
+  one byte buffer per side. The refreshed state is bit-identical to the single-process refresh
+  (each factor's decomposition is the same computation, wherever it runs) and identical on
+  every rank. Between refreshes nothing is communicated.
+* **FSDP2.** :func:`kronecker_precondition` accepts DTensor updates (the gradients of
+  ``torch.distributed.fsdp.fully_shard`` parameters): it all-gathers each preconditioned
+  matrix's gradient (:func:`gather_full`), preconditions the full matrix on every rank, and
+  returns this rank's shard (:func:`shard_like`: a local slice, no communication). The other
+  links (blend, Adam, weight decay) are element-wise and run on the shards.
+* **Distributed checkpoints.** :func:`dcp_state_dict` is an optimizer's ``state_dict()`` with
+  every group's state created (also before the first step), so that
+  ``torch.distributed.checkpoint`` can load into it in place; ``optimizer.load_state_dict`` then
+  takes it back. DTensor state (FSDP2's sharded Adam moments) is saved shard by shard, plain
+  tensors (identical on every rank) once.
+"""
+
+from __future__ import annotations
+
+import functools
+import heapq
+import numbers
+from typing import Any, Callable, Sequence
+
+import optree
+import torch
+import torch.distributed as dist
+
+__all__ = ["assign_owners", "gather_full", "shard_like", "dcp_state_dict"]
+
+# The refreshed fields of a KroneckerSide (its statistics are never changed by a refresh), the
+# int64 ones first so that every field starts at a byte offset aligned to its element size.
+_REFRESHED = ("rank", "fallbacks", "basis", "coef", "tail")
+
+
+def check_process_group(name: str, group: Any) -> Any:
+    """Validate a process-group argument: ``None`` or a ``torch.distributed.ProcessGroup``."""
+    if group is None:
+        return None
+    if not dist.is_available() or not isinstance(group, dist.ProcessGroup):
+        raise TypeError(
+            f"{name} must be None or a torch.distributed.ProcessGroup (e.g. "
+            f"torch.distributed.group.WORLD after init_process_group), got {type(group).__name__}"
+        )
+    return group
+
+
+def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:
+    """Give each job an owner rank, balancing the total cost per rank (greedy LPT).
+
+    Jobs are taken in decreasing cost (ties: in order) and each goes to the rank with the least
+    cost so far (ties: the lowest rank). The result depends only on ``costs`` and
+    ``world_size``, so every rank computes the same assignment without communicating. The
+    largest rank load is at most 4/3 of the optimum (Graham's bound).
+
+    Args:
+        costs: non-negative cost of each job (for a refresh: :math:`d^3` per ``d x d`` factor).
+        world_size: number of ranks, >= 1.
+
+    Returns:
+        The owner rank of each job, in the order of ``costs``.
+
+    Example:
+        >>> import scao_fx as sf
+        >>> sf.assign_owners([8.0, 1.0, 1.0, 6.0, 2.0], 2)
+        [0, 0, 1, 1, 1]
+    """
+    if isinstance(world_size, bool) or not isinstance(world_size, numbers.Integral) or world_size < 1:
+        raise ValueError(f"world_size must be an integer in [1, inf), got {world_size!r}")
+    for i, c in enumerate(costs):
+        if isinstance(c, bool) or not isinstance(c, numbers.Real) or not c >= 0:
+            raise ValueError(f"costs[{i}] must be a real number in [0, inf), got {c!r}")
+    order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
+    loads = [(0.0, r) for r in range(int(world_size))]  # a heap of (load, rank)
+    owners = [0] * len(costs)
+    for i in order:
+        load, r = heapq.heappop(loads)
+        owners[i] = r
+        heapq.heappush(loads, (load + float(costs[i]), r))
+    return owners
+
+
+def _rows(side: Any, rows: torch.Tensor, batch: int) -> Any:
+    """The stacked rows ``rows`` of every tensor of ``side`` whose leading dimension is ``batch``."""
+
+    def pick(t):
+        if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch:
+            return t.index_select(0, rows.to(t.device))
+        return t
+
+    return optree.tree_map(pick, side, none_is_leaf=True)
+
+
+def _owner_refresh(side: Any, refresh: Callable[[Any], Any], owners: Sequence[int], group: Any) -> Any:
+    """``refresh(side)`` computed row by row on each row's owner rank, the results broadcast.
+
+    ``side`` is a :class:`~scao_fx.transforms.kronecker.KroneckerSide` of ``len(owners)`` stacked
+    factors; ``refresh`` maps a side to its refreshed side row by row (so refreshing a subset of
+    rows gives those rows of the full refresh). One broadcast per rank that owns rows, of one
+    byte buffer holding the owner's refreshed fields.
+    """
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    if world == 1:
+        return refresh(side)
+    batch = len(owners)
+    device = side.basis.device
+    mine = [j for j, o in enumerate(owners) if o == rank]
+    done = refresh(_rows(side, torch.tensor(mine), batch)) if mine else None
+    fields = {f: getattr(side, f).clone() for f in _REFRESHED}
+    for src in range(world):
+        rows = [j for j, o in enumerate(owners) if o == src]
+        if not rows:
+            continue
+        shapes = [((len(rows), *fields[f].shape[1:]), fields[f].dtype) for f in _REFRESHED]
+        if src == rank:
+            buf = torch.cat([getattr(done, f).contiguous().reshape(-1).view(torch.uint8) for f in _REFRESHED])
+        else:
+            nbytes = sum(int(torch.Size(s).numel()) * torch.empty((), dtype=d).element_size() for s, d in shapes)
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        dist.broadcast(buf, group=group, group_src=src)
+        idx = torch.tensor(rows, device=device)
+        offset = 0
+        for f, (shape, dtype) in zip(_REFRESHED, shapes):
+            n = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+            part = buf[offset : offset + n].view(dtype).reshape(shape)
+            fields[f].index_copy_(0, idx.to(fields[f].device), part.to(fields[f].device))
+            offset += n
+    return side._replace(**fields)
+
+
+@functools.cache
+def _dtensor_type() -> type | None:
+    if not dist.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def _is_dtensor(x: Any) -> bool:
+    cls = _dtensor_type()
+    return cls is not None and isinstance(x, cls)
+
+
+def gather_full(x: Any) -> Any:
+    """The full (global) value of a DTensor as a plain tensor (an all-gather); other values as they are.
+
+    Args:
+        x: a tensor, a ``torch.distributed.tensor.DTensor`` (e.g. the gradient of an FSDP2
+            parameter) or ``None``.
+
+    Returns:
+        ``x.full_tensor()`` for a DTensor, else ``x``.
+
+    Example:
+        >>> import torch, scao_fx as sf
+        >>> sf.gather_full(torch.ones(2)).tolist()
+        [1.0, 1.0]
+    """
+    return x.full_tensor() if _is_dtensor(x) else x
+
+
+def shard_like(full: torch.Tensor, like: Any) -> Any:
+    """This rank's shard of ``full`` laid out as the DTensor ``like`` (a local slice, no
+    communication); ``full`` itself when ``like`` is not a DTensor.
+
+    Args:
+        full: a plain tensor holding the global value (identical on every rank).
+        like: the DTensor whose mesh and placements the result takes, or any other value.
+
+    Returns:
+        A DTensor with ``like``'s mesh and placements, or ``full``.
+
+    Example:
+        >>> import torch, scao_fx as sf
+        >>> sf.shard_like(torch.ones(2), torch.zeros(2)).tolist()
+        [1.0, 1.0]
+    """
+    if not _is_dtensor(like):
+        return full
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = like.device_mesh
+    replicated = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return replicated.redistribute(mesh, like.placements)
+
+
+def dcp_state_dict(optimizer: Any) -> dict:
+    """An optimizer's ``state_dict()`` with every param group's state created: the target
+    (and source) of ``torch.distributed.checkpoint``.
+
+    A fresh optimizer creates its state at its first step; ``dcp.load`` needs tensors of the
+    right shapes to load into, so this creates each missing group state now, exactly as the
+    first step would (for the parameters that require grad). Save with
+    ``dcp.save({"optim": sf.dcp_state_dict(opt), ...})``; load with ``sd = {"optim":
+    sf.dcp_state_dict(opt), ...}; dcp.load(sd); opt.load_state_dict(sd["optim"])``.
+
+    Args:
+        optimizer: a :class:`~scao_fx.TransformOptimizer` (e.g. :class:`~scao_fx.SCAO`).
+
+    Returns:
+        ``optimizer.state_dict()`` (its tensors are the live state tensors).
+
+    Example:
+        >>> import torch, scao_fx as sf
+        >>> opt = sf.SCAO(torch.nn.Linear(4, 2).parameters())
+        >>> sd = sf.dcp_state_dict(opt)
+        >>> sd["transform_state"][0]["active"]
+        [0, 1]
+    """
+    from .optim import TransformOptimizer
+
+    if not isinstance(optimizer, TransformOptimizer):
+        raise TypeError(f"optimizer must be a scao_fx TransformOptimizer (e.g. SCAO), got {type(optimizer).__name__}")
+    for index, group in enumerate(optimizer.param_groups):
+        rt = optimizer._refresh(index)
+        if rt.state is None:  # what the first step() does
+            params = group["params"]
+            rt.active = [j for j, p in enumerate(params) if p.requires_grad]
+            if rt.active:
+                rt.state = rt.transform.init([params[j] for j in rt.active])
+    return optimizer.state_dict()
