@@ -6,12 +6,13 @@ from typing import Any
 
 import torch
 
-from ._validation import check_betas, check_float, check_scalar_or_schedule
+from ._validation import check_betas, check_float, check_int, check_scalar_or_schedule
 from .base import GradientTransformation
 from .transforms.adam import add_decayed_weights, scale_by_adam
 from .transforms.combinators import chain
 from .transforms.blend import blend_ramp
 from .transforms.curvature import curvature_ema
+from .transforms.finite import apply_if_finite
 from .transforms.kronecker import kronecker_precondition
 from .transforms.quantization import fp32_codec, int8_blockwise
 from .transforms.rank import spectral_mass_rank
@@ -207,12 +208,18 @@ def scao(
     *,
     mask: Any = None,
     moment_dtype: torch.dtype | None = None,
+    skip_nonfinite: bool = True,
+    max_consecutive_skips: int = 10,
+    host_sync: bool | None = None,
     **precondition_kwargs: Any,
 ) -> GradientTransformation:
-    r"""SCAO: ``chain(scao_precondition(**precondition_kwargs), adamw(lr, betas, eps, weight_decay))``.
+    r"""SCAO: ``apply_if_finite(chain(scao_precondition(**kw), adamw(lr, betas, eps, weight_decay)))``.
 
     Adam's moments track the blended, preconditioned gradient; weight decay is decoupled.
-    Published guidance: start from about 1.17x your AdamW learning rate.
+    Published guidance: start from about 1.17x your AdamW learning rate. A step whose gradients
+    hold a NaN or Inf is skipped for the whole tree, leaving parameters and state exactly as they
+    were (:func:`~scao_fx.apply_if_finite`); ``skip_nonfinite=False`` drops that guard and returns
+    the bare chain.
 
     Args:
         lr: learning rate (float, 0-d tensor or schedule).
@@ -221,16 +228,27 @@ def scao(
         weight_decay: decoupled weight decay, >= 0.
         mask: weight-decay mask (tree of bools or callable).
         moment_dtype: dtype of Adam's moments (default: at least float32).
+        skip_nonfinite: wrap the chain in :func:`~scao_fx.apply_if_finite` (default True).
+        max_consecutive_skips: consecutive non-finite steps tolerated before
+            :class:`~scao_fx.NonFiniteGradientError`, >= 1.
+        host_sync: how the finite flag reaches the host (see :func:`~scao_fx.apply_if_finite`).
         **precondition_kwargs: any argument of :func:`scao_precondition`.
 
     Returns:
-        A two-link chain: ``(scao_precondition state, adamw state)``.
+        ``ApplyIfFiniteState`` around the two-link chain state ``(scao_precondition state,
+        adamw state)``; with ``skip_nonfinite=False``, the chain state itself.
 
     Example:
         >>> import scao_fx as sf
         >>> tx = sf.scao(lr=1e-3, warmup_steps=50, precond_freq=10)
     """
-    return chain(
+    if not isinstance(skip_nonfinite, bool):
+        raise TypeError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}")
+    check_int("max_consecutive_skips", max_consecutive_skips, low=1)
+    tx = chain(
         scao_precondition(**precondition_kwargs),
         adamw(lr, betas, eps, weight_decay, mask=mask, moment_dtype=moment_dtype),
     )
+    if not skip_nonfinite:
+        return tx
+    return apply_if_finite(tx, max_consecutive_skips, host_sync=host_sync)

@@ -37,8 +37,10 @@ from typing import Any, Callable, Iterable, Mapping
 import optree
 import torch
 
+from ._validation import check_int
 from .base import GradientTransformation, check_transform
 from .distributed import check_process_group
+from .transforms.finite import apply_if_finite
 
 __all__ = ["TransformOptimizer", "SCAO", "COMPAT_KEYWORDS", "INERT_KEYWORDS"]
 
@@ -268,6 +270,7 @@ class TransformOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        work = []
         for index, group in enumerate(self.param_groups):
             rt = self._refresh(index)
             params = group["params"]
@@ -278,6 +281,9 @@ class TransformOptimizer(torch.optim.Optimizer):
             missing = [g is None for g in grads]
             if self._missing_grad == "zero" and any(missing):
                 grads = [torch.zeros_like(p) if g is None else g for p, g in zip(tree, grads)]
+            work.append((rt, tree, grads, missing, bool(group.get("skip_nonfinite", False))))
+        self._skip_together(work)
+        for rt, tree, grads, missing, _ in work:
             if rt.state is None:
                 rt.state = rt.transform.init(tree)
             updates, rt.state = rt.transform.update(grads, rt.state, params=tree, inplace=True)
@@ -285,6 +291,25 @@ class TransformOptimizer(torch.optim.Optimizer):
                 if u is not None and not skip:
                     p.add_(u.to(p.dtype))
         return loss
+
+    @staticmethod
+    def _skip_together(work: list) -> None:
+        """Make a non-finite gradient in one guarded param group skip every guarded group.
+
+        Each group's :func:`~scao_fx.apply_if_finite` sees only its own gradients; with several
+        groups, a NaN in one would skip that group alone. Marking every guarded group's gradient
+        copies non-finite when any of them is keeps the groups in lockstep (no host sync: the
+        flag stays on the device)."""
+        guarded = [grads for *_, grads, _missing, guard in work if guard]
+        if len(guarded) < 2:
+            return
+        from .transforms.finite import all_finite
+
+        finite = all_finite(guarded)
+        for grads in guarded:
+            for g in grads:
+                if g is not None:
+                    g.masked_fill_(~finite.to(g.device), float("nan"))
 
     # ------------------------------------------------------------------ inspection
 
@@ -296,6 +321,16 @@ class TransformOptimizer(torch.optim.Optimizer):
         if not 0 <= group < len(self._runtimes):
             raise IndexError(f"group must be in [0, {len(self._runtimes) - 1}], got {group}")
         return self._runtimes[group].state
+
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped for non-finite gradients so far.
+
+        Counted by :func:`~scao_fx.apply_if_finite` (on by default in :class:`SCAO`, where a
+        non-finite gradient in any param group skips every group); the largest count over the
+        groups. Reading it synchronises with the device once."""
+        from .transforms.finite import skipped_steps
+
+        return max((skipped_steps(rt.state) for rt in self._runtimes if rt.state is not None), default=0)
 
     def transform(self, group: int = 0) -> GradientTransformation:
         """The ``GradientTransformation`` currently built for param group ``group``."""
@@ -612,6 +647,10 @@ def _precondition_extras() -> dict[str, Any]:
 #: (``block_size``, ``complement``, ``graft``, ``blend_shape``, ``tikhonov``, ``grouped``, ...).
 PRECONDITION_EXTRAS: dict[str, Any] = _precondition_extras()
 
+#: Keywords of the non-finite guard (:func:`scao_fx.apply_if_finite`) and their defaults; the
+#: guard wraps every group's chain, plain-AdamW groups included.
+GUARD_KEYWORDS: dict[str, Any] = {"skip_nonfinite": True, "max_consecutive_skips": 10, "host_sync": None}
+
 
 def _check_compat(values: Mapping[str, Any]) -> None:
     """Validate the original package's compatibility keywords (see :data:`COMPAT_KEYWORDS`)."""
@@ -673,7 +712,7 @@ _SCAO_CORE = (
 
 def _scao_factory(**hp: Any) -> GradientTransformation:
     """Build one param group's transform from its hyperparameters."""
-    from .alias import adamw, scao
+    from .alias import adamw
 
     _check_compat(hp)
     enabled = _check_bool("preconditioner_enabled", hp["preconditioner_enabled"])
@@ -684,8 +723,21 @@ def _scao_factory(**hp: Any) -> GradientTransformation:
         if hp["sides"] not in ("both", "wide"):
             raise ValueError(f"sides must be one of ('both', 'wide'), got {hp['sides']!r}")
         hp = {**hp, "sides": "wide"}
+    skip = _check_bool("skip_nonfinite", hp["skip_nonfinite"])
+    max_skips = check_int("max_consecutive_skips", hp["max_consecutive_skips"], low=1)
+    if hp["host_sync"] is not None:
+        _check_bool("host_sync", hp["host_sync"])
     if not enabled:
-        return adamw(hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"])
+        tx = adamw(hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"])
+    else:
+        tx = _scao_chain(hp)
+    return apply_if_finite(tx, max_skips, host_sync=hp["host_sync"]) if skip else tx
+
+
+def _scao_chain(hp: Mapping[str, Any]) -> GradientTransformation:
+    """The group's ``sf.scao`` chain (without the non-finite guard, added by the factory)."""
+    from .alias import scao
+
     extras = {k: hp[k] for k in PRECONDITION_EXTRAS}
     return scao(
         hp["lr"],
@@ -704,6 +756,7 @@ def _scao_factory(**hp: Any) -> GradientTransformation:
         max_precond_dim=hp["max_precond_dim"],
         use_int8_ema=hp["use_int8_ema"],
         process_group=hp.get("process_group"),  # SCAO(process_group=...): not a hyperparameter
+        skip_nonfinite=False,
         **extras,
     )
 
@@ -744,7 +797,11 @@ class SCAO(TransformOptimizer):
             :data:`COMPAT_KEYWORDS`, :data:`INERT_KEYWORDS`), each accepted at its neutral value
             and rejected with a ``ValueError`` explaining why otherwise; and the extra
             ``scao_precondition`` keywords ``block_size``, ``complement``, ``graft``,
-            ``blend_shape``, ``tikhonov``, ``grouped``, ``sides``.
+            ``blend_shape``, ``tikhonov``, ``grouped``, ``sides``; and the non-finite guard's
+            ``skip_nonfinite`` (default True: a step with a NaN/Inf gradient is skipped, leaving
+            parameters and state exactly as they were), ``max_consecutive_skips`` (default 10,
+            then :class:`~scao_fx.NonFiniteGradientError`) and ``host_sync`` (see
+            :func:`~scao_fx.apply_if_finite`).
 
     Raises:
         TypeError: for an unknown keyword (naming it) or a wrongly typed value.
@@ -783,6 +840,7 @@ class SCAO(TransformOptimizer):
         known = {k: v[0] for k, v in COMPAT_KEYWORDS.items()}
         known.update(INERT_KEYWORDS)
         known.update(PRECONDITION_EXTRAS)
+        known.update(GUARD_KEYWORDS)
         unknown = sorted(set(compat) - set(known))
         if unknown:
             raise TypeError(

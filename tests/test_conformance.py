@@ -26,6 +26,7 @@ import scao_fx as sf
 from treeutil import (
     assert_no_shared_storage,
     assert_tree_close,
+    chain_state,
     clone,
     leaves,
     signature,
@@ -313,7 +314,10 @@ def test_alias_equals_its_links_applied_by_hand(entry, inplace):
         assert_tree_close(a_up, l_up, rtol=rtol, atol=atol, msg="alias vs links: updates")
         a_params = sf.apply_updates(a_params, a_up, inplace=inplace)
         l_params = sf.apply_updates(l_params, l_up, inplace=inplace)
-    assert_tree_close(leaves(a_state), leaves(tuple(l_states)), rtol=rtol, atol=atol, msg="alias vs links: state")
+    # apply_if_finite (around the scao alias) adds skip counters but never changes the chain's state
+    assert_tree_close(
+        leaves(chain_state(a_state)), leaves(tuple(l_states)), rtol=rtol, atol=atol, msg="alias vs links: state"
+    )
 
 
 @ENTRIES

@@ -461,3 +461,28 @@ def test_none_update_for_a_whole_group_and_the_chain():
     assert updates["w"] is None and updates["b"] is not None
     fresh = tx.init(params)[0].inner_state.groups[0]
     assert torch.equal(state[0].inner_state.groups[0].left.stat.diag, fresh.left.stat.diag)
+
+
+def test_solver_failing_from_the_start_keeps_identity_and_never_poisons(monkeypatch):
+    """Every eigendecomposition fails (both precisions): the preconditioner stays the identity.
+
+    With the Frobenius graft the identity preconditioner returns the gradient itself, so SCAO
+    then runs exactly as AdamW (to rounding of the blend); failures are counted, nothing raises."""
+
+    def failing(x, *args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge (simulated)")
+
+    monkeypatch.setattr(torch.linalg, "eigh", failing)
+    gs = _grads((6, 5), 12, seed=3)
+    fast = dict(warmup_steps=2, blend_steps=3, min_precond_updates=0, precond_freq=2, k_min=1, k_max=4)
+    scao, adamw = sf.scao(1e-2, **fast), sf.adamw(1e-2)
+    p_s = p_a = {"w": torch.ones(6, 5)}
+    s_s, s_a = scao.init(p_s), adamw.init(p_a)
+    for g in gs:
+        u_s, s_s = scao.update({"w": g.clone()}, s_s, params=p_s)
+        u_a, s_a = adamw.update({"w": g.clone()}, s_a, params=p_a)
+        p_s, p_a = sf.apply_updates(p_s, u_s), sf.apply_updates(p_a, u_a)
+        assert torch.isfinite(p_s["w"]).all()
+    torch.testing.assert_close(p_s["w"], p_a["w"], rtol=1e-6, atol=1e-7)
+    (rec,) = sf.scao_diagnostics(s_s).values()
+    assert rec["fallbacks_left"] == rec["fallbacks_right"] == rec["refreshes"] > 0 and rec["rank_left"] == 0

@@ -121,3 +121,51 @@ def test_robust_eigh_reports_non_finite_factors():
     assert ok.tolist() == [True, False, False]
     assert torch.equal(vals[1:], torch.zeros(2, 4)) and torch.equal(vecs[1:], torch.zeros(2, 4, 4))
     assert torch.allclose(vals[0], torch.ones(4))
+
+
+def _eigh_failing_for(dtypes):
+    """A stand-in for torch.linalg.eigh that raises (as LAPACK non-convergence does) for ``dtypes``."""
+    real = torch.linalg.eigh
+
+    def eigh(x, *args, **kwargs):
+        if x.dtype in dtypes:
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge (simulated)")
+        return real(x, *args, **kwargs)
+
+    return eigh
+
+
+def test_robust_eigh_non_convergence_retries_in_float64(monkeypatch):
+    torch.manual_seed(1)
+    x = torch.randn(2, 5, 5)
+    f = x @ x.transpose(-1, -2)
+    expected = torch.linalg.eigh(f.double())
+    monkeypatch.setattr(torch.linalg, "eigh", _eigh_failing_for({torch.float32}))
+    vals, vecs, ok = sf.robust_eigh(f)
+    assert ok.all() and vals.dtype == torch.float32
+    torch.testing.assert_close(vals, expected.eigenvalues.flip(-1).float())
+    rec = vecs @ torch.diag_embed(vals) @ vecs.transpose(-1, -2)
+    torch.testing.assert_close(rec, f, rtol=1e-4, atol=1e-4)
+
+
+def test_robust_eigh_never_raises_when_both_precisions_fail(monkeypatch):
+    monkeypatch.setattr(torch.linalg, "eigh", _eigh_failing_for({torch.float32, torch.float64}))
+    vals, vecs, ok = sf.robust_eigh(torch.eye(3).repeat(2, 1, 1))
+    assert not ok.any() and torch.equal(vals, torch.zeros(2, 3)) and torch.equal(vecs, torch.zeros(2, 3, 3))
+
+
+def test_robust_eigh_uses_float64_where_float32_is_not_finite(monkeypatch):
+    real = torch.linalg.eigh
+
+    def eigh(x, *args, **kwargs):  # float32 returns NaN vectors for the second factor only
+        vals, vecs = real(x, *args, **kwargs)
+        if x.dtype == torch.float32:
+            vecs = vecs.clone()
+            vecs[1] = float("nan")
+        return vals, vecs
+
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    f = torch.diag_embed(torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]))
+    vals, vecs, ok = sf.robust_eigh(f)
+    assert ok.all() and torch.isfinite(vecs).all()
+    assert vals.tolist() == [[3.0, 2.0, 1.0], [6.0, 5.0, 4.0]]

@@ -13,7 +13,7 @@ import torch
 
 import scao_fx as sf
 from scaoref import cosine, rel_err
-from treeutil import assert_tree_close, clone, structure, tensor_leaves
+from treeutil import assert_tree_close, chain_state, clone, structure, tensor_leaves
 
 
 
@@ -105,7 +105,12 @@ def test_scao_is_chain_of_scao_precondition_and_adamw():
     a, sa, _ = train(sf.scao(1e-2, weight_decay=0.05, **kw), params, loss, 30)
     b, sb, _ = train(sf.chain(sf.scao_precondition(**kw), sf.adamw(1e-2, weight_decay=0.05)), params, loss, 30)
     assert_tree_close(a, b)
-    assert_tree_close(sa, sb)
+    assert isinstance(sa, sf.ApplyIfFiniteState) and int(sa.skipped) == 0
+    assert_tree_close(sa.inner_state, sb)
+    bare = sf.scao(1e-2, weight_decay=0.05, skip_nonfinite=False, **kw)
+    c, sc, _ = train(bare, params, loss, 30)
+    assert_tree_close(c, b)
+    assert_tree_close(sc, sb)
 
 
 def test_scao_precondition_is_built_from_the_named_parts():
@@ -188,7 +193,7 @@ def _scale_run(loss_scale, int8, graft="frobenius", steps=60):
 @pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
 def test_loss_scale_invariance(int8):
     base, state = _scale_run(1.0, int8)
-    assert int(state[0].inner_state.refreshes) == 12
+    assert int(chain_state(state)[0].inner_state.refreshes) == 12
     for s in (1e-2, 1e2):
         p, _ = _scale_run(s, int8)
         for k in base:
@@ -477,7 +482,7 @@ def _check_compiled(backend, rtol, atol):
             e_up, eager_state = step(clone(grads[t]), eager_state, params)
             assert_tree_close(c_up, e_up, rtol=rtol, atol=atol, msg=f"updates at step {t + 1}")
             assert_tree_close(c_state, eager_state, rtol=rtol, atol=atol, msg=f"state at step {t + 1}")
-    assert int(eager_state[0].inner_state.refreshes) == 2
+    assert int(chain_state(eager_state)[0].inner_state.refreshes) == 2
 
 
 def test_compiled_step_fullgraph_matches_eager():
@@ -507,7 +512,7 @@ def test_grouped_equals_per_leaf_training():
     kw = fast_scao_kwargs(use_int8_ema=False)
     a, sa, _ = train(sf.scao(3e-2, grouped=True, **kw), params, loss, 40)
     b, sb, _ = train(sf.scao(3e-2, grouped=False, **kw), params, loss, 40)
-    assert len(sa[0].inner_state.groups) == 2 and len(sb[0].inner_state.groups) == 5
+    assert len(chain_state(sa)[0].inner_state.groups) == 2 and len(chain_state(sb)[0].inner_state.groups) == 5
     for k in params:
         assert rel_err(a[k], b[k]) < 1e-5, k
     assert rel_err(a["l0"], params["l0"]) > 1e-2
@@ -554,7 +559,7 @@ def test_state_structure_and_dtypes_stable_across_phases():
         p = sf.apply_updates(p, u)
         assert structure(state) == spec
         assert [(t.dtype, t.shape, t.device) for t in tensor_leaves(state)] == sig
-    kron = state[0].inner_state
+    kron = chain_state(state)[0].inner_state
     assert kron.count.dtype == torch.int64 and kron.count.device.type == "cpu"
     assert {t.dtype for t in tensor_leaves(kron.groups)} >= {torch.int8, torch.float32, torch.int64}
 

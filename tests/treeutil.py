@@ -70,3 +70,10 @@ def signature(tree: Any) -> tuple:
         else:
             sig.append(type(x).__name__)
     return structure(tree), tuple(sig)
+
+
+def chain_state(state: Any) -> Any:
+    """The optimizer chain's state inside an ``apply_if_finite`` wrapper (or ``state`` itself)."""
+    import scao_fx as sf
+
+    return state.inner_state if isinstance(state, sf.ApplyIfFiniteState) else state

@@ -12,6 +12,7 @@
   ``fixed_rank``) and ``robust_eigh``.
 * :mod:`~scao_fx.transforms.kronecker`: ``kronecker_precondition``.
 * :mod:`~scao_fx.transforms.blend`: the ``blend_ramp`` combinator.
+* :mod:`~scao_fx.transforms.finite`: the ``apply_if_finite`` combinator (skip non-finite steps).
 """
 
 from .adam import ScaleByAdamState, add_decayed_weights, scale_by_adam
@@ -28,6 +29,7 @@ from .combinators import (
 )
 from .blend import BlendRampState, blend_factor, blend_ramp
 from .curvature import CurvatureEMA, FactorStatistic, curvature_ema
+from .finite import ApplyIfFiniteState, NonFiniteGradientError, all_finite, apply_if_finite, skipped_steps
 from .kronecker import (
     KroneckerGroupState,
     KroneckerPreconditionState,
@@ -89,4 +91,9 @@ __all__ = [
     "blend_ramp",
     "BlendRampState",
     "blend_factor",
+    "apply_if_finite",
+    "ApplyIfFiniteState",
+    "NonFiniteGradientError",
+    "all_finite",
+    "skipped_steps",
 ]

@@ -1,0 +1,271 @@
+r"""Skip non-finite steps: the :func:`apply_if_finite` combinator.
+
+A NaN or Inf gradient must never reach a second-order optimizer's state: one poisoned
+curvature factor poisons its eigenbasis, and with it every later update. ``apply_if_finite``
+checks the whole gradient tree with one fused reduction and, when any entry is not finite,
+skips the step for the *whole* tree: the returned updates are ``-0.0`` (so
+``param + update == param`` bit for bit, negative zeros included) and the inner state is left
+exactly as it was. Skips are counted; after ``max_consecutive_skips`` skipped steps in a row a
+:class:`NonFiniteGradientError` is raised.
+
+How the finite flag reaches the host decides the cost (``host_sync``):
+
+* gradients on the CPU (or ``host_sync=True``): the flag is read at once and a bad step does not
+  run the inner transform at all. On an accelerator this is one device-to-host read per step.
+* gradients on an accelerator (default, ``host_sync=None``; or ``host_sync=False``): no host
+  sync in the step. The inner transform runs out of place and every state tensor on the
+  device is selected with ``torch.where(finite, new, old)``; the flag is copied to pinned host
+  memory asynchronously and read at the *next* update, by which time the device has produced it
+  (the read waits for that one flag, never for the current step's work). If it was bad, the
+  host-side tensors of the state (the CPU step counters) are rolled back then and the skip is
+  counted, so the state is exactly the state of a run in which the bad step never happened. The
+  price is memory: while the step runs, the inner state exists twice (old and new).
+* under ``torch.compile``: everything is selected with ``torch.where`` (no host read, no error
+  raised inside the graph; the counters still count).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, NamedTuple
+
+import optree
+import torch
+
+from .._tree import flatten, unflatten
+from .._validation import check_int
+from ..base import GradientTransformation, check_transform, increment, register_state, step_count
+
+__all__ = ["apply_if_finite", "ApplyIfFiniteState", "NonFiniteGradientError", "all_finite", "skipped_steps"]
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """Raised by :func:`apply_if_finite` after too many consecutive non-finite steps."""
+
+
+@register_state
+class ApplyIfFiniteState(NamedTuple):
+    """State of :func:`apply_if_finite`.
+
+    Attributes:
+        inner_state: the wrapped transform's state (untouched by skipped steps).
+        skipped: CPU int64, steps skipped so far (a deferred skip is counted at the next update).
+        consecutive: CPU int64, skipped steps in a row up to the last resolved step.
+        pending_finite: 0-d bool, the finite flag of the last step when it has not been read by
+            the host yet (deferred mode); ``True`` when nothing is pending.
+        rollback: deferred mode only: the inner state's host (CPU) tensors from before the
+            pending step, restored if that step turns out to be non-finite; ``()`` otherwise.
+    """
+
+    inner_state: Any
+    skipped: torch.Tensor
+    consecutive: torch.Tensor
+    pending_finite: torch.Tensor
+    rollback: tuple
+
+
+def all_finite(tree: Any) -> torch.Tensor:
+    """A 0-d bool tensor: True iff every entry of every tensor leaf of ``tree`` is finite.
+
+    One fused infinity-norm reduction per (device, dtype) group; the result stays on the first
+    leaf's device (no host sync). ``None`` leaves and empty tensors are ignored.
+
+    Example:
+        >>> import torch, scao_fx as sf
+        >>> bool(sf.all_finite({"w": torch.ones(3), "b": torch.tensor([1.0, float("nan")])}))
+        False
+    """
+    leaves = [x for x in flatten(tree)[0] if isinstance(x, torch.Tensor) and x.numel() > 0]
+    if not leaves:
+        return torch.ones((), dtype=torch.bool)
+    device = leaves[0].device
+    floats = [x for x in leaves if x.is_floating_point() or x.is_complex()]
+    if not floats:  # integer tensors are always finite
+        return torch.ones((), dtype=torch.bool, device=device)
+    # The infinity norm (max |x|) is finite for every finite tensor (no overflow, unlike a sum of
+    # squares) and NaN/Inf as soon as one entry is.
+    norms = torch._foreach_norm(floats, float("inf"))
+    return torch.stack([torch.isfinite(n).to(device) for n in norms]).all()
+
+
+def _is_host(leaf: Any, device: torch.device) -> bool:
+    """Whether a state leaf lives on the host while the finite flag lives on ``device``."""
+    return isinstance(leaf, torch.Tensor) and leaf.device.type == "cpu" and device.type != "cpu"
+
+
+class _PendingFlag:
+    """The host copy of the last deferred flag: a pinned buffer and the event that fills it."""
+
+    def __init__(self) -> None:
+        self.source: weakref.ref | None = None
+        self.host: torch.Tensor | None = None
+        self.event: Any = None
+
+    def record(self, flag: torch.Tensor) -> None:
+        self.source = weakref.ref(flag)
+        if flag.device.type == "cuda":
+            if self.host is None:
+                self.host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self.host.copy_(flag, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host, self.event = None, None
+
+    def read(self, flag: torch.Tensor) -> bool:
+        """The host value of ``flag``: free on the CPU, waits only for ``flag`` itself on CUDA."""
+        if flag.device.type == "cpu":
+            return bool(flag)
+        if self.source is not None and self.source() is flag and self.event is not None:
+            self.event.synchronize()
+            return bool(self.host)
+        return bool(flag)  # a state restored from a checkpoint: one plain read
+
+
+def apply_if_finite(
+    inner: GradientTransformation, max_consecutive_skips: int = 10, *, host_sync: bool | None = None
+) -> GradientTransformation:
+    r"""Run ``inner`` only on steps whose whole gradient tree is finite.
+
+    On a step where any gradient entry is NaN or Inf the updates are ``-0.0`` (``p + u == p``
+    exactly) and ``inner``'s state is left exactly as it was (see the module docstring for how
+    this is done without a host sync on accelerators); the skip is counted in
+    ``ApplyIfFiniteState.skipped``. After ``max_consecutive_skips`` consecutive skips
+    :class:`NonFiniteGradientError` is raised (the state passed in is still intact).
+
+    Args:
+        inner: the transform to protect (for example a whole optimizer chain).
+        max_consecutive_skips: consecutive skipped steps tolerated before raising, >= 1.
+        host_sync: ``None`` (default): read the flag at once when the gradients are on the CPU,
+            defer the read by one step on accelerators; ``True``: always read at once (one
+            device-to-host sync per step on accelerators, no extra memory); ``False``: always
+            defer (the inner state is selected with ``torch.where``).
+
+    Returns:
+        A ``GradientTransformation`` with state :class:`ApplyIfFiniteState`.
+
+    Raises:
+        NonFiniteGradientError: from ``update``, after too many consecutive skips.
+
+    Example:
+        >>> import torch, scao_fx as sf
+        >>> tx = sf.apply_if_finite(sf.adam(lr=0.1), max_consecutive_skips=3)
+        >>> params = {"w": torch.ones(2)}
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update({"w": torch.tensor([1.0, float("inf")])}, state, params=params)
+        >>> updates["w"], int(state.skipped)
+        (tensor([-0., -0.]), 1)
+    """
+    check_transform("inner", inner)
+    max_consecutive_skips = check_int("max_consecutive_skips", max_consecutive_skips, low=1)
+    if host_sync is not None and not isinstance(host_sync, bool):
+        raise TypeError(f"host_sync must be None, True or False, got {host_sync!r}")
+    pending = _PendingFlag()
+
+    def deferred_for(device: torch.device) -> bool:
+        return host_sync is False or (host_sync is None and device.type != "cpu")
+
+    def host_leaves(inner_state: Any, device: torch.device) -> tuple:
+        return tuple(x.clone() for x in optree.tree_leaves(inner_state) if _is_host(x, device))
+
+    def init(params: Any) -> ApplyIfFiniteState:
+        inner_state = inner.init(params)
+        tensors = [x for x in flatten(params)[0] if isinstance(x, torch.Tensor)]
+        device = tensors[0].device if tensors else torch.device("cpu")
+        rollback = host_leaves(inner_state, device) if deferred_for(device) else ()
+        true = torch.ones((), dtype=torch.bool)
+        return ApplyIfFiniteState(inner_state, step_count(), step_count(), true, rollback)
+
+    def count_skip(state: ApplyIfFiniteState, inner_state: Any) -> ApplyIfFiniteState:
+        consecutive = increment(state.consecutive)
+        if int(consecutive) >= max_consecutive_skips:
+            raise NonFiniteGradientError(
+                f"apply_if_finite: {int(consecutive)} consecutive steps had non-finite gradients "
+                f"(max_consecutive_skips={max_consecutive_skips}); every one was skipped and the "
+                "parameters and optimizer state are unchanged. Lower the learning rate, check the "
+                "data and the loss for NaN/Inf, or use a gradient scaler for float16 training."
+            )
+        return state._replace(inner_state=inner_state, skipped=increment(state.skipped), consecutive=consecutive)
+
+    def resolve(state: ApplyIfFiniteState) -> ApplyIfFiniteState:
+        """Apply the verdict of a deferred flag: roll the host tensors back if it was bad."""
+        if pending.read(state.pending_finite):
+            if int(state.consecutive) == 0:
+                return state
+            return state._replace(consecutive=torch.zeros_like(state.consecutive))
+        leaves, spec = optree.tree_flatten(state.inner_state)
+        device = state.pending_finite.device
+        backup = iter(state.rollback)
+        restored = [next(backup) if _is_host(x, device) else x for x in leaves]
+        state = count_skip(state, optree.tree_unflatten(spec, restored))
+        return state._replace(pending_finite=torch.ones((), dtype=torch.bool))
+
+    def neg_zero(leaves: list, inplace: bool) -> list:
+        return [
+            None if u is None else (u.fill_(-0.0) if inplace else torch.full_like(u, -0.0)) for u in leaves
+        ]
+
+    def update(updates, state, *, params=None, inplace=True):
+        if not isinstance(state, ApplyIfFiniteState):
+            raise TypeError(f"state must be an ApplyIfFiniteState (from this transform's init), got {type(state).__name__}")
+        leaves, spec = flatten(updates)
+        finite = all_finite(leaves)
+        compiling = torch.compiler.is_compiling()
+        if not compiling and not deferred_for(finite.device):
+            if bool(finite):
+                new_updates, inner_state = inner.update(updates, state.inner_state, params=params, inplace=inplace)
+                zero = torch.zeros_like(state.consecutive)
+                return new_updates, state._replace(inner_state=inner_state, consecutive=zero)
+            return unflatten(spec, neg_zero(leaves, inplace)), count_skip(state, state.inner_state)
+
+        if not compiling:
+            state = resolve(state)
+        new_updates, new_inner = inner.update(updates, state.inner_state, params=params, inplace=False)
+        on_device: dict[torch.device, torch.Tensor] = {}
+
+        def flag_on(device: torch.device) -> torch.Tensor:
+            if device not in on_device:
+                on_device[device] = finite.to(device)  # a host read only under torch.compile
+            return on_device[device]
+
+        def select(new: Any, old: Any) -> Any:
+            if not isinstance(new, torch.Tensor):
+                return new
+            if _is_host(new, finite.device) and not compiling:
+                return new  # rolled back at the next update if this step was not finite
+            return torch.where(flag_on(new.device), new, old)
+
+        gated_inner = optree.tree_map(select, new_inner, state.inner_state)
+        out = [None if u is None else torch.where(flag_on(u.device), u, -0.0) for u in flatten(new_updates)[0]]
+        if compiling:
+            bad = (~finite).to(state.skipped.device, torch.int64)
+            return unflatten(spec, out), state._replace(
+                inner_state=gated_inner,
+                skipped=state.skipped + bad,
+                consecutive=(state.consecutive + 1) * bad,
+            )
+        rollback = host_leaves(state.inner_state, finite.device)
+        pending.record(finite)
+        return unflatten(spec, out), state._replace(inner_state=gated_inner, pending_finite=finite, rollback=rollback)
+
+    return GradientTransformation(init, update)
+
+
+def skipped_steps(state: Any) -> int:
+    """Total steps skipped by every :func:`apply_if_finite` in a state tree.
+
+    A deferred skip (accelerator, last step) is included: reading it synchronises once.
+
+    Example:
+        >>> import torch, scao_fx as sf
+        >>> tx = sf.scao(lr=1e-3)
+        >>> sf.skipped_steps(tx.init({"w": torch.zeros(4, 4)}))
+        0
+    """
+    from .._tree import find_nodes
+
+    total = 0
+    for node in find_nodes(state, ApplyIfFiniteState):
+        total += int(node.skipped) + (0 if bool(node.pending_finite) else 1)
+        total += skipped_steps(node.inner_state)
+    return total
