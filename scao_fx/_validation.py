@@ -19,6 +19,8 @@ __all__ = [
     "check_choice",
     "check_betas",
     "check_scalar_or_schedule",
+    "check_bool",
+    "check_dtype",
 ]
 
 
@@ -35,8 +37,13 @@ def check_float(
     low_inclusive: bool = True,
     high_inclusive: bool = True,
     allow_none: bool = False,
+    allow_inf: bool = False,
 ) -> float | None:
-    """Validate a real number against an interval; return it as a Python float."""
+    """Validate a real number against an interval; return it as a Python float.
+
+    Infinities are rejected unless ``allow_inf`` (for caps where ``inf`` means "no cap"): an
+    infinite learning rate, epsilon or decay turns every parameter into inf/NaN at the first step.
+    """
     if value is None and allow_none:
         return None
     if not _is_real(value):
@@ -44,8 +51,10 @@ def check_float(
     value = float(value)
     lo = "-inf" if low is None else repr(low)
     hi = "inf" if high is None else repr(high)
-    bracket = ("[" if low_inclusive else "(") + f"{lo}, {hi}" + ("]" if high_inclusive else ")")
-    bad = math.isnan(value)
+    open_lo = not low_inclusive or (low is None and not allow_inf)
+    open_hi = not high_inclusive or (high is None and not allow_inf)
+    bracket = ("(" if open_lo else "[") + f"{lo}, {hi}" + (")" if open_hi else "]")
+    bad = math.isnan(value) or (math.isinf(value) and not allow_inf)
     if low is not None:
         bad |= value < low if low_inclusive else value <= low
     if high is not None:
@@ -98,3 +107,22 @@ def check_scalar_or_schedule(name: str, value: Any, *, low: float = 0.0) -> floa
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
         return value
     return check_float(name, value, low=low)  # type: ignore[return-value]
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Validate a bool (not merely a truthy value: ``"no"`` would silently mean True)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {value!r} of type {type(value).__name__}")
+    return value
+
+
+def check_dtype(name: str, value: Any, *, allow_none: bool = True) -> torch.dtype | None:
+    """Validate a floating-point ``torch.dtype`` (or ``None`` when allowed)."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise TypeError(
+            f"{name} must be {'None or ' if allow_none else ''}a floating-point torch.dtype "
+            f"(torch.float32, torch.float64, torch.bfloat16, torch.float16), got {value!r}"
+        )
+    return value

@@ -13,7 +13,8 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 from .._tree import flatten, unflatten
-from .._validation import check_float
+from .._tree import check_same_structure
+from .._validation import check_dtype, check_float
 from ..base import register_state, EmptyState, GradientTransformation, increment, step_count
 from .combinators import masked
 
@@ -71,7 +72,8 @@ def scale_by_adam(
     Args:
         b1: first-moment decay, in [0, 1).
         b2: second-moment decay, in [0, 1).
-        eps: added to the denominator, >= 0.
+        eps: added to the denominator, >= 0 (with ``eps = eps_root = 0`` the denominator is
+            floored at the dtype's smallest normal number, so an all-zero coordinate gives 0, not NaN).
         eps_root: added inside the square root, >= 0.
         moment_dtype: dtype of the moments; default: the parameter's dtype promoted to at least
             float32 (bf16/fp16 parameters keep fp32 statistics).
@@ -87,6 +89,11 @@ def scale_by_adam(
     b2 = check_float("b2", b2, low=0.0, high=1.0, high_inclusive=False)
     eps = check_float("eps", eps, low=0.0)
     eps_root = check_float("eps_root", eps_root, low=0.0)
+    moment_dtype = check_dtype("moment_dtype", moment_dtype)
+    # eps = eps_root = 0: a coordinate whose gradients were all zero (or underflowed) would give
+    # 0 / 0 = NaN; the denominator is floored at the smallest normal number instead (a no-op
+    # wherever it is positive, so still exactly torch.optim.AdamW's arithmetic there).
+    floor_denominator = eps == 0.0 and eps_root == 0.0
 
     def init(params):
         leaves, spec = flatten(params)
@@ -107,6 +114,13 @@ def scale_by_adam(
                 f"updates has {spec.num_leaves} leaves but the Adam state was built for "
                 f"{mu_spec.num_leaves}; was init() called on the same parameter tree?"
             )
+        check_same_structure("updates", spec, "the Adam state's moments", mu_spec)
+        for i, (g, m) in enumerate(zip(g_leaves, mu_leaves)):
+            if g is not None and (m is None or g.shape != m.shape):
+                raise ValueError(
+                    f"updates leaf {i} has shape {tuple(g.shape)} but the Adam state holds "
+                    f"{None if m is None else tuple(m.shape)} there; was init() called on the same parameter tree?"
+                )
         count = increment(state.count)
         bc1, bc2 = _bias_corrections(count, b1, b2)
         live = [i for i, g in enumerate(g_leaves) if g is not None]
@@ -126,6 +140,9 @@ def scale_by_adam(
                 denom = torch._foreach_sqrt(nus)
                 torch._foreach_div_(denom, _sqrt(bc2))
             torch._foreach_add_(denom, eps)
+            if floor_denominator:
+                for d in denom:
+                    d.clamp_min_(torch.finfo(d.dtype).tiny)
             us = torch._foreach_div(mus, bc1)
             torch._foreach_div_(us, denom)
         else:
@@ -138,7 +155,10 @@ def scale_by_adam(
                     m = m.lerp(g, 1 - b1)
                     v = v.mul(b2).addcmul(g, g, value=1 - b2)
                 denom = (v / bc2 + eps_root).sqrt_() if eps_root else v.sqrt().div_(_sqrt(bc2))
-                us.append((m / bc1).div_(denom.add_(eps)))
+                denom = denom.add_(eps)
+                if floor_denominator:
+                    denom = denom.clamp_min_(torch.finfo(denom.dtype).tiny)
+                us.append((m / bc1).div_(denom))
                 mus[j], nus[j] = m, v
         out, new_mu, new_nu = [None] * len(g_leaves), list(mu_leaves), list(nu_leaves)
         for j, i in enumerate(live):
@@ -184,7 +204,8 @@ def add_decayed_weights(
         if params is None:
             raise ValueError("add_decayed_weights needs params: call update(updates, state, params=params)")
         g_leaves, spec = flatten(updates)
-        p_leaves, _ = flatten(params)
+        p_leaves, p_spec = flatten(params)
+        check_same_structure("updates", spec, "params", p_spec)
         out = []
         for g, p in zip(g_leaves, p_leaves):
             if g is None:

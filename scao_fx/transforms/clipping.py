@@ -54,7 +54,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     ops only (no ``.item()``), so it never synchronises with the accelerator.
 
     Args:
-        max_norm: the norm cap, > 0.
+        max_norm: the norm cap, > 0 (``inf``: no clipping).
 
     Returns:
         A ``GradientTransformation`` with state ``EmptyState()``.
@@ -63,7 +63,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         >>> import scao_fx as sf
         >>> tx = sf.chain(sf.clip_by_global_norm(1.0), sf.adamw(3e-4))
     """
-    max_norm = check_float("max_norm", max_norm, low=0.0, low_inclusive=False)
+    max_norm = check_float("max_norm", max_norm, low=0.0, low_inclusive=False, allow_inf=True)
 
     def init(params):
         return EmptyState()
