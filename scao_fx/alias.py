@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ._validation import check_betas, check_float, check_int, check_scalar_or_schedule
+from ._validation import check_betas, check_choice, check_float, check_int, check_scalar_or_schedule
 from .base import GradientTransformation
 from .transforms.adam import add_decayed_weights, scale_by_adam
 from .transforms.combinators import chain
@@ -175,6 +175,10 @@ def scao_precondition(
         if epsilon_sparse != 0.05 and epsilon_sparse != rank_eps:
             raise ValueError(f"give either epsilon_sparse or rank_eps, not both ({epsilon_sparse!r} vs {rank_eps!r})")
         epsilon_sparse = rank_eps
+    # Validated here under the names the caller used (the parts call them epsilon and shape).
+    check_float("rank_eps" if rank_eps is not None else "epsilon_sparse", epsilon_sparse, low=0.0, high=1.0,
+                high_inclusive=False)
+    check_choice("blend_shape", blend_shape, ("linear", "cosine"))
     if not isinstance(use_int8_ema, bool):
         raise TypeError(f"use_int8_ema must be a bool, got {use_int8_ema!r}")
     codec = int8_blockwise(block_size) if use_int8_ema else fp32_codec()

@@ -155,7 +155,7 @@ class TransformOptimizer(torch.optim.Optimizer):
             return
         if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
             raise TypeError(f"param_groups[{index}]['lr'] must be a real number, got {lr!r}")
-        if math.isnan(lr) or lr < 0:
+        if not math.isfinite(lr) or lr < 0:
             raise ValueError(f"param_groups[{index}]['lr'] must be in [0, inf), got {lr!r}")
 
     def _build(self, index: int) -> None:

@@ -32,7 +32,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 
 from .._tree import flatten, unflatten
-from .._validation import check_choice, check_float, check_int
+from .._validation import check_bool, check_choice, check_float, check_int
 from ..distributed import _is_dtensor, _owner_refresh, assign_owners, check_process_group, gather_full, shard_like
 from ..base import GradientTransformation, increment, register_state, step_count
 from .curvature import CurvatureEMA, FactorStatistic, curvature_ema
@@ -380,10 +380,13 @@ def kronecker_precondition(
     max_precond_dim = check_int("max_precond_dim", max_precond_dim, low=2)
     check_choice("complement", complement, ("mean_tail", "kth", "none"))
     check_choice("graft", graft, ("frobenius", "none"))
-    tau = check_float("tau", tau, low=0.0, low_inclusive=False, allow_none=True)
+    tau = check_float("tau", tau, low=0.0, low_inclusive=False, allow_none=True, allow_inf=True)
+    if tau == math.inf:  # no cap (and no inf * 0 = NaN for a zero gradient)
+        tau = None
     tikhonov = check_float("tikhonov", tikhonov, low=0.0)
     side_mode = check_choice("sides", sides, ("both", "wide"))
     check_choice("eigensolver", eigensolver, ("auto", "eigh", "subspace"))
+    grouped = check_bool("grouped", grouped)
     process_group = check_process_group("process_group", process_group)
 
     def init_side(batch: int, dim: int, device) -> KroneckerSide:
