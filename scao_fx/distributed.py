@@ -150,6 +150,20 @@ def _is_dtensor(x: Any) -> bool:
     return cls is not None and isinstance(x, cls)
 
 
+def _all_ranks(flag: torch.Tensor, dtensors: Sequence[Any]) -> torch.Tensor:
+    """``flag`` AND-ed over every rank of the device meshes of ``dtensors`` (an all-reduce MIN).
+
+    Each rank only sees its shards, so a per-shard check (finite gradients) must be combined
+    before every rank takes the same decision. Every rank must pass DTensors on the same meshes.
+    """
+    out = flag.to(torch.int32)
+    meshes = {id(x.device_mesh): x.device_mesh for x in dtensors}
+    for mesh in meshes.values():
+        for group in mesh.get_all_groups():
+            dist.all_reduce(out, op=dist.ReduceOp.MIN, group=group)
+    return out.to(torch.bool)
+
+
 def gather_full(x: Any) -> Any:
     """The full (global) value of a DTensor as a plain tensor (an all-gather); other values as they are.
 

@@ -241,6 +241,7 @@ def test_distributed_refresh_equals_local_refresh(tmp_path, eigensolver, monkeyp
 # --------------------------------------------------------------------------- FSDP2
 
 FSDP_STEPS = 30
+NAN_STEP = 12  # a NaN in one rank's shard: both ranks skip the step (sf.SCAO's default guard)
 
 
 def sharded_mlp() -> torch.nn.Module:
@@ -253,8 +254,11 @@ def sharded_mlp() -> torch.nn.Module:
     return fully_shard(model)
 
 
-def train_steps(model, opt, steps, rank: int | None, start: int = 0) -> list[float]:
-    """``steps`` SCAO steps; ``rank=None``: one process on the global batch (DDP-averaged gradient)."""
+def train_steps(model, opt, steps, rank: int | None, start: int = 0, nan_step: int | None = None) -> list[float]:
+    """``steps`` SCAO steps; ``rank=None``: one process on the global batch (DDP-averaged gradient).
+
+    At ``nan_step`` one gradient entry is NaN: on rank 1's shard only (FSDP2), the same entry
+    of the full gradient for one process."""
     losses = []
     for step in range(start, start + steps):
         x, y = batch(step)
@@ -264,6 +268,12 @@ def train_steps(model, opt, steps, rank: int | None, start: int = 0) -> list[flo
         else:
             opt.zero_grad()
             loss_fn(model(local(x, rank)), local(y, rank)).backward()
+        if step == nan_step:
+            grad = model[2].weight.grad  # 16 x 16: rows 8..15 are rank 1's shard
+            if rank is None:
+                grad[8, 0] = float("nan")
+            elif rank == 1:
+                grad.to_local()[0, 0] = float("nan")
         opt.step()
         with torch.no_grad():
             losses.append(float(loss_fn(model(x), y)))
@@ -278,18 +288,22 @@ def _fsdp_worker(rank: int, tmp: str) -> dict:
     model = sharded_mlp()
     opt = sf.SCAO(model.parameters(), process_group=dist.group.WORLD, **CFG)
     assert all(type(p).__name__ == "DTensor" for p in model.parameters())
-    losses = train_steps(model, opt, FSDP_STEPS, rank)
-    return {"losses": losses, "params": full_params(model)}
+    losses = train_steps(model, opt, FSDP_STEPS, rank, nan_step=NAN_STEP)
+    return {"losses": losses, "params": full_params(model), "skipped": sf.skipped_steps(opt.functional_state())}
 
 
 @pytest.mark.slow
 def test_fsdp2_trains_and_matches_single_process(tmp_path):
     ranks = launch(_fsdp_worker, tmp_path)
     model = mlp()
-    ref_losses = train_steps(model, sf.SCAO(model.parameters(), **CFG), FSDP_STEPS, None)
+    opt = sf.SCAO(model.parameters(), **CFG)
+    ref_losses = train_steps(model, opt, FSDP_STEPS, None, nan_step=NAN_STEP)
     ref = full_params(model)
+    assert sf.skipped_steps(opt.functional_state()) == 1
     for r, out in enumerate(ranks):
+        assert out["skipped"] == 1, f"rank {r} did not skip the step with a NaN on rank 1's shard"
         assert out["losses"][-1] < 0.2 * out["losses"][0], out["losses"]
+        assert out["losses"] == ref_losses
         assert_trees_equal(out["params"], ref, f"rank {r} vs one process")
     assert_trees_equal(ranks[0]["params"], ranks[1]["params"], "FSDP2 ranks disagree")
 

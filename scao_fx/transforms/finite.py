@@ -35,6 +35,7 @@ import torch
 from .._tree import flatten, unflatten
 from .._validation import check_int
 from ..base import GradientTransformation, check_transform, increment, register_state, step_count
+from ..distributed import _all_ranks, _is_dtensor
 
 __all__ = ["apply_if_finite", "ApplyIfFiniteState", "NonFiniteGradientError", "all_finite", "skipped_steps"]
 
@@ -84,8 +85,17 @@ def all_finite(tree: Any) -> torch.Tensor:
         return torch.ones((), dtype=torch.bool, device=device)
     # The infinity norm (max |x|) is finite for every finite tensor (no overflow, unlike a sum of
     # squares) and NaN/Inf as soon as one entry is.
-    norms = torch._foreach_norm(floats, float("inf"))
-    return torch.stack([torch.isfinite(n).to(device) for n in norms]).all()
+    # DTensors (FSDP2 shards): each rank checks its own shards and the ranks then agree (an
+    # all-reduce of the flag); a max-reduction of sharded norms would drop a NaN.
+    sharded = [x for x in floats if _is_dtensor(x)]
+    if sharded:
+        floats = [y for y in (x.to_local() if _is_dtensor(x) else x for x in floats) if y.numel() > 0]
+    if not floats:
+        flag = torch.ones((), dtype=torch.bool, device=device)
+    else:
+        norms = torch._foreach_norm(floats, float("inf"))
+        flag = torch.stack([torch.isfinite(n).to(device) for n in norms]).all()
+    return _all_ranks(flag, sharded) if sharded else flag
 
 
 def _is_host(leaf: Any, device: torch.device) -> bool:
