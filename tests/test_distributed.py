@@ -341,3 +341,70 @@ def test_distributed_checkpoint_round_trip_is_bit_identical(tmp_path):
     for r, out in enumerate(ranks):
         assert_trees_equal(out["resumed"], out["uninterrupted"], f"rank {r}: resumed vs uninterrupted")
         assert not torch.equal(out["resumed"][2], fresh[2])
+
+
+# --------------------------------------------------------------------------- single process
+
+
+def test_assign_owners_balances_by_cost():
+    costs = [27.0, 8.0, 8.0, 1.0, 1.0, 1.0, 64.0]
+    owners = sf.assign_owners(costs, 3)
+    loads = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(3)]
+    assert owners[6] == 0 and sorted(loads) == [19.0, 27.0, 64.0]  # 64 alone; LPT on the rest
+    assert sf.assign_owners(costs, 1) == [0] * len(costs)
+    assert sf.assign_owners([], 4) == []
+    assert sf.assign_owners([1.0, 1.0], 4) == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: sf.assign_owners([1.0], 0), "world_size must be an integer in"),
+        (lambda: sf.assign_owners([1.0, -2.0], 2), r"costs\[1\] must be a real number in"),
+        (lambda: sf.assign_owners([float("nan")], 2), r"costs\[0\]"),
+    ],
+)
+def test_assign_owners_rejects_bad_arguments(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda g: sf.kronecker_precondition(process_group=g),
+        lambda g: sf.scao_precondition(process_group=g),
+        lambda g: sf.scao(process_group=g),
+        lambda g: sf.SCAO(torch.nn.Linear(3, 2).parameters(), process_group=g),
+    ],
+)
+def test_process_group_must_be_a_process_group(build):
+    with pytest.raises(TypeError, match="process_group must be None or a torch.distributed.ProcessGroup"):
+        build("WORLD")
+
+
+def test_process_group_is_not_a_hyperparameter():
+    opt = sf.SCAO(torch.nn.Linear(3, 2).parameters())
+    assert "process_group" not in opt.param_groups[0] and "process_group" not in opt.state_dict()["param_groups"][0]
+
+
+def test_dcp_state_dict_creates_the_state_of_a_fresh_optimizer():
+    model = torch.nn.Linear(4, 3)
+    opt = sf.SCAO(model.parameters(), warmup_steps=0, precond_freq=1)
+    sd = sf.dcp_state_dict(opt)
+    stepped = sf.SCAO(torch.nn.Linear(4, 3).parameters(), warmup_steps=0, precond_freq=1)
+    for p in stepped.param_groups[0]["params"]:
+        p.grad = torch.zeros_like(p)
+    stepped.step()
+    ref = stepped.state_dict()
+    assert sd["transform_state"][0]["treespec"] == ref["transform_state"][0]["treespec"]
+    assert [t.shape for t in sd["transform_state"][0]["leaves"]] == [t.shape for t in ref["transform_state"][0]["leaves"]]
+    opt.load_state_dict(sd)  # loadable as is
+    with pytest.raises(TypeError, match="TransformOptimizer"):
+        sf.dcp_state_dict(torch.optim.AdamW(model.parameters()))
+
+
+def test_gather_full_and_shard_like_pass_plain_tensors_through():
+    x = torch.randn(3, 2)
+    assert sf.gather_full(x) is x and sf.gather_full(None) is None
+    assert sf.shard_like(x, torch.zeros(3, 2)) is x
