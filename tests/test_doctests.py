@@ -13,6 +13,7 @@ MODULES = [
     "scao_fx.schedules",
     "scao_fx.update",
     "scao_fx.diagnostics",
+    "scao_fx.distributed",
     "scao_fx.transforms.adam",
     "scao_fx.transforms.blend",
     "scao_fx.transforms.clipping",
