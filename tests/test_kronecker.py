@@ -8,7 +8,7 @@ import torch
 
 import scao_fx as sf
 from scaoref import F64, cosine, left_factor, precond_matrix, rel_err, right_factor
-from treeutil import clone
+from treeutil import chain_state, clone
 
 # float32 eigh on factors with condition number ~1e2-1e3 and a float32 EMA: the -1/4 power
 # damps relative eigenvalue errors 4x, so the preconditioned gradient agrees with the float64
@@ -459,8 +459,8 @@ def test_none_update_for_a_whole_group_and_the_chain():
     state = tx.init(params)
     updates, state = tx.update({"w": None, "b": torch.ones(3)}, state, params=params)
     assert updates["w"] is None and updates["b"] is not None
-    fresh = tx.init(params)[0].inner_state.groups[0]
-    assert torch.equal(state[0].inner_state.groups[0].left.stat.diag, fresh.left.stat.diag)
+    fresh = chain_state(tx.init(params))[0].inner_state.groups[0]
+    assert torch.equal(chain_state(state)[0].inner_state.groups[0].left.stat.diag, fresh.left.stat.diag)
 
 
 def test_solver_failing_from_the_start_keeps_identity_and_never_poisons(monkeypatch):
