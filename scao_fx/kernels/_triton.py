@@ -117,10 +117,7 @@ def _quantize_kernel(x_ptr, codes_ptr, scales_ptr, seed, total_blocks, nb, n, bs
     pid = tl.program_id(0)
     b, bmask, offs, emask = _tile(pid, total_blocks, nb, n, bs, BPP, BLOCK, I64)
     x = tl.load(x_ptr + offs, mask=emask, other=0.0).to(tl.float32)
-    if SEED_PTR:
-        st = tl.load(seed).to(tl.uint32)
-    else:
-        st = seed.to(tl.uint32)
+    st = _scalar(seed, SEED_PTR).to(tl.uint32)
     codes, scale = _encode(x, emask, offs, st, STOCH)
     tl.store(codes_ptr + offs, codes, mask=emask)
     tl.store(scales_ptr + b, scale, mask=bmask)
@@ -156,39 +153,26 @@ def _ema_kernel(codes_ptr, scales_ptr, upd_ptr, out_codes_ptr, out_scales_ptr, r
     dec = c * s[:, None]
     x = dec * r + u * om
     x = tl.where(emask, x, 0.0)
-    if SEED_PTR:
-        st = tl.load(seed).to(tl.uint32)
-    else:
-        st = seed.to(tl.uint32)
+    st = _scalar(seed, SEED_PTR).to(tl.uint32)
     codes, scale = _encode(x, emask, offs, st, STOCH)
     tl.store(out_codes_ptr + offs, codes, mask=emask)
     tl.store(out_scales_ptr + b, scale, mask=bmask)
 
 
 @triton.jit
-def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, pc_ptr, n,
-                 decay, step_size, sbc2, blend, omblend, beta1, omb1, beta2, omb2, eps,
-                 USE_G: tl.constexpr, USE_PC: tl.constexpr,
-                 DECAY_PTR: tl.constexpr, SS_PTR: tl.constexpr, SBC2_PTR: tl.constexpr,
-                 BLEND_PTR: tl.constexpr, BLOCK: tl.constexpr, I64: tl.constexpr):
-    pid = tl.program_id(0)
-    if I64:
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+def _scalar(x, IS_PTR: tl.constexpr):
+    """A kernel scalar given either by value or by a pointer to a 0-d tensor."""
+    if IS_PTR:
+        v = tl.load(x)
     else:
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    if DECAY_PTR:
-        dc = tl.load(decay)
-    else:
-        dc = decay
-    if SS_PTR:
-        ss = tl.load(step_size)
-    else:
-        ss = step_size
-    if SBC2_PTR:
-        sb = tl.load(sbc2)
-    else:
-        sb = sbc2
+        v = x
+    return v
+
+
+@triton.jit
+def _blended_grad(g_ptr, pc_ptr, offs, mask, blend, omblend,
+                  USE_G: tl.constexpr, USE_PC: tl.constexpr, BLEND_PTR: tl.constexpr):
+    """``b * P(G) + (1 - b) * G`` in float32 (just ``P(G)`` or ``G`` when only one is given)."""
     if USE_PC:
         pc = tl.load(pc_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if BLEND_PTR:
@@ -203,6 +187,25 @@ def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, pc_ptr, n,
             g_eff = g_eff + g * obl
     else:
         g_eff = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return g_eff
+
+
+@triton.jit
+def _adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, pc_ptr, n,
+                 decay, step_size, sbc2, blend, omblend, beta1, omb1, beta2, omb2, eps,
+                 USE_G: tl.constexpr, USE_PC: tl.constexpr,
+                 DECAY_PTR: tl.constexpr, SS_PTR: tl.constexpr, SBC2_PTR: tl.constexpr,
+                 BLEND_PTR: tl.constexpr, BLOCK: tl.constexpr, I64: tl.constexpr):
+    pid = tl.program_id(0)
+    if I64:
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    else:
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    dc = _scalar(decay, DECAY_PTR)
+    ss = _scalar(step_size, SS_PTR)
+    sb = _scalar(sbc2, SBC2_PTR)
+    g_eff = _blended_grad(g_ptr, pc_ptr, offs, mask, blend, omblend, USE_G, USE_PC, BLEND_PTR)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -227,32 +230,10 @@ def _adam8_kernel(p_ptr, g_ptr, pc_ptr, m_ptr, ms_ptr, v_ptr, vs_ptr, seed,
     """Adam with block-wise int8 moments (m, and sqrt(v)); see reference._adam8."""
     pid = tl.program_id(0)
     b, bmask, offs, emask = _tile(pid, total_blocks, nb, n, bs, BPP, BLOCK, I64)
-    if DECAY_PTR:
-        dc = tl.load(decay)
-    else:
-        dc = decay
-    if SS_PTR:
-        ss = tl.load(step_size)
-    else:
-        ss = step_size
-    if SBC2_PTR:
-        sb = tl.load(sbc2)
-    else:
-        sb = sbc2
-    if USE_PC:
-        pc = tl.load(pc_ptr + offs, mask=emask, other=0.0).to(tl.float32)
-        if BLEND_PTR:
-            bl = tl.load(blend)
-            obl = 1.0 - bl
-        else:
-            bl = blend
-            obl = omblend
-        g = pc * bl
-        if USE_G:
-            gr = tl.load(g_ptr + offs, mask=emask, other=0.0).to(tl.float32)
-            g = g + gr * obl
-    else:
-        g = tl.load(g_ptr + offs, mask=emask, other=0.0).to(tl.float32)
+    dc = _scalar(decay, DECAY_PTR)
+    ss = _scalar(step_size, SS_PTR)
+    sb = _scalar(sbc2, SBC2_PTR)
+    g = _blended_grad(g_ptr, pc_ptr, offs, emask, blend, omblend, USE_G, USE_PC, BLEND_PTR)
     if M8:
         cm = tl.load(m_ptr + offs, mask=emask, other=0).to(tl.float32)
         sm = tl.load(ms_ptr + b, mask=bmask, other=0.0)
@@ -274,10 +255,7 @@ def _adam8_kernel(p_ptr, g_ptr, pc_ptr, m_ptr, ms_ptr, v_ptr, vs_ptr, seed,
     p = p * dc - tl.math.div_rn(m * ss, denom)
     tl.store(p_ptr + offs, _cast_out(p, p_ptr), mask=emask)
     if M8 or V8:
-        if SEED_PTR:
-            st = tl.load(seed).to(tl.uint32)
-        else:
-            st = seed.to(tl.uint32)
+        st = _scalar(seed, SEED_PTR).to(tl.uint32)
     if M8:
         cm2, sm2 = _encode(m, emask, offs, st, True)
         tl.store(m_ptr + offs, cm2, mask=emask)
