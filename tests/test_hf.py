@@ -52,6 +52,7 @@ def test_diagnostic_scalars_and_fake_writer():
     assert scalars["scao/preconditioned_leaves"] == 2.0
     assert scalars["scao/phase_precond"] == 2.0 and scalars["scao/blend"] == 1.0
     assert scalars["scao/refreshes"] == 4.0 and scalars["scao/solver_fallbacks"] == 0.0
+    assert scalars["scao/skipped_steps"] == 0.0
     assert scalars["scao/0.weight/rank_left"] >= 2 and scalars["scao/2.weight/curvature_norm_right"] > 0
     writer = FakeWriter()
     log_diagnostics(opt, writer, step=8)

@@ -64,13 +64,16 @@ def diagnostic_scalars(
         curvature_norms: decode the curvature factors to report their norms.
 
     Returns:
-        The scalars (empty if the optimizer has no state yet or no diagnostics).
+        The scalars (empty if the optimizer has no state yet or no diagnostics), including
+        ``prefix/skipped_steps``: steps skipped for non-finite gradients.
     """
     opt = unwrap_optimizer(optimizer)
     if opt is None:
         return {}
     records = opt.diagnostics(curvature_norms=curvature_norms)
     scalars = {f"{prefix}/{k}": float(v) for k, v in summarize_diagnostics(records).items()}
+    if scalars and callable(getattr(opt, "skipped_steps", None)):
+        scalars[f"{prefix}/skipped_steps"] = float(opt.skipped_steps())  # non-finite steps skipped
     if per_param:
         for name, rec in records.items():
             if rec["sides"] == "none":
