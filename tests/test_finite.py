@@ -178,15 +178,18 @@ def test_without_guard_a_nan_poisons_scao_state():
     assert all(torch.isfinite(x).all() for x in tensor_leaves(p)) and sf.skipped_steps(s) == 1
 
 
-def test_none_leaves_and_inplace_false_keep_inputs():
-    tx = sf.scao(1e-2, **FAST)
+@pytest.mark.parametrize("host_sync", [None, False], ids=["immediate", "deferred"])
+def test_none_leaves_and_inplace_false_keep_inputs(host_sync):
+    tx = sf.scao(1e-2, host_sync=host_sync, **FAST)
     p = params0()
-    s = tx.init(p)
-    g = poisoned(grads(1)[0], key="w")
-    g["b"] = None
-    g_copy = clone(g)
-    u, s2 = tx.update(g, s, params=p, inplace=False)
-    assert u["b"] is None and bits_equal(g, g_copy)
+    s = run(tx, grads(4), params=p)[1]
+    for g in (poisoned(grads(1)[0], key="w"), grads(1, seed=5)[0]):
+        g["b"] = None
+        g_copy, s_copy, p_copy = clone(g), clone(s), clone(p)
+        u, s2 = tx.update(g, s, params=p, inplace=False)
+        assert u["b"] is None and bits_equal(g, g_copy)
+        assert bits_equal(s, s_copy) and bits_equal(p, p_copy)  # the old state is never written
+        s = s2
 
 
 def test_compiled_fullgraph_skip_matches_eager():

@@ -243,7 +243,14 @@ def apply_if_finite(
                 return new
             if _is_host(new, finite.device) and not compiling:
                 return new  # rolled back at the next update if this step was not finite
-            return torch.where(flag_on(new.device), new, old)
+            if compiling:
+                return torch.where(flag_on(new.device), new, old)
+            if new is old:
+                return new
+            try:  # into the new buffer: the state exists twice during the step, never three times
+                return torch.where(flag_on(new.device), new, old, out=new)
+            except RuntimeError:  # a buffer that cannot be written (e.g. an expanded view)
+                return torch.where(flag_on(new.device), new, old)
 
         gated_inner = optree.tree_map(select, new_inner, state.inner_state)
         out = [None if u is None else torch.where(flag_on(u.device), u, -0.0) for u in flatten(new_updates)[0]]
