@@ -17,8 +17,9 @@ minute.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import math
+import os
 import platform
 import statistics
 import sys
@@ -32,7 +33,8 @@ from . import _dispatch
 from . import adam_epilogue, dequantize_blockwise, int8_ema_update, quantize_blockwise
 from ._common import n_blocks
 
-__all__ = ["main", "model_groups", "measure_copy_bandwidth", "BenchResult"]
+__all__ = ["main", "model_groups", "model_params", "measure_copy_bandwidth", "BenchResult",
+           "scao_stepper", "time_steps"]
 
 
 @dataclass
@@ -60,6 +62,21 @@ class ModelShapes:
     param_groups: Dict[tuple, int] = field(default_factory=dict)  # (m, n) -> count
 
 
+def _layer_matrices(d_model: int, d_mlp: int) -> Dict[str, tuple]:
+    """Name -> (m, n) of the weight matrices of one transformer block."""
+    d = d_model
+    return {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d), "mlp_in": (d, d_mlp),
+            "mlp_out": (d_mlp, d)}
+
+
+def _layer_vectors(d_model: int, d_mlp: int) -> Dict[str, int]:
+    """Name -> length of the biases and LayerNorm weights of one transformer block."""
+    vecs = {f"{n}_bias": d_model for n in ("q", "k", "v", "o", "mlp_out")}
+    vecs.update({"mlp_in_bias": d_mlp, "ln1_weight": d_model, "ln1_bias": d_model,
+                 "ln2_weight": d_model, "ln2_bias": d_model})
+    return vecs
+
+
 def model_groups(layers: int = 24, d_model: int = 1024, d_mlp: int = 4096) -> ModelShapes:
     """Shape groups of a GPT-2-medium-like stack of transformer blocks.
 
@@ -67,38 +84,50 @@ def model_groups(layers: int = 24, d_model: int = 1024, d_mlp: int = 4096) -> Mo
     matrix W (m x n) has Kronecker factors L (m x m) and R (n x n).
     """
     shapes = ModelShapes(layers, d_model, d_mlp)
-    mats = [(d_model, d_model)] * 4 + [(d_model, d_mlp), (d_mlp, d_model)]
-    for m, n in mats:
+    for m, n in _layer_matrices(d_model, d_mlp).values():
         shapes.param_groups[(m, n)] = shapes.param_groups.get((m, n), 0) + layers
         for side in (m, n):
             shapes.factor_groups[side] = shapes.factor_groups.get(side, 0) + layers
     return shapes
 
 
+def model_params(layers: int, d_model: int, d_mlp: int, device: torch.device,
+                 seed: int = 0) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Random float32 parameter tree ``{"h0": {"q": ..., "q_bias": ...}, ...}`` of the model:
+    the matrices of :func:`model_groups` plus every block's biases and LayerNorm weights."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shapes = {**_layer_matrices(d_model, d_mlp),
+              **{k: (n,) for k, n in _layer_vectors(d_model, d_mlp).items()}}
+    return {f"h{i}": {k: 0.02 * torch.randn(shape, device=device, generator=gen)
+                      for k, shape in shapes.items()}
+            for i in range(layers)}
+
+
 class _Timer:
     def __init__(self, device: torch.device, warmup: int, repeats: int):
         self.device, self.warmup, self.repeats = device, warmup, repeats
+
+    def once(self, fn: Callable[[], object]) -> float:
+        """Milliseconds of one ``fn()``: between CUDA events (waited for) or by ``perf_counter``."""
+        if self.device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
 
     def __call__(self, fn: Callable[[], object]) -> float:
         """Median milliseconds of ``fn()`` (the minimum is kept in ``self.last_min``)."""
         for _ in range(self.warmup):
             fn()
-        times = []
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            for _ in range(self.repeats):
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-        else:
-            for _ in range(self.repeats):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
+        times = [self.once(fn) for _ in range(self.repeats)]
         self.last_min = min(times)
         return statistics.median(times)
 
@@ -127,7 +156,6 @@ def _oom_types():
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     timer = _Timer(device, args.warmup, args.repeats)
-    shapes = model_groups(args.layers, args.d_model, args.d_mlp)
     bs = args.block_size
 
     backends: List[str] = []
@@ -150,23 +178,56 @@ def run(args: argparse.Namespace) -> dict:
     copy_gbps = measure_copy_bandwidth(device, args.copy_mb * 2**20, timer)
     results: List[BenchResult] = []
 
+    def emit(res: BenchResult) -> None:
+        results.append(res)
+        _print_row(res)
+
     def record(kernel, group, count, elements, backend, mode, nbytes, fn, note=""):
         try:
             ms = timer(fn)
         except _oom_types() as e:  # pragma: no cover - depends on the device
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            results.append(BenchResult(kernel, group, count, elements, backend, mode, None,
-                                       nbytes, None, None, None,
-                                       f"out of memory: {type(e).__name__}"))
-            _print_row(results[-1])
+            emit(BenchResult(kernel, group, count, elements, backend, mode, None, nbytes, None,
+                             None, None, f"out of memory: {type(e).__name__}"))
             return
         gbps = nbytes / (ms * 1e-3) / 1e9
-        res = BenchResult(kernel, group, count, elements, backend, mode, ms, nbytes, gbps,
-                          100.0 * gbps / copy_gbps, timer.last_min, note)
-        results.append(res)
-        _print_row(res)
+        emit(BenchResult(kernel, group, count, elements, backend, mode, ms, nbytes, gbps,
+                         100.0 * gbps / copy_gbps, timer.last_min, note))
 
+    print(f"# device: {_device_name(device)}; copy bandwidth {copy_gbps:.1f} GB/s; "
+          f"block_size {bs}; backends {','.join(backends)}")
+    _print_header()
+
+    if args.kernels:
+        _kernel_section(args, device, backends, record)
+    step_info = None
+    if args.step:
+        step_info = _step_section(args, device, backends, timer, emit)
+
+    return {
+        "device": _device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "python": platform.python_version(),
+        "model": {"layers": args.layers, "d_model": args.d_model, "d_mlp": args.d_mlp},
+        "block_size": bs,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "copy_bandwidth_gbps": copy_gbps,
+        "copy_mb": args.copy_mb,
+        "step": step_info,
+        "results": [asdict(r) for r in results],
+        "summary": _summary(results),
+    }
+
+
+def _kernel_section(args: argparse.Namespace, device: torch.device, backends: List[str],
+                    record: Callable) -> None:
+    """One row per kernel, shape group, backend (and Triton tile size) and mode."""
+    shapes = model_groups(args.layers, args.d_model, args.d_mlp)
+    bs = args.block_size
     modes = ["grouped"] + (["loop"] if not args.no_loop else [])
 
     def variants(kind: str):
@@ -190,10 +251,6 @@ def run(args: argparse.Namespace) -> dict:
             _triton.CODEC_TILE = size
         else:
             _triton.ADAM_BLOCK = size
-    print(f"# device: {_device_name(device)}; copy bandwidth {copy_gbps:.1f} GB/s; "
-          f"block_size {bs}; backends {','.join(backends)}")
-    _print_header()
-
     # ------------------------------------------------------------- codec and EMA on factors
     for side, count in sorted(shapes.factor_groups.items()):
         n = side * side
@@ -307,21 +364,109 @@ def run(args: argparse.Namespace) -> dict:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    return {
-        "device": _device_name(device),
-        "device_type": device.type,
-        "torch": torch.__version__,
-        "triton": _triton_version(),
-        "python": platform.python_version(),
-        "model": {"layers": args.layers, "d_model": args.d_model, "d_mlp": args.d_mlp},
-        "block_size": bs,
-        "warmup": args.warmup,
-        "repeats": args.repeats,
-        "copy_bandwidth_gbps": copy_gbps,
-        "copy_mb": args.copy_mb,
-        "results": [asdict(r) for r in results],
-        "summary": _summary(results),
-    }
+
+
+CPU_STEP_LAYERS = 1  # default --step-layers on the CPU (24 on CUDA): see build_parser
+STEP_ROWS = ("scao step (non-refresh)", "scao step (refresh)", "scao step (window mean)")
+
+
+def scao_stepper(params, grads, *, grouped: bool, precond_freq: int,
+                 **scao_kwargs) -> Callable[[], None]:
+    """A closure doing one optimizer step per call on ``params`` (in place): ``tx.update`` with
+    ``grads`` and ``sf.apply_updates``, for ``sf.scao(1e-4, warmup_steps=0, blend_steps=0,
+    min_precond_updates=0, precond_freq=precond_freq, grouped=grouped, **scao_kwargs)``."""
+    import scao_fx as sf  # not at the top: the package imports its kernels
+
+    tx = sf.scao(1e-4, warmup_steps=0, blend_steps=0, min_precond_updates=0,
+                 precond_freq=precond_freq, grouped=grouped, **scao_kwargs)
+    state = tx.init(params)
+
+    def step() -> None:
+        nonlocal state
+        updates, state = tx.update(grads, state, params=params)
+        sf.apply_updates(params, updates)
+
+    return step
+
+
+@contextlib.contextmanager
+def _kernels_env(backend: str):
+    """Set ``SCAO_FX_KERNELS`` (how the optimizer picks its kernels) for the ``with`` block."""
+    old = os.environ.get(_dispatch.ENV_VAR)
+    os.environ[_dispatch.ENV_VAR] = backend
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[_dispatch.ENV_VAR]
+        else:
+            os.environ[_dispatch.ENV_VAR] = old
+
+
+def time_steps(params, grads, *, grouped: bool, precond_freq: int, windows: int,
+               timer: _Timer, tick: Callable[[], object] = lambda: None) -> List[float]:
+    """Milliseconds of each step of ``windows`` refresh windows (``precond_freq`` steps, the last
+    one a refresh), after ``precond_freq`` untimed steps that end with the first refresh (a full
+    eigendecomposition). ``params`` is updated in place; ``tick()`` runs after every step."""
+    step = scao_stepper(params, grads, grouped=grouped, precond_freq=precond_freq)
+    for _ in range(precond_freq):
+        step()
+        tick()
+    times = []
+    for _ in range(windows * precond_freq):
+        times.append(timer.once(step))
+        tick()
+    return times
+
+
+def _step_rows(times: Sequence[float], precond_freq: int) -> List[tuple]:
+    """(row name, median ms, minimum ms) for non-refresh steps, refresh steps and the window
+    mean (``ms_min``: the fastest window)."""
+    refresh = [t for i, t in enumerate(times) if (i + 1) % precond_freq == 0]
+    plain = [t for i, t in enumerate(times) if (i + 1) % precond_freq]
+    means = [statistics.fmean(times[i:i + precond_freq])
+             for i in range(0, len(times), precond_freq)]
+    return [(STEP_ROWS[0], statistics.median(plain), min(plain)),
+            (STEP_ROWS[1], statistics.median(refresh), min(refresh)),
+            (STEP_ROWS[2], statistics.fmean(times), min(means))]
+
+
+def _step_section(args: argparse.Namespace, device: torch.device, backends: List[str],
+                  timer: _Timer, emit: Callable[[BenchResult], None]) -> dict:
+    """Whole optimizer step, grouped vs per-leaf loop, per backend (Triton only on CUDA)."""
+    from ..bench.runner import _Progress
+
+    layers, freq, windows = args.step_layers, args.step_precond_freq, args.step_windows
+    backends = [b for b in backends if b == "reference" or device.type == "cuda"]
+    modes = ["grouped"] + (["loop"] if not args.no_loop else [])
+    params0 = model_params(layers, args.d_model, args.d_mlp, device)
+    grads = model_params(layers, args.d_model, args.d_mlp, device, seed=1)
+    leaves = [p for block in params0.values() for p in block.values()]
+    numel = sum(p.numel() for p in leaves)
+    group = f"{layers} layers {numel / 1e6:.1f}M"
+    note = f"precond_freq {freq}, {windows * freq} steps"
+    print(f"# whole step: sf.scao grouped vs per-leaf loop; {layers} layers, d_model "
+          f"{args.d_model}, MLP {args.d_mlp}, {len(leaves)} leaves, {numel} parameters; "
+          f"{note}", flush=True)
+    bar = _Progress(args.progress, len(backends) * len(modes) * (windows + 1) * freq,
+                    "scao step")
+    info: dict = {"layers": layers, "leaves": len(leaves), "params": numel,
+                  "precond_freq": freq, "windows": windows}
+    for backend in backends:
+        for mode in modes:
+            params = {k: {n: p.clone() for n, p in b.items()} for k, b in params0.items()}
+            with _kernels_env(backend):
+                times = time_steps(params, grads, grouped=mode == "grouped",
+                                   precond_freq=freq, windows=windows, timer=timer,
+                                   tick=bar.update)
+            for name, ms, ms_min in _step_rows(times, freq):
+                emit(BenchResult(name, group, len(leaves), numel, backend, mode, ms, 0, None,
+                                 None, ms_min, note))
+            del params
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    bar.close()
+    return info
 
 
 def _summary(results: Sequence[BenchResult]) -> dict:
@@ -333,8 +478,10 @@ def _summary(results: Sequence[BenchResult]) -> dict:
         if r.mode != "grouped" or r.ms is None:
             continue
         key = f"{r.kernel} [{r.backend}]"
-        entry = out.setdefault(key, {"min_pct_copy_bw": math.inf, "loop_over_grouped": []})
-        entry["min_pct_copy_bw"] = min(entry["min_pct_copy_bw"], r.pct_copy_bw)
+        entry = out.setdefault(key, {"min_pct_copy_bw": None, "loop_over_grouped": []})
+        if r.pct_copy_bw is not None:  # None for the whole step (no byte count)
+            pct = entry["min_pct_copy_bw"]
+            entry["min_pct_copy_bw"] = r.pct_copy_bw if pct is None else min(pct, r.pct_copy_bw)
         loop = by.get((r.kernel, r.group, r.backend, "loop"))
         if loop is not None and loop.ms is not None:
             entry["loop_over_grouped"].append(round(loop.ms / r.ms, 3))
@@ -407,6 +554,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Triton Adam block sizes to sweep, e.g. 1024,2048,4096")
     p.add_argument("--allow-interpreter", action="store_true",
                    help="also time the Triton interpreter on the CPU (not meaningful)")
+    p.add_argument("--no-kernels", dest="kernels", action="store_false",
+                   help="skip the per-kernel rows (only the whole step)")
+    p.add_argument("--no-step", dest="step", action="store_false",
+                   help="skip the whole-optimizer-step section")
+    p.add_argument("--step-layers", type=int, default=None,
+                   help=f"layers of the whole-step model (default 24 on CUDA; on the CPU "
+                        f"reduced to {CPU_STEP_LAYERS} to finish in about 2 minutes on 2 cores: "
+                        f"--step-layers 24 for the full model; --quick: --layers)")
+    p.add_argument("--step-precond-freq", type=int, default=10,
+                   help="precond_freq of the whole step: steps per refresh window (>= 2)")
+    p.add_argument("--step-windows", type=int, default=None,
+                   help="refresh windows timed per mode (default 5 on CUDA, 2 on the CPU)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar (tqdm) for the whole step")
     p.add_argument("--json", dest="json_path", default=None, help="write results as JSON")
     return p
 
@@ -420,6 +581,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         defaults = dict(layers=24, d_model=1024, d_mlp=4096, warmup=3, repeats=10,
                         copy_mb=1024 if cuda else 256)
+    defaults["step_layers"] = (defaults["layers"] if args.quick
+                               else 24 if cuda else CPU_STEP_LAYERS)
+    defaults["step_windows"] = 5 if cuda and not args.quick else 2
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -431,6 +595,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for v in args.codec_tiles + args.adam_blocks:
         if v < 16 or v & (v - 1):
             raise SystemExit(f"tile/block sizes must be powers of two >= 16, got {v}")
+    if args.step_precond_freq < 2 or args.step_layers < 1 or args.step_windows < 1:
+        raise SystemExit("--step-precond-freq must be >= 2, --step-layers and --step-windows "
+                         ">= 1")
     for s in args.param_dtypes:
         if s not in ("fp32", "bf16"):
             raise SystemExit(f"unknown param dtype {s!r} (fp32, bf16)")
@@ -448,7 +615,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report["wall_s"] = time.perf_counter() - t0
     print(f"# summary (grouped: worst % of copy bandwidth; loop/grouped time ratios):")
     for k, v in report["summary"].items():
-        print(f"#   {k}: {v['min_pct_copy_bw']:.1f} %; loop/grouped {v['loop_over_grouped']}")
+        pct = v["min_pct_copy_bw"]
+        pct = "-" if pct is None else f"{pct:.1f} %"
+        print(f"#   {k}: {pct}; loop/grouped {v['loop_over_grouped']}")
     print(f"# wall time {report['wall_s']:.1f} s")
     if args.json_path:
         with open(args.json_path, "w") as f:
