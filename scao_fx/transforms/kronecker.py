@@ -480,7 +480,7 @@ def kronecker_precondition(
                 continue
             partial = not all(present)
             like = next(leaves[i] for i in g.indices if leaves[i] is not None)
-            grads, unscale, gram_scale = _normalized(
+            grads, for_gram, unscale = _normalized(
                 torch.stack(
                     [
                         (leaves[i] if leaves[i] is not None else torch.zeros_like(like)).reshape(g.m, g.n)
@@ -498,7 +498,7 @@ def kronecker_precondition(
                     sides.append(None)
                     continue
                 old = side
-                stat = curvature.accumulate(side.stat, _finite_gram(gram(grads), gram_scale), seed, inplace=inplace and not partial)
+                stat = curvature.accumulate(side.stat, gram(for_gram), seed, inplace=inplace and not partial)
                 side = side._replace(stat=stat)
                 refresh = lambda sd, dim=dim: refresh_side(sd, count, dim, first)  # noqa: E731
                 if owners is not None:
@@ -517,13 +517,20 @@ def kronecker_precondition(
             gnorm = torch.linalg.matrix_norm(grads)
             pnorm = torch.linalg.matrix_norm(pg)
             safe_p = torch.where(pnorm > 0, pnorm, torch.ones_like(pnorm))
+            factor = None
             if graft == "frobenius":
-                pg = pg * (gnorm / safe_p)[:, None, None]
+                factor = gnorm / safe_p
             elif tau is not None:
-                pg = pg * torch.clamp(tau * gnorm / safe_p, max=1.0)[:, None, None]
+                factor = torch.clamp(tau * gnorm / safe_p, max=1.0)
+            if unscale.dtype == torch.float32:  # undo the normalization in the same multiply
+                factor = unscale if factor is None else factor * unscale
+            if factor is not None:
+                pg = pg * factor[:, None, None]
+            if unscale.dtype == torch.float64:  # float64 leaves: 2^e may exceed float32
+                pg = pg.to(torch.float64) * unscale[:, None, None]
             for j, i in enumerate(g.indices):
                 if leaves[i] is not None:
-                    out[i] = _unscaled(pg[j], unscale[j]).reshape(leaves[i].shape).to(leaves[i].dtype)
+                    out[i] = pg[j].reshape(leaves[i].shape).to(leaves[i].dtype)
             new_groups.append(KroneckerGroupState(gs.leaves, left, right))
         for i, like in sharded.items():
             out[i] = shard_like(out[i], like) if out[i] is not None else None
@@ -544,38 +551,29 @@ def _normalized(stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     r"""Scale each stacked gradient by a power of two near its largest entry, as float32.
 
     The preconditioner is linear in :math:`G` and the graft is scale-free, so the work runs on
-    :math:`G / 2^e` and the result is multiplied back by :math:`2^e` (exact: a power of two), in
-    the leaf's own dtype. Bit for bit the same as working on :math:`G` in the usual range, but a
-    gradient of 1e30 (float32) or 1e300 (float64) no longer overflows float32 intermediates
-    (norms, products) into inf/NaN.
+    :math:`G / 2^e` and the result is multiplied back by :math:`2^e` (exact: a power of two; in
+    float64 for float64 leaves). Bit for bit the same as working on :math:`G` in the usual range,
+    but a gradient of 1e30 (float32) or 1e300 (float64) no longer overflows float32
+    intermediates (norms, products) into inf/NaN.
 
-    Returns ``(float32 normalized stack, per-leaf 2^e in the output's working dtype, per-leaf
-    4^e as float32 (inf/0 where out of range) to rescale Gram matrices)``.
+    Returns ``(G / 2^e as float32, G as float32 for the Gram matrices (zero for a leaf whose
+    Gram matrix would overflow float32: it then adds nothing to the curvature statistics),
+    per-leaf 2^e (float32, or float64 for float64 leaves))``.
     """
-    amax = stack.detach().abs().amax(dim=(-2, -1)).to(torch.float64)
+    amax = torch.linalg.vector_norm(stack.detach(), ord=math.inf, dim=(-2, -1)).to(torch.float64)
     e = torch.frexp(torch.where(torch.isfinite(amax), amax, torch.zeros_like(amax)))[1].to(torch.int64)
     if stack.dtype == torch.float64:
         e = e.clamp(-1000, 1000)
-        work = torch.float64
+        normalized = (stack * _pow2(-e, torch.float64)[:, None, None]).to(torch.float32)
+        unscale = _pow2(e, torch.float64)
     else:  # float32 (and narrower) values lie within 2^[-149, 128]: one float32 factor suffices
         e = e.clamp(-100, 100)
-        work = torch.float32
-    normalized = (stack.to(work) * _pow2(-e, work)[:, None, None]).to(torch.float32)
-    gram_scale = _pow2(e.clamp(-500, 500) * 2, torch.float64).to(torch.float32)
-    return normalized, _pow2(e, work), gram_scale
-
-
-def _finite_gram(gram: torch.Tensor, gram_scale: torch.Tensor) -> torch.Tensor:
-    """The Gram matrices of the unnormalized gradients; one that overflows float32 (gradient
-    entries beyond about 1e19) adds nothing to the statistics instead of inf/NaN."""
-    gram = gram * gram_scale[:, None, None]
-    ok = torch.isfinite(gram).flatten(1).all(-1)[:, None, None]
-    return torch.where(ok, gram, torch.zeros_like(gram))
-
-
-def _unscaled(pg: torch.Tensor, unscale: torch.Tensor) -> torch.Tensor:
-    """Undo :func:`_normalized`'s scaling of one leaf, in the working dtype (float32 or float64)."""
-    return pg.to(unscale.dtype) * unscale
+        normalized = stack * _pow2(-e, torch.float32)[:, None, None]  # promotes bf16/fp16 to float32
+        unscale = _pow2(e, torch.float32)
+    # |entries of G G^T| <= max(m, n) 4^e: keep the Gram matrices where that fits float32.
+    fits = 2 * e + math.ceil(math.log2(max(stack.shape[-2:]))) <= 127
+    gate = torch.where(fits, _pow2(torch.where(fits, e, 0), torch.float32), torch.zeros((), dtype=torch.float32))
+    return normalized, normalized * gate[:, None, None], unscale
 
 
 def _pack(side: KroneckerSide) -> tuple:
