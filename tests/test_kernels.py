@@ -754,10 +754,11 @@ def test_bench_quick_runs_and_writes_json(tmp_path, capsys):
     path = tmp_path / "k.json"
     rc = bench.main(["--quick", "--device", "cpu", "--layers", "1", "--d-model", "32",
                      "--d-mlp", "64", "--repeats", "1", "--warmup", "0", "--copy-mb", "8",
-                     "--json", str(path)])
+                     "--no-step", "--json", str(path)])
     assert rc == 0
     rep = json.loads(path.read_text())
     assert rep["copy_bandwidth_gbps"] > 0 and rep["device_type"] == "cpu"
+    assert rep["step"] is None  # --no-step
     kernels = {r["kernel"] for r in rep["results"]}
     assert kernels == {"quantize(nearest)", "quantize(stochastic)", "dequantize(fp32)",
                        "int8_ema_update", "adam_epilogue(fp32 param)",
@@ -770,6 +771,54 @@ def test_bench_quick_runs_and_writes_json(tmp_path, capsys):
     assert groups == {"10x(32x32)", "2x(64x64)", "4x(32x32)", "1x(32x64)", "1x(64x32)"}
     assert all(r["ms"] > 0 and r["gbps"] > 0 for r in rep["results"])
     assert "int8_ema_update" in capsys.readouterr().out
+
+
+def test_bench_whole_step_rows(tmp_path, capsys):
+    import json
+
+    from scao_fx.kernels import bench
+
+    path = tmp_path / "s.json"
+    rc = bench.main(["--quick", "--no-kernels", "--device", "cpu", "--layers", "1",
+                     "--d-model", "32", "--d-mlp", "64", "--step-precond-freq", "3",
+                     "--step-windows", "2", "--copy-mb", "8", "--no-progress",
+                     "--json", str(path)])
+    assert rc == 0
+    rep = json.loads(path.read_text())
+    # one layer: 6 matrices (4 of 32x32, 32x64, 64x32) and 10 vectors (9 of 32, 1 of 64)
+    assert rep["step"] == {"layers": 1, "leaves": 16, "params": 8 * 32 * 32 + 9 * 32 + 64,
+                           "precond_freq": 3, "windows": 2}
+    rows = {(r["kernel"], r["backend"], r["mode"]): r for r in rep["results"]}
+    assert set(rows) == {(k, "reference", m) for k in bench.STEP_ROWS
+                         for m in ("grouped", "loop")}
+    assert all(r["ms"] > 0 and r["ms_min"] > 0 and r["gbps"] is None for r in rows.values())
+    for k in bench.STEP_ROWS:
+        assert rep["summary"][f"{k} [reference]"]["loop_over_grouped"][0] > 0
+    out = capsys.readouterr().out
+    assert "scao step (refresh)" in out and "loop/grouped" in out
+
+
+def test_bench_step_grouped_equals_loop():
+    """Past the first refresh, one step grouped and per leaf gives the same parameters (fp32
+    curvature: int8 curvature draws different stochastic-rounding streams per group)."""
+    from scao_fx.kernels.bench import _clone, model_params, scao_stepper
+
+    freq, cpu = 2, torch.device("cpu")
+    p0, grads = model_params(1, 32, 64, cpu), model_params(1, 32, 64, cpu, seed=1)
+    final = []
+    for grouped in (True, False):
+        params = _clone(p0)
+        step = scao_stepper(params, grads, grouped=grouped, precond_freq=freq,
+                            use_int8_ema=False)
+        for _ in range(freq + 1):  # through the first refresh, then one step
+            step()
+        final.append(params)
+    for k in p0:
+        for n in p0[k]:
+            moved = (final[0][k][n] - p0[k][n]).abs().max()
+            assert moved > 1e-5, (k, n)
+            torch.testing.assert_close(final[0][k][n], final[1][k][n], rtol=1e-6,
+                                       atol=1e-3 * moved.item())
 
 
 def test_bench_model_groups_gpt2_medium():

@@ -403,19 +403,22 @@ def _kernels_env(backend: str):
             os.environ[_dispatch.ENV_VAR] = old
 
 
-def time_steps(params, grads, *, grouped: bool, precond_freq: int, windows: int,
-               timer: _Timer, tick: Callable[[], object] = lambda: None) -> List[float]:
+def time_steps(steps: Dict[str, Callable[[], None]], *, precond_freq: int, windows: int,
+               timer: _Timer, tick: Callable[[], object] = lambda: None) -> Dict[str, List[float]]:
     """Milliseconds of each step of ``windows`` refresh windows (``precond_freq`` steps, the last
-    one a refresh), after ``precond_freq`` untimed steps that end with the first refresh (a full
-    eigendecomposition). ``params`` is updated in place; ``tick()`` runs after every step."""
-    step = scao_stepper(params, grads, grouped=grouped, precond_freq=precond_freq)
-    for _ in range(precond_freq):
-        step()
-        tick()
-    times = []
-    for _ in range(windows * precond_freq):
-        times.append(timer.once(step))
-        tick()
+    one a refresh) per stepper, after ``precond_freq`` untimed steps that end with the first
+    refresh (a full eigendecomposition). The windows alternate between the steppers, so a
+    change of machine load hits them alike. ``tick()`` runs after every step."""
+    for step in steps.values():
+        for _ in range(precond_freq):
+            step()
+            tick()
+    times: Dict[str, List[float]] = {name: [] for name in steps}
+    for _ in range(windows):
+        for name, step in steps.items():
+            for _ in range(precond_freq):
+                times[name].append(timer.once(step))
+                tick()
     return times
 
 
@@ -443,9 +446,9 @@ def _step_section(args: argparse.Namespace, device: torch.device, backends: List
     grads = model_params(layers, args.d_model, args.d_mlp, device, seed=1)
     leaves = [p for block in params0.values() for p in block.values()]
     numel = sum(p.numel() for p in leaves)
-    group = f"{layers} layers {numel / 1e6:.1f}M"
+    group = f"{layers}L {numel / 1e6:.1f}M params"
     note = f"precond_freq {freq}, {windows * freq} steps"
-    print(f"# whole step: sf.scao grouped vs per-leaf loop; {layers} layers, d_model "
+    print(f"# whole step: sf.scao grouped vs per-leaf loop; layers {layers}, d_model "
           f"{args.d_model}, MLP {args.d_mlp}, {len(leaves)} leaves, {numel} parameters; "
           f"{note}", flush=True)
     bar = _Progress(args.progress, len(backends) * len(modes) * (windows + 1) * freq,
@@ -453,20 +456,24 @@ def _step_section(args: argparse.Namespace, device: torch.device, backends: List
     info: dict = {"layers": layers, "leaves": len(leaves), "params": numel,
                   "precond_freq": freq, "windows": windows}
     for backend in backends:
+        with _kernels_env(backend):
+            steps = {mode: scao_stepper(_clone(params0), grads, grouped=mode == "grouped",
+                                        precond_freq=freq) for mode in modes}
+            times = time_steps(steps, precond_freq=freq, windows=windows, timer=timer,
+                               tick=bar.update)
         for mode in modes:
-            params = {k: {n: p.clone() for n, p in b.items()} for k, b in params0.items()}
-            with _kernels_env(backend):
-                times = time_steps(params, grads, grouped=mode == "grouped",
-                                   precond_freq=freq, windows=windows, timer=timer,
-                                   tick=bar.update)
-            for name, ms, ms_min in _step_rows(times, freq):
+            for name, ms, ms_min in _step_rows(times[mode], freq):
                 emit(BenchResult(name, group, len(leaves), numel, backend, mode, ms, 0, None,
                                  None, ms_min, note))
-            del params
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        del steps
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     bar.close()
     return info
+
+
+def _clone(tree: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, Dict[str, torch.Tensor]]:
+    return {k: {n: p.clone() for n, p in block.items()} for k, block in tree.items()}
 
 
 def _summary(results: Sequence[BenchResult]) -> dict:
@@ -581,12 +588,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         defaults = dict(layers=24, d_model=1024, d_mlp=4096, warmup=3, repeats=10,
                         copy_mb=1024 if cuda else 256)
-    defaults["step_layers"] = (defaults["layers"] if args.quick
-                               else 24 if cuda else CPU_STEP_LAYERS)
     defaults["step_windows"] = 5 if cuda and not args.quick else 2
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.step_layers is None:
+        args.step_layers = args.layers if args.quick else 24 if cuda else CPU_STEP_LAYERS
     if args.backends is None:
         args.backends = "reference,triton" if cuda else "reference"
     args.param_dtypes = [s.strip() for s in args.param_dtypes.split(",") if s.strip()]
