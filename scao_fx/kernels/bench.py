@@ -407,18 +407,17 @@ def time_steps(steps: Dict[str, Callable[[], None]], *, precond_freq: int, windo
                timer: _Timer, tick: Callable[[], object] = lambda: None) -> Dict[str, List[float]]:
     """Milliseconds of each step of ``windows`` refresh windows (``precond_freq`` steps, the last
     one a refresh) per stepper, after ``precond_freq`` untimed steps that end with the first
-    refresh (a full eigendecomposition). The windows alternate between the steppers, so a
-    change of machine load hits them alike. ``tick()`` runs after every step."""
+    refresh (a full eigendecomposition). The steppers take turns step by step, so a change of
+    machine load hits them alike. ``tick()`` runs after every step."""
     for step in steps.values():
         for _ in range(precond_freq):
             step()
             tick()
     times: Dict[str, List[float]] = {name: [] for name in steps}
-    for _ in range(windows):
+    for _ in range(windows * precond_freq):
         for name, step in steps.items():
-            for _ in range(precond_freq):
-                times[name].append(timer.once(step))
-                tick()
+            times[name].append(timer.once(step))
+            tick()
     return times
 
 
@@ -572,7 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step-precond-freq", type=int, default=10,
                    help="precond_freq of the whole step: steps per refresh window (>= 2)")
     p.add_argument("--step-windows", type=int, default=None,
-                   help="refresh windows timed per mode (default 5 on CUDA, 2 on the CPU)")
+                   help="refresh windows timed per mode (default 5 on CUDA, 1 on the CPU, "
+                        "2 with --quick)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar (tqdm) for the whole step")
     p.add_argument("--json", dest="json_path", default=None, help="write results as JSON")
@@ -588,7 +588,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         defaults = dict(layers=24, d_model=1024, d_mlp=4096, warmup=3, repeats=10,
                         copy_mb=1024 if cuda else 256)
-    defaults["step_windows"] = 5 if cuda and not args.quick else 2
+    defaults["step_windows"] = 2 if args.quick else 5 if cuda else 1
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
