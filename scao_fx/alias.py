@@ -221,9 +221,10 @@ def scao(
 
     Adam's moments track the blended, preconditioned gradient; weight decay is decoupled.
     Published guidance: start from about 1.17x your AdamW learning rate. A step whose gradients
-    hold a NaN or Inf is skipped for the whole tree, leaving parameters and state exactly as they
-    were (:func:`~scao_fx.apply_if_finite`); ``skip_nonfinite=False`` drops that guard and returns
-    the bare chain.
+    hold a NaN or Inf, or an entry so large its square would overflow the statistics, is skipped
+    for the whole tree, leaving parameters and state exactly as they were
+    (:func:`~scao_fx.apply_if_finite` with ``skip_overflow=True``); ``skip_nonfinite=False``
+    drops that guard and returns the bare chain.
 
     Args:
         lr: learning rate (float, 0-d tensor or schedule).
@@ -255,4 +256,4 @@ def scao(
     )
     if not skip_nonfinite:
         return tx
-    return apply_if_finite(tx, max_consecutive_skips, host_sync=host_sync)
+    return apply_if_finite(tx, max_consecutive_skips, host_sync=host_sync, skip_overflow=True)

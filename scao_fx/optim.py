@@ -305,7 +305,7 @@ class TransformOptimizer(torch.optim.Optimizer):
             return
         from .transforms.finite import all_finite
 
-        finite = all_finite(guarded)
+        finite = all_finite(guarded, overflow_safe=True)  # the check each group's guard makes
         for grads in guarded:
             for g in grads:
                 if g is not None:
@@ -731,7 +731,7 @@ def _scao_factory(**hp: Any) -> GradientTransformation:
         tx = adamw(hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"])
     else:
         tx = _scao_chain(hp)
-    return apply_if_finite(tx, max_skips, host_sync=hp["host_sync"]) if skip else tx
+    return apply_if_finite(tx, max_skips, host_sync=hp["host_sync"], skip_overflow=True) if skip else tx
 
 
 def _scao_chain(hp: Mapping[str, Any]) -> GradientTransformation:

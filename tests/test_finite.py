@@ -75,6 +75,31 @@ def test_all_finite_huge_finite_values_and_edge_trees():
     assert bool(sf.all_finite({})) and bool(sf.all_finite([None, torch.arange(3)]))
 
 
+def test_overflow_bound_per_leaf_size_and_dtype():
+    x = torch.ones(100)
+    bound = sf.square_safe_bound(x)
+    assert bound == pytest.approx((torch.finfo(torch.float32).max / 100) ** 0.5)
+    assert sf.square_safe_bound(x.double()) == pytest.approx((torch.finfo(torch.float64).max / 100) ** 0.5)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        under = torch.full((100,), min(bound * 0.5, 6e4)).to(dtype)
+        assert bool(sf.all_finite([under], overflow_safe=True))
+    assert not bool(sf.all_finite([torch.full((100,), bound * 2)], overflow_safe=True))
+    assert bool(sf.all_finite([torch.full((100,), bound * 2)]))  # finite, only too large
+    assert bool(sf.all_finite([torch.full((100,), 1e100, dtype=torch.float64)], overflow_safe=True))
+    assert not bool(sf.all_finite([torch.full((100,), 1e300, dtype=torch.float64)], overflow_safe=True))
+    assert not bool(sf.all_finite([torch.tensor([float("nan")], dtype=torch.float16)], overflow_safe=True))
+
+
+def test_skip_overflow_only_when_asked():
+    g = {"w": torch.full((3, 3), 1e30)}
+    plain = sf.apply_if_finite(sf.adam(0.1))
+    _, s = plain.update(clone(g), plain.init({"w": torch.zeros(3, 3)}))
+    assert int(s.skipped) == 0 and torch.isinf(s.inner_state[0].nu["w"]).all()  # Adam's v saturates
+    guarded = sf.apply_if_finite(sf.adam(0.1), skip_overflow=True)
+    _, s = guarded.update(clone(g), guarded.init({"w": torch.zeros(3, 3)}))
+    assert int(s.skipped) == 1 and torch.isfinite(s.inner_state[0].nu["w"]).all()
+
+
 # ---------------------------------------------------------------- skip semantics
 
 

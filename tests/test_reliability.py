@@ -70,11 +70,12 @@ FAST = dict(
 )
 ADV_STEPS = 12
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-#: The largest gradient scale whose squares every statistic of that parameter dtype can hold:
-#: float64 parameters keep float64 Adam moments (the curvature copes on its own, see
-#: test_gradient_beyond_float32_square_range); float32/bfloat16 ones keep float32 moments,
-#: whose squares overflow past ~1.8e19; float16 gradients themselves stop at 65504 (1e4 * randn).
-HUGE = {torch.float64: 1e30, torch.float32: 1e18, torch.bfloat16: 1e18, torch.float16: 1e4}
+#: Huge gradients that are still processed: below sf.square_safe_bound of every leaf here
+#: (float32 statistics for float32/bfloat16/float16 parameters, float64 ones for float64);
+#: float16 gradients themselves stop at 65504 (1e4 * randn).
+HUGE = {torch.float64: 1e30, torch.float32: 1e16, torch.bfloat16: 1e16, torch.float16: 1e4}
+#: Gradients whose squares overflow the statistics (1e30 is inf in float16): the guard skips them.
+OVERFLOW = {torch.float64: 1e200, torch.float32: 1e30, torch.bfloat16: 1e30, torch.float16: 1e30}
 TINY = 1e-30
 KINDS = ["random", "zero", "rank1", "tiny", "huge", "alternating", "none"]
 
@@ -97,7 +98,7 @@ def gradient(kind: str, shape, dtype, step: int, seed: int):
         u, v = torch.randn(shape[0], generator=g), torch.randn(math.prod(shape[1:]), generator=g)
         return torch.outer(u, v).reshape(shape).to(dtype)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1000 + step))
-    scale = {"tiny": TINY, "huge": HUGE[dtype]}.get(kind, 1.0)
+    scale = {"tiny": TINY, "huge": HUGE[dtype], "overflow": OVERFLOW[dtype]}.get(kind, 1.0)
     return (x.double() * scale).to(dtype)
 
 
@@ -178,6 +179,20 @@ def test_adversarial_gradients_every_dtype(api, dtype, kind):
     if state is not None:  # None: the facade never stepped (no gradient at all)
         phases = {r["phase"] for r in sf.scao_diagnostics(state, names=list(params)).values()}
         assert "precond" in phases  # the preconditioned phase was really reached
+
+
+@pytest.mark.parametrize("api", RUNNERS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_adversarial_overflowing_gradients_are_skipped(api, dtype):
+    """Gradients of 1e30 (1e200 for float64): their squares overflow the statistics, so every
+    step is skipped: parameters never move, state stays finite, every skip is counted."""
+    CASES["gradient x dtype"] += 1
+    kw = dict(FAST, max_consecutive_skips=ADV_STEPS + 1)
+    params, out = RUNNERS[api](kw, dtype, uniform("overflow"))
+    skipped = out.skipped_steps() if api == "facade" else sf.skipped_steps(out)
+    assert skipped == ADV_STEPS
+    for name, p in make_params(dtype).items():
+        assert torch.equal(params[name], p), name
 
 
 #: Hyperparameters at the edges of their valid ranges (each is merged into FAST).
@@ -279,34 +294,41 @@ def test_adversarial_random_combinations(api, case):
 
 
 def test_gradient_beyond_float32_square_range():
-    """Gradients of 1e30 on float32 parameters: their squares (1e60) exceed float32, so Adam's
-    float32 second moment saturates at inf (as torch.optim.AdamW's does) and the leaf's update
-    becomes 0. Nothing else breaks: parameters stay finite, no state tensor is ever NaN, the
-    curvature statistics stay finite (an overflowing Gram matrix adds nothing), and training
-    continues on ordinary gradients afterwards. Regression: before the fix, the preconditioner's
-    float32 norms overflowed and the parameters became NaN from the 4th step on."""
+    """Gradients of 1e30 on float32 parameters: their squares (1e60) exceed float32.
+
+    With the guard (default) those steps are skipped and counted (they would otherwise leave
+    Adam's float32 second moment at inf for good, as torch.optim.AdamW's is); training then goes
+    on from an untouched, finite state. Without it (``skip_nonfinite=False``) the bare chain
+    still never produces a NaN or a non-finite parameter, the curvature statistics stay finite
+    (an overflowing Gram matrix adds nothing), and only Adam's second moment saturates.
+    Regression: before the fix, the preconditioner's float32 norms overflowed and the
+    parameters became NaN from the 4th step on."""
     CASES["beyond float32 range"] += 1
     kinds = lambda name, step: "random" if step >= 6 else "huge"  # noqa: E731
-    params = make_params(torch.float32)
-    tx = sf.scao(**FAST)
-    state = tx.init(params)
-    saturated = set()
-    for t in range(12):
-        grads = grads_for(params, kinds, t)
-        if t < 6:
-            grads = {k: None if g is None else g * 1e12 for k, g in grads.items()}  # 1e30
-        updates, state = tx.update(grads, state, params=params)
-        params = sf.apply_updates(params, updates)
-        nu_ids = {id(x) for node in find_nodes(state, ScaleByAdamState) for x in tensor_leaves(node.nu)}
-        for name, p in params.items():
-            assert torch.isfinite(p).all(), f"step {t + 1}: {name}"
-        for x in tensor_leaves(state):
-            if x.is_floating_point():
-                assert not torch.isnan(x).any(), f"step {t + 1}: NaN in the state"
-                if not torch.isfinite(x).all():
-                    assert id(x) in nu_ids, f"step {t + 1}: a non-finite state tensor outside Adam's second moment"
-                    saturated.add(id(x))
-    assert saturated  # the limitation is real (documented), not hidden
+    for guarded in (True, False):
+        params = make_params(torch.float32)
+        tx = sf.scao(**FAST, skip_nonfinite=guarded)
+        state = tx.init(params)
+        saturated = set()
+        for t in range(12):
+            grads = grads_for(params, kinds, t)
+            if t < 6:
+                grads = {k: None if g is None else g * 1e14 for k, g in grads.items()}  # 1e30
+            updates, state = tx.update(grads, state, params=params)
+            params = sf.apply_updates(params, updates)
+            nu_ids = {id(x) for node in find_nodes(state, ScaleByAdamState) for x in tensor_leaves(node.nu)}
+            for name, p in params.items():
+                assert torch.isfinite(p).all(), f"step {t + 1}: {name}"
+            for x in tensor_leaves(state):
+                if x.is_floating_point():
+                    assert not torch.isnan(x).any(), f"step {t + 1}: NaN in the state"
+                    if not torch.isfinite(x).all():
+                        assert id(x) in nu_ids, f"step {t + 1}: a non-finite state tensor outside Adam's second moment"
+                        saturated.add(id(x))
+        if guarded:
+            assert not saturated and sf.skipped_steps(state) == 6
+        else:
+            assert saturated  # the bare chain's limitation is real (documented), not hidden
 
 
 def test_float64_gradients_far_beyond_float32_range():
@@ -497,17 +519,18 @@ BAD_ARGUMENTS = {
         (lambda: sf.schedules.warmup_cosine_decay(1.0, 10, 5), ValueError, ["decay_steps", "5", "[11, inf]"])
     ],
 }
-if hasattr(sf, "apply_if_finite"):
-    BAD_ARGUMENTS["apply_if_finite"] = [
-        (lambda: sf.apply_if_finite(sf.adam(), 0), ValueError, ["max_consecutive_skips", "0", "[1, inf]"]),
-        (lambda: sf.apply_if_finite("adam"), TypeError, ["inner", "GradientTransformation", "str"]),
-    ]
+BAD_ARGUMENTS["apply_if_finite"] = [
+    (lambda: sf.apply_if_finite(sf.adam(), 0), ValueError, ["max_consecutive_skips", "0", "[1, inf]"]),
+    (lambda: sf.apply_if_finite("adam"), TypeError, ["inner", "GradientTransformation", "str"]),
+    (lambda: sf.apply_if_finite(sf.adam(), host_sync=1), TypeError, ["host_sync", "None, True or False", "1"]),
+    (lambda: sf.apply_if_finite(sf.adam(), skip_overflow="yes"), TypeError, ["skip_overflow", "bool", "'yes'"]),
+]
 
 #: Public names that build nothing from hyperparameters: functions over data, state and record
 #: types, errors, modules.
 NOT_CONSTRUCTORS = {
     "apply_updates", "memory_report", "state_bytes", "scao_diagnostics", "summarize_diagnostics", "global_norm",
-    "blend_factor", "matrix_shape", "robust_eigh", "all_finite", "skipped_steps", "schedules", "transforms",
+    "blend_factor", "matrix_shape", "robust_eigh", "all_finite", "square_safe_bound", "skipped_steps", "schedules", "transforms",
     "assign_owners", "gather_full", "shard_like", "dcp_state_dict",
 }
 

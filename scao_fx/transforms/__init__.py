@@ -29,7 +29,14 @@ from .combinators import (
 )
 from .blend import BlendRampState, blend_factor, blend_ramp
 from .curvature import CurvatureEMA, FactorStatistic, curvature_ema
-from .finite import ApplyIfFiniteState, NonFiniteGradientError, all_finite, apply_if_finite, skipped_steps
+from .finite import (
+    ApplyIfFiniteState,
+    NonFiniteGradientError,
+    all_finite,
+    apply_if_finite,
+    skipped_steps,
+    square_safe_bound,
+)
 from .kronecker import (
     KroneckerGroupState,
     KroneckerPreconditionState,
@@ -95,5 +102,6 @@ __all__ = [
     "ApplyIfFiniteState",
     "NonFiniteGradientError",
     "all_finite",
+    "square_safe_bound",
     "skipped_steps",
 ]

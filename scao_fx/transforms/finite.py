@@ -6,7 +6,10 @@ checks the whole gradient tree with one fused reduction and, when any entry is n
 skips the step for the *whole* tree: the returned updates are ``-0.0`` (so
 ``param + update == param`` bit for bit, negative zeros included) and the inner state is left
 exactly as it was. Skips are counted; after ``max_consecutive_skips`` skipped steps in a row a
-:class:`NonFiniteGradientError` is raised.
+:class:`NonFiniteGradientError` is raised. With ``skip_overflow=True`` (as ``sf.scao`` uses it) a
+finite gradient so large that its square would overflow the optimizer's float32 statistics
+(:func:`square_safe_bound`) is skipped too: it would otherwise leave Adam's second moment at
+``inf`` for good.
 
 How the finite flag reaches the host decides the cost (``host_sync``):
 
@@ -26,6 +29,7 @@ How the finite flag reaches the host decides the cost (``host_sync``):
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Any, NamedTuple
 
@@ -37,7 +41,14 @@ from .._validation import check_int
 from ..base import GradientTransformation, check_transform, increment, register_state, step_count
 from ..distributed import _all_ranks, _is_dtensor
 
-__all__ = ["apply_if_finite", "ApplyIfFiniteState", "NonFiniteGradientError", "all_finite", "skipped_steps"]
+__all__ = [
+    "apply_if_finite",
+    "ApplyIfFiniteState",
+    "NonFiniteGradientError",
+    "all_finite",
+    "square_safe_bound",
+    "skipped_steps",
+]
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -65,15 +76,34 @@ class ApplyIfFiniteState(NamedTuple):
     rollback: tuple
 
 
-def all_finite(tree: Any) -> torch.Tensor:
+def square_safe_bound(x: torch.Tensor) -> float:
+    r"""The largest :math:`|x_{ij}|` whose statistics cannot overflow: :math:`\sqrt{f_{max} / n}`.
+
+    :math:`f_{max}` is the largest float32 (float64 for a float64 leaf: the dtype of its
+    statistics) and :math:`n` the number of entries. Below it, Adam's :math:`g^2` and every entry
+    of a Frobenius-grafted preconditioned gradient (at most :math:`\lVert G\rVert_F \le
+    \sqrt{n}\max|G|`) and its square stay finite.
+    """
+    fmax = torch.finfo(torch.float64 if x.dtype in (torch.float64, torch.complex128) else torch.float32).max
+    return math.sqrt(fmax / max(x.numel(), 1))
+
+
+def all_finite(tree: Any, *, overflow_safe: bool = False) -> torch.Tensor:
     """A 0-d bool tensor: True iff every entry of every tensor leaf of ``tree`` is finite.
 
     One fused infinity-norm reduction per (device, dtype) group; the result stays on the first
     leaf's device (no host sync). ``None`` leaves and empty tensors are ignored.
 
+    Args:
+        tree: a pytree of tensors.
+        overflow_safe: also require every entry to be at most :func:`square_safe_bound` of its
+            leaf (a finite gradient so large that the optimizer's statistics would overflow).
+
     Example:
         >>> import torch, scao_fx as sf
         >>> bool(sf.all_finite({"w": torch.ones(3), "b": torch.tensor([1.0, float("nan")])}))
+        False
+        >>> bool(sf.all_finite({"w": torch.full((4,), 1e30)}, overflow_safe=True))
         False
     """
     leaves = [x for x in flatten(tree)[0] if isinstance(x, torch.Tensor) and x.numel() > 0]
@@ -81,20 +111,22 @@ def all_finite(tree: Any) -> torch.Tensor:
         return torch.ones((), dtype=torch.bool)
     device = leaves[0].device
     floats = [x for x in leaves if x.is_floating_point() or x.is_complex()]
-    if not floats:  # integer tensors are always finite
-        return torch.ones((), dtype=torch.bool, device=device)
-    # The infinity norm (max |x|) is finite for every finite tensor (no overflow, unlike a sum of
-    # squares) and NaN/Inf as soon as one entry is.
     # DTensors (FSDP2 shards): each rank checks its own shards and the ranks then agree (an
-    # all-reduce of the flag); a max-reduction of sharded norms would drop a NaN.
+    # all-reduce of the flag); a max-reduction of sharded norms would drop a NaN. Bounds use the
+    # global size.
     sharded = [x for x in floats if _is_dtensor(x)]
-    if sharded:
-        floats = [y for y in (x.to_local() if _is_dtensor(x) else x for x in floats) if y.numel() > 0]
-    if not floats:
+    checked = [
+        (x.to_local() if _is_dtensor(x) else x, square_safe_bound(x) if overflow_safe else math.inf) for x in floats
+    ]
+    checked = [(x, bound) for x, bound in checked if x.numel() > 0]
+    if not checked:  # integer tensors are always finite
         flag = torch.ones((), dtype=torch.bool, device=device)
     else:
-        norms = torch._foreach_norm(floats, float("inf"))
-        flag = torch.stack([torch.isfinite(n).to(device) for n in norms]).all()
+        # The infinity norm (max |x|) is finite for every finite tensor (no overflow, unlike a
+        # sum of squares) and NaN/Inf as soon as one entry is.
+        norms = torch._foreach_norm([x for x, _ in checked], float("inf"))
+        oks = [torch.isfinite(n) & (n <= bound) if bound < math.inf else torch.isfinite(n) for n, (_, bound) in zip(norms, checked)]
+        flag = torch.stack([ok.to(device) for ok in oks]).all()
     return _all_ranks(flag, sharded) if sharded else flag
 
 
@@ -133,7 +165,11 @@ class _PendingFlag:
 
 
 def apply_if_finite(
-    inner: GradientTransformation, max_consecutive_skips: int = 10, *, host_sync: bool | None = None
+    inner: GradientTransformation,
+    max_consecutive_skips: int = 10,
+    *,
+    host_sync: bool | None = None,
+    skip_overflow: bool = False,
 ) -> GradientTransformation:
     r"""Run ``inner`` only on steps whose whole gradient tree is finite.
 
@@ -150,6 +186,9 @@ def apply_if_finite(
             defer the read by one step on accelerators; ``True``: always read at once (one
             device-to-host sync per step on accelerators, no extra memory); ``False``: always
             defer (the inner state is selected with ``torch.where``).
+        skip_overflow: also skip steps with a finite gradient entry above its leaf's
+            :func:`square_safe_bound` (about 1.8e19 / sqrt(entries) for float32 statistics), whose
+            square would overflow the optimizer's statistics into a permanent ``inf``.
 
     Returns:
         A ``GradientTransformation`` with state :class:`ApplyIfFiniteState`.
@@ -170,6 +209,8 @@ def apply_if_finite(
     max_consecutive_skips = check_int("max_consecutive_skips", max_consecutive_skips, low=1)
     if host_sync is not None and not isinstance(host_sync, bool):
         raise TypeError(f"host_sync must be None, True or False, got {host_sync!r}")
+    if not isinstance(skip_overflow, bool):
+        raise TypeError(f"skip_overflow must be a bool, got {skip_overflow!r}")
     pending = _PendingFlag()
 
     def deferred_for(device: torch.device) -> bool:
@@ -186,11 +227,13 @@ def apply_if_finite(
         true = torch.ones((), dtype=torch.bool)
         return ApplyIfFiniteState(inner_state, step_count(), step_count(), true, rollback)
 
+    overflow_note = " (or entries above the overflow bound, skip_overflow=True)" if skip_overflow else ""
+
     def count_skip(state: ApplyIfFiniteState, inner_state: Any) -> ApplyIfFiniteState:
         consecutive = increment(state.consecutive)
         if int(consecutive) >= max_consecutive_skips:
             raise NonFiniteGradientError(
-                f"apply_if_finite: {int(consecutive)} consecutive steps had non-finite gradients "
+                f"apply_if_finite: {int(consecutive)} consecutive steps had non-finite gradients{overflow_note} "
                 f"(max_consecutive_skips={max_consecutive_skips}); every one was skipped and the "
                 "parameters and optimizer state are unchanged. Lower the learning rate, check the "
                 "data and the loss for NaN/Inf, or use a gradient scaler for float16 training."
@@ -219,7 +262,7 @@ def apply_if_finite(
         if not isinstance(state, ApplyIfFiniteState):
             raise TypeError(f"state must be an ApplyIfFiniteState (from this transform's init), got {type(state).__name__}")
         leaves, spec = flatten(updates)
-        finite = all_finite(leaves)
+        finite = all_finite(leaves, overflow_safe=skip_overflow)
         compiling = torch.compiler.is_compiling()
         if not compiling and not deferred_for(finite.device):
             if bool(finite):
