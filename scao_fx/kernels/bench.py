@@ -8,6 +8,12 @@ achieved GB/s and that as a percentage of the device's copy bandwidth measured i
 (a large ``Tensor.copy_``). Each group is run ``grouped`` (one call on the stacked tensor) and
 as a per-layer ``loop`` (one call per leaf), to show what stacking saves.
 
+Then the whole optimizer step (``tx.update`` + ``sf.apply_updates`` of ``sf.scao``) on the
+model's parameters (matrices, biases, LayerNorm weights), ``grouped=True`` vs ``grouped=False``,
+per backend (Triton only on CUDA): median of the non-refresh steps, of the refresh steps and the
+mean over refresh windows, timed past the first refresh. On the CPU this section defaults to
+fewer layers (``--step-layers``); ``--no-step`` skips it, ``--no-kernels`` runs only it.
+
 Timing: CUDA events on the GPU, ``time.perf_counter`` on the CPU; warmup runs, then the median
 of the repeats. On the CPU only the reference backend runs (Triton on the CPU would be the
 interpreter, meaningless for timing); ``--quick`` shrinks the model so this takes well under a
@@ -366,7 +372,7 @@ def _kernel_section(args: argparse.Namespace, device: torch.device, backends: Li
 
 
 
-CPU_STEP_LAYERS = 1  # default --step-layers on the CPU (24 on CUDA): see build_parser
+CPU_STEP_LAYERS = 2  # default --step-layers on the CPU (24 on CUDA): see build_parser
 STEP_ROWS = ("scao step (non-refresh)", "scao step (refresh)", "scao step (window mean)")
 
 
@@ -566,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the whole-optimizer-step section")
     p.add_argument("--step-layers", type=int, default=None,
                    help=f"layers of the whole-step model (default 24 on CUDA; on the CPU "
-                        f"reduced to {CPU_STEP_LAYERS} to finish in about 2 minutes on 2 cores: "
+                        f"reduced to {CPU_STEP_LAYERS}, about 2.5 minutes on 2 cores: "
                         f"--step-layers 24 for the full model; --quick: --layers)")
     p.add_argument("--step-precond-freq", type=int, default=10,
                    help="precond_freq of the whole step: steps per refresh window (>= 2)")
