@@ -12,8 +12,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from .._tree import flatten, unflatten
-from .._tree import check_same_structure
+from .._tree import check_same_structure, flatten, unflatten
 from .._validation import check_dtype, check_float
 from ..base import register_state, EmptyState, GradientTransformation, increment, step_count
 from .combinators import masked
