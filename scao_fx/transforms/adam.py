@@ -126,10 +126,15 @@ def scale_by_adam(
         grads = [g_leaves[i].to(mu_leaves[i].dtype) for i in live]
         mus = [mu_leaves[i] for i in live]
         nus = [nu_leaves[i] for i in live]
-        if inplace and not torch.compiler.is_compiling() and live:
-            # Fast path: one multi-tensor kernel per operation (same arithmetic as below).
-            torch._foreach_lerp_(mus, grads, 1 - b1)
-            torch._foreach_mul_(nus, b2)
+        if not torch.compiler.is_compiling() and live:
+            # Fast path: one multi-tensor kernel per operation (same arithmetic as below); out of
+            # place (new moment tensors) when not inplace, e.g. under apply_if_finite's deferred path.
+            if inplace:
+                torch._foreach_lerp_(mus, grads, 1 - b1)
+                torch._foreach_mul_(nus, b2)
+            else:
+                mus = torch._foreach_lerp(mus, grads, 1 - b1)
+                nus = torch._foreach_mul(nus, b2)
             torch._foreach_addcmul_(nus, grads, grads, value=1 - b2)
             if eps_root:
                 denom = torch._foreach_div(nus, bc2)
