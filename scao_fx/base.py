@@ -36,6 +36,7 @@ __all__ = [
     "step_count",
     "increment",
     "register_state",
+    "multi_tensor_ok",
 ]
 
 
@@ -76,3 +77,14 @@ def step_count() -> torch.Tensor:
 def increment(count: torch.Tensor) -> torch.Tensor:
     """``count + 1``, saturating at the int64 maximum (never overflows); never in place."""
     return count + (count < torch.iinfo(torch.int64).max).to(count.dtype)
+
+
+def multi_tensor_ok(tensors) -> bool:
+    """Whether the multi-tensor ``torch._foreach_*`` kernels may run on ``tensors``.
+
+    False under ``torch.compile`` (inductor fuses a per-leaf loop anyway) and under
+    ``torch.func`` transforms (``vmap``, ``grad``): ``_foreach_*`` ops have no batching rule.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)

@@ -14,7 +14,7 @@ import torch
 
 from .._tree import check_same_structure, flatten, unflatten
 from .._validation import check_dtype, check_float
-from ..base import register_state, EmptyState, GradientTransformation, increment, step_count
+from ..base import register_state, EmptyState, GradientTransformation, increment, multi_tensor_ok, step_count
 from .combinators import masked
 
 __all__ = ["scale_by_adam", "ScaleByAdamState", "add_decayed_weights", "moment_dtype_for"]
@@ -126,7 +126,7 @@ def scale_by_adam(
         grads = [g_leaves[i].to(mu_leaves[i].dtype) for i in live]
         mus = [mu_leaves[i] for i in live]
         nus = [nu_leaves[i] for i in live]
-        if not torch.compiler.is_compiling() and live:
+        if live and multi_tensor_ok(grads + mus + nus):
             # Fast path: one multi-tensor kernel per operation (same arithmetic as below); out of
             # place (new moment tensors) when not inplace, e.g. under apply_if_finite's deferred path.
             if inplace:

@@ -6,17 +6,9 @@ import torch
 
 from .._tree import flatten, unflatten
 from .._validation import check_float
-from ..base import EmptyState, GradientTransformation
+from ..base import EmptyState, GradientTransformation, multi_tensor_ok
 
 __all__ = ["clip_by_global_norm", "global_norm"]
-
-
-def _per_leaf_norms(tensors) -> bool:
-    """True under torch.compile (inductor fuses anyway) or torch.func transforms (``vmap``,
-    ``grad``), where ``_foreach_norm`` has no batching rule."""
-    if torch.compiler.is_compiling():
-        return True
-    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
 def global_norm(leaves) -> torch.Tensor:
@@ -40,7 +32,7 @@ def global_norm(leaves) -> torch.Tensor:
         return torch.zeros(())
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     tensors = [t.to(dtype) for t in tensors]
-    if len(tensors) > 1 and not _per_leaf_norms(tensors):
+    if len(tensors) > 1 and multi_tensor_ok(tensors):
         norms = torch._foreach_norm(tensors)
     else:
         norms = [torch.linalg.vector_norm(t) for t in tensors]

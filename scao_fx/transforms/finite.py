@@ -38,7 +38,7 @@ import torch
 
 from .._tree import flatten, unflatten
 from .._validation import check_int
-from ..base import GradientTransformation, check_transform, increment, register_state, step_count
+from ..base import GradientTransformation, check_transform, increment, multi_tensor_ok, register_state, step_count
 from ..distributed import _all_ranks, _is_dtensor
 
 __all__ = [
@@ -124,7 +124,11 @@ def all_finite(tree: Any, *, overflow_safe: bool = False) -> torch.Tensor:
     else:
         # The infinity norm (max |x|) is finite for every finite tensor (no overflow, unlike a
         # sum of squares) and NaN/Inf as soon as one entry is.
-        norms = torch._foreach_norm([x for x, _ in checked], float("inf"))
+        tensors = [x for x, _ in checked]
+        if multi_tensor_ok(tensors):
+            norms = torch._foreach_norm(tensors, float("inf"))
+        else:
+            norms = [torch.linalg.vector_norm(x, float("inf")) for x in tensors]
         oks = [torch.isfinite(n) & (n <= bound) if bound < math.inf else torch.isfinite(n) for n, (_, bound) in zip(norms, checked)]
         flag = torch.stack([ok.to(device) for ok in oks]).all()
     return _all_ranks(flag, sharded) if sharded else flag
