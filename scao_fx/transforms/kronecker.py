@@ -480,7 +480,7 @@ def kronecker_precondition(
                 continue
             partial = not all(present)
             like = next(leaves[i] for i in g.indices if leaves[i] is not None)
-            grads, for_gram, unscale = _normalized(
+            grads, gram_scale, unscale = _normalized(
                 torch.stack(
                     [
                         (leaves[i] if leaves[i] is not None else torch.zeros_like(like)).reshape(g.m, g.n)
@@ -498,7 +498,8 @@ def kronecker_precondition(
                     sides.append(None)
                     continue
                 old = side
-                stat = curvature.accumulate(side.stat, gram(for_gram), seed, inplace=inplace and not partial)
+                product = gram(grads).mul_(gram_scale[:, None, None])  # the Gram matrices of G itself
+                stat = curvature.accumulate(side.stat, product, seed, inplace=inplace and not partial)
                 side = side._replace(stat=stat)
                 refresh = lambda sd, dim=dim: refresh_side(sd, count, dim, first)  # noqa: E731
                 if owners is not None:
@@ -551,14 +552,16 @@ def _normalized(stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     r"""Scale each stacked gradient by a power of two near its largest entry, as float32.
 
     The preconditioner is linear in :math:`G` and the graft is scale-free, so the work runs on
-    :math:`G / 2^e` and the result is multiplied back by :math:`2^e` (exact: a power of two; in
-    float64 for float64 leaves). Bit for bit the same as working on :math:`G` in the usual range,
-    but a gradient of 1e30 (float32) or 1e300 (float64) no longer overflows float32
-    intermediates (norms, products) into inf/NaN.
+    :math:`\hat G = G / 2^e` and the result is multiplied back by :math:`2^e` (exact: a power of
+    two; in float64 for float64 leaves); the Gram matrices are :math:`\hat G \hat G^\top 4^e`,
+    again exact. Bit for bit the same as working on :math:`G` in the usual range, but a gradient
+    of 1e30 (float32) or 1e300 (float64) no longer overflows float32 intermediates (norms,
+    products) into inf/NaN. A float32 ``stack`` is scaled in place (it is a fresh stack), so no
+    copy of the gradients is made.
 
-    Returns ``(G / 2^e as float32, G as float32 for the Gram matrices (zero for a leaf whose
-    Gram matrix would overflow float32: it then adds nothing to the curvature statistics),
-    per-leaf 2^e (float32, or float64 for float64 leaves))``.
+    Returns ``(G / 2^e as float32, per-leaf 4^e as float32 to scale the Gram matrices by (zero
+    for a leaf whose Gram matrix would overflow float32: it then adds nothing to the curvature
+    statistics), per-leaf 2^e (float32, or float64 for float64 leaves))``.
     """
     amax = torch.linalg.vector_norm(stack.detach(), ord=math.inf, dim=(-2, -1)).to(torch.float64)
     e = torch.frexp(torch.where(torch.isfinite(amax), amax, torch.zeros_like(amax)))[1].to(torch.int64)
@@ -568,12 +571,14 @@ def _normalized(stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
         unscale = _pow2(e, torch.float64)
     else:  # float32 (and narrower) values lie within 2^[-149, 128]: one float32 factor suffices
         e = e.clamp(-100, 100)
-        normalized = stack * _pow2(-e, torch.float32)[:, None, None]  # promotes bf16/fp16 to float32
+        down = _pow2(-e, torch.float32)[:, None, None]
+        # in place for a float32 stack; bf16/fp16 promote to a new float32 tensor
+        normalized = stack.mul_(down) if stack.dtype == torch.float32 else stack * down
         unscale = _pow2(e, torch.float32)
     # |entries of G G^T| <= max(m, n) 4^e: keep the Gram matrices where that fits float32.
     fits = 2 * e + math.ceil(math.log2(max(stack.shape[-2:]))) <= 127
-    gate = torch.where(fits, _pow2(torch.where(fits, e, 0), torch.float32), torch.zeros((), dtype=torch.float32))
-    return normalized, normalized * gate[:, None, None], unscale
+    up = torch.where(fits, _pow2(torch.where(fits, e, 0).clamp(-100, 100), torch.float32), torch.zeros((), dtype=torch.float32))
+    return normalized, up * up, unscale
 
 
 def _pack(side: KroneckerSide) -> tuple:
