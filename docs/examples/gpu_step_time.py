@@ -3,9 +3,11 @@
 A GPT-style model (``LAYERS`` blocks of width ``D``, 12 heads, vocabulary 8192, batch 8 x 512
 tokens) is trained for 80 steps on one fixed batch by each optimizer in turn, in one run:
 ``torch.optim.AdamW(foreach=True)``, ``sf.adamw`` through ``sf.TransformOptimizer``,
-``sf.SCAO`` (int8 curvature) and ``sf.SCAO(use_int8_ema=False)``, then AdamW again (a drift
-check). The first 20 steps are not timed; SCAO starts preconditioning at once
-(``warmup_steps=0``) and refreshes every 20 steps, so the mean includes amortised refreshes.
+``sf.SCAO`` (int8 curvature), ``sf.SCAO(use_int8_ema=False)``, ``sf.SCAO`` with the non-finite
+guard reading its flag at once (``host_sync=True``) and without the guard
+(``skip_nonfinite=False``), then AdamW again (a drift check). The first 20 steps are not timed;
+SCAO starts preconditioning at once (``warmup_steps=0``) and refreshes every 20 steps, so the
+mean includes amortised refreshes. Each line also gives the peak GPU memory of its run.
 
 Run: ``python docs/examples/gpu_step_time.py 12 768`` (needs CUDA).
 """
@@ -34,10 +36,13 @@ def make(name, model):
     if name == "sf.adamw": return sf.TransformOptimizer(model.parameters(), lambda lr, **kw: sf.adamw(lr), dict(lr=1e-3))
     if name == "scao": return sf.SCAO(model.parameters(), lr=1e-3, warmup_steps=0, min_precond_updates=0)
     if name == "scao-fp32": return sf.SCAO(model.parameters(), lr=1e-3, warmup_steps=0, min_precond_updates=0, use_int8_ema=False)
+    if name == "scao-sync": return sf.SCAO(model.parameters(), lr=1e-3, warmup_steps=0, min_precond_updates=0, host_sync=True)
+    if name == "scao-noguard": return sf.SCAO(model.parameters(), lr=1e-3, warmup_steps=0, min_precond_updates=0, skip_nonfinite=False)
 res = {}
 x = torch.randint(0, V, (B, T), device=dev)
-for name in ["adamw", "sf.adamw", "scao", "scao-fp32", "adamw"]:
+for name in ["adamw", "sf.adamw", "scao", "scao-fp32", "scao-sync", "scao-noguard", "adamw"]:
     torch.manual_seed(0); model = GPT().to(dev); opt = make(name, model)
+    torch.cuda.reset_peak_memory_stats()
     ts, os_ = [], []
     for i in range(80):
         torch.cuda.synchronize(); t0 = time.perf_counter()
@@ -47,4 +52,4 @@ for name in ["adamw", "sf.adamw", "scao", "scao-fp32", "adamw"]:
         torch.cuda.synchronize(); t2 = time.perf_counter()
         if i >= 20: ts.append(t2 - t0); os_.append(t2 - t1)
     res.setdefault(name, []).append((statistics.mean(ts), statistics.median(ts), statistics.mean(os_), statistics.median(os_)))
-    print(f"{name:10s} step mean {1e3*statistics.mean(ts):7.2f} ms median {1e3*statistics.median(ts):7.2f}  opt mean {1e3*statistics.mean(os_):7.2f} median {1e3*statistics.median(os_):7.2f}  loss {loss.item():.3f}", flush=True)
+    print(f"{name:10s} step mean {1e3*statistics.mean(ts):7.2f} ms median {1e3*statistics.median(ts):7.2f}  opt mean {1e3*statistics.mean(os_):7.2f} median {1e3*statistics.median(os_):7.2f}  peak {torch.cuda.max_memory_allocated() / 2**20:8.0f} MiB  loss {loss.item():.3f}", flush=True)
