@@ -19,7 +19,8 @@ How the finite flag reaches the host decides the cost (``host_sync``):
   sync in the step. The inner transform runs out of place and every state tensor on the
   device is selected with ``torch.where(finite, new, old)``; the flag is copied to pinned host
   memory asynchronously and read at the *next* update, by which time the device has produced it
-  (the read waits for that one flag, never for the current step's work). If it was bad, the
+  (the read waits for that one flag, never for the current step's work; on CUDA, while other
+  accelerators read it with a plain ``bool`` at the next update). If it was bad, the
   host-side tensors of the state (the CPU step counters) are rolled back then and the skip is
   counted, so the state is exactly the state of a run in which the bad step never happened. The
   price is memory: while the step runs, the inner state exists twice (old and new).
