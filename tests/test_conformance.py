@@ -97,6 +97,18 @@ OPTIMIZERS: list[OptimizerEntry] = [
         note="short warmup/ramp and frequent refreshes so the battery exercises preconditioning",
     ),
     OptimizerEntry(
+        name="scao-deferred-guard",
+        factory=lambda lr: sf.scao(lr, weight_decay=1e-4, host_sync=False, **SCAO_TEST_KW),
+        links=lambda lr: [
+            sf.scao_precondition(**SCAO_TEST_KW),
+            sf.scale_by_adam(),
+            sf.add_decayed_weights(1e-4),
+            sf.scale_by_learning_rate(lr),
+        ],
+        compile_tol=(1e-4, 1e-6),
+        note="the guard's accelerator path (out-of-place chain, torch.where selection), run on the CPU",
+    ),
+    OptimizerEntry(
         name="scao-fp32-fullrank",
         factory=lambda lr: sf.chain(
             sf.blend_ramp(
