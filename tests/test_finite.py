@@ -268,12 +268,13 @@ def _step(model, opt, x, y, poison=None):
     opt.step()
 
 
-def test_facade_skips_every_group_and_counts():
+@pytest.mark.parametrize("host_sync", [None, False], ids=["immediate", "deferred"])
+def test_facade_skips_every_group_and_counts(host_sync):
     x, y = torch.randn(16, 6), torch.randn(16, 3)
     ref_model, model = _model(), _model()
     groups = lambda m: [{"params": list(m[0].parameters())}, {"params": list(m[2].parameters()), "lr": 5e-3}]
-    ref = sf.SCAO(groups(ref_model), lr=1e-2, **FAST)
-    opt = sf.SCAO(groups(model), lr=1e-2, **FAST)
+    ref = sf.SCAO(groups(ref_model), lr=1e-2, host_sync=host_sync, **FAST)
+    opt = sf.SCAO(groups(model), lr=1e-2, host_sync=host_sync, **FAST)
     for t in range(8):
         if t == 4:  # NaN only in the second group's weight: both groups skip
             _step(model, opt, x, y, poison="2.weight")
