@@ -123,13 +123,13 @@ def _owner_refresh(side: Any, refresh: Callable[[Any], Any], owners: Sequence[in
         if src == rank:
             buf = torch.cat([getattr(done, f).contiguous().reshape(-1).view(torch.uint8) for f in _REFRESHED])
         else:
-            nbytes = sum(int(torch.Size(s).numel()) * torch.empty((), dtype=d).element_size() for s, d in shapes)
+            nbytes = sum(int(torch.Size(s).numel()) * d.itemsize for s, d in shapes)
             buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
         dist.broadcast(buf, group=group, group_src=src)
         idx = torch.tensor(rows, device=device)
         offset = 0
         for f, (shape, dtype) in zip(_REFRESHED, shapes):
-            n = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+            n = int(torch.Size(shape).numel()) * dtype.itemsize
             part = buf[offset : offset + n].view(dtype).reshape(shape)
             fields[f].index_copy_(0, idx.to(fields[f].device), part.to(fields[f].device))
             offset += n

@@ -28,6 +28,7 @@ rest next to its parameter), so resuming is bit-identical to not stopping.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
@@ -282,34 +283,28 @@ class TransformOptimizer(torch.optim.Optimizer):
             if self._missing_grad == "zero" and any(missing):
                 grads = [torch.zeros_like(p) if g is None else g for p, g in zip(tree, grads)]
             work.append((rt, tree, grads, missing, bool(group.get("skip_nonfinite", False))))
-        self._skip_together(work)
-        for rt, tree, grads, missing, _ in work:
-            if rt.state is None:
-                rt.state = rt.transform.init(tree)
-            updates, rt.state = rt.transform.update(grads, rt.state, params=tree, inplace=True)
-            for p, u, skip in zip(tree, updates, missing):
-                if u is not None and not skip:
-                    p.add_(u.to(p.dtype))
+        with self._skip_together(work):
+            for rt, tree, grads, missing, _ in work:
+                if rt.state is None:
+                    rt.state = rt.transform.init(tree)
+                updates, rt.state = rt.transform.update(grads, rt.state, params=tree, inplace=True)
+                for p, u, skip in zip(tree, updates, missing):
+                    if u is not None and not skip:
+                        p.add_(u.to(p.dtype))
         return loss
 
     @staticmethod
-    def _skip_together(work: list) -> None:
-        """Make a non-finite gradient in one guarded param group skip every guarded group.
-
-        Each group's :func:`~scao_fx.apply_if_finite` sees only its own gradients; with several
-        groups, a NaN in one would skip that group alone. Marking every guarded group's gradient
-        copies non-finite when any of them is keeps the groups in lockstep (no host sync: the
-        flag stays on the device)."""
+    def _skip_together(work: list) -> contextlib.AbstractContextManager:
+        """With several guarded param groups, one finite check over all their gradients, used by
+        every group's :func:`~scao_fx.apply_if_finite`: a NaN in one group skips every group
+        (each guard alone would see only its own group). No host sync: the flag stays on the
+        device."""
         guarded = [grads for *_, grads, _missing, guard in work if guard]
         if len(guarded) < 2:
-            return
-        from .transforms.finite import all_finite
+            return contextlib.nullcontext()
+        from .transforms.finite import _shared_finite_flag, all_finite
 
-        finite = all_finite(guarded, overflow_safe=True)  # the check each group's guard makes
-        for grads in guarded:
-            for g in grads:
-                if g is not None:
-                    g.masked_fill_(~finite.to(g.device), float("nan"))
+        return _shared_finite_flag(all_finite(guarded, overflow_safe=True))  # the check each guard makes
 
     # ------------------------------------------------------------------ inspection
 
@@ -725,8 +720,6 @@ def _scao_factory(**hp: Any) -> GradientTransformation:
         hp = {**hp, "sides": "wide"}
     skip = _check_bool("skip_nonfinite", hp["skip_nonfinite"])
     max_skips = check_int("max_consecutive_skips", hp["max_consecutive_skips"], low=1)
-    if hp["host_sync"] is not None:
-        _check_bool("host_sync", hp["host_sync"])
     if not enabled:
         tx = adamw(hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"])
     else:

@@ -63,6 +63,13 @@ class OptimizerEntry:
 #: SCAO with short phases, so a few steps cover warmup, ramp and several refreshes.
 SCAO_TEST_KW = dict(warmup_steps=2, blend_steps=3, min_precond_updates=0, precond_freq=2, k_min=1, k_max=2, rho=0.9)
 
+
+
+def scao_links(lr):
+    """The links of ``sf.scao(lr, weight_decay=1e-4, **SCAO_TEST_KW)``, applied one by one."""
+    return [sf.scao_precondition(**SCAO_TEST_KW), sf.scale_by_adam(), sf.add_decayed_weights(1e-4), sf.scale_by_learning_rate(lr)]
+
+
 OPTIMIZERS: list[OptimizerEntry] = [
     OptimizerEntry(
         name="adam",
@@ -86,12 +93,7 @@ OPTIMIZERS: list[OptimizerEntry] = [
     OptimizerEntry(
         name="scao",
         factory=lambda lr: sf.scao(lr, weight_decay=1e-4, **SCAO_TEST_KW),
-        links=lambda lr: [
-            sf.scao_precondition(**SCAO_TEST_KW),
-            sf.scale_by_adam(),
-            sf.add_decayed_weights(1e-4),
-            sf.scale_by_learning_rate(lr),
-        ],
+        links=scao_links,
         # The blend and the Kronecker products run in float32 whatever the parameter dtype.
         compile_tol=(1e-4, 1e-6),
         note="short warmup/ramp and frequent refreshes so the battery exercises preconditioning",
@@ -99,12 +101,7 @@ OPTIMIZERS: list[OptimizerEntry] = [
     OptimizerEntry(
         name="scao-deferred-guard",
         factory=lambda lr: sf.scao(lr, weight_decay=1e-4, host_sync=False, **SCAO_TEST_KW),
-        links=lambda lr: [
-            sf.scao_precondition(**SCAO_TEST_KW),
-            sf.scale_by_adam(),
-            sf.add_decayed_weights(1e-4),
-            sf.scale_by_learning_rate(lr),
-        ],
+        links=scao_links,
         compile_tol=(1e-4, 1e-6),
         note="the guard's accelerator path (out-of-place chain, torch.where selection), run on the CPU",
     ),

@@ -144,9 +144,9 @@ def scale_by_adam(
                 denom = torch._foreach_sqrt(nus)
                 torch._foreach_div_(denom, _sqrt(bc2))
             torch._foreach_add_(denom, eps)
-            if floor_denominator:
-                for d in denom:
-                    d.clamp_min_(torch.finfo(d.dtype).tiny)
+            if floor_denominator:  # one multi-tensor clamp per moment dtype
+                for dtype in {d.dtype for d in denom}:
+                    torch._foreach_clamp_min_([d for d in denom if d.dtype == dtype], torch.finfo(dtype).tiny)
             us = torch._foreach_div(mus, bc1)
             torch._foreach_div_(us, denom)
         else:

@@ -30,6 +30,7 @@ How the finite flag reaches the host decides the cost (``host_sync``):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from typing import Any, NamedTuple
@@ -124,15 +125,43 @@ def all_finite(tree: Any, *, overflow_safe: bool = False) -> torch.Tensor:
         flag = torch.ones((), dtype=torch.bool, device=device)
     else:
         # The infinity norm (max |x|) is finite for every finite tensor (no overflow, unlike a
-        # sum of squares) and NaN/Inf as soon as one entry is.
+        # sum of squares) and NaN/Inf as soon as one entry is. With bounds, each norm is divided
+        # by its leaf's bound (a list of host scalars: no transfer) and must stay <= 1.
         tensors = [x for x, _ in checked]
-        if multi_tensor_ok(tensors):
-            norms = torch._foreach_norm(tensors, float("inf"))
-        else:
-            norms = [torch.linalg.vector_norm(x, float("inf")) for x in tensors]
-        oks = [torch.isfinite(n) & (n <= bound) if bound < math.inf else torch.isfinite(n) for n, (_, bound) in zip(norms, checked)]
-        flag = torch.stack([ok.to(device) for ok in oks]).all()
+        fused = multi_tensor_ok(tensors)
+        norms = torch._foreach_norm(tensors, math.inf) if fused else [torch.linalg.vector_norm(x, math.inf) for x in tensors]
+        if overflow_safe:
+            inverse = [1.0 / bound for _, bound in checked]
+            norms = torch._foreach_mul(norms, inverse) if fused else [n * s for n, s in zip(norms, inverse)]
+        # One stacked check per (dtype, device) kind of norm, not a few kernels per leaf.
+        kinds: dict[tuple, list] = {}
+        for n in norms:
+            kinds.setdefault((n.dtype, n.device), []).append(n)
+        oks = []
+        for ns in kinds.values():
+            stacked = torch.stack(ns)
+            ok = torch.isfinite(stacked) & (stacked <= 1.0) if overflow_safe else torch.isfinite(stacked)
+            oks.append(ok.all().to(device))
+        flag = oks[0] if len(oks) == 1 else torch.stack(oks).all()
     return _all_ranks(flag, sharded) if sharded else flag
+
+
+#: The verdict set by :func:`_shared_finite_flag` (a plain global, not a ``ContextVar``, which
+#: ``torch.compile`` cannot trace); ``None`` outside the block.
+_SHARED_FLAG: list = [None]
+
+
+@contextlib.contextmanager
+def _shared_finite_flag(flag: torch.Tensor):
+    """Inside the block every :func:`apply_if_finite` takes ``flag`` as its verdict instead of
+    checking its own updates: the ``torch.optim`` facade checks all its param groups' gradients
+    once, so a NaN in one group skips every group (and no group checks twice)."""
+    outer = _SHARED_FLAG[0]
+    _SHARED_FLAG[0] = flag
+    try:
+        yield
+    finally:
+        _SHARED_FLAG[0] = outer
 
 
 def _is_host(leaf: Any, device: torch.device) -> bool:
@@ -153,17 +182,17 @@ class _PendingFlag:
         if flag.device.type == "cuda":
             if self.host is None:
                 self.host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            if self.event is None:
+                self.event = torch.cuda.Event()
             self.host.copy_(flag, non_blocking=True)
-            self.event = torch.cuda.Event()
             self.event.record()
-        else:
-            self.host, self.event = None, None
 
     def read(self, flag: torch.Tensor) -> bool:
         """The host value of ``flag``: free on the CPU, waits only for ``flag`` itself on CUDA."""
         if flag.device.type == "cpu":
             return bool(flag)
-        if self.source is not None and self.source() is flag and self.event is not None:
+        recorded = self.source is not None and self.source() is flag
+        if recorded and flag.device.type == "cuda" and self.event is not None:
             self.event.synchronize()
             return bool(self.host)
         return bool(flag)  # a state restored from a checkpoint: one plain read
@@ -267,7 +296,9 @@ def apply_if_finite(
         if not isinstance(state, ApplyIfFiniteState):
             raise TypeError(f"state must be an ApplyIfFiniteState (from this transform's init), got {type(state).__name__}")
         leaves, spec = flatten(updates)
-        finite = all_finite(leaves, overflow_safe=skip_overflow)
+        finite = _SHARED_FLAG[0]
+        if finite is None:
+            finite = all_finite(leaves, overflow_safe=skip_overflow)
         compiling = torch.compiler.is_compiling()
         if not compiling and not deferred_for(finite.device):
             if bool(finite):
