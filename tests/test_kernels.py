@@ -43,7 +43,10 @@ FLOATS = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def _exact(a: torch.Tensor, b: torch.Tensor, msg: str = "") -> None:
-    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=msg or None)
+    try:
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    except AssertionError as e:  # keep torch's mismatch count and worst difference
+        raise AssertionError(f"{msg}: {e}" if msg else str(e)) from None
 
 
 def _rand(shape, dtype=torch.float32, device="cpu", scale=3.0, seed=0):
@@ -708,11 +711,12 @@ def _check_adam(shape, pdt, mode, scalars, device, mdt=torch.float32, noncontig=
     out = K.adam_epilogue(*tri[:4], precond=tri[4] if precond else None, backend="triton",
                           **kw)
     assert all(a is b for a, b in zip(out, (tri[0], tri[2], tri[3])))
-    # every moment element changes (so an element the kernel skipped would be caught; the
-    # three stores share one mask); half-precision params may not move by a whole ulp
+    # (nearly) every element changes, so an element the kernel skipped would be caught (the
+    # three stores share one mask). On millions of elements a few float32 ones legitimately
+    # stay put (an update below half an ulp); half-precision params often do.
     for i, dt in ((0, pdt), (2, mdt), (3, mdt)):
         changed = float((ref[i] != inputs[i]).float().mean())
-        assert changed == 1.0 if dt == torch.float32 else changed > 0.8
+        assert changed > (0.999 if dt == torch.float32 else 0.8), (i, changed)
     rtol, atol = ADAM_TOL[pdt]
     torch.testing.assert_close(tri[0], ref[0], rtol=rtol, atol=atol)
     mt = ADAM_TOL[mdt]

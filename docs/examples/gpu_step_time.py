@@ -7,7 +7,10 @@ tokens) is trained for 80 steps on one fixed batch by each optimizer in turn, in
 guard reading its flag at once (``host_sync=True``) and without the guard
 (``skip_nonfinite=False``), then AdamW again (a drift check). The first 20 steps are not timed;
 SCAO starts preconditioning at once (``warmup_steps=0``) and refreshes every 20 steps, so the
-mean includes amortised refreshes. Each line also gives the peak GPU memory of its run.
+mean includes amortised refreshes. Those steps are synchronised before and after the optimizer
+step (to time it alone); each line then also gives the mean step of 40 more steps run the way
+training runs, with one synchronisation at the end ("unsynced step": the CPU may queue work
+ahead of the GPU), and the peak GPU memory of its run.
 
 Run: ``python docs/examples/gpu_step_time.py 12 768`` (needs CUDA).
 """
@@ -15,7 +18,8 @@ import torch, time, statistics, sys
 import scao_fx as sf
 torch.manual_seed(0)
 dev = "cuda"
-L, d, T, B, V = int(sys.argv[1]), int(sys.argv[2]), 512, 8, 8192  # LAYERS, D from the command line
+L, d = (int(sys.argv[1]), int(sys.argv[2])) if len(sys.argv) > 2 else (12, 768)  # LAYERS, D
+T, B, V = 512, 8, 8192
 class Block(torch.nn.Module):
     def __init__(s):
         super().__init__(); s.ln1 = torch.nn.LayerNorm(d); s.qkv = torch.nn.Linear(d, 3*d); s.proj = torch.nn.Linear(d, d)
@@ -38,18 +42,28 @@ def make(name, model):
     if name == "scao-fp32": return sf.SCAO(model.parameters(), lr=1e-3, warmup_steps=0, min_precond_updates=0, use_int8_ema=False)
     if name == "scao-sync": return sf.SCAO(model.parameters(), lr=1e-3, warmup_steps=0, min_precond_updates=0, host_sync=True)
     if name == "scao-noguard": return sf.SCAO(model.parameters(), lr=1e-3, warmup_steps=0, min_precond_updates=0, skip_nonfinite=False)
-res = {}
-x = torch.randint(0, V, (B, T), device=dev)
-for name in ["adamw", "sf.adamw", "scao", "scao-fp32", "scao-sync", "scao-noguard", "adamw"]:
-    torch.manual_seed(0); model = GPT().to(dev); opt = make(name, model)
-    torch.cuda.reset_peak_memory_stats()
-    ts, os_ = [], []
-    for i in range(80):
+
+
+def loss_fn(model, x):
+    return torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten())
+
+
+if __name__ == "__main__":
+    x = torch.randint(0, V, (B, T), device=dev)
+    for name in ["adamw", "sf.adamw", "scao", "scao-fp32", "scao-sync", "scao-noguard", "adamw"]:
+        torch.manual_seed(0); model = GPT().to(dev); opt = make(name, model)
+        torch.cuda.reset_peak_memory_stats()
+        ts, os_ = [], []
+        for i in range(80):
+            torch.cuda.synchronize(); t0 = time.perf_counter()
+            loss = loss_fn(model, x); loss.backward()
+            torch.cuda.synchronize(); t1 = time.perf_counter()
+            opt.step(); opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize(); t2 = time.perf_counter()
+            if i >= 20: ts.append(t2 - t0); os_.append(t2 - t1)
+        # the same loop without a synchronisation per step (how training runs): 40 steps, one sync
         torch.cuda.synchronize(); t0 = time.perf_counter()
-        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten()); loss.backward()
-        torch.cuda.synchronize(); t1 = time.perf_counter()
-        opt.step(); opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize(); t2 = time.perf_counter()
-        if i >= 20: ts.append(t2 - t0); os_.append(t2 - t1)
-    res.setdefault(name, []).append((statistics.mean(ts), statistics.median(ts), statistics.mean(os_), statistics.median(os_)))
-    print(f"{name:10s} step mean {1e3*statistics.mean(ts):7.2f} ms median {1e3*statistics.median(ts):7.2f}  opt mean {1e3*statistics.mean(os_):7.2f} median {1e3*statistics.median(os_):7.2f}  peak {torch.cuda.max_memory_allocated() / 2**20:8.0f} MiB  loss {loss.item():.3f}", flush=True)
+        for i in range(40):
+            loss = loss_fn(model, x); loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize(); free = (time.perf_counter() - t0) / 40
+        print(f"{name:12s} step mean {1e3*statistics.mean(ts):7.2f} ms median {1e3*statistics.median(ts):7.2f}  opt mean {1e3*statistics.mean(os_):7.2f} median {1e3*statistics.median(os_):7.2f}  unsynced step {1e3*free:7.2f}  peak {torch.cuda.max_memory_allocated() / 2**20:8.0f} MiB  loss {loss.item():.3f}", flush=True)

@@ -33,6 +33,18 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(rows, t.shape[-1])
 
 
+def _true_div(a: torch.Tensor, b) -> torch.Tensor:
+    """``a / b`` correctly rounded on every device (a new tensor).
+
+    PyTorch's CUDA division by a Python number (or a CPU 0-d tensor) computes ``a * (1 / b)``,
+    which is off by one ulp for some inputs; the divisor is made a 0-d tensor on ``a``'s
+    device instead, so CUDA divides like the CPU and like the kernels' ``div_rn``.
+    """
+    if not isinstance(b, torch.Tensor) or (b.device != a.device and b.dim() == 0):
+        b = torch.full((), float(b), dtype=a.dtype, device=a.device)
+    return a / b
+
+
 def _block_of_column(n: int, block_size: int, device) -> torch.Tensor:
     """Block index of every column, ``floor(j / block_size)``.
 
@@ -41,7 +53,7 @@ def _block_of_column(n: int, block_size: int, device) -> torch.Tensor:
     past the last full block, so a compiled step went wrong exactly in partial blocks.
     """
     j = torch.arange(n, device=device, dtype=torch.float64)
-    return torch.div(j, block_size).floor_().long()
+    return _true_div(j, block_size).floor_().long()
 
 
 def _block_absmax(x2: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -86,9 +98,10 @@ def _encode(x2: torch.Tensor, block_size: int, stochastic: bool, seedterm):
     torch 2.13 (garbage in the partial last block), and this layout is not.
     """
     rows, n = x2.shape
-    scale = _block_absmax(x2, block_size).div_(C.QMAX)
+    scale = _true_div(_block_absmax(x2, block_size), C.QMAX)
     pos = scale > 0
-    inv = torch.where(pos, 1.0 / scale, torch.zeros((), dtype=scale.dtype, device=scale.device))
+    inv = torch.where(pos, _true_div(torch.ones_like(scale), scale),
+                      torch.zeros((), dtype=scale.dtype, device=scale.device))
     q = _mul_per_block(x2, inv, block_size)
     q = torch.nan_to_num_(q, nan=0.0, posinf=0.0, neginf=0.0)
     fl = torch.floor(q)
@@ -206,7 +219,7 @@ def adam_epilogue(
     v = exp_avg_sq.reshape(shape).to(torch.float32)
     m = m * s["beta1"] + g_eff * s["omb1"]
     v = v * s["beta2"] + (g_eff * g_eff) * s["omb2"]
-    denom = _sqrt_rn(v) / s["sbc2"] + s["eps"]
+    denom = _true_div(_sqrt_rn(v), s["sbc2"]) + s["eps"]
     upd = (m * s["step_size"]) / denom
     p = param.to(torch.float32) * s["decay"] - upd
 
@@ -264,7 +277,7 @@ def _adam8(param, grad, exp_avg, exp_avg_sq, precond, s, use_pc, use_g, q8m, q8v
     m = m_prev * s["beta1"] + g * s["omb1"]
     v = v_prev * s["beta2"] + (g * g) * s["omb2"]
     rv = _sqrt_rn(v)
-    denom = rv / s["sbc2"] + s["eps"]
+    denom = _true_div(rv, s["sbc2"]) + s["eps"]
     upd = (m * s["step_size"]) / denom
     p = view(param) * s["decay"] - upd
 

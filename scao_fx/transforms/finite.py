@@ -257,9 +257,13 @@ def apply_if_finite(
         inner_state = inner.init(params)
         tensors = [x for x in flatten(params)[0] if isinstance(x, torch.Tensor)]
         device = tensors[0].device if tensors else torch.device("cpu")
-        rollback = host_leaves(inner_state, device) if deferred_for(device) else ()
-        true = torch.ones((), dtype=torch.bool)
-        return ApplyIfFiniteState(inner_state, step_count(), step_count(), true, rollback)
+        if not deferred_for(device):
+            return ApplyIfFiniteState(inner_state, step_count(), step_count(), torch.ones((), dtype=torch.bool), ())
+        # the "pending" verdict lives where the real ones will (so a checkpoint restores it there)
+        # and is recorded, so the first update reads it without a sync
+        true = torch.ones((), dtype=torch.bool, device=device)
+        pending.record(true)
+        return ApplyIfFiniteState(inner_state, step_count(), step_count(), true, host_leaves(inner_state, device))
 
     overflow_note = " (or entries above the overflow bound, skip_overflow=True)" if skip_overflow else ""
 

@@ -577,7 +577,7 @@ def _normalized(stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
         unscale = _pow2(e, torch.float32)
     # |entries of G G^T| <= max(m, n) 4^e: keep the Gram matrices where that fits float32.
     fits = 2 * e + math.ceil(math.log2(max(stack.shape[-2:]))) <= 127
-    up = torch.where(fits, _pow2(torch.where(fits, e, 0).clamp(-100, 100), torch.float32), torch.zeros((), dtype=torch.float32))
+    up = torch.where(fits, _pow2(torch.where(fits, e, 0).clamp(-100, 100), torch.float32), 0.0)
     return normalized, up * up, unscale
 
 
