@@ -121,6 +121,7 @@ def scao_precondition(
     rank_eps: float | None = None,
     sides: str = "both",
     eigensolver: str = "auto",
+    gram_precision: str = "float32",
     process_group: Any = None,
 ) -> GradientTransformation:
     r"""SCAO's preconditioner, built from its five named parts.
@@ -159,6 +160,8 @@ def scao_precondition(
         grouped: stack same-shape leaves (False: per-leaf loop).
         sides: ``"both"``, or ``"wide"`` (only the longer side of non-square matrices: LoRA).
         eigensolver: ``"auto"``, ``"eigh"`` or ``"subspace"`` (see :func:`kronecker_precondition`).
+        gram_precision: ``"float32"`` or ``"bfloat16"`` inputs of the curvature's Gram products
+            (see :func:`kronecker_precondition`).
         process_group: spread basis refreshes over this ``torch.distributed`` group (see
             :func:`kronecker_precondition` and ``docs/distributed.md``); ``None``: local.
         rank_eps: alternative name of ``epsilon_sparse``.
@@ -195,6 +198,7 @@ def scao_precondition(
             grouped=grouped,
             sides=sides,
             eigensolver=eigensolver,
+            gram_precision=gram_precision,
             process_group=process_group,
         ),
         warmup_steps=warmup_steps,

@@ -3,6 +3,7 @@ grouping, grafting, tau, fallbacks and argument validation."""
 
 from __future__ import annotations
 
+import optree
 import pytest
 import torch
 
@@ -386,11 +387,55 @@ def test_failed_eigh_keeps_last_good_basis():
         ({"max_precond_dim": 1}, ValueError, "max_precond_dim"),
         ({"curvature": 0.99}, TypeError, "curvature"),
         ({"rank": 8}, TypeError, "rank"),
+        ({"gram_precision": "float16"}, ValueError, "gram_precision"),
     ],
 )
 def test_bad_arguments(kwargs, exc, name):
     with pytest.raises(exc, match=name):
         sf.kronecker_precondition(**kwargs)
+
+
+# --------------------------------------------------------------------------- gram_precision
+
+
+def _stats(state):
+    """Every tensor of every curvature statistic in a kronecker_precondition state."""
+    sides = [side for grp in state.groups for side in (grp.left, grp.right) if side is not None]
+    return [x for side in sides for x in optree.tree_leaves(side.stat) if isinstance(x, torch.Tensor)]
+
+
+def test_bfloat16_gram_is_the_float32_gram_of_the_rounded_gradient():
+    """gram_precision="bfloat16" rounds only the Gram products' inputs: its statistics are
+    exactly those of float32 Grams on the bfloat16-rounded gradients (the scale normalisation
+    is a power of two, so it commutes with the rounding), while the preconditioned output
+    still uses the exact gradient."""
+    gs = [g * 3.7 for g in _grads((12, 20), 9, seed=5)]
+    rounded = [g.to(torch.bfloat16).float() for g in gs]
+    assert any(not torch.equal(a, b) for a, b in zip(gs, rounded))
+    _, s16 = _run(_tx(freq=4, gram_precision="bfloat16"), gs)
+    _, s32 = _run(_tx(freq=4), rounded)
+    for a, b in zip(_stats(s16), _stats(s32)):
+        assert torch.equal(a, b)
+    out16, _ = _run(_tx(freq=4, gram_precision="bfloat16"), gs)
+    out32, _ = _run(_tx(freq=4), gs)
+    for a, b in zip(out16, out32):  # close to the float32 path, but not the same
+        assert rel_err(a, b) < 2e-2
+    assert any(not torch.equal(a, b) for a, b in zip(out16, out32))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_bfloat16_gram_uses_float32_accumulation():
+    from scao_fx.transforms.kronecker import _gram
+
+    x = torch.randn(3, 300, 700, device="cuda").to(torch.bfloat16)
+    for left in (True, False):
+        got = _gram(x, left)
+        xf = x.double()
+        want = xf @ xf.transpose(-1, -2) if left else xf.transpose(-1, -2) @ xf
+        assert got.dtype == torch.float32
+        # float32 accumulation: ~1e-6 relative (a bfloat16 output would be ~4e-3 off)
+        assert rel_err(got.double(), want) < 1e-5
 
 
 # --------------------------------------------------------------------------- subspace eigensolver

@@ -4,8 +4,9 @@ A GPT-style model (``LAYERS`` blocks of width ``D``, 12 heads, vocabulary 8192, 
 tokens) is trained for 80 steps on one fixed batch by each optimizer in turn, in one run:
 ``torch.optim.AdamW(foreach=True)``, ``sf.adamw`` through ``sf.TransformOptimizer``,
 ``sf.SCAO`` (int8 curvature), ``sf.SCAO(use_int8_ema=False)``, ``sf.SCAO`` with the non-finite
-guard reading its flag at once (``host_sync=True``) and without the guard
-(``skip_nonfinite=False``), then AdamW again (a drift check). The first 20 steps are not timed;
+guard reading its flag at once (``host_sync=True``), without the guard
+(``skip_nonfinite=False``) and with bfloat16 Gram products (``gram_precision="bfloat16"``),
+then AdamW again (a drift check). The first 20 steps are not timed;
 SCAO starts preconditioning at once (``warmup_steps=0``) and refreshes every 20 steps, so the
 mean includes amortised refreshes. Those steps are synchronised before and after the optimizer
 step (to time it alone); each line then also gives the mean step of 40 more steps run the way
@@ -18,7 +19,8 @@ import torch, time, statistics, sys
 import scao_fx as sf
 torch.manual_seed(0)
 dev = "cuda"
-L, d = (int(sys.argv[1]), int(sys.argv[2])) if len(sys.argv) > 2 else (12, 768)  # LAYERS, D
+_dims = [int(a) for a in sys.argv[1:] if a.isdigit()]
+L, d = _dims[:2] if len(_dims) >= 2 else (12, 768)  # LAYERS, D from the command line
 T, B, V = 512, 8, 8192
 class Block(torch.nn.Module):
     def __init__(s):
@@ -42,6 +44,7 @@ def make(name, model):
     if name == "scao-fp32": return sf.SCAO(model.parameters(), lr=1e-3, warmup_steps=0, min_precond_updates=0, use_int8_ema=False)
     if name == "scao-sync": return sf.SCAO(model.parameters(), lr=1e-3, warmup_steps=0, min_precond_updates=0, host_sync=True)
     if name == "scao-noguard": return sf.SCAO(model.parameters(), lr=1e-3, warmup_steps=0, min_precond_updates=0, skip_nonfinite=False)
+    if name == "scao-bf16gram": return sf.SCAO(model.parameters(), lr=1e-3, warmup_steps=0, min_precond_updates=0, gram_precision="bfloat16")
 
 
 def loss_fn(model, x):
@@ -50,7 +53,7 @@ def loss_fn(model, x):
 
 if __name__ == "__main__":
     x = torch.randint(0, V, (B, T), device=dev)
-    for name in ["adamw", "sf.adamw", "scao", "scao-fp32", "scao-sync", "scao-noguard", "adamw"]:
+    for name in ["adamw", "sf.adamw", "scao", "scao-fp32", "scao-sync", "scao-noguard", "scao-bf16gram", "adamw"]:
         torch.manual_seed(0); model = GPT().to(dev); opt = make(name, model)
         torch.cuda.reset_peak_memory_stats()
         ts, os_ = [], []

@@ -326,6 +326,7 @@ def kronecker_precondition(
     grouped: bool = True,
     sides: str = "both",
     eigensolver: str = "auto",
+    gram_precision: str = "float32",
     process_group: Any = None,
 ) -> GradientTransformation:
     r"""Precondition matrix leaves by low-rank-plus-complement Kronecker factors.
@@ -353,6 +354,11 @@ def kronecker_precondition(
             decomposition every time), ``"subspace"`` (full at the first refresh, then one
             warm-started orthogonal iteration + Rayleigh-Ritz, :math:`O(d^2 k)`), or ``"auto"``
             (``"subspace"`` where the basis is narrower than the factor, else ``"eigh"``).
+        gram_precision: inputs of the per-step Gram products :math:`G G^\top`, :math:`G^\top G`
+            (the curvature statistics only; the preconditioned gradient is always float32):
+            ``"float32"`` or ``"bfloat16"`` (entries of :math:`G` rounded to bfloat16, relative
+            error :math:`\le 2^{-9}`, below the int8 statistics' block rounding; products summed
+            in float32; on CUDA on bfloat16 tensor cores). See ``docs/performance.md``.
         process_group: a ``torch.distributed`` process group over which refreshes are spread:
             each factor is decomposed by one owner rank and the results are broadcast (same
             result as ``None``, 1/world of the work per rank; every rank must call ``update``
@@ -386,6 +392,7 @@ def kronecker_precondition(
     tikhonov = check_float("tikhonov", tikhonov, low=0.0)
     side_mode = check_choice("sides", sides, ("both", "wide"))
     check_choice("eigensolver", eigensolver, ("auto", "eigh", "subspace"))
+    check_choice("gram_precision", gram_precision, ("float32", "bfloat16"))
     grouped = check_bool("grouped", grouped)
     process_group = check_process_group("process_group", process_group)
 
@@ -489,16 +496,14 @@ def kronecker_precondition(
                 )
             )
             seed = count * 64 + (2 * gi) % 64
+            gram_in = grads if gram_precision == "float32" else grads.to(torch.bfloat16)
             sides = []
-            for s, (side, dim, gram) in enumerate((
-                (gs.left, g.m, (lambda x: torch.matmul(x, x.transpose(-1, -2)))),
-                (gs.right, g.n, (lambda x: torch.matmul(x.transpose(-1, -2), x))),
-            )):
+            for s, (side, dim, left) in enumerate(((gs.left, g.m, True), (gs.right, g.n, False))):
                 if side is None:
                     sides.append(None)
                     continue
                 old = side
-                product = gram(grads).mul_(gram_scale[:, None, None])  # the Gram matrices of G itself
+                product = _gram(gram_in, left).mul_(gram_scale[:, None, None])  # the Gram matrices of G itself
                 stat = curvature.accumulate(side.stat, product, seed, inplace=inplace and not partial)
                 side = side._replace(stat=stat)
                 refresh = lambda sd, dim=dim: refresh_side(sd, count, dim, first)  # noqa: E731
@@ -539,6 +544,21 @@ def kronecker_precondition(
         return unflatten(spec, out), KroneckerPreconditionState(count, refreshes, tuple(new_groups))
 
     return GradientTransformation(init, update)
+
+
+def _gram(x: torch.Tensor, left: bool) -> torch.Tensor:
+    r"""Batched Gram matrices in float32: :math:`X X^\top` (``left``) or :math:`X^\top X`.
+
+    A bfloat16 ``x`` (``gram_precision="bfloat16"``) is multiplied as is with float32
+    accumulation and output: ``bmm(..., out_dtype=float32)`` (bfloat16 tensor cores) on CUDA,
+    the float32 product of its (exactly widened) entries elsewhere.
+    """
+    a, b = (x, x.transpose(-1, -2)) if left else (x.transpose(-1, -2), x)
+    if x.dtype == torch.float32:
+        return torch.matmul(a, b)
+    if x.is_cuda and not torch.compiler.is_compiling():
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.matmul(a.float(), b.float())
 
 
 def _pow2(e: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
