@@ -184,7 +184,7 @@ def _keep_absent(present: torch.Tensor, new: KroneckerSide, old: KroneckerSide) 
         if a.dim() == 0 or a.shape[0] != present.numel():  # not stacked (e.g. the empty fp32 scale)
             out.append(a)
             continue
-        mask = present.to(a.device).reshape(-1, *([1] * (a.dim() - 1)))
+        mask = present.to(a.device).reshape(-1, *([1] * (a.dim() - 1)))  # a no-op for the usual same device
         out.append(torch.where(mask, a, b))
     return _unpack(out)
 
@@ -487,6 +487,8 @@ def kronecker_precondition(
                 continue
             partial = not all(present)
             like = next(leaves[i] for i in g.indices if leaves[i] is not None)
+            # which stacked rows had an update: one small host-to-device copy per group, not per state tensor
+            present_rows = torch.tensor(present, device=like.device) if partial else None
             grads, gram_scale, unscale = _normalized(
                 torch.stack(
                     [
@@ -511,7 +513,7 @@ def kronecker_precondition(
                     refresh = lambda sd, own=owners[gi, s], local=refresh: _owner_refresh(sd, local, own, process_group)  # noqa: E731
                 side = _maybe_refresh(due, side, refresh)
                 if partial:
-                    side = _keep_absent(torch.tensor(present), side, old)
+                    side = _keep_absent(present_rows, side, old)
                 sides.append(side)
                 seed = seed + 1
             left, right = sides
