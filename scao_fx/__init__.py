@@ -10,15 +10,27 @@ Every optimizer is a ``GradientTransformation`` (torchopt's protocol) composed w
     params = sf.apply_updates(params, updates)
 """
 
-from . import schedules, transforms
+from . import precond, schedules, transforms
 from .alias import adam, adamw, scao, scao_precondition
 from .base import EmptyState, GradientTransformation
+from .codecs import Codec, EncodedTensor, bf16_codec, fp32_codec, int8_blockwise
 from .diagnostics import scao_diagnostics, summarize_diagnostics
-from .distributed import assign_owners, dcp_state_dict, gather_full, shard_like
-from .optim import SCAO, TransformOptimizer
+from .memory import memory_report, state_bytes
+from .optim import SCAO, TransformOptimizer, dcp_state_dict
+from .parallel import assign_owners, gather_full, shard_like
+from .precond import (
+    CurvatureEMA,
+    FactorStatistic,
+    KroneckerSide,
+    RankRule,
+    curvature_ema,
+    fixed_rank,
+    full_rank,
+    robust_eigh,
+    spectral_mass_rank,
+)
 from .transforms import *  # noqa: F401,F403  (re-export the transform families)
 from .transforms import __all__ as _transforms_all
-from .memory import memory_report, state_bytes
 from .update import apply_updates
 
 __version__ = "0.1.0"
@@ -41,7 +53,22 @@ __all__ = [
     "adamw",
     "scao",
     "scao_precondition",
+    "Codec",
+    "EncodedTensor",
+    "fp32_codec",
+    "bf16_codec",
+    "int8_blockwise",
     "schedules",
     "transforms",
+    "precond",
+    "CurvatureEMA",
+    "FactorStatistic",
+    "curvature_ema",
+    "RankRule",
+    "spectral_mass_rank",
+    "full_rank",
+    "fixed_rank",
+    "robust_eigh",
+    "KroneckerSide",
     *_transforms_all,
 ]

@@ -3,7 +3,7 @@
 Sub-commands:
 
 * ``bench``: the side-by-side optimizer benchmark on real text (see docs/benchmarks.md);
-* ``bench-kernels``: micro-benchmarks of the fused kernels (``scao_fx.kernels.bench``).
+* ``bench-kernels``: micro-benchmarks of the fused kernels (``scao_fx.bench.kernels``).
 """
 
 from __future__ import annotations
@@ -17,16 +17,16 @@ __all__ = ["main"]
 
 def _bench_kernels(argv: list[str]) -> int:
     try:
-        module = importlib.import_module("scao_fx.kernels.bench")
+        module = importlib.import_module("scao_fx.bench.kernels")
     except ModuleNotFoundError as exc:
-        if exc.name not in ("scao_fx.kernels.bench", "scao_fx.kernels"):
+        if exc.name not in ("scao_fx.bench.kernels", "scao_fx.kernels"):
             raise
-        print("scao-fx bench-kernels: the kernel benchmark (scao_fx.kernels.bench) is not part of this "
+        print("scao-fx bench-kernels: the kernel benchmark (scao_fx.bench.kernels) is not part of this "
               "installation yet", file=sys.stderr)
         return 2
     entry = getattr(module, "main", None)
     if entry is None:
-        print("scao-fx bench-kernels: scao_fx.kernels.bench has no main(argv)", file=sys.stderr)
+        print("scao-fx bench-kernels: scao_fx.bench.kernels has no main(argv)", file=sys.stderr)
         return 2
     rc = entry(argv)
     return int(rc or 0)

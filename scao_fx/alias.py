@@ -11,11 +11,11 @@ from .base import GradientTransformation
 from .transforms.adam import add_decayed_weights, scale_by_adam
 from .transforms.combinators import chain
 from .transforms.blend import blend_ramp
-from .transforms.curvature import curvature_ema
 from .transforms.finite import apply_if_finite
 from .transforms.kronecker import kronecker_precondition
-from .transforms.quantization import fp32_codec, int8_blockwise
-from .transforms.rank import spectral_mass_rank
+from .codecs import fp32_codec, int8_blockwise
+from .precond.curvature import curvature_ema
+from .precond.rank import spectral_mass_rank
 from .transforms.scale import scale_by_learning_rate
 
 __all__ = ["adam", "adamw", "scao_precondition", "scao"]

@@ -35,9 +35,9 @@ from ._tree import find_nodes
 from ._validation import check_choice, check_float, check_int
 from .transforms.adam import ScaleByAdamState
 from .transforms.blend import BlendRampState, blend_factor
-from .transforms.curvature import curvature_ema
+from .codecs import Codec, int8_blockwise
+from .precond.curvature import curvature_ema
 from .transforms.kronecker import KroneckerPreconditionState
-from .transforms.quantization import Codec, int8_blockwise
 
 __all__ = ["scao_diagnostics", "summarize_diagnostics", "DIAGNOSTIC_KEYS"]
 

@@ -68,15 +68,15 @@ def test_bench_kernels_delegates(monkeypatch, capsys):
     import types
 
     seen = {}
-    fake = types.ModuleType("scao_fx.kernels.bench")
+    fake = types.ModuleType("scao_fx.bench.kernels")
     fake.main = lambda argv: seen.setdefault("argv", argv) and 0
-    monkeypatch.setitem(sys.modules, "scao_fx.kernels.bench", fake)
+    monkeypatch.setitem(sys.modules, "scao_fx.bench.kernels", fake)
     assert main(["bench-kernels", "--size", "3", "--help-like"]) == 0
     assert seen["argv"] == ["--size", "3", "--help-like"]
 
 
 def test_bench_kernels_missing_is_a_clear_message(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "scao_fx.kernels.bench", None)  # import raises ModuleNotFoundError
+    monkeypatch.setitem(sys.modules, "scao_fx.bench.kernels", None)  # import raises ModuleNotFoundError
     assert main(["bench-kernels"]) == 2
     assert "not part of this installation" in capsys.readouterr().err
 

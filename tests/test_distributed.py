@@ -206,7 +206,7 @@ def run_refresh(tx) -> tuple[list, object]:
 
 
 def _refresh_worker(rank: int, tmp: str, eigensolver: str) -> dict:
-    import scao_fx.transforms.kronecker as kron
+    import scao_fx.precond.eigen as kron
 
     decomposed = []  # rows handed to eigh on this rank
     eigh = kron.robust_eigh
@@ -223,7 +223,7 @@ def _refresh_worker(rank: int, tmp: str, eigensolver: str) -> dict:
 @pytest.mark.parametrize("eigensolver", ["eigh", "subspace"])
 def test_distributed_refresh_equals_local_refresh(tmp_path, eigensolver, monkeypatch):
     ranks = launch(_refresh_worker, tmp_path, eigensolver)
-    import scao_fx.transforms.kronecker as kron
+    import scao_fx.precond.eigen as kron
 
     decomposed = []
     eigh = kron.robust_eigh

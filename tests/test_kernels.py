@@ -753,7 +753,7 @@ def test_triton_adam_bf16_moments_and_noncontiguous():
 def test_bench_quick_runs_and_writes_json(tmp_path, capsys):
     import json
 
-    from scao_fx.kernels import bench
+    from scao_fx.bench import kernels as bench
 
     path = tmp_path / "k.json"
     rc = bench.main(["--quick", "--device", "cpu", "--layers", "1", "--d-model", "32",
@@ -780,7 +780,7 @@ def test_bench_quick_runs_and_writes_json(tmp_path, capsys):
 def test_bench_whole_step_rows(tmp_path, capsys):
     import json
 
-    from scao_fx.kernels import bench
+    from scao_fx.bench import kernels as bench
 
     path = tmp_path / "s.json"
     rc = bench.main(["--quick", "--no-kernels", "--device", "cpu", "--layers", "1",
@@ -805,7 +805,7 @@ def test_bench_whole_step_rows(tmp_path, capsys):
 def test_bench_step_grouped_equals_loop():
     """Past the first refresh, one step grouped and per leaf gives the same parameters (fp32
     curvature: int8 curvature draws different stochastic-rounding streams per group)."""
-    from scao_fx.kernels.bench import _clone, model_params, scao_stepper
+    from scao_fx.bench.kernels import _clone, model_params, scao_stepper
 
     freq, cpu = 2, torch.device("cpu")
     p0, grads = model_params(1, 32, 64, cpu), model_params(1, 32, 64, cpu, seed=1)
@@ -826,7 +826,7 @@ def test_bench_step_grouped_equals_loop():
 
 
 def test_bench_model_groups_gpt2_medium():
-    from scao_fx.kernels.bench import model_groups
+    from scao_fx.bench.kernels import model_groups
 
     g = model_groups()
     assert g.factor_groups == {1024: 240, 4096: 48}

@@ -426,7 +426,7 @@ def test_bfloat16_gram_is_the_float32_gram_of_the_rounded_gradient():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_bfloat16_gram_uses_float32_accumulation():
-    from scao_fx.transforms.kronecker import _gram
+    from scao_fx.precond.kron import gram as _gram
 
     x = torch.randn(3, 300, 700, device="cuda").to(torch.bfloat16)
     for left in (True, False):
@@ -450,7 +450,7 @@ def test_subspace_solver_tracks_the_top_eigenpairs():
     factor = (q * spectrum) @ q.T
     basis = torch.zeros(1, 40, 5, dtype=F64)
     for _ in range(30):
-        vals, vecs, ok, rest = sf.transforms.kronecker.top_eigenpairs_subspace(factor[None], basis)
+        vals, vecs, ok, rest = sf.precond.top_eigenpairs_subspace(factor[None], basis)
         basis = vecs
     assert bool(ok.all())
     torch.testing.assert_close(vals[0], spectrum[:5], rtol=1e-6, atol=0)

@@ -525,12 +525,16 @@ BAD_ARGUMENTS["apply_if_finite"] = [
     (lambda: sf.apply_if_finite(sf.adam(), host_sync=1), TypeError, ["host_sync", "None, True or False", "1"]),
     (lambda: sf.apply_if_finite(sf.adam(), skip_overflow="yes"), TypeError, ["skip_overflow", "bool", "'yes'"]),
 ]
+BAD_ARGUMENTS["full_tensor_updates"] = [
+    (lambda: sf.full_tensor_updates("adam", callable), TypeError, ["inner", "GradientTransformation", "str"]),
+    (lambda: sf.full_tensor_updates(sf.adam(), True), TypeError, ["select", "callable", "True"]),
+]
 
 #: Public names that build nothing from hyperparameters: functions over data, state and record
 #: types, errors, modules.
 NOT_CONSTRUCTORS = {
     "apply_updates", "memory_report", "state_bytes", "scao_diagnostics", "summarize_diagnostics", "global_norm",
-    "blend_factor", "matrix_shape", "robust_eigh", "all_finite", "square_safe_bound", "skipped_steps", "schedules", "transforms",
+    "blend_factor", "matrix_shape", "robust_eigh", "all_finite", "square_safe_bound", "skipped_steps", "schedules", "transforms", "precond",
     "assign_owners", "gather_full", "shard_like", "dcp_state_dict",
 }
 

@@ -34,6 +34,7 @@ import torch
 
 from . import optimizers as optreg
 from .corpus import DEFAULT_CORPUS_BYTES, BatchStream, Corpus, build_corpus, sample_batch
+from .progress import Progress, synchronize
 from .metrics import PeakMemory, paired_differences, summarize_times, time_to_target
 from .model import GPT, GPTConfig, preset
 
@@ -134,9 +135,6 @@ class RunResult:
         return asdict(self)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Trainer:
@@ -195,15 +193,15 @@ class Trainer:
 
     def train_step(self) -> None:
         x, y = next(self.stream)
-        _sync(self.device)
+        synchronize(self.device)
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         _, loss = self.model(x, y)
         loss.backward()
-        _sync(self.device)
+        synchronize(self.device)
         t1 = time.perf_counter()
         self.optimizer.step()
-        _sync(self.device)
+        synchronize(self.device)
         t2 = time.perf_counter()
         self._step_times.append(t2 - t0)
         self._opt_times.append(t2 - t1)
@@ -250,27 +248,6 @@ class Trainer:
         return r
 
 
-class _Progress:
-    def __init__(self, enabled: bool, total: int, desc: str, position: int | None = None) -> None:
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-
-                self.bar = tqdm(total=total, desc=desc, unit="step", leave=True, dynamic_ncols=True, file=sys.stderr,
-                                position=position)
-            except ImportError:
-                self.bar = None
-
-    def update(self, n: int = 1, **postfix) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-            if postfix:
-                self.bar.set_postfix(postfix, refresh=False)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _start(trainer: Trainer) -> None:
@@ -302,7 +279,7 @@ def _run_trainers(make: list, cfg: BenchConfig, log) -> list[RunResult]:
             except Exception as exc:  # noqa: BLE001
                 log(f"  {label}: failed to start: {type(exc).__name__}: {exc}")
                 continue
-            bar = _Progress(cfg.progress, cfg.steps, label)
+            bar = Progress(cfg.progress, cfg.steps, label)
             _start(trainer)
             while not trainer.done:
                 _advance(trainer)
@@ -319,7 +296,7 @@ def _run_trainers(make: list, cfg: BenchConfig, log) -> list[RunResult]:
             trainers.append(build())
         except Exception as exc:  # noqa: BLE001
             log(f"  {label}: failed to start: {type(exc).__name__}: {exc}")
-    bars = [_Progress(cfg.progress, cfg.steps, f"{t.spec.name} lr={t.result.lr:.3g} seed={t.result.seed}", position=i)
+    bars = [Progress(cfg.progress, cfg.steps, f"{t.spec.name} lr={t.result.lr:.3g} seed={t.result.seed}", position=i)
             for i, t in enumerate(trainers)]
     for t in trainers:
         _start(t)
@@ -512,7 +489,7 @@ def _warm_up(model_cfg: GPTConfig, corpus: Corpus, device: torch.device, steps: 
         loss.backward()
     with torch.no_grad():
         model(x, y)
-    _sync(device)
+    synchronize(device)
     del model, stream
 
 

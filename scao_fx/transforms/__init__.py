@@ -5,12 +5,10 @@
 * :mod:`~scao_fx.transforms.adam`: ``scale_by_adam``, ``add_decayed_weights``.
 * :mod:`~scao_fx.transforms.scale`: ``scale``, ``scale_by_learning_rate``.
 * :mod:`~scao_fx.transforms.clipping`: ``clip_by_global_norm``.
-* :mod:`~scao_fx.transforms.quantization`: codecs (``int8_blockwise``, ``fp32_codec``,
-  ``bf16_codec``) and the ``quantize_state`` combinator.
-* :mod:`~scao_fx.transforms.curvature`: ``curvature_ema`` (Kronecker factor statistics).
-* :mod:`~scao_fx.transforms.rank`: rank rules (``spectral_mass_rank``, ``full_rank``,
-  ``fixed_rank``) and ``robust_eigh``.
-* :mod:`~scao_fx.transforms.kronecker`: ``kronecker_precondition``.
+* :mod:`~scao_fx.transforms.quantization`: the ``quantize_state`` combinator (codecs:
+  :mod:`scao_fx.codecs`).
+* :mod:`~scao_fx.transforms.kronecker`: ``kronecker_precondition`` (its parts: :mod:`scao_fx.precond`).
+* :mod:`~scao_fx.transforms.sharding`: ``full_tensor_updates`` (FSDP2 DTensor updates gathered whole).
 * :mod:`~scao_fx.transforms.blend`: the ``blend_ramp`` combinator.
 * :mod:`~scao_fx.transforms.finite`: the ``apply_if_finite`` combinator (skip non-finite steps).
 """
@@ -28,7 +26,6 @@ from .combinators import (
     partition,
 )
 from .blend import BlendRampState, blend_factor, blend_ramp
-from .curvature import CurvatureEMA, FactorStatistic, curvature_ema
 from .finite import (
     ApplyIfFiniteState,
     NonFiniteGradientError,
@@ -37,24 +34,9 @@ from .finite import (
     skipped_steps,
     square_safe_bound,
 )
-from .kronecker import (
-    KroneckerGroupState,
-    KroneckerPreconditionState,
-    KroneckerSide,
-    kronecker_precondition,
-    matrix_shape,
-)
-from .quantization import (
-    Codec,
-    EncodedTensor,
-    QuantizedState,
-    bf16_codec,
-    fp32_codec,
-    int8_adam_codecs,
-    int8_blockwise,
-    quantize_state,
-)
-from .rank import RankRule, fixed_rank, full_rank, robust_eigh, spectral_mass_rank
+from .kronecker import KroneckerGroupState, KroneckerPreconditionState, kronecker_precondition, matrix_shape
+from .quantization import QuantizedState, int8_adam_codecs, quantize_state
+from .sharding import full_tensor_updates
 from .scale import ScaleByScheduleState, scale, scale_by_learning_rate
 
 __all__ = [
@@ -74,27 +56,14 @@ __all__ = [
     "ScaleByScheduleState",
     "clip_by_global_norm",
     "global_norm",
-    "Codec",
-    "EncodedTensor",
     "QuantizedState",
-    "fp32_codec",
-    "bf16_codec",
-    "int8_blockwise",
     "quantize_state",
     "int8_adam_codecs",
-    "CurvatureEMA",
-    "FactorStatistic",
-    "curvature_ema",
-    "RankRule",
-    "spectral_mass_rank",
-    "full_rank",
-    "fixed_rank",
-    "robust_eigh",
     "kronecker_precondition",
     "KroneckerPreconditionState",
     "KroneckerGroupState",
-    "KroneckerSide",
     "matrix_shape",
+    "full_tensor_updates",
     "blend_ramp",
     "BlendRampState",
     "blend_factor",

@@ -41,7 +41,7 @@ import torch
 from .._tree import flatten, unflatten
 from .._validation import check_int
 from ..base import GradientTransformation, check_transform, increment, multi_tensor_ok, register_state, step_count
-from ..distributed import _all_ranks, _is_dtensor
+from ..parallel import all_ranks, is_dtensor
 
 __all__ = [
     "apply_if_finite",
@@ -116,9 +116,9 @@ def all_finite(tree: Any, *, overflow_safe: bool = False) -> torch.Tensor:
     # DTensors (FSDP2 shards): each rank checks its own shards and the ranks then agree (an
     # all-reduce of the flag); a max-reduction of sharded norms would drop a NaN. Bounds use the
     # global size.
-    sharded = [x for x in floats if _is_dtensor(x)]
+    sharded = [x for x in floats if is_dtensor(x)]
     checked = [
-        (x.to_local() if _is_dtensor(x) else x, square_safe_bound(x) if overflow_safe else math.inf) for x in floats
+        (x.to_local() if is_dtensor(x) else x, square_safe_bound(x) if overflow_safe else math.inf) for x in floats
     ]
     checked = [(x, bound) for x, bound in checked if x.numel() > 0]
     if not checked:  # integer tensors are always finite
@@ -143,7 +143,7 @@ def all_finite(tree: Any, *, overflow_safe: bool = False) -> torch.Tensor:
             ok = torch.isfinite(stacked) & (stacked <= 1.0) if overflow_safe else torch.isfinite(stacked)
             oks.append(ok.all().to(device))
         flag = oks[0] if len(oks) == 1 else torch.stack(oks).all()
-    return _all_ranks(flag, sharded) if sharded else flag
+    return all_ranks(flag, sharded) if sharded else flag
 
 
 #: The verdict set by :func:`_shared_finite_flag` (a plain global, not a ``ContextVar``, which

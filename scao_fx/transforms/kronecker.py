@@ -9,13 +9,17 @@ viewed as ``(shape[0], prod(shape[1:]))``, e.g. conv weights as ``(out, in*kh*kw
 
 where :math:`U_k, s_k` are the top-``k`` eigenpairs of the Tikhonov-regularised, debiased
 curvature factor (:math:`L + \epsilon I`, :math:`\epsilon = \max(\text{tiny},\ 10^{-4}\,\mathrm{tr}(L)/m)`),
-``k`` comes from a :class:`~scao_fx.transforms.rank.RankRule` and :math:`\bar s_{tail}` is the
+``k`` comes from a :class:`~scao_fx.precond.rank.RankRule` and :math:`\bar s_{tail}` is the
 mean of the discarded eigenvalues. No gradient direction is dropped and none keeps an
 arbitrary gain of 1; with ``k = dim`` this is exactly :math:`L^{-1/4} G R^{-1/4}`.
 
 Every ``precond_freq`` steps the bases are refreshed (batched ``eigh`` per shape group, float32
 with a float64 retry, last good basis kept on failure); the other steps are pure tensor code.
 Leaves of equal matrix shape, dtype and device are stacked and processed together.
+
+This module is the plumbing (plan the shape groups, stack, accumulate, refresh when due, apply,
+scatter back); the math is in :mod:`scao_fx.precond.kron`, :mod:`scao_fx.precond.eigen`,
+:mod:`scao_fx.precond.curvature` and :mod:`scao_fx.precond.rank`.
 
 Sides: a side longer than ``max_precond_dim`` (or of length 1) is not preconditioned
 (one-sided); leaves with no preconditioned side (0-d/1-d, or both sides too long) pass through.
@@ -25,6 +29,7 @@ gets ``None`` back and its statistics and basis are left exactly as they were.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Sequence
@@ -33,46 +38,29 @@ import torch
 
 from .._tree import flatten, unflatten
 from .._validation import check_bool, check_choice, check_float, check_int
-from ..distributed import _is_dtensor, _owner_refresh, assign_owners, check_process_group, gather_full, shard_like
 from ..base import GradientTransformation, increment, register_state, step_count
-from .curvature import CurvatureEMA, FactorStatistic, curvature_ema
-from .quantization import EncodedTensor
-from .rank import RankRule, robust_eigh, spectral_mass_rank
+from ..codecs import EncodedTensor
+from ..parallel import assign_owners, check_process_group, owner_refresh
+from ..precond.curvature import CurvatureEMA, FactorStatistic, curvature_ema
+from ..precond.kron import (
+    KroneckerSide,
+    apply_left,
+    apply_right,
+    graft_factor,
+    gram,
+    init_side,
+    normalize,
+    refresh_side,
+)
+from ..precond.rank import RankRule, spectral_mass_rank
+from .sharding import full_tensor_updates
 
 __all__ = [
     "kronecker_precondition",
     "KroneckerPreconditionState",
     "KroneckerGroupState",
-    "KroneckerSide",
     "matrix_shape",
-    "top_eigenpairs_exact",
-    "top_eigenpairs_subspace",
-    "TIKHONOV_FLOOR",
 ]
-
-#: Absolute floor of the Tikhonov term, only reached by an all-zero factor.
-TIKHONOV_FLOOR = 1e-30
-
-
-@register_state
-class KroneckerSide(NamedTuple):
-    """One preconditioned side of a shape group (``B`` stacked ``d x d`` factors).
-
-    Attributes:
-        stat: the curvature EMA (:class:`~scao_fx.transforms.curvature.FactorStatistic`).
-        basis: ``(B, d, cap)`` float32 eigenvectors (zero before the first refresh).
-        coef: ``(B, cap)`` float32 :math:`s^{-1/4} - c` on kept directions, 0 past ``k``.
-        tail: ``(B,)`` float32 complement gain ``c`` (1 before the first refresh).
-        rank: ``(B,)`` int64 kept rank ``k``.
-        fallbacks: ``(B,)`` int64 number of refreshes that kept the previous basis.
-    """
-
-    stat: FactorStatistic
-    basis: torch.Tensor
-    coef: torch.Tensor
-    tail: torch.Tensor
-    rank: torch.Tensor
-    fallbacks: torch.Tensor
 
 
 @register_state
@@ -210,70 +198,6 @@ def _check_plan(plan: list[_Group], groups: tuple) -> None:
         )
 
 
-def _apply_left(side: KroneckerSide, g: torch.Tensor) -> torch.Tensor:
-    """:math:`A G` for ``g`` of shape ``(B, d, n)``."""
-    t = torch.matmul(side.basis.transpose(-1, -2), g) * side.coef[..., None]
-    return torch.baddbmm(g * side.tail[:, None, None], side.basis, t)
-
-
-def _apply_right(side: KroneckerSide, g: torch.Tensor) -> torch.Tensor:
-    """:math:`G A` for ``g`` of shape ``(B, m, d)``."""
-    t = torch.matmul(g, side.basis) * side.coef[:, None, :]
-    return torch.baddbmm(g * side.tail[:, None, None], t, side.basis.transpose(-1, -2))
-
-
-def _branch(pred: torch.Tensor, true_fn: Callable, false_fn: Callable, operands: tuple) -> tuple:
-    """``true_fn(*operands) if pred else false_fn(*operands)`` for a CPU bool tensor ``pred``.
-
-    Eager: a Python branch (no device sync). Under ``torch.compile``: ``torch.cond``. Both
-    functions return tuples of fresh tensors of the same shapes.
-    """
-    if torch.compiler.is_compiling():
-        return torch.cond(pred, true_fn, false_fn, operands)
-    return true_fn(*operands) if bool(pred) else false_fn(*operands)
-
-
-def top_eigenpairs_exact(factor: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Top ``cap = basis.shape[-1]`` eigenpairs of a stack of symmetric factors by a full ``eigh``.
-
-    Returns ``(values (B, cap) decreasing, vectors (B, d, cap), ok (B,), rest (B, d - cap))``
-    where ``rest`` holds the remaining eigenvalues.
-    """
-    cap = basis.shape[-1]
-    vals, vecs, ok = robust_eigh(factor)
-    return _dense(vals[:, :cap]), _dense(vecs[..., :cap]), ok, _dense(vals[:, cap:])
-
-
-def _dense(x: torch.Tensor) -> torch.Tensor:
-    """A copy with standard strides (``contiguous()`` keeps odd strides of size-1 dims, which
-    ``torch.cond`` rejects when its two branches disagree)."""
-    return x.clone(memory_format=torch.contiguous_format)
-
-
-def top_eigenpairs_subspace(factor: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    r"""Top eigenpairs by one step of orthogonal iteration warm-started at ``basis``, then Rayleigh-Ritz.
-
-    :math:`Q = \mathrm{qr}(F U_{prev})`, :math:`Q^\top F Q = W \Lambda W^\top`, :math:`U = Q W`.
-    Costs :math:`O(d^2 k)` instead of the :math:`O(d^3)` of a full ``eigh``; repeated at every
-    refresh it tracks the leading subspace as the factor drifts (the previous basis is already
-    close). Columns of a never-computed (all-zero) basis start from identity columns. The
-    remaining ``d - cap`` eigenvalues are not computed: ``rest`` spreads the remaining trace
-    evenly over them.
-    """
-    d, cap = basis.shape[-2], basis.shape[-1]
-    start = torch.eye(d, cap, device=basis.device, dtype=factor.dtype).expand_as(basis)
-    empty = (basis.abs().sum(dim=(-2, -1)) == 0)[:, None, None]
-    u0 = torch.where(empty, start, basis.to(factor.dtype))
-    q, _ = torch.linalg.qr(torch.matmul(factor, u0))
-    h = torch.matmul(q.transpose(-1, -2), torch.matmul(factor, q))
-    vals, w, ok = robust_eigh(0.5 * (h + h.transpose(-1, -2)))
-    vals, vecs = vals.to(factor.dtype), torch.matmul(q, w.to(q.dtype))
-    ok = ok & torch.isfinite(vecs).flatten(1).all(-1)
-    remaining = torch.diagonal(factor, dim1=-2, dim2=-1).sum(-1) - vals.sum(-1)
-    rest = (remaining / max(d - cap, 1))[:, None].expand(-1, d - cap)
-    return _dense(vals), _dense(vecs), ok, _dense(rest)
-
-
 def _maybe_refresh(due: torch.Tensor, side: KroneckerSide, refresh: Callable[[KroneckerSide], KroneckerSide]) -> KroneckerSide:
     """``refresh(side) if due else side`` with ``due`` a CPU bool tensor.
 
@@ -297,7 +221,48 @@ def _maybe_refresh(due: torch.Tensor, side: KroneckerSide, refresh: Callable[[Kr
 def _refresh_owners(groups: tuple, world: int) -> dict[tuple[int, int], list[int]]:
     """Owner rank of every stacked factor: ``{(group, side 0 left / 1 right): [owner per row]}``.
 
-    Costs :math:`d^3` per ``d x d`` factor, balanced by :func:`~scao_fx.distributed.assign_owners`.
+    Costs :math:`d^3` per ``d x d`` factor, balanced by :func:`~scao_fx.parallel.assign_owners`.
+    Read from the state's shapes only, so every rank computes the same assignment.
+    """
+    keys, costs = [], []
+    for gi, gs in enumerate(groups):
+        for s, side in enumerate((gs.left, gs.right)):
+            if side is not None:
+                batch, dim = side.basis.shape[0], side.basis.shape[-2]
+                keys += [(gi, s)] * batch
+                costs += [float(dim) ** 3] * batch
+    out: dict[tuple[int, int], list[int]] = {}
+    for key, owner in zip(keys, assign_owners(costs, world)):
+        out.setdefault(key, []).append(owner)
+    return out
+
+
+def _local_refreshes(groups: tuple, due: torch.Tensor) -> Callable:
+    """The refresh executor of one process: every factor is refreshed here."""
+    return lambda gi, s, refresh: refresh
+
+
+def _owner_refreshes(process_group: Any) -> Callable:
+    """The refresh executor over ``process_group``: each factor is refreshed by its owner rank
+    and broadcast (:func:`~scao_fx.parallel.owner_refresh`); owners are assigned per due step."""
+
+    def executor(groups: tuple, due: torch.Tensor) -> Callable:
+        if torch.compiler.is_compiling():
+            raise NotImplementedError("kronecker_precondition(process_group=...) runs eagerly; do not torch.compile its update")
+        if not bool(due):  # a CPU tensor: no device sync
+            return _local_refreshes(groups, due)
+        owners = _refresh_owners(groups, torch.distributed.get_world_size(process_group))
+        return lambda gi, s, refresh: functools.partial(
+            owner_refresh, refresh=refresh, owners=owners[gi, s], group=process_group
+        )
+
+    return executor
+
+
+def _refresh_owners(groups: tuple, world: int) -> dict[tuple[int, int], list[int]]:
+    """Owner rank of every stacked factor: ``{(group, side 0 left / 1 right): [owner per row]}``.
+
+    Costs :math:`d^3` per ``d x d`` factor, balanced by :func:`~scao_fx.parallel.assign_owners`.
     Read from the state's shapes only, so every rank computes the same assignment.
     """
     keys, costs = [], []
@@ -363,7 +328,7 @@ def kronecker_precondition(
             each factor is decomposed by one owner rank and the results are broadcast (same
             result as ``None``, 1/world of the work per rank; every rank must call ``update``
             with the same leaves present). ``None``: every process refreshes everything itself.
-            See :mod:`scao_fx.distributed`.
+            See :mod:`scao_fx.parallel`.
 
     DTensor updates (FSDP2's sharded gradients) are all-gathered per preconditioned matrix,
     preconditioned in full and returned as this rank's shard (see ``docs/distributed.md``).
@@ -376,6 +341,7 @@ def kronecker_precondition(
         >>> import scao_fx as sf
         >>> tx = sf.kronecker_precondition(rank=sf.full_rank(), curvature=sf.curvature_ema(0.99))
     """
+
     curvature = curvature_ema() if curvature is None else curvature
     rank = spectral_mass_rank() if rank is None else rank
     if not isinstance(curvature, CurvatureEMA):
@@ -395,17 +361,7 @@ def kronecker_precondition(
     check_choice("gram_precision", gram_precision, ("float32", "bfloat16"))
     grouped = check_bool("grouped", grouped)
     process_group = check_process_group("process_group", process_group)
-
-    def init_side(batch: int, dim: int, device) -> KroneckerSide:
-        cap = rank.capacity(dim)
-        return KroneckerSide(
-            stat=curvature.init(batch, dim, device),
-            basis=torch.zeros(batch, dim, cap, device=device),
-            coef=torch.zeros(batch, cap, device=device),
-            tail=torch.ones(batch, device=device),
-            rank=torch.zeros(batch, dtype=torch.int64, device=device),
-            fallbacks=torch.zeros(batch, dtype=torch.int64, device=device),
-        )
+    executor = _local_refreshes if process_group is None else _owner_refreshes(process_group)
 
     def init(params):
         leaves, _ = flatten(params)
@@ -416,51 +372,16 @@ def kronecker_precondition(
             groups.append(
                 KroneckerGroupState(
                     leaves=torch.tensor(g.indices, dtype=torch.int64),
-                    left=init_side(b, g.m, dev) if g.left else None,
-                    right=init_side(b, g.n, dev) if g.right else None,
+                    left=init_side(curvature, rank, b, g.m, dev) if g.left else None,
+                    right=init_side(curvature, rank, b, g.n, dev) if g.right else None,
                 )
             )
         return KroneckerPreconditionState(step_count(), step_count(), tuple(groups))
 
-    def refresh_side(side: KroneckerSide, count: torch.Tensor, dim: int, first: torch.Tensor) -> KroneckerSide:
+    def refresh(side: KroneckerSide, count: torch.Tensor, dim: int, first: torch.Tensor) -> KroneckerSide:
         factor = curvature.factor(side.stat, count, dim)
-        trace = torch.diagonal(factor, dim1=-2, dim2=-1).sum(-1)
-        eps = torch.clamp(tikhonov * trace / dim, min=TIKHONOV_FLOOR)
-        eye = torch.eye(dim, device=factor.device, dtype=factor.dtype)
-        reg = factor + eps[:, None, None] * eye
-        cap = rank.capacity(dim)
-        if eigensolver == "eigh" or (eigensolver == "auto" and cap == dim):
-            vals, vecs, ok, rest = top_eigenpairs_exact(reg, side.basis)
-        else:
-            vals, vecs, ok, rest = _branch(first, top_eigenpairs_exact, top_eigenpairs_subspace, (reg, side.basis))
-        # The full regularised spectrum, each eigenvalue floored at eps (an int8-decoded factor can
-        # be slightly indefinite): the ``cap`` computed values, then the rest (exact, or the
-        # remaining trace spread evenly by the subspace solver). Past ``cap`` only sums matter.
-        s_all = torch.maximum(torch.cat([vals, rest], dim=-1), eps[:, None])
-        s = s_all[:, :cap]
-        k = rank.select(s_all - eps[:, None])
-        idx = torch.arange(dim, device=s.device)
-        if complement == "none":
-            c = torch.zeros_like(eps)
-        elif complement == "kth":
-            c = s.gather(-1, (k - 1).clamp(min=0)[:, None]).squeeze(-1) ** -0.25
-        else:
-            tail_mask = idx[None, :] >= k[:, None]
-            n_tail = tail_mask.sum(-1)
-            mean_tail = (s_all * tail_mask).sum(-1) / n_tail.clamp(min=1)
-            c = torch.where(n_tail > 0, mean_tail, s_all[:, -1]) ** -0.25
-        idx = idx[:cap]
-        keep = idx[None, :] < k[:, None]
-        coef = torch.where(keep, s ** -0.25 - c[:, None], torch.zeros_like(s))
-        okb = ok[:, None]
-        return KroneckerSide(
-            stat=side.stat,
-            basis=torch.where(ok[:, None, None], vecs, side.basis).contiguous(),
-            coef=torch.where(okb, coef, side.coef).contiguous(),
-            tail=torch.where(ok, c.to(side.tail.dtype), side.tail).contiguous(),
-            rank=torch.where(ok, k, side.rank).contiguous(),
-            fallbacks=side.fallbacks + (~ok).to(torch.int64),
-        )
+        return refresh_side(side, factor, first, rank=rank, tikhonov=tikhonov, complement=complement,
+                            eigensolver=eigensolver)
 
     def update(updates, state, *, params=None, inplace=True):
         leaves, spec = flatten(updates)
@@ -468,16 +389,7 @@ def kronecker_precondition(
         count = increment(state.count)
         due = (count % precond_freq) == 0
         first = state.refreshes == 0
-        owners = None
-        if process_group is not None:
-            if torch.compiler.is_compiling():
-                raise NotImplementedError("kronecker_precondition(process_group=...) runs eagerly; do not torch.compile its update")
-            if bool(due):  # a CPU tensor: no device sync
-                owners = _refresh_owners(state.groups, torch.distributed.get_world_size(process_group))
-        # FSDP2: DTensor gradients of preconditioned matrices are gathered whole (all-gather).
-        sharded = {i: leaves[i] for g in plan for i in g.indices if _is_dtensor(leaves[i])}
-        if sharded:
-            leaves = [gather_full(x) if i in sharded else x for i, x in enumerate(leaves)]
+        run_refresh = executor(state.groups, due)
         out = list(leaves)
         new_groups = []
         for gi, (g, gs) in enumerate(zip(plan, state.groups)):
@@ -489,7 +401,7 @@ def kronecker_precondition(
             like = next(leaves[i] for i in g.indices if leaves[i] is not None)
             # which stacked rows had an update: one small host-to-device copy per group, not per state tensor
             present_rows = torch.tensor(present, device=like.device) if partial else None
-            grads, gram_scale, unscale = _normalized(
+            grads, gram_scale, unscale = normalize(
                 torch.stack(
                     [
                         (leaves[i] if leaves[i] is not None else torch.zeros_like(like)).reshape(g.m, g.n)
@@ -505,13 +417,11 @@ def kronecker_precondition(
                     sides.append(None)
                     continue
                 old = side
-                product = _gram(gram_in, left).mul_(gram_scale[:, None, None])  # the Gram matrices of G itself
+                product = gram(gram_in, left).mul_(gram_scale[:, None, None])  # the Gram matrices of G itself
                 stat = curvature.accumulate(side.stat, product, seed, inplace=inplace and not partial)
                 side = side._replace(stat=stat)
-                refresh = lambda sd, dim=dim: refresh_side(sd, count, dim, first)  # noqa: E731
-                if owners is not None:
-                    refresh = lambda sd, own=owners[gi, s], local=refresh: _owner_refresh(sd, local, own, process_group)  # noqa: E731
-                side = _maybe_refresh(due, side, refresh)
+                local = functools.partial(refresh, count=count, dim=dim, first=first)
+                side = _maybe_refresh(due, side, run_refresh(gi, s, local))
                 if partial:
                     side = _keep_absent(present_rows, side, old)
                 sides.append(side)
@@ -519,17 +429,10 @@ def kronecker_precondition(
             left, right = sides
             pg = grads
             if left is not None:
-                pg = _apply_left(left, pg)
+                pg = apply_left(left, pg)
             if right is not None:
-                pg = _apply_right(right, pg)
-            gnorm = torch.linalg.matrix_norm(grads)
-            pnorm = torch.linalg.matrix_norm(pg)
-            safe_p = torch.where(pnorm > 0, pnorm, torch.ones_like(pnorm))
-            factor = None
-            if graft == "frobenius":
-                factor = gnorm / safe_p
-            elif tau is not None:
-                factor = torch.clamp(tau * gnorm / safe_p, max=1.0)
+                pg = apply_right(right, pg)
+            factor = graft_factor(grads, pg, graft, tau)
             if unscale.dtype == torch.float32:  # undo the normalization in the same multiply
                 factor = unscale if factor is None else factor * unscale
             if factor is not None:
@@ -540,67 +443,13 @@ def kronecker_precondition(
                 if leaves[i] is not None:
                     out[i] = pg[j].reshape(leaves[i].shape).to(leaves[i].dtype)
             new_groups.append(KroneckerGroupState(gs.leaves, left, right))
-        for i, like in sharded.items():
-            out[i] = shard_like(out[i], like) if out[i] is not None else None
         refreshes = state.refreshes + due.to(torch.int64)
         return unflatten(spec, out), KroneckerPreconditionState(count, refreshes, tuple(new_groups))
 
-    return GradientTransformation(init, update)
+    def preconditioned(leaf: Any) -> bool:  # the leaves whose DTensor updates are gathered whole
+        return bool(_plan([leaf], max_precond_dim, False, side_mode))
 
-
-def _gram(x: torch.Tensor, left: bool) -> torch.Tensor:
-    r"""Batched Gram matrices in float32: :math:`X X^\top` (``left``) or :math:`X^\top X`.
-
-    A bfloat16 ``x`` (``gram_precision="bfloat16"``) is multiplied as is with float32
-    accumulation and output: ``bmm(..., out_dtype=float32)`` (bfloat16 tensor cores) on CUDA,
-    the float32 product of its (exactly widened) entries elsewhere.
-    """
-    a, b = (x, x.transpose(-1, -2)) if left else (x.transpose(-1, -2), x)
-    if x.dtype == torch.float32:
-        return torch.matmul(a, b)
-    if x.is_cuda and not torch.compiler.is_compiling():
-        return torch.bmm(a, b, out_dtype=torch.float32)
-    return torch.matmul(a.float(), b.float())
-
-
-def _pow2(e: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``2 ** e`` built from its bits (exact), for integers ``e`` in ``dtype``'s normal range."""
-    if dtype == torch.float64:
-        return ((e.to(torch.int64) + 1023) << 52).view(torch.float64)
-    return ((e.to(torch.int32) + 127) << 23).view(torch.float32)
-
-
-def _normalized(stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    r"""Scale each stacked gradient by a power of two near its largest entry, as float32.
-
-    The preconditioner is linear in :math:`G` and the graft is scale-free, so the work runs on
-    :math:`\hat G = G / 2^e` and the result is multiplied back by :math:`2^e` (exact: a power of
-    two; in float64 for float64 leaves); the Gram matrices are :math:`\hat G \hat G^\top 4^e`,
-    again exact. Bit for bit the same as working on :math:`G` in the usual range, but a gradient
-    of 1e30 (float32) or 1e300 (float64) no longer overflows float32 intermediates (norms,
-    products) into inf/NaN. A float32 ``stack`` is scaled in place (it is a fresh stack), so no
-    copy of the gradients is made.
-
-    Returns ``(G / 2^e as float32, per-leaf 4^e as float32 to scale the Gram matrices by (zero
-    for a leaf whose Gram matrix would overflow float32: it then adds nothing to the curvature
-    statistics), per-leaf 2^e (float32, or float64 for float64 leaves))``.
-    """
-    amax = torch.linalg.vector_norm(stack.detach(), ord=math.inf, dim=(-2, -1)).to(torch.float64)
-    e = torch.frexp(torch.where(torch.isfinite(amax), amax, torch.zeros_like(amax)))[1].to(torch.int64)
-    if stack.dtype == torch.float64:
-        e = e.clamp(-1000, 1000)
-        normalized = (stack * _pow2(-e, torch.float64)[:, None, None]).to(torch.float32)
-        unscale = _pow2(e, torch.float64)
-    else:  # float32 (and narrower) values lie within 2^[-149, 128]: one float32 factor suffices
-        e = e.clamp(-100, 100)
-        down = _pow2(-e, torch.float32)[:, None, None]
-        # in place for a float32 stack; bf16/fp16 promote to a new float32 tensor
-        normalized = stack.mul_(down) if stack.dtype == torch.float32 else stack * down
-        unscale = _pow2(e, torch.float32)
-    # |entries of G G^T| <= max(m, n) 4^e: keep the Gram matrices where that fits float32.
-    fits = 2 * e + math.ceil(math.log2(max(stack.shape[-2:]))) <= 127
-    up = torch.where(fits, _pow2(torch.where(fits, e, 0).clamp(-100, 100), torch.float32), 0.0)
-    return normalized, up * up, unscale
+    return full_tensor_updates(GradientTransformation(init, update), preconditioned)
 
 
 def _pack(side: KroneckerSide) -> tuple:

@@ -1,6 +1,6 @@
 """Kernel benchmark: time and achieved bandwidth of every kernel, reference vs Triton.
 
-Run ``python -m scao_fx.kernels.bench`` (or ``scao-fx bench-kernels``). For each kernel and
+Run ``python -m scao_fx.bench.kernels`` (or ``scao-fx bench-kernels``). For each kernel and
 each shape group of a GPT-2-medium-like model (24 layers, d_model 1024, MLP 4096: Kronecker
 factors of 1024x1024 and 4096x4096 stacked per shape, parameters of 1024x1024, 1024x4096 and
 4096x1024 stacked per shape) it reports the median time, the bytes the kernel must move, the
@@ -35,9 +35,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from . import _dispatch
-from . import adam_epilogue, dequantize_blockwise, int8_ema_update, quantize_blockwise
-from ._common import n_blocks
+from ..kernels import _dispatch
+from ..kernels import adam_epilogue, dequantize_blockwise, int8_ema_update, quantize_blockwise
+from ..kernels._common import n_blocks
+from .progress import Progress, Timer
 
 __all__ = ["main", "model_groups", "model_params", "measure_copy_bandwidth", "BenchResult",
            "scao_stepper", "time_steps"]
@@ -109,36 +110,9 @@ def model_params(layers: int, d_model: int, d_mlp: int, device: torch.device,
             for i in range(layers)}
 
 
-class _Timer:
-    def __init__(self, device: torch.device, warmup: int, repeats: int):
-        self.device, self.warmup, self.repeats = device, warmup, repeats
-
-    def once(self, fn: Callable[[], object]) -> float:
-        """Milliseconds of one ``fn()``: between CUDA events (waited for) or by ``perf_counter``."""
-        if self.device.type == "cuda":
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-
-    def __call__(self, fn: Callable[[], object]) -> float:
-        """Median milliseconds of ``fn()`` (the minimum is kept in ``self.last_min``)."""
-        for _ in range(self.warmup):
-            fn()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        times = [self.once(fn) for _ in range(self.repeats)]
-        self.last_min = min(times)
-        return statistics.median(times)
 
 
-def measure_copy_bandwidth(device: torch.device, nbytes: int, timer: _Timer) -> float:
+def measure_copy_bandwidth(device: torch.device, nbytes: int, timer: Timer) -> float:
     """GB/s of ``dst.copy_(src)`` on a ``nbytes`` float32 tensor (read + write counted)."""
     n = nbytes // 4
     src = torch.randn(n, device=device) if device.type == "cuda" else torch.rand(n)
@@ -161,7 +135,7 @@ def _oom_types():
 
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
-    timer = _Timer(device, args.warmup, args.repeats)
+    timer = Timer(device, args.warmup, args.repeats)
     bs = args.block_size
 
     backends: List[str] = []
@@ -251,7 +225,7 @@ def _kernel_section(args: argparse.Namespace, device: torch.device, backends: Li
     def configure(kind: str, size):
         if size is None:
             return
-        from . import _triton
+        from ..kernels import _triton
 
         if kind == "codec":
             _triton.CODEC_TILE = size
@@ -410,7 +384,7 @@ def _kernels_env(backend: str):
 
 
 def time_steps(steps: Dict[str, Callable[[], None]], *, precond_freq: int, windows: int,
-               timer: _Timer, tick: Callable[[], object] = lambda: None) -> Dict[str, List[float]]:
+               timer: Timer, tick: Callable[[], object] = lambda: None) -> Dict[str, List[float]]:
     """Milliseconds of each step of ``windows`` refresh windows (``precond_freq`` steps, the last
     one a refresh) per stepper, after ``precond_freq`` untimed steps that end with the first
     refresh (a full eigendecomposition). The steppers take turns step by step, so a change of
@@ -440,9 +414,8 @@ def _step_rows(times: Sequence[float], precond_freq: int) -> List[tuple]:
 
 
 def _step_section(args: argparse.Namespace, device: torch.device, backends: List[str],
-                  timer: _Timer, emit: Callable[[BenchResult], None]) -> dict:
+                  timer: Timer, emit: Callable[[BenchResult], None]) -> dict:
     """Whole optimizer step, grouped vs per-leaf loop, per backend (Triton only on CUDA)."""
-    from ..bench.runner import _Progress
 
     layers, freq, windows = args.step_layers, args.step_precond_freq, args.step_windows
     backends = [b for b in backends if b == "reference" or device.type == "cuda"]
@@ -456,7 +429,7 @@ def _step_section(args: argparse.Namespace, device: torch.device, backends: List
     print(f"# whole step: sf.scao grouped vs per-leaf loop; layers {layers}, d_model "
           f"{args.d_model}, MLP {args.d_mlp}, {len(leaves)} leaves, {numel} parameters; "
           f"{note}", flush=True)
-    bar = _Progress(args.progress, len(backends) * len(modes) * (windows + 1) * freq,
+    bar = Progress(args.progress, len(backends) * len(modes) * (windows + 1) * freq,
                     "scao step")
     info: dict = {"layers": layers, "leaves": len(leaves), "params": numel,
                   "precond_freq": freq, "windows": windows}
@@ -617,7 +590,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.perf_counter()
     saved = None
     if args.codec_tiles or args.adam_blocks:
-        from . import _triton
+        from ..kernels import _triton
 
         saved = (_triton.CODEC_TILE, _triton.ADAM_BLOCK)
     try:

@@ -1,4 +1,4 @@
-r"""Adaptive rank truncation: robust eigendecomposition and rank rules.
+r"""Adaptive rank truncation: rank rules.
 
 A rank rule maps the eigenvalues of a (stack of) Kronecker factors, sorted in decreasing order,
 to the number ``k`` of eigen-directions to keep, as an int64 tensor (one ``k`` per stacked
@@ -10,8 +10,7 @@ factor). Rules never produce data-dependent shapes: the basis keeps a fixed widt
 * :func:`full_rank` — keep every direction (``k = dim``): exact :math:`L^{-1/4}`.
 * :func:`fixed_rank` — always ``min(k, dim)``.
 
-:func:`robust_eigh` computes the decomposition in float32, retries in float64 when the result
-is not finite, and reports which factors failed both so the caller keeps their last good basis.
+The eigendecompositions they read come from :mod:`scao_fx.precond.eigen`.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import torch
 
 from .._validation import check_float, check_int
 
-__all__ = ["RankRule", "spectral_mass_rank", "full_rank", "fixed_rank", "robust_eigh"]
+__all__ = ["RankRule", "spectral_mass_rank", "full_rank", "fixed_rank"]
 
 
 @dataclass(frozen=True)
@@ -129,59 +128,3 @@ def fixed_rank(k: int) -> RankRule:
     """
     k = check_int("k", k, low=1)
     return RankRule(epsilon=0.0, k_min=k, k_max=k, adaptive=False)
-
-
-def _finite_rows(*tensors: torch.Tensor, lead: int) -> torch.Tensor:
-    ok = None
-    for t in tensors:
-        f = torch.isfinite(t).flatten(lead).all(-1)
-        ok = f if ok is None else ok & f
-    return ok
-
-
-def robust_eigh(factors: torch.Tensor, *, retry_float64: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Batched symmetric eigendecomposition that never raises and never returns non-finite values.
-
-    Computes ``eigh`` in float32; factors whose result is not finite (or whose input is not)
-    are retried in float64 when ``retry_float64`` (eager mode only: the retry needs a host
-    decision). Factors that fail both are reported in ``ok`` and their outputs are zeroed, so the
-    caller can keep its last good basis with ``torch.where``.
-
-    Example:
-        >>> import torch, scao_fx as sf
-        >>> vals, vecs, ok = sf.robust_eigh(torch.diag(torch.tensor([1.0, 3.0]))[None])
-        >>> vals, bool(ok)
-        (tensor([[3., 1.]]), True)
-
-    Args:
-        factors: ``(..., d, d)`` symmetric matrices.
-        retry_float64: retry failures in float64.
-
-    Returns:
-        ``(eigvals, eigvecs, ok)``: eigenvalues ``(..., d)`` in *decreasing* order, eigenvectors
-        ``(..., d, d)`` as columns, and a bool ``(...)`` tensor, False where both attempts failed.
-    """
-    lead = factors.dim() - 2
-    x = factors.to(torch.float32)
-    finite_in = _finite_rows(x, lead=lead)
-    safe = torch.where(finite_in[(...,) + (None,) * 2], x, torch.zeros_like(x))
-    try:
-        vals, vecs = torch.linalg.eigh(safe)
-        ok = finite_in & _finite_rows(vals, vecs, lead=lead)
-    except RuntimeError:  # LAPACK/cuSOLVER non-convergence: retry everything in float64
-        vals = torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
-        vecs = torch.zeros_like(x)
-        ok = torch.zeros_like(finite_in)
-    if retry_float64 and not torch.compiler.is_compiling() and not bool((ok | ~finite_in).all()):
-        try:
-            vals64, vecs64 = torch.linalg.eigh(safe.to(torch.float64))
-            ok64 = finite_in & _finite_rows(vals64, vecs64, lead=lead)
-            use = ~ok & ok64
-            vals = torch.where(use[..., None], vals64.to(vals.dtype), vals)
-            vecs = torch.where(use[..., None, None], vecs64.to(vecs.dtype), vecs)
-            ok = ok | ok64
-        except RuntimeError:
-            pass
-    vals = torch.where(ok[..., None], vals, torch.zeros_like(vals))
-    vecs = torch.where(ok[..., None, None], vecs, torch.zeros_like(vecs))
-    return vals.flip(-1), vecs.flip(-1), ok

@@ -1,6 +1,7 @@
-r"""Beyond one GPU: distributed basis refreshes, FSDP2 (DTensor) parameters, distributed checkpoints.
+r"""Beyond one GPU: distributed basis refreshes and FSDP2 (DTensor) parameters.
 
-Three independent pieces (the guide is ``docs/distributed.md``):
+Knows no optimizer: owner assignment, the owner refresh and DTensor helpers, used by the
+Kronecker link and the non-finite guard (the guide is ``docs/distributed.md``):
 
 * **Distributed refresh.** ``kronecker_precondition(process_group=group)`` (and ``scao``,
   ``scao_precondition``, ``SCAO(..., process_group=group)``) spreads the eigendecompositions of a
@@ -16,11 +17,6 @@ Three independent pieces (the guide is ``docs/distributed.md``):
   matrix's gradient (:func:`gather_full`), preconditions the full matrix on every rank, and
   returns this rank's shard (:func:`shard_like`: a local slice, no communication). The other
   links (blend, Adam, weight decay) are element-wise and run on the shards.
-* **Distributed checkpoints.** :func:`dcp_state_dict` is an optimizer's ``state_dict()`` with
-  every group's state created (also before the first step), so that
-  ``torch.distributed.checkpoint`` can load into it in place; ``optimizer.load_state_dict`` then
-  takes it back. DTensor state (FSDP2's sharded Adam moments) is saved shard by shard, plain
-  tensors (identical on every rank) once.
 """
 
 from __future__ import annotations
@@ -34,7 +30,7 @@ import optree
 import torch
 import torch.distributed as dist
 
-__all__ = ["assign_owners", "gather_full", "shard_like", "dcp_state_dict"]
+__all__ = ["assign_owners", "gather_full", "shard_like", "check_process_group", "owner_refresh", "is_dtensor", "all_ranks"]
 
 # The refreshed fields of a KroneckerSide (its statistics are never changed by a refresh), the
 # int64 ones first so that every field starts at a byte offset aligned to its element size.
@@ -99,10 +95,10 @@ def _rows(side: Any, rows: torch.Tensor, batch: int) -> Any:
     return optree.tree_map(pick, side, none_is_leaf=True)
 
 
-def _owner_refresh(side: Any, refresh: Callable[[Any], Any], owners: Sequence[int], group: Any) -> Any:
+def owner_refresh(side: Any, refresh: Callable[[Any], Any], owners: Sequence[int], group: Any) -> Any:
     """``refresh(side)`` computed row by row on each row's owner rank, the results broadcast.
 
-    ``side`` is a :class:`~scao_fx.transforms.kronecker.KroneckerSide` of ``len(owners)`` stacked
+    ``side`` is a :class:`~scao_fx.precond.kron.KroneckerSide` of ``len(owners)`` stacked
     factors; ``refresh`` maps a side to its refreshed side row by row (so refreshing a subset of
     rows gives those rows of the full refresh). One broadcast per rank that owns rows, of one
     byte buffer holding the owner's refreshed fields.
@@ -145,12 +141,12 @@ def _dtensor_type() -> type | None:
     return DTensor
 
 
-def _is_dtensor(x: Any) -> bool:
+def is_dtensor(x: Any) -> bool:
     cls = _dtensor_type()
     return cls is not None and isinstance(x, cls)
 
 
-def _all_ranks(flag: torch.Tensor, dtensors: Sequence[Any]) -> torch.Tensor:
+def all_ranks(flag: torch.Tensor, dtensors: Sequence[Any]) -> torch.Tensor:
     """``flag`` AND-ed over every rank of the device meshes of ``dtensors`` (an all-reduce MIN).
 
     Each rank only sees its shards, so a per-shard check (finite gradients) must be combined
@@ -179,7 +175,7 @@ def gather_full(x: Any) -> Any:
         >>> sf.gather_full(torch.ones(2)).tolist()
         [1.0, 1.0]
     """
-    return x.full_tensor() if _is_dtensor(x) else x
+    return x.full_tensor() if is_dtensor(x) else x
 
 
 def shard_like(full: torch.Tensor, like: Any) -> Any:
@@ -198,47 +194,10 @@ def shard_like(full: torch.Tensor, like: Any) -> Any:
         >>> sf.shard_like(torch.ones(2), torch.zeros(2)).tolist()
         [1.0, 1.0]
     """
-    if not _is_dtensor(like):
+    if not is_dtensor(like):
         return full
     from torch.distributed.tensor import DTensor, Replicate
 
     mesh = like.device_mesh
     replicated = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False)
     return replicated.redistribute(mesh, like.placements)
-
-
-def dcp_state_dict(optimizer: Any) -> dict:
-    """An optimizer's ``state_dict()`` with every param group's state created: the target
-    (and source) of ``torch.distributed.checkpoint``.
-
-    A fresh optimizer creates its state at its first step; ``dcp.load`` needs tensors of the
-    right shapes to load into, so this creates each missing group state now, exactly as the
-    first step would (for the parameters that require grad). Save with
-    ``dcp.save({"optim": sf.dcp_state_dict(opt), ...})``; load with ``sd = {"optim":
-    sf.dcp_state_dict(opt), ...}; dcp.load(sd); opt.load_state_dict(sd["optim"])``.
-
-    Args:
-        optimizer: a :class:`~scao_fx.TransformOptimizer` (e.g. :class:`~scao_fx.SCAO`).
-
-    Returns:
-        ``optimizer.state_dict()`` (its tensors are the live state tensors).
-
-    Example:
-        >>> import torch, scao_fx as sf
-        >>> opt = sf.SCAO(torch.nn.Linear(4, 2).parameters())
-        >>> sd = sf.dcp_state_dict(opt)
-        >>> sd["transform_state"][0]["active"]
-        [0, 1]
-    """
-    from .optim import TransformOptimizer
-
-    if not isinstance(optimizer, TransformOptimizer):
-        raise TypeError(f"optimizer must be a scao_fx TransformOptimizer (e.g. SCAO), got {type(optimizer).__name__}")
-    for index, group in enumerate(optimizer.param_groups):
-        rt = optimizer._refresh(index)
-        if rt.state is None:  # what the first step() does
-            params = group["params"]
-            rt.active = [j for j, p in enumerate(params) if p.requires_grad]
-            if rt.active:
-                rt.state = rt.transform.init([params[j] for j in rt.active])
-    return optimizer.state_dict()

@@ -10,7 +10,7 @@ started at zero and debiased by :math:`1-\rho^t` when read, so the estimate is e
 first step (the classic ``eps0 * I`` start is replaced by a Tikhonov term relative to the
 factor's own trace at refresh time, which keeps the update independent of the loss scale).
 The diagonal is kept in float32 (``d`` floats per factor) and only the off-diagonal part goes
-through a :class:`~scao_fx.transforms.quantization.Codec` (int8 with block scales by default;
+through a :class:`~scao_fx.codecs.Codec` (int8 with block scales by default;
 one fused decode-lerp-encode pass per step). Curvature factors are diagonally dominant, so a
 block holding a diagonal entry would otherwise get a scale several times coarser than its
 neighbours; splitting the diagonal out measurably lowers the re-quantisation noise that an EMA
@@ -26,7 +26,7 @@ import torch
 
 from .._validation import check_float
 from ..base import register_state
-from .quantization import Codec, EncodedTensor, int8_blockwise
+from ..codecs import Codec, EncodedTensor, int8_blockwise
 
 __all__ = ["CurvatureEMA", "FactorStatistic", "curvature_ema"]
 

@@ -1,0 +1,436 @@
+"""SCAO as a drop-in ``torch.optim`` optimizer (``sf.SCAO``), and the original package's keywords."""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from .._validation import check_int
+from ..base import GradientTransformation
+from ..parallel import check_process_group
+from ..transforms.finite import apply_if_finite
+from .adapter import TransformOptimizer
+
+__all__ = ["SCAO", "COMPAT_KEYWORDS", "INERT_KEYWORDS"]
+
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r} of type {type(value).__name__}")
+    return value
+
+
+def _reject(name: str, value: Any, neutral: Any, why: str) -> None:
+    raise ValueError(
+        f"{name}={value!r} is not supported by scao_fx.SCAO (accepted only at its neutral value "
+        f"{neutral!r}, which switches the feature off): {why}"
+    )
+
+
+#: Keywords of the original ``scao`` package's ``SCAO.__init__`` that scao_fx accepts for
+#: compatibility, with their neutral value and why any other value is rejected. ``None`` as the
+#: reason marks keywords accepted at any valid value because they have no effect here.
+COMPAT_KEYWORDS: dict[str, tuple[Any, str | None]] = {
+    "use_newton_schulz": (
+        False,
+        "the inverse fourth roots are computed from a (batched, fallback-guarded) "
+        "eigendecomposition, which the adaptive rank rule needs anyway; a Newton-Schulz iteration "
+        "gives no eigenvalues to choose k from and diverges on ill-conditioned factors",
+    ),
+    "sparsity": (
+        0.0,
+        "zeroing a fraction of the preconditioned update throws gradient signal away; the "
+        "low-rank-plus-complement preconditioner already keeps the state small",
+    ),
+    "noise_std_init": (
+        0.0,
+        "gradient-noise injection made training worse in our measurements and breaks exact, "
+        "bit-identical resumes; add noise outside the optimizer if you need it",
+    ),
+    "lars_coeff": (
+        0.0,
+        "a LARS trust ratio on top of Adam's per-coordinate scaling and the Frobenius graft "
+        "rescales the step a third time; compose sf.chain(...) with your own trust-ratio "
+        "transform if you need it",
+    ),
+    "lookahead_k": (
+        0,
+        "Lookahead keeps a second copy of every parameter (4 more bytes per parameter) for "
+        "no measured gain with SCAO; wrap the optimizer yourself if you need it",
+    ),
+    "dynamic_sparsity": (
+        False,
+        "per-layer adaptive sparsity of the update is a heuristic on top of sparsity, which is "
+        "not supported (see sparsity)",
+    ),
+    "adaptive_warmup": (
+        False,
+        "ending warmup on a gradient-norm stability test makes the switch point depend on "
+        "noise and needs a host sync per step; use warmup_steps and min_precond_updates",
+    ),
+    "lazy_precond": (
+        False,
+        "event-driven refreshes need a host sync per step to decide; refreshes run every "
+        "precond_freq steps, which keeps the step free of device synchronisation",
+    ),
+    "use_gsnr_clip": (
+        False,
+        "element-wise signal-to-noise masking zeroes most of a small-batch update; use "
+        "clipping on the gradient (torch.nn.utils.clip_grad_norm_) instead",
+    ),
+    "adaptive_rank": (
+        False,
+        "the rank is already adaptive: epsilon_sparse picks the smallest k holding 1 - "
+        "epsilon_sparse of the spectral mass at every refresh; the extra gradient-norm-ratio "
+        "heuristic is not implemented",
+    ),
+    "curvature_mode": ("dense", "only dense Kronecker factors are implemented"),
+    "curvature_rank": (None, "only dense Kronecker factors are implemented (curvature_mode='dense')"),
+    "update_rule": ("adamw", "SCAO runs Adam with decoupled weight decay on the preconditioned gradient"),
+    # torch.optim.AdamW's keywords, so that replacing the class name is the only change.
+    "amsgrad": (False, "AMSGrad's running maximum of the second moment is not implemented"),
+    "maximize": (False, "maximization is not implemented; minimise the negated objective"),
+    "capturable": (
+        False,
+        "the step counters live on the CPU (so schedules never wait for the GPU), which a CUDA "
+        "graph cannot capture",
+    ),
+    "differentiable": (False, "differentiating through the optimizer step is not supported"),
+}
+
+#: Keywords accepted at any valid value: they have no effect here (documented per keyword).
+INERT_KEYWORDS: dict[str, Any] = {
+    # No effect in the original package either (validated there, never read by its step).
+    "beta3": 0.99,
+    # The refresh runs inline and deterministically; there is no side stream to enable.
+    "async_precond": True,
+    # Settings of features that are off (noise_std_init=0, lookahead_k=0, adaptive_warmup=False,
+    # lazy_precond=False, use_gsnr_clip=False): meaningless while their feature is off.
+    "noise_anneal": 0.998,
+    "noise_relative": False,
+    "lookahead_alpha": 0.5,
+    "warmup_stability_threshold": 0.05,
+    "warmup_patience": 5,
+    "lazy_delta_threshold": 0.1,
+    "lazy_max_skip": 50,
+    "gsnr_threshold": 0.5,
+    # torch.optim.AdamW's implementation choices: the library picks its own kernels.
+    "foreach": None,
+    "fused": None,
+}
+
+def _precondition_extras() -> dict[str, Any]:
+    """The keyword-only arguments of :func:`scao_fx.scao_precondition` (beyond the original
+    package's), with their current defaults, read from its signature so the facade and the
+    functional alias can never disagree on a default."""
+    import inspect
+
+    from ..alias import scao_precondition
+
+    out = {}
+    for name, param in inspect.signature(scao_precondition).parameters.items():
+        if param.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("rank_eps", "process_group"):
+            out[name] = param.default
+    return out
+
+
+#: Extra keywords of :func:`scao_fx.scao_precondition` that the facade passes through
+#: (``block_size``, ``complement``, ``graft``, ``blend_shape``, ``tikhonov``, ``grouped``, ...).
+PRECONDITION_EXTRAS: dict[str, Any] = _precondition_extras()
+
+#: Keywords of the non-finite guard (:func:`scao_fx.apply_if_finite`) and their defaults; the
+#: guard wraps every group's chain, plain-AdamW groups included.
+GUARD_KEYWORDS: dict[str, Any] = {"skip_nonfinite": True, "max_consecutive_skips": 10, "host_sync": None}
+
+
+def _check_compat(values: Mapping[str, Any]) -> None:
+    """Validate the original package's compatibility keywords (see :data:`COMPAT_KEYWORDS`)."""
+    for name, (neutral, why) in COMPAT_KEYWORDS.items():
+        value = values[name]
+        if isinstance(neutral, bool):
+            _check_bool(name, value)
+        elif isinstance(neutral, int) and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise TypeError(f"{name} must be an integer, got {value!r} of type {type(value).__name__}")
+        elif isinstance(neutral, float) and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
+        if not (value is neutral or (neutral is not None and value is not None and value == neutral)):
+            _reject(name, value, neutral, why)  # type: ignore[arg-type]
+    # Inert keywords: validated like the original validates them, otherwise ignored.
+    b3 = values["beta3"]
+    if isinstance(b3, bool) or not isinstance(b3, numbers.Real) or not 0.0 <= b3 < 1.0:
+        raise ValueError(f"beta3 must be a real number in [0, 1), got {b3!r}")
+    for name in ("async_precond", "noise_relative"):
+        _check_bool(name, values[name])
+    for name in ("foreach", "fused"):
+        if values[name] is not None:
+            _check_bool(name, values[name])
+    for name, low, high in (
+        ("noise_anneal", 0.0, 1.0),
+        ("lookahead_alpha", 0.0, 1.0),
+        ("warmup_stability_threshold", 0.0, math.inf),
+        ("lazy_delta_threshold", 0.0, math.inf),
+        ("gsnr_threshold", 0.0, math.inf),
+    ):
+        v = values[name]
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not low <= v <= high:
+            raise ValueError(f"{name} must be a real number in [{low}, {high}], got {v!r}")
+    for name in ("warmup_patience", "lazy_max_skip"):
+        v = values[name]
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise ValueError(f"{name} must be an integer in [1, inf), got {v!r}")
+
+
+_SCAO_CORE = (
+    "lr",
+    "betas",
+    "eps",
+    "weight_decay",
+    "precond_freq",
+    "epsilon_sparse",
+    "k_min",
+    "k_max",
+    "rho",
+    "tau",
+    "warmup_steps",
+    "blend_steps",
+    "min_precond_updates",
+    "max_precond_dim",
+    "use_int8_ema",
+    "preconditioner_enabled",
+    "factor_mode",
+)
+
+
+def _scao_factory(**hp: Any) -> GradientTransformation:
+    """Build one param group's transform from its hyperparameters."""
+    from ..alias import adamw
+
+    _check_compat(hp)
+    enabled = _check_bool("preconditioner_enabled", hp["preconditioner_enabled"])
+    factor_mode = hp["factor_mode"]
+    if factor_mode not in ("full", "wide"):
+        raise ValueError(f"factor_mode must be one of ('full', 'wide'), got {factor_mode!r}")
+    if factor_mode == "wide":
+        if hp["sides"] not in ("both", "wide"):
+            raise ValueError(f"sides must be one of ('both', 'wide'), got {hp['sides']!r}")
+        hp = {**hp, "sides": "wide"}
+    skip = _check_bool("skip_nonfinite", hp["skip_nonfinite"])
+    max_skips = check_int("max_consecutive_skips", hp["max_consecutive_skips"], low=1)
+    if not enabled:
+        tx = adamw(hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"])
+    else:
+        tx = _scao_chain(hp)
+    return apply_if_finite(tx, max_skips, host_sync=hp["host_sync"], skip_overflow=True) if skip else tx
+
+
+def _scao_chain(hp: Mapping[str, Any]) -> GradientTransformation:
+    """The group's ``sf.scao`` chain (without the non-finite guard, added by the factory)."""
+    from ..alias import scao
+
+    extras = {k: hp[k] for k in PRECONDITION_EXTRAS}
+    return scao(
+        hp["lr"],
+        hp["betas"],
+        hp["eps"],
+        hp["weight_decay"],
+        precond_freq=hp["precond_freq"],
+        epsilon_sparse=hp["epsilon_sparse"],
+        k_min=hp["k_min"],
+        k_max=hp["k_max"],
+        rho=hp["rho"],
+        tau=hp["tau"],
+        warmup_steps=hp["warmup_steps"],
+        blend_steps=hp["blend_steps"],
+        min_precond_updates=hp["min_precond_updates"],
+        max_precond_dim=hp["max_precond_dim"],
+        use_int8_ema=hp["use_int8_ema"],
+        process_group=hp.get("process_group"),  # SCAO(process_group=...): not a hyperparameter
+        skip_nonfinite=False,
+        **extras,
+    )
+
+
+class SCAO(TransformOptimizer):
+    r"""SCAO as a drop-in ``torch.optim`` optimizer (replaces ``torch.optim.AdamW`` in one line).
+
+    Each param group runs ``sf.scao(...)``: the gradient of every matrix parameter is
+    preconditioned by low-rank Kronecker factors (plain Adam during ``warmup_steps``, then a
+    ``blend_steps`` ramp), and Adam with decoupled weight decay runs on top. Vectors and scalars
+    (biases, norms) get plain AdamW. Every hyperparameter can be set per param group; a group
+    with ``preconditioner_enabled=False`` runs plain AdamW (e.g. for huge embeddings).
+
+    Args:
+        params: parameters, ``(name, parameter)`` pairs or param-group dicts (as ``torch.optim``).
+        lr: learning rate (start from about 1.17x your AdamW learning rate).
+        betas: Adam's ``(beta1, beta2)``.
+        eps: Adam's epsilon.
+        weight_decay: decoupled weight decay.
+        precond_freq: steps between eigenbasis refreshes.
+        epsilon_sparse: spectral mass the adaptive rank may discard, in [0, 1).
+        k_min, k_max: clamp of the adaptive rank.
+        rho: curvature EMA decay.
+        tau: optional cap of the preconditioned gradient's norm relative to the raw one's (only
+            with ``graft="none"``).
+        warmup_steps: steps of plain AdamW before the ramp.
+        blend_steps: length of the linear (or cosine) ramp into the preconditioned gradient.
+        min_precond_updates: curvature updates required before the ramp.
+        max_precond_dim: sides longer than this are not preconditioned (one-sided or AdamW).
+        use_int8_ema: keep curvature factors in block-wise int8 (False: float32).
+        preconditioner_enabled: False runs the group as plain AdamW.
+        factor_mode: ``"full"`` (both sides) or ``"wide"`` (only the longer side of non-square
+            matrices, for LoRA adapters: same as ``sides="wide"``).
+        process_group: a ``torch.distributed`` process group: basis refreshes are spread over
+            its ranks (see ``docs/distributed.md``). Not a hyperparameter: it is not saved in
+            ``state_dict()``, and an optimizer holding one cannot be pickled.
+        **compat: the other keywords of the original ``scao`` package's ``SCAO`` (see
+            :data:`COMPAT_KEYWORDS`, :data:`INERT_KEYWORDS`), each accepted at its neutral value
+            and rejected with a ``ValueError`` explaining why otherwise; and the extra
+            ``scao_precondition`` keywords ``block_size``, ``complement``, ``graft``,
+            ``blend_shape``, ``tikhonov``, ``grouped``, ``sides``; and the non-finite guard's
+            ``skip_nonfinite`` (default True: a step with a NaN/Inf gradient is skipped, leaving
+            parameters and state exactly as they were), ``max_consecutive_skips`` (default 10,
+            then :class:`~scao_fx.NonFiniteGradientError`) and ``host_sync`` (see
+            :func:`~scao_fx.apply_if_finite`).
+
+    Raises:
+        TypeError: for an unknown keyword (naming it) or a wrongly typed value.
+        ValueError: for an out-of-range value or an unsupported feature of the original.
+
+    Example:
+        >>> import torch, scao_fx
+        >>> model = torch.nn.Linear(16, 8)
+        >>> opt = scao_fx.SCAO(model.parameters(), lr=1e-3, weight_decay=0.1)
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        precond_freq: int = 20,
+        epsilon_sparse: float = 0.05,
+        k_min: int = 8,
+        k_max: int = 128,
+        rho: float = 0.999,
+        tau: float | None = None,
+        warmup_steps: int = 100,
+        blend_steps: int = 50,
+        min_precond_updates: int = 10,
+        max_precond_dim: int = 4096,
+        use_int8_ema: bool = True,
+        preconditioner_enabled: bool = True,
+        factor_mode: str = "full",
+        *,
+        process_group: Any = None,
+        **compat: Any,
+    ) -> None:
+        known = {k: v[0] for k, v in COMPAT_KEYWORDS.items()}
+        known.update(INERT_KEYWORDS)
+        known.update(PRECONDITION_EXTRAS)
+        known.update(GUARD_KEYWORDS)
+        unknown = sorted(set(compat) - set(known))
+        if unknown:
+            raise TypeError(
+                f"SCAO got unexpected keyword argument(s) {unknown}; accepted extra keywords: {sorted(known)}"
+            )
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas) if isinstance(betas, list) else betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            precond_freq=precond_freq,
+            epsilon_sparse=epsilon_sparse,
+            k_min=k_min,
+            k_max=k_max,
+            rho=rho,
+            tau=tau,
+            warmup_steps=warmup_steps,
+            blend_steps=blend_steps,
+            min_precond_updates=min_precond_updates,
+            max_precond_dim=max_precond_dim,
+            use_int8_ema=use_int8_ema,
+            preconditioner_enabled=preconditioner_enabled,
+            factor_mode=factor_mode,
+        )
+        for k, v in known.items():
+            defaults[k] = compat.get(k, v)
+        factory = _scao_factory
+        if check_process_group("process_group", process_group) is not None:
+            factory = functools.partial(_scao_factory, process_group=process_group)
+        super().__init__(params, factory, defaults)
+
+    def diagnostics(self, *, curvature_norms: bool = True, as_tensors: bool = False) -> dict[str, dict[str, Any]]:
+        """Per-parameter diagnostics: rank, phase, blend, curvature norm, refreshes, fallbacks.
+
+        Keys are the parameter names when the optimizer was given ``(name, param)`` pairs
+        (``model.named_parameters()``), else the global parameter index as a string (the index
+        in ``state_dict()["param_groups"][g]["params"]``). Parameters without state yet (before
+        their group's first step, or frozen) are left out. See :mod:`scao_fx.diagnostics` for
+        the record's keys. Nothing is computed during ``step()``; this call reads the state
+        (and synchronises with the device once, unless ``as_tensors=True``).
+        """
+        from ..diagnostics import adam_record, scao_diagnostics
+        from ..codecs import fp32_codec, int8_blockwise
+
+        records: dict[str, dict[str, Any]] = {}
+        for index, group in enumerate(self.param_groups):
+            rt = self._runtimes[index]
+            if rt.state is None or not rt.active:
+                continue
+            params = group["params"]
+            labels = [self._param_label(index, j) for j in rt.active]
+            if not group["preconditioner_enabled"]:
+                step = _adam_count(rt.state)
+                for j, label in zip(rt.active, labels):
+                    p = params[j]
+                    shape = (int(p.shape[0]), int(p[0].numel())) if p.ndim >= 2 else None
+                    records[label] = adam_record(shape, blend=0.0, refreshes=0, step=step if as_tensors else int(step))
+                continue
+            codec = int8_blockwise(group["block_size"]) if group["use_int8_ema"] else fp32_codec()
+            records.update(
+                scao_diagnostics(
+                    rt.state,
+                    warmup_steps=group["warmup_steps"],
+                    blend_steps=group["blend_steps"],
+                    min_precond_updates=group["min_precond_updates"],
+                    blend_shape=group["blend_shape"],
+                    rho=group["rho"],
+                    codec=codec,
+                    names=labels,
+                    shapes=[tuple(params[j].shape) for j in rt.active],
+                    curvature_norms=curvature_norms,
+                    as_tensors=as_tensors,
+                )
+            )
+        return records
+
+    def synchronize_precond(self) -> None:
+        """Compatibility with the original package: a no-op here.
+
+        The original refreshes bases on a side stream (``async_precond``) and needs this before
+        checkpoints; scao_fx refreshes inline, deterministically, so there is nothing to wait for.
+        """
+
+    def current_ranks(self) -> dict[str, tuple[int | None, int | None]]:
+        """``{param: (rank_left, rank_right)}`` of the preconditioned parameters (``None`` for a
+        side that is not preconditioned; 0 before the first refresh)."""
+        return {
+            name: (rec["rank_left"], rec["rank_right"])
+            for name, rec in self.diagnostics(curvature_norms=False).items()
+            if rec["sides"] != "none"
+        }
+
+
+def _adam_count(state: Any) -> torch.Tensor:
+    from .._tree import find_nodes
+    from ..transforms.adam import ScaleByAdamState
+
+    found = find_nodes(state, ScaleByAdamState)
+    return found[0].count if found else torch.zeros((), dtype=torch.int64)

@@ -1,0 +1,28 @@
+"""Pure preconditioner math on stacked factors: no pytrees, no process groups.
+
+* :mod:`~scao_fx.precond.curvature`: ``curvature_ema`` (Kronecker factor statistics through a codec).
+* :mod:`~scao_fx.precond.rank`: rank rules (``spectral_mass_rank``, ``full_rank``, ``fixed_rank``).
+* :mod:`~scao_fx.precond.eigen`: ``robust_eigh`` and the top-eigenpair solvers of a refresh.
+* :mod:`~scao_fx.precond.kron`: refresh, apply, graft and normalization of Kronecker sides.
+
+The links in :mod:`scao_fx.transforms` are the plumbing around these functions.
+"""
+
+from .curvature import CurvatureEMA, FactorStatistic, curvature_ema
+from .eigen import robust_eigh, top_eigenpairs_exact, top_eigenpairs_subspace
+from .kron import KroneckerSide
+from .rank import RankRule, fixed_rank, full_rank, spectral_mass_rank
+
+__all__ = [
+    "CurvatureEMA",
+    "FactorStatistic",
+    "curvature_ema",
+    "RankRule",
+    "spectral_mass_rank",
+    "full_rank",
+    "fixed_rank",
+    "robust_eigh",
+    "top_eigenpairs_exact",
+    "top_eigenpairs_subspace",
+    "KroneckerSide",
+]
