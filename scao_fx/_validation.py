@@ -97,7 +97,12 @@ def check_betas(name: str, betas: Any) -> tuple[float, float]:
 
 
 def check_scalar_or_schedule(name: str, value: Any, *, low: float = 0.0) -> float | torch.Tensor | Callable:
-    """Validate a learning-rate-like value: a float >= ``low``, a 0-d tensor, or a schedule."""
+    """Validate a learning-rate-like value: a float >= ``low``, a 0-d tensor, or a schedule.
+
+    A tensor's value is checked like a float's (finite, >= ``low``): read once, here, at
+    construction (a tensor on an accelerator is read back once); the tensor itself is returned,
+    so later in-place changes (a scheduler's) are seen without a rebuild.
+    """
     if callable(value):
         return value
     if isinstance(value, torch.Tensor):
@@ -105,6 +110,9 @@ def check_scalar_or_schedule(name: str, value: Any, *, low: float = 0.0) -> floa
             raise ValueError(f"{name} must be a 0-d tensor when given as a tensor, got shape {tuple(value.shape)}")
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+        current = float(value.detach())
+        if not (math.isfinite(current) and current >= low):
+            raise ValueError(f"{name} must be in [{low}, inf), got tensor({current!r})")
         return value
     return check_float(name, value, low=low)  # type: ignore[return-value]
 

@@ -39,6 +39,7 @@ __all__ = [
     "graft_factor",
     "gram",
     "normalize",
+    "saturate",
 ]
 
 #: Absolute floor of the Tikhonov term, only reached by an all-zero factor.
@@ -312,3 +313,27 @@ def normalize(stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     fits = 2 * e + math.ceil(math.log2(max(stack.shape[-2:]))) <= 127
     up = torch.where(fits, _pow2(torch.where(fits, e, 0).clamp(-100, 100), torch.float32), 0.0)
     return normalized, up * up, unscale
+
+
+def saturate(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    r"""``x`` clipped to the finite range of ``dtype`` when that range is narrower than ``x``'s.
+
+    The preconditioned gradient of a float16 leaf is computed in float32; with the Frobenius
+    graft an entry can reach :math:`\lVert G\rVert_F`, beyond float16's 65504, and the cast back
+    would turn it into ``inf`` (and Adam's moments into NaN). Clipping keeps the parameters
+    finite; NaN stays NaN (the non-finite guard skips such steps). The same holds at the edge of
+    bfloat16's range (its largest value is just below float32's); float32 and float64 results
+    are returned untouched, without a pass.
+
+    Example:
+        >>> import torch
+        >>> from scao_fx.precond.kron import saturate
+        >>> saturate(torch.tensor([1e5, -1e6, 3.0]), torch.float16).tolist()
+        [65504.0, -65504.0, 3.0]
+    """
+    if not dtype.is_floating_point or x.dtype == dtype:
+        return x
+    top = torch.finfo(dtype).max
+    if top >= torch.finfo(x.dtype).max:
+        return x
+    return x.clamp(-top, top)

@@ -22,7 +22,10 @@ scatter back); the math is in :mod:`scao_fx.precond.kron`, :mod:`scao_fx.precond
 :mod:`scao_fx.precond.curvature` and :mod:`scao_fx.precond.rank`.
 
 Sides: a side longer than ``max_precond_dim`` (or of length 1) is not preconditioned
-(one-sided); leaves with no preconditioned side (0-d/1-d, or both sides too long) pass through.
+(one-sided); leaves with no preconditioned side (0-d/1-d, empty, or both sides too long) pass
+through. The result is computed in float32 (float64 for float64 leaves) and cast back to the
+leaf's dtype; for float16 (and bfloat16) leaves an entry beyond the dtype's range is clipped to
+its largest finite value (:func:`~scao_fx.precond.kron.saturate`) instead of becoming ``inf``.
 Before the first refresh :math:`A = I`. A leaf whose update is ``None`` at a step (no gradient)
 gets ``None`` back and its statistics and basis are left exactly as they were.
 """
@@ -51,6 +54,7 @@ from ..precond.kron import (
     init_side,
     normalize,
     refresh_side,
+    saturate,
 )
 from ..precond.rank import RankRule, spectral_mass_rank
 from .sharding import full_tensor_updates
@@ -125,7 +129,7 @@ def _plan(leaves: Sequence[Any], max_precond_dim: int, grouped: bool, side_mode:
         if leaf is None:
             continue
         mn = matrix_shape(leaf.shape)
-        if mn is None:
+        if mn is None or leaf.numel() == 0:  # vectors, scalars and empty matrices pass through
             continue
         m, n = mn
         left, right = 1 < m <= max_precond_dim, 1 < n <= max_precond_dim
@@ -439,6 +443,7 @@ def kronecker_precondition(
                 pg = pg * factor[:, None, None]
             if unscale.dtype == torch.float64:  # float64 leaves: 2^e may exceed float32
                 pg = pg.to(torch.float64) * unscale[:, None, None]
+            pg = saturate(pg, like.dtype)
             for j, i in enumerate(g.indices):
                 if leaves[i] is not None:
                     out[i] = pg[j].reshape(leaves[i].shape).to(leaves[i].dtype)
