@@ -20,3 +20,15 @@ def test_functional_loop_example_trains():
     assert last < 0.5 * first, result.stdout
     losses = [float(v) for v in re.findall(r"step +\d+ +loss ([0-9.]+)", result.stdout)]
     assert len(losses) >= 5 and losses[-1] < losses[0]
+
+
+def test_compare_step_time_runs_two_checkouts_interleaved():
+    """The A/B step-time script runs the same checkout twice and reports a ratio near 1."""
+    repo = EXAMPLES.parent.parent
+    script = EXAMPLES / "compare_step_time.py"
+    result = subprocess.run([sys.executable, str(script), str(repo), str(repo), "--windows", "2", "--steps", "3"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"old: [0-9.]+ ms/step", result.stdout) and re.search(r"new: [0-9.]+ ms/step", result.stdout)
+    ratio = float(re.search(r"new / old: ([0-9.]+)", result.stdout).group(1))
+    assert 0.2 < ratio < 5.0, result.stdout  # the same code: only noise separates the two
