@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -18,7 +20,59 @@ from .precond.curvature import curvature_ema
 from .precond.rank import spectral_mass_rank
 from .transforms.scale import scale_by_learning_rate
 
-__all__ = ["adam", "adamw", "scao_precondition", "scao"]
+__all__ = ["adam", "adamw", "scao_precondition", "scao", "SCAO_DEFAULTS"]
+
+#: SCAO's default hyperparameters, the one place they are written: :func:`scao_precondition`,
+#: :func:`scao` and :class:`scao_fx.SCAO` take their defaults from here (read-only).
+SCAO_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {
+        # the Adam part (sf.adamw(lr, betas, eps, weight_decay) after the preconditioner)
+        "lr": 1e-3,
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "weight_decay": 0.01,
+        # the preconditioner (scao_precondition)
+        "rho": 0.999,
+        "precond_freq": 20,
+        "warmup_steps": 100,
+        "blend_steps": 50,
+        "min_precond_updates": 10,
+        "epsilon_sparse": 0.05,
+        "k_min": 8,
+        "k_max": 128,
+        "max_precond_dim": 4096,
+        "tau": None,
+        "use_int8_ema": True,
+        "block_size": 32,
+        "complement": "mean_tail",
+        "graft": "frobenius",
+        "blend_shape": "linear",
+        "tikhonov": 1e-4,
+        "grouped": True,
+        "sides": "both",
+        "eigensolver": "auto",
+        "gram_precision": "float32",
+        # the non-finite guard (apply_if_finite around the chain)
+        "skip_nonfinite": True,
+        "max_consecutive_skips": 10,
+        "host_sync": None,
+    }
+)
+
+#: Which keys of :data:`SCAO_DEFAULTS` belong to which part.
+SCAO_ADAM_KEYS = ("lr", "betas", "eps", "weight_decay")
+SCAO_GUARD_KEYS = ("skip_nonfinite", "max_consecutive_skips", "host_sync")
+SCAO_PRECONDITION_KEYS = tuple(k for k in SCAO_DEFAULTS if k not in SCAO_ADAM_KEYS + SCAO_GUARD_KEYS)
+
+
+class _NotGiven(float):
+    """A float default that marks its argument as not given by the caller (it prints as, and
+    equals, the default value), so an alias can tell "left at the default" from "passed"."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return float.__repr__(self)
 
 
 def adam(
@@ -100,28 +154,28 @@ def adamw(
 
 
 def scao_precondition(
-    rho: float = 0.999,
-    precond_freq: int = 20,
-    warmup_steps: int = 100,
-    blend_steps: int = 50,
-    min_precond_updates: int = 10,
-    epsilon_sparse: float = 0.05,
-    k_min: int = 8,
-    k_max: int = 128,
-    max_precond_dim: int = 4096,
-    tau: float | None = None,
-    use_int8_ema: bool = True,
+    rho: float = SCAO_DEFAULTS["rho"],
+    precond_freq: int = SCAO_DEFAULTS["precond_freq"],
+    warmup_steps: int = SCAO_DEFAULTS["warmup_steps"],
+    blend_steps: int = SCAO_DEFAULTS["blend_steps"],
+    min_precond_updates: int = SCAO_DEFAULTS["min_precond_updates"],
+    epsilon_sparse: float = _NotGiven(SCAO_DEFAULTS["epsilon_sparse"]),
+    k_min: int = SCAO_DEFAULTS["k_min"],
+    k_max: int = SCAO_DEFAULTS["k_max"],
+    max_precond_dim: int = SCAO_DEFAULTS["max_precond_dim"],
+    tau: float | None = SCAO_DEFAULTS["tau"],
+    use_int8_ema: bool = SCAO_DEFAULTS["use_int8_ema"],
     *,
-    block_size: int = 32,
-    complement: str = "mean_tail",
-    graft: str = "frobenius",
-    blend_shape: str = "linear",
-    tikhonov: float = 1e-4,
-    grouped: bool = True,
+    block_size: int = SCAO_DEFAULTS["block_size"],
+    complement: str = SCAO_DEFAULTS["complement"],
+    graft: str = SCAO_DEFAULTS["graft"],
+    blend_shape: str = SCAO_DEFAULTS["blend_shape"],
+    tikhonov: float = SCAO_DEFAULTS["tikhonov"],
+    grouped: bool = SCAO_DEFAULTS["grouped"],
     rank_eps: float | None = None,
-    sides: str = "both",
-    eigensolver: str = "auto",
-    gram_precision: str = "float32",
+    sides: str = SCAO_DEFAULTS["sides"],
+    eigensolver: str = SCAO_DEFAULTS["eigensolver"],
+    gram_precision: str = SCAO_DEFAULTS["gram_precision"],
     process_group: Any = None,
 ) -> GradientTransformation:
     r"""SCAO's preconditioner, built from its five named parts.
@@ -138,7 +192,8 @@ def scao_precondition(
             min_precond_updates=min_precond_updates, shape=blend_shape)         # 5
 
     Follow it with :func:`adamw` (part 6), or use :func:`scao`. Each part is one edit away from
-    its ablation (see the docs' ablation table).
+    its ablation (see the docs' ablation table). The defaults are SCAO's, from
+    ``scao_fx.alias.SCAO_DEFAULTS`` (shared with :func:`scao` and :class:`~scao_fx.SCAO`).
 
     Args:
         rho: curvature EMA decay, in [0, 1).
@@ -174,10 +229,13 @@ def scao_precondition(
         >>> tx = sf.chain(sf.scao_precondition(rank_eps=0.05, precond_freq=20, warmup_steps=100),
         ...               sf.adamw(lr=3.5e-4, weight_decay=0.1))
     """
+    given = not isinstance(epsilon_sparse, _NotGiven)
     if rank_eps is not None:
-        if epsilon_sparse != 0.05 and epsilon_sparse != rank_eps:
+        if given and epsilon_sparse != rank_eps:
             raise ValueError(f"give either epsilon_sparse or rank_eps, not both ({epsilon_sparse!r} vs {rank_eps!r})")
         epsilon_sparse = rank_eps
+    elif not given:
+        epsilon_sparse = SCAO_DEFAULTS["epsilon_sparse"]  # the plain float
     # Validated here under the names the caller used (the parts call them epsilon and shape).
     check_float("rank_eps" if rank_eps is not None else "epsilon_sparse", epsilon_sparse, low=0.0, high=1.0,
                 high_inclusive=False)
@@ -209,16 +267,16 @@ def scao_precondition(
 
 
 def scao(
-    lr=1e-3,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    weight_decay: float = 0.01,
+    lr=SCAO_DEFAULTS["lr"],
+    betas: tuple[float, float] = SCAO_DEFAULTS["betas"],
+    eps: float = SCAO_DEFAULTS["eps"],
+    weight_decay: float = SCAO_DEFAULTS["weight_decay"],
     *,
     mask: Any = None,
     moment_dtype: torch.dtype | None = None,
-    skip_nonfinite: bool = True,
-    max_consecutive_skips: int = 10,
-    host_sync: bool | None = None,
+    skip_nonfinite: bool = SCAO_DEFAULTS["skip_nonfinite"],
+    max_consecutive_skips: int = SCAO_DEFAULTS["max_consecutive_skips"],
+    host_sync: bool | None = SCAO_DEFAULTS["host_sync"],
     **precondition_kwargs: Any,
 ) -> GradientTransformation:
     r"""SCAO: ``apply_if_finite(chain(scao_precondition(**kw), adamw(lr, betas, eps, weight_decay)))``.

@@ -33,6 +33,7 @@ import torch
 
 from ._tree import find_nodes
 from ._validation import check_choice, check_float, check_int
+from .alias import SCAO_DEFAULTS
 from .transforms.adam import ScaleByAdamState
 from .transforms.blend import BlendRampState, blend_factor
 from .codecs import Codec, int8_blockwise
@@ -88,11 +89,7 @@ def adam_record(shape: tuple[int, int] | None, *, blend: Any, refreshes: Any, st
 
 def _default_codec() -> Codec:
     """The curvature codec of ``scao_precondition()``'s defaults (int8, its default block size)."""
-    import inspect
-
-    from .alias import scao_precondition
-
-    return int8_blockwise(inspect.signature(scao_precondition).parameters["block_size"].default)
+    return int8_blockwise(SCAO_DEFAULTS["block_size"])
 
 
 def _num_leaves(state: Any) -> int | None:
@@ -105,11 +102,11 @@ def _num_leaves(state: Any) -> int | None:
 def scao_diagnostics(
     state: Any,
     *,
-    warmup_steps: int = 100,
-    blend_steps: int = 50,
-    min_precond_updates: int = 10,
-    blend_shape: str = "linear",
-    rho: float = 0.999,
+    warmup_steps: int = SCAO_DEFAULTS["warmup_steps"],
+    blend_steps: int = SCAO_DEFAULTS["blend_steps"],
+    min_precond_updates: int = SCAO_DEFAULTS["min_precond_updates"],
+    blend_shape: str = SCAO_DEFAULTS["blend_shape"],
+    rho: float = SCAO_DEFAULTS["rho"],
     codec: Codec | None = None,
     names: Sequence[str] | None = None,
     shapes: Sequence[Sequence[int]] | None = None,

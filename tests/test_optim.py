@@ -691,6 +691,51 @@ def test_scao_rejects_unsupported_features_with_reason(name, value):
     assert "not supported" in str(info.value)
 
 
+def test_compat_keywords_are_validated_once_and_never_stored():
+    compat_names = set(COMPAT_KEYWORDS) | set(INERT_KEYWORDS)
+    model = scao_model()
+    ps = list(model.parameters())
+    opt = SCAO([{"params": ps[:2], "sparsity": 0.0, "beta3": 0.9}], lr=1e-2, amsgrad=False, beta3=0.95,
+               lookahead_alpha=0.7, **FAST)
+    opt.add_param_group({"params": ps[2:], "use_newton_schulz": False, "foreach": True})
+    for group in opt.param_groups:
+        assert not compat_names & set(group), compat_names & set(group)
+        assert set(group) == set(opt.defaults) | {"params"}
+    assert not compat_names & set(opt.defaults)
+    for group in opt.state_dict()["param_groups"]:
+        assert not compat_names & set(group)
+    # a bad value in a group dict or in add_param_group is rejected at once, naming it
+    with pytest.raises(ValueError, match="lookahead_k=3 is not supported"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "lookahead_k": 3})
+    with pytest.raises(ValueError, match="gsnr_threshold"):
+        SCAO([{"params": ps, "gsnr_threshold": -1.0}])
+    assert len(opt.param_groups) == 2
+
+
+def test_checkpoint_of_an_earlier_version_with_compat_keys_loads():
+    """Earlier versions stored every compat keyword in every param group: such a checkpoint
+    loads (the keys are validated and dropped) and the run resumes bit-identically."""
+    x, y = torch.randn(16, 8), torch.randn(16, 4)
+    m1, m2 = scao_model(), scao_model()
+    o1 = SCAO(m1.parameters(), lr=1e-2, **FAST)
+    _run(m1, o1, 7, x, y)
+    sd = copy.deepcopy(o1.state_dict())
+    old_keys = {**{k: v[0] for k, v in COMPAT_KEYWORDS.items()}, **INERT_KEYWORDS}
+    for group in sd["param_groups"]:
+        group.update(old_keys)
+    m2.load_state_dict(m1.state_dict())
+    o2 = SCAO(m2.parameters(), lr=1e-2, **FAST)
+    o2.load_state_dict(sd)
+    assert not (set(old_keys) & set(o2.param_groups[0]))
+    _run(m1, o1, 8, x, y)
+    _run(m2, o2, 8, x, y)
+    assert max_diff(m1, m2) == 0.0
+    bad = copy.deepcopy(sd)
+    bad["param_groups"][0]["sparsity"] = 0.5
+    with pytest.raises(ValueError, match="sparsity=0.5 is not supported"):
+        SCAO(scao_model().parameters(), lr=1e-2, **FAST).load_state_dict(bad)
+
+
 def test_compat_tables_cover_the_original_signature():
     original = {
         "use_newton_schulz", "async_precond", "beta3", "sparsity", "noise_std_init", "noise_anneal",

@@ -23,27 +23,25 @@ Checkpoints: ``state_dict()`` holds plain tensors in plain dicts and lists (``to
 weights_only=True)`` loads it); ``load_state_dict`` puts every tensor back with its saved dtype
 (int8 codes stay int8, float32 statistics of bf16 parameters stay float32, int64 counters stay
 int64) on the device the freshly initialised state would use (step counters on the CPU, the
-rest next to its parameter), so resuming is bit-identical to not stopping.
+rest next to its parameter), so resuming is bit-identical to not stopping. The format itself
+lives in :mod:`scao_fx.optim.checkpoint`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import math
 import numbers
 from typing import Any, Callable, Iterable, Mapping
 
-import optree
 import torch
 
 from ..base import GradientTransformation, check_transform
+from . import checkpoint
 
 __all__ = ["TransformOptimizer", "dcp_state_dict"]
 
-_FORMAT = "scao_fx.TransformOptimizer"
-_FORMAT_VERSION = 1
 # Group keys that are never hyperparameters of the transform.
 _NON_HYPER = ("params", "param_names")
 
@@ -368,7 +366,8 @@ class TransformOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The optimizer state as plain dicts, lists, numbers and tensors.
 
-        Layout (``torch.optim``-like; ``state`` is empty because the state is per group)::
+        Layout (``torch.optim``-like; ``state`` is empty because the state is per group; see
+        :mod:`scao_fx.optim.checkpoint`)::
 
             {"state": {},
              "param_groups": [{...hyperparameters, "params": [global indices]}, ...],
@@ -381,33 +380,7 @@ class TransformOptimizer(torch.optim.Optimizer):
         """
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
-        groups = []
-        start = 0
-        for group in self.param_groups:
-            packed = {k: v for k, v in group.items() if k != "params"}
-            packed["params"] = list(range(start, start + len(group["params"])))
-            start += len(group["params"])
-            groups.append(packed)
-        tstates: list[dict | None] = []
-        for rt in self._runtimes:
-            if rt.state is None:
-                tstates.append(None)
-                continue
-            leaves, spec = optree.tree_flatten(rt.state, none_is_leaf=True)
-            for leaf in leaves:
-                if leaf is not None and not isinstance(leaf, torch.Tensor):
-                    raise TypeError(
-                        f"the functional state holds a {type(leaf).__name__} leaf; states must hold "
-                        "tensors only to be saved (see scao_fx.base)"
-                    )
-            tstates.append({"active": list(rt.active or []), "treespec": str(spec), "leaves": leaves})
-        state_dict: dict[str, Any] = {
-            "state": {},
-            "param_groups": groups,
-            "transform_state": tstates,
-            "format": _FORMAT,
-            "version": _FORMAT_VERSION,
-        }
+        state_dict = checkpoint.pack(self.param_groups, [(rt.active, rt.state) for rt in self._runtimes])
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, state_dict)
             if result is not None:
@@ -433,82 +406,28 @@ class TransformOptimizer(torch.optim.Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        if state_dict.get("format") != _FORMAT or "transform_state" not in state_dict:
-            raise ValueError(
-                "state_dict was not produced by a scao_fx TransformOptimizer (no 'transform_state' "
-                "entry); a torch.optim optimizer's state cannot be loaded into it"
-            )
-        if state_dict.get("version") != _FORMAT_VERSION:
-            raise ValueError(f"unsupported state_dict version {state_dict.get('version')!r}; this scao_fx reads version {_FORMAT_VERSION}")
-        saved_groups = state_dict["param_groups"]
-        tstates = state_dict["transform_state"]
-        if len(saved_groups) != len(self.param_groups) or len(tstates) != len(self.param_groups):
-            raise ValueError(
-                f"state_dict has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}"
-            )
-        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(
-                    f"param_groups[{i}] has {len(group['params'])} parameters, the state_dict's has {len(saved['params'])}"
-                )
-
-        new_states = []
-        for i, (group, tstate) in enumerate(zip(self.param_groups, tstates)):
-            if tstate is None:
-                new_states.append((None, None))
-                continue
-            active = [int(j) for j in tstate["active"]]
-            if any(not 0 <= j < len(group["params"]) for j in active):
-                raise ValueError(f"transform_state[{i}]['active'] has positions outside param_groups[{i}]")
-            new_states.append((active, tstate))
-
+        saved_states = checkpoint.unpack(state_dict, self.param_groups)
         # Hyperparameters: saved values replace current ones (params and names stay ours).
-        for saved, group in zip(saved_groups, self.param_groups):
-            for k, v in saved.items():
-                if k not in _NON_HYPER:
-                    group[k] = v
-        for i in range(len(self.param_groups)):
-            self._build(i)
-
-        for i, (active, tstate) in enumerate(new_states):
-            rt = self._runtimes[i]
-            if tstate is None:
+        for index, (saved, group) in enumerate(zip(state_dict["param_groups"], self.param_groups)):
+            group.update(self._saved_group_values(index, saved))
+        for index in range(len(self.param_groups)):
+            self._build(index)
+        for index, saved_state in enumerate(saved_states):
+            rt = self._runtimes[index]
+            if saved_state is None:
                 rt.state, rt.active = None, None
                 continue
-            rt.state = self._restore_state(i, rt, active, tstate)
+            active, entry = saved_state
+            params = self.param_groups[index]["params"]
+            template = rt.transform.init([params[j] for j in active])  # type: ignore[union-attr]
+            rt.state = checkpoint.restore(index, template, entry)
             rt.active = active
-
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
-    def _restore_state(self, index: int, rt: _GroupRuntime, active: list[int], tstate: Mapping) -> Any:
-        params = self.param_groups[index]["params"]
-        template = rt.transform.init([params[j] for j in active])  # type: ignore[union-attr]
-        t_leaves, t_spec = optree.tree_flatten(template, none_is_leaf=True)
-        s_leaves = list(tstate["leaves"])
-        if str(t_spec) != tstate["treespec"] or len(s_leaves) != len(t_leaves):
-            raise ValueError(
-                f"transform_state[{index}] does not match this optimizer's transform for param_groups[{index}] "
-                f"(were the hyperparameters or the model changed?):\n  saved: {tstate['treespec']}\n  "
-                f"now:   {t_spec}"
-            )
-        paths = optree.tree_paths(template, none_is_leaf=True)
-        out = []
-        for path, t, s in zip(paths, t_leaves, s_leaves):
-            where = f"transform_state[{index}] leaf {'.'.join(map(str, path))}"
-            if t is None or s is None:
-                if (t is None) != (s is None):
-                    raise ValueError(f"{where}: saved {type(s).__name__}, expected {type(t).__name__}")
-                out.append(None)
-                continue
-            if not isinstance(s, torch.Tensor):
-                raise TypeError(f"{where}: expected a tensor, got {type(s).__name__}")
-            if s.dtype != t.dtype:
-                raise ValueError(f"{where}: saved dtype {s.dtype}, this optimizer keeps {t.dtype} there")
-            if s.shape != t.shape:
-                raise ValueError(f"{where}: saved shape {tuple(s.shape)}, expected {tuple(t.shape)}")
-            out.append(s.detach().to(device=t.device, copy=True))
-        return optree.tree_unflatten(t_spec, out)
+    def _saved_group_values(self, index: int, saved: Mapping[str, Any]) -> dict[str, Any]:
+        """The entries of a saved param group that replace the current group's values."""
+        return {k: v for k, v in saved.items() if k not in _NON_HYPER}
 
 
 def dcp_state_dict(optimizer: Any) -> dict:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+from types import MappingProxyType
 from typing import Any, Iterable, Mapping
 
 import torch
 
 from .._validation import check_int
+from ..alias import SCAO_DEFAULTS, SCAO_GUARD_KEYS, SCAO_PRECONDITION_KEYS
 from ..base import GradientTransformation
 from ..parallel import check_process_group
 from ..transforms.finite import apply_if_finite
@@ -124,67 +126,7 @@ INERT_KEYWORDS: dict[str, Any] = {
     "fused": None,
 }
 
-def _precondition_extras() -> dict[str, Any]:
-    """The keyword-only arguments of :func:`scao_fx.scao_precondition` (beyond the original
-    package's), with their current defaults, read from its signature so the facade and the
-    functional alias can never disagree on a default."""
-    import inspect
-
-    from ..alias import scao_precondition
-
-    out = {}
-    for name, param in inspect.signature(scao_precondition).parameters.items():
-        if param.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("rank_eps", "process_group"):
-            out[name] = param.default
-    return out
-
-
-#: Extra keywords of :func:`scao_fx.scao_precondition` that the facade passes through
-#: (``block_size``, ``complement``, ``graft``, ``blend_shape``, ``tikhonov``, ``grouped``, ...).
-PRECONDITION_EXTRAS: dict[str, Any] = _precondition_extras()
-
-#: Keywords of the non-finite guard (:func:`scao_fx.apply_if_finite`) and their defaults; the
-#: guard wraps every group's chain, plain-AdamW groups included.
-GUARD_KEYWORDS: dict[str, Any] = {"skip_nonfinite": True, "max_consecutive_skips": 10, "host_sync": None}
-
-
-def _check_compat(values: Mapping[str, Any]) -> None:
-    """Validate the original package's compatibility keywords (see :data:`COMPAT_KEYWORDS`)."""
-    for name, (neutral, why) in COMPAT_KEYWORDS.items():
-        value = values[name]
-        if isinstance(neutral, bool):
-            _check_bool(name, value)
-        elif isinstance(neutral, int) and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
-            raise TypeError(f"{name} must be an integer, got {value!r} of type {type(value).__name__}")
-        elif isinstance(neutral, float) and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
-            raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
-        if not (value is neutral or (neutral is not None and value is not None and value == neutral)):
-            _reject(name, value, neutral, why)  # type: ignore[arg-type]
-    # Inert keywords: validated like the original validates them, otherwise ignored.
-    b3 = values["beta3"]
-    if isinstance(b3, bool) or not isinstance(b3, numbers.Real) or not 0.0 <= b3 < 1.0:
-        raise ValueError(f"beta3 must be a real number in [0, 1), got {b3!r}")
-    for name in ("async_precond", "noise_relative"):
-        _check_bool(name, values[name])
-    for name in ("foreach", "fused"):
-        if values[name] is not None:
-            _check_bool(name, values[name])
-    for name, low, high in (
-        ("noise_anneal", 0.0, 1.0),
-        ("lookahead_alpha", 0.0, 1.0),
-        ("warmup_stability_threshold", 0.0, math.inf),
-        ("lazy_delta_threshold", 0.0, math.inf),
-        ("gsnr_threshold", 0.0, math.inf),
-    ):
-        v = values[name]
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not low <= v <= high:
-            raise ValueError(f"{name} must be a real number in [{low}, {high}], got {v!r}")
-    for name in ("warmup_patience", "lazy_max_skip"):
-        v = values[name]
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-            raise ValueError(f"{name} must be an integer in [1, inf), got {v!r}")
-
-
+#: The positional keywords of :class:`SCAO` (the original package's core signature).
 _SCAO_CORE = (
     "lr",
     "betas",
@@ -205,12 +147,80 @@ _SCAO_CORE = (
     "factor_mode",
 )
 
+#: Extra keywords of :func:`scao_fx.scao_precondition` that the facade passes through
+#: (``block_size``, ``complement``, ``graft``, ``blend_shape``, ``tikhonov``, ``grouped``, ...),
+#: with their defaults (from :data:`scao_fx.alias.SCAO_DEFAULTS`).
+PRECONDITION_EXTRAS: Mapping[str, Any] = MappingProxyType(
+    {k: SCAO_DEFAULTS[k] for k in SCAO_PRECONDITION_KEYS if k not in _SCAO_CORE}
+)
+
+#: Keywords of the non-finite guard (:func:`scao_fx.apply_if_finite`) and their defaults; the
+#: guard wraps every group's chain, plain-AdamW groups included.
+GUARD_KEYWORDS: Mapping[str, Any] = MappingProxyType({k: SCAO_DEFAULTS[k] for k in SCAO_GUARD_KEYS})
+
+
+#: Every keyword of the original package (and of ``torch.optim.AdamW``) that the facade only
+#: validates: none of them is a hyperparameter, none is stored in a param group.
+_COMPAT_NAMES = frozenset(COMPAT_KEYWORDS) | frozenset(INERT_KEYWORDS)
+
+
+def _check_compat(values: Mapping[str, Any]) -> None:
+    """Validate the original package's keywords present in ``values`` (see
+    :data:`COMPAT_KEYWORDS` and :data:`INERT_KEYWORDS`); a keyword left out is at its neutral
+    value."""
+    for name, (neutral, why) in COMPAT_KEYWORDS.items():
+        if name not in values:
+            continue
+        value = values[name]
+        if isinstance(neutral, bool):
+            _check_bool(name, value)
+        elif isinstance(neutral, int) and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise TypeError(f"{name} must be an integer, got {value!r} of type {type(value).__name__}")
+        elif isinstance(neutral, float) and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
+        if not (value is neutral or (neutral is not None and value is not None and value == neutral)):
+            _reject(name, value, neutral, why)  # type: ignore[arg-type]
+    # Inert keywords: validated like the original validates them, otherwise ignored.
+    if "beta3" in values:
+        b3 = values["beta3"]
+        if isinstance(b3, bool) or not isinstance(b3, numbers.Real) or not 0.0 <= b3 < 1.0:
+            raise ValueError(f"beta3 must be a real number in [0, 1), got {b3!r}")
+    for name in ("async_precond", "noise_relative"):
+        if name in values:
+            _check_bool(name, values[name])
+    for name in ("foreach", "fused"):
+        if values.get(name) is not None:
+            _check_bool(name, values[name])
+    for name, low, high in (
+        ("noise_anneal", 0.0, 1.0),
+        ("lookahead_alpha", 0.0, 1.0),
+        ("warmup_stability_threshold", 0.0, math.inf),
+        ("lazy_delta_threshold", 0.0, math.inf),
+        ("gsnr_threshold", 0.0, math.inf),
+    ):
+        if name not in values:
+            continue
+        v = values[name]
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not low <= v <= high:
+            raise ValueError(f"{name} must be a real number in [{low}, {high}], got {v!r}")
+    for name in ("warmup_patience", "lazy_max_skip"):
+        if name not in values:
+            continue
+        v = values[name]
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise ValueError(f"{name} must be an integer in [1, inf), got {v!r}")
+
+
+def _split_compat(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` without the original package's keywords, which are validated first."""
+    _check_compat({k: v for k, v in values.items() if k in _COMPAT_NAMES})
+    return {k: v for k, v in values.items() if k not in _COMPAT_NAMES}
+
 
 def _scao_factory(**hp: Any) -> GradientTransformation:
     """Build one param group's transform from its hyperparameters."""
     from ..alias import adamw
 
-    _check_compat(hp)
     enabled = _check_bool("preconditioner_enabled", hp["preconditioner_enabled"])
     factor_mode = hp["factor_mode"]
     if factor_mode not in ("full", "wide"):
@@ -262,7 +272,8 @@ class SCAO(TransformOptimizer):
     preconditioned by low-rank Kronecker factors (plain Adam during ``warmup_steps``, then a
     ``blend_steps`` ramp), and Adam with decoupled weight decay runs on top. Vectors and scalars
     (biases, norms) get plain AdamW. Every hyperparameter can be set per param group; a group
-    with ``preconditioner_enabled=False`` runs plain AdamW (e.g. for huge embeddings).
+    with ``preconditioner_enabled=False`` runs plain AdamW (e.g. for huge embeddings). The
+    defaults are ``scao_fx.alias.SCAO_DEFAULTS`` (the same as :func:`~scao_fx.scao`'s).
 
     Args:
         params: parameters, ``(name, parameter)`` pairs or param-group dicts (as ``torch.optim``).
@@ -310,36 +321,35 @@ class SCAO(TransformOptimizer):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.01,
-        precond_freq: int = 20,
-        epsilon_sparse: float = 0.05,
-        k_min: int = 8,
-        k_max: int = 128,
-        rho: float = 0.999,
-        tau: float | None = None,
-        warmup_steps: int = 100,
-        blend_steps: int = 50,
-        min_precond_updates: int = 10,
-        max_precond_dim: int = 4096,
-        use_int8_ema: bool = True,
+        lr: float = SCAO_DEFAULTS["lr"],
+        betas: tuple[float, float] = SCAO_DEFAULTS["betas"],
+        eps: float = SCAO_DEFAULTS["eps"],
+        weight_decay: float = SCAO_DEFAULTS["weight_decay"],
+        precond_freq: int = SCAO_DEFAULTS["precond_freq"],
+        epsilon_sparse: float = SCAO_DEFAULTS["epsilon_sparse"],
+        k_min: int = SCAO_DEFAULTS["k_min"],
+        k_max: int = SCAO_DEFAULTS["k_max"],
+        rho: float = SCAO_DEFAULTS["rho"],
+        tau: float | None = SCAO_DEFAULTS["tau"],
+        warmup_steps: int = SCAO_DEFAULTS["warmup_steps"],
+        blend_steps: int = SCAO_DEFAULTS["blend_steps"],
+        min_precond_updates: int = SCAO_DEFAULTS["min_precond_updates"],
+        max_precond_dim: int = SCAO_DEFAULTS["max_precond_dim"],
+        use_int8_ema: bool = SCAO_DEFAULTS["use_int8_ema"],
         preconditioner_enabled: bool = True,
         factor_mode: str = "full",
         *,
         process_group: Any = None,
         **compat: Any,
     ) -> None:
-        known = {k: v[0] for k, v in COMPAT_KEYWORDS.items()}
-        known.update(INERT_KEYWORDS)
-        known.update(PRECONDITION_EXTRAS)
-        known.update(GUARD_KEYWORDS)
-        unknown = sorted(set(compat) - set(known))
+        known = {**PRECONDITION_EXTRAS, **GUARD_KEYWORDS}
+        unknown = sorted(set(compat) - set(known) - _COMPAT_NAMES)
         if unknown:
             raise TypeError(
-                f"SCAO got unexpected keyword argument(s) {unknown}; accepted extra keywords: {sorted(known)}"
+                f"SCAO got unexpected keyword argument(s) {unknown}; accepted extra keywords: "
+                f"{sorted(set(known) | _COMPAT_NAMES)}"
             )
+        compat = _split_compat(compat)  # validated once, here: not hyperparameters
         defaults = dict(
             lr=lr,
             betas=tuple(betas) if isinstance(betas, list) else betas,
@@ -365,6 +375,28 @@ class SCAO(TransformOptimizer):
         if check_process_group("process_group", process_group) is not None:
             factory = functools.partial(_scao_factory, process_group=process_group)
         super().__init__(params, factory, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group (as ``torch.optim``); the original package's keywords in it (see
+        :data:`COMPAT_KEYWORDS`, :data:`INERT_KEYWORDS`) are validated and left out of the group."""
+        if isinstance(param_group, dict):  # (in place, as torch.optim fills in the defaults)
+            _check_compat({k: v for k, v in param_group.items() if k in _COMPAT_NAMES})
+            for name in _COMPAT_NAMES.intersection(param_group):
+                del param_group[name]
+        super().add_param_group(param_group)
+
+    def _saved_group_values(self, index: int, saved: Mapping[str, Any]) -> dict[str, Any]:
+        # Checkpoints of earlier versions hold the original package's keywords in every group:
+        # validated (they can only be neutral or inert) and left out.
+        return _split_compat(super()._saved_group_values(index, saved))
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)  # a pickle of an earlier version holds the compat keywords too
+        if "defaults" in state:
+            state["defaults"] = {k: v for k, v in state["defaults"].items() if k not in _COMPAT_NAMES}
+        if "param_groups" in state:
+            state["param_groups"] = [_split_compat(g) for g in state["param_groups"]]
+        super().__setstate__(state)
 
     def diagnostics(self, *, curvature_norms: bool = True, as_tensors: bool = False) -> dict[str, dict[str, Any]]:
         """Per-parameter diagnostics: rank, phase, blend, curvature norm, refreshes, fallbacks.
