@@ -20,13 +20,16 @@ from .optim import SCAO, TransformOptimizer, dcp_state_dict
 from .parallel import assign_owners, gather_full, shard_like
 from .precond import (
     CurvatureEMA,
+    CurvatureSketch,
     FactorStatistic,
     KroneckerSide,
     RankRule,
     curvature_ema,
+    curvature_sketch,
     fixed_rank,
     full_rank,
     robust_eigh,
+    SketchStatistic,
     spectral_mass_rank,
 )
 from .transforms import *  # noqa: F401,F403  (re-export the transform families)
@@ -64,6 +67,9 @@ __all__ = [
     "CurvatureEMA",
     "FactorStatistic",
     "curvature_ema",
+    "CurvatureSketch",
+    "SketchStatistic",
+    "curvature_sketch",
     "RankRule",
     "spectral_mass_rank",
     "full_rank",

@@ -15,6 +15,14 @@ one fused decode-lerp-encode pass per step). Curvature factors are diagonally do
 block holding a diagonal entry would otherwise get a scale several times coarser than its
 neighbours; splitting the diagonal out measurably lowers the re-quantisation noise that an EMA
 accumulates (see ``docs/scao.md``).
+
+The memory of these statistics is :math:`O(d^2)` per side; :mod:`scao_fx.precond.sketch` has a
+low-rank one, :math:`O(d\,\ell)`. Both speak the same small interface to the Kronecker link
+(:func:`~scao_fx.kronecker_precondition`): ``init(batch, dim, device)``,
+``accumulate_outer(stat, x, scale, seed, count)`` (one step of :math:`F \leftarrow \rho F +
+(1-\rho)\,\mathrm{scale}\,X X^\top` from the side's data :math:`X`: :math:`G` for the left
+factor, :math:`G^\top` for the right), ``top_eigenpairs(stat, count, basis, first, ...)`` (what a
+refresh reads), ``directions(dim)`` and ``basis_dtype`` (the preconditioner basis they can fill).
 """
 
 from __future__ import annotations
@@ -27,8 +35,30 @@ import torch
 from .._validation import check_float
 from ..base import register_state
 from ..codecs import Codec, EncodedTensor, int8_blockwise
+from .eigen import factor_eigenpairs
 
-__all__ = ["CurvatureEMA", "FactorStatistic", "curvature_ema"]
+__all__ = ["CurvatureEMA", "FactorStatistic", "curvature_ema", "gram"]
+
+
+def gram(x: torch.Tensor, left: bool) -> torch.Tensor:
+    r"""Batched Gram matrices in float32: :math:`X X^\top` (``left``) or :math:`X^\top X`.
+
+    A bfloat16 ``x`` (``gram_precision="bfloat16"``) is multiplied as is with float32
+    accumulation and output: ``bmm(..., out_dtype=float32)`` (bfloat16 tensor cores) on CUDA,
+    the float32 product of its (exactly widened) entries elsewhere.
+
+    Example:
+        >>> import torch
+        >>> from scao_fx.precond.kron import gram
+        >>> gram(torch.tensor([[[1.0, 2.0]]]), left=True).tolist()
+        [[[5.0]]]
+    """
+    a, b = (x, x.transpose(-1, -2)) if left else (x.transpose(-1, -2), x)
+    if x.dtype == torch.float32:
+        return torch.matmul(a, b)
+    if x.is_cuda and not torch.compiler.is_compiling():
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.matmul(a.float(), b.float())
 
 
 @register_state
@@ -84,6 +114,39 @@ class CurvatureEMA:
     def state_bytes(self, dim: int) -> float:
         """Bytes one ``dim x dim`` factor costs in storage (codes, scales and the float32 diagonal)."""
         return dim * dim * self.codec.bytes_per_entry + 4.0 * dim
+
+    # The interface the Kronecker link talks to (shared with CurvatureSketch).
+
+    #: Storage dtype of the preconditioner basis a refresh fills from these statistics.
+    basis_dtype = torch.float32
+
+    def directions(self, dim: int) -> int:
+        """How many eigen-directions a refresh can read: every one of the ``dim x dim`` factor."""
+        return dim
+
+    def accumulate_outer(
+        self, stat: FactorStatistic, x: torch.Tensor, scale: torch.Tensor, seed: Any = 0, count: Any = None,
+        *, inplace: bool = False,
+    ) -> FactorStatistic:
+        r"""One EMA step with the side's data ``x`` ``(B, d, c)``: the Gram matrices :math:`\mathrm{scale}\,X X^\top`.
+
+        ``scale`` ``(B,)`` undoes the link's power-of-two normalisation (see
+        :func:`~scao_fx.precond.kron.normalize`); ``count`` is unused (the sketch reads it).
+        """
+        product = gram(x, True).mul_(scale[:, None, None])
+        return self.accumulate(stat, product, seed, inplace=inplace)
+
+    def top_eigenpairs(
+        self, stat: FactorStatistic, count: torch.Tensor, basis: torch.Tensor, first: torch.Tensor, *,
+        tikhonov: float, eigensolver: str = "auto",
+    ) -> tuple[torch.Tensor, ...]:
+        """The refresh's eigenpairs of the debiased factor: :func:`~scao_fx.precond.eigen.factor_eigenpairs`."""
+        factor = self.factor(stat, count, basis.shape[-2])
+        return factor_eigenpairs(factor, basis, first, tikhonov=tikhonov, eigensolver=eigensolver)
+
+    def frobenius_norm(self, stat: FactorStatistic, count: torch.Tensor, dim: int) -> torch.Tensor:
+        """``(B,)`` Frobenius norms of the debiased factors (for diagnostics)."""
+        return torch.linalg.matrix_norm(self.factor(stat, count, dim))
 
 
 def curvature_ema(rho: float = 0.999, codec: Codec | None = None) -> CurvatureEMA:

@@ -5,7 +5,8 @@ r"""Eigendecompositions of stacked symmetric factors, robust to failure.
   basis.
 * :func:`top_eigenpairs_exact` (a full ``eigh``) and :func:`top_eigenpairs_subspace` (one
   warm-started orthogonal iteration + Rayleigh-Ritz, :math:`O(d^2 k)`) give the top ``cap``
-  eigenpairs a basis refresh needs.
+  eigenpairs a basis refresh needs; :func:`factor_eigenpairs` regularises a factor
+  (:func:`regularize`) and picks the solver.
 
 Pure tensor code on stacks ``(B, d, d)``: no pytrees, no process groups.
 """
@@ -16,7 +17,18 @@ from typing import Callable
 
 import torch
 
-__all__ = ["robust_eigh", "top_eigenpairs_exact", "top_eigenpairs_subspace", "branch"]
+__all__ = [
+    "robust_eigh",
+    "top_eigenpairs_exact",
+    "top_eigenpairs_subspace",
+    "branch",
+    "TIKHONOV_FLOOR",
+    "regularize",
+    "factor_eigenpairs",
+]
+
+#: Absolute floor of the Tikhonov term, only reached by an all-zero factor.
+TIKHONOV_FLOOR = 1e-30
 
 
 def _finite_rows(*tensors: torch.Tensor, lead: int) -> torch.Tensor:
@@ -125,3 +137,64 @@ def top_eigenpairs_subspace(factor: torch.Tensor, basis: torch.Tensor) -> tuple[
     remaining = torch.diagonal(factor, dim1=-2, dim2=-1).sum(-1) - vals.sum(-1)
     rest = (remaining / max(d - cap, 1))[:, None].expand(-1, d - cap)
     return _dense(vals), _dense(vecs), ok, _dense(rest)
+
+
+def regularize(factor: torch.Tensor, tikhonov: float) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Tikhonov term relative to the factor's own scale: :math:`F + \epsilon I`.
+
+    :math:`\epsilon = \max(10^{-30},\ \mathrm{tikhonov}\cdot\mathrm{tr}(F)/d)` per stacked factor, so
+    scaling the loss scales :math:`\epsilon` with :math:`F` and never changes the update's
+    direction.
+
+    Returns:
+        ``(F + eps I, eps)`` with ``eps`` of shape ``(B,)``.
+
+    Example:
+        >>> import torch
+        >>> from scao_fx.precond.kron import regularize
+        >>> reg, eps = regularize(4.0 * torch.eye(2)[None], 0.25)
+        >>> eps.tolist(), reg[0].diagonal().tolist()
+        ([1.0], [5.0, 5.0])
+    """
+    dim = factor.shape[-1]
+    trace = torch.diagonal(factor, dim1=-2, dim2=-1).sum(-1)
+    eps = torch.clamp(tikhonov * trace / dim, min=TIKHONOV_FLOOR)
+    eye = torch.eye(dim, device=factor.device, dtype=factor.dtype)
+    return factor + eps[:, None, None] * eye, eps
+
+
+def factor_eigenpairs(
+    factor: torch.Tensor, basis: torch.Tensor, first: torch.Tensor, *, tikhonov: float, eigensolver: str
+) -> tuple[torch.Tensor, ...]:
+    r"""The top ``cap = basis.shape[-1]`` eigenpairs of the regularised factors :math:`F + \epsilon I`.
+
+    A full ``eigh`` (``eigensolver="eigh"``, or ``"auto"`` with a full-width basis), else the
+    warm-started subspace iteration from ``basis`` (a full ``eigh`` at the ``first`` refresh).
+
+    Args:
+        factor: ``(B, d, d)`` float32 debiased factors.
+        basis: ``(B, d, cap)`` the previous basis (its width sets ``cap``).
+        first: CPU bool 0-d tensor, True at the first refresh.
+        tikhonov: relative Tikhonov factor (see :func:`regularize`).
+        eigensolver: ``"auto"``, ``"eigh"`` or ``"subspace"``.
+
+    Returns:
+        ``(values (B, cap) decreasing, vectors (B, d, cap), ok (B,), rest (B, d - cap), eps (B,))``
+        of :math:`F + \epsilon I`; ``rest`` holds (or summarises) the remaining eigenvalues.
+
+    Example:
+        >>> import torch
+        >>> from scao_fx.precond.eigen import factor_eigenpairs
+        >>> f = torch.diag(torch.tensor([4.0, 1.0, 1.0]))[None]
+        >>> vals, vecs, ok, rest, eps = factor_eigenpairs(f, torch.zeros(1, 3, 1), torch.tensor(True),
+        ...                                               tikhonov=0.0, eigensolver="eigh")
+        >>> vals.tolist(), rest.tolist()
+        ([[4.0]], [[1.0, 1.0]])
+    """
+    dim, cap = factor.shape[-1], basis.shape[-1]
+    reg, eps = regularize(factor, tikhonov)
+    if eigensolver == "eigh" or (eigensolver == "auto" and cap == dim):
+        vals, vecs, ok, rest = top_eigenpairs_exact(reg, basis)
+    else:
+        vals, vecs, ok, rest = branch(first, top_eigenpairs_exact, top_eigenpairs_subspace, (reg, basis))
+    return vals, vecs, ok, rest, eps

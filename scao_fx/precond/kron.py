@@ -18,13 +18,13 @@ The link :func:`scao_fx.kronecker_precondition` is the plumbing around them.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from ..base import register_state
-from .curvature import CurvatureEMA, FactorStatistic
-from .eigen import branch, top_eigenpairs_exact, top_eigenpairs_subspace
+from .curvature import gram
+from .eigen import TIKHONOV_FLOOR, factor_eigenpairs, regularize
 from .rank import RankRule
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "regularize",
     "complement_gain",
     "refresh_side",
+    "side_from_eigenpairs",
     "apply_left",
     "apply_right",
     "graft_factor",
@@ -42,24 +43,22 @@ __all__ = [
     "saturate",
 ]
 
-#: Absolute floor of the Tikhonov term, only reached by an all-zero factor.
-TIKHONOV_FLOOR = 1e-30
-
-
 @register_state
 class KroneckerSide(NamedTuple):
     """One preconditioned side of a shape group (``B`` stacked ``d x d`` factors).
 
     Attributes:
-        stat: the curvature EMA (:class:`~scao_fx.precond.curvature.FactorStatistic`).
-        basis: ``(B, d, cap)`` float32 eigenvectors (zero before the first refresh).
+        stat: the curvature statistic (:class:`~scao_fx.precond.curvature.FactorStatistic` of the
+            full-factor EMA, :class:`~scao_fx.precond.sketch.SketchStatistic` of the sketch).
+        basis: ``(B, d, cap)`` eigenvectors (zero before the first refresh), float32 (or the
+            statistic's ``basis_dtype``).
         coef: ``(B, cap)`` float32 :math:`s^{-1/4} - c` on kept directions, 0 past ``k``.
         tail: ``(B,)`` float32 complement gain ``c`` (1 before the first refresh).
         rank: ``(B,)`` int64 kept rank ``k``.
         fallbacks: ``(B,)`` int64 number of refreshes that kept the previous basis.
     """
 
-    stat: FactorStatistic
+    stat: Any
     basis: torch.Tensor
     coef: torch.Tensor
     tail: torch.Tensor
@@ -67,8 +66,11 @@ class KroneckerSide(NamedTuple):
     fallbacks: torch.Tensor
 
 
-def init_side(curvature: CurvatureEMA, rank: RankRule, batch: int, dim: int, device=None) -> KroneckerSide:
+def init_side(curvature: Any, rank: RankRule, batch: int, dim: int, device=None) -> KroneckerSide:
     """A side before its first refresh: zero statistics and basis, :math:`A = I` (tail gain 1).
+
+    The basis is ``min(rank.capacity(dim), curvature.directions(dim))`` wide, stored as
+    ``curvature.basis_dtype``.
 
     Example:
         >>> import scao_fx as sf
@@ -77,39 +79,15 @@ def init_side(curvature: CurvatureEMA, rank: RankRule, batch: int, dim: int, dev
         >>> tuple(side.basis.shape), side.tail.tolist()
         ((3, 5, 2), [1.0, 1.0, 1.0])
     """
-    cap = rank.capacity(dim)
+    cap = min(rank.capacity(dim), curvature.directions(dim))
     return KroneckerSide(
         stat=curvature.init(batch, dim, device),
-        basis=torch.zeros(batch, dim, cap, device=device),
+        basis=torch.zeros(batch, dim, cap, dtype=curvature.basis_dtype, device=device),
         coef=torch.zeros(batch, cap, device=device),
         tail=torch.ones(batch, device=device),
         rank=torch.zeros(batch, dtype=torch.int64, device=device),
         fallbacks=torch.zeros(batch, dtype=torch.int64, device=device),
     )
-
-
-def regularize(factor: torch.Tensor, tikhonov: float) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Tikhonov term relative to the factor's own scale: :math:`F + \epsilon I`.
-
-    :math:`\epsilon = \max(10^{-30},\ \mathrm{tikhonov}\cdot\mathrm{tr}(F)/d)` per stacked factor, so
-    scaling the loss scales :math:`\epsilon` with :math:`F` and never changes the update's
-    direction.
-
-    Returns:
-        ``(F + eps I, eps)`` with ``eps`` of shape ``(B,)``.
-
-    Example:
-        >>> import torch
-        >>> from scao_fx.precond.kron import regularize
-        >>> reg, eps = regularize(4.0 * torch.eye(2)[None], 0.25)
-        >>> eps.tolist(), reg[0].diagonal().tolist()
-        ([1.0], [5.0, 5.0])
-    """
-    dim = factor.shape[-1]
-    trace = torch.diagonal(factor, dim1=-2, dim2=-1).sum(-1)
-    eps = torch.clamp(tikhonov * trace / dim, min=TIKHONOV_FLOOR)
-    eye = torch.eye(dim, device=factor.device, dtype=factor.dtype)
-    return factor + eps[:, None, None] * eye, eps
 
 
 def complement_gain(s_all: torch.Tensor, k: torch.Tensor, complement: str) -> torch.Tensor:
@@ -183,25 +161,67 @@ def refresh_side(
         >>> new.rank.tolist(), round(float(new.coef[0, 0] + new.tail[0]), 4)
         ([2], 0.5)
     """
-    dim = factor.shape[-1]
-    reg, eps = regularize(factor, tikhonov)
-    cap = rank.capacity(dim)
-    if eigensolver == "eigh" or (eigensolver == "auto" and cap == dim):
-        vals, vecs, ok, rest = top_eigenpairs_exact(reg, side.basis)
-    else:
-        vals, vecs, ok, rest = branch(first, top_eigenpairs_exact, top_eigenpairs_subspace, (reg, side.basis))
+    pairs = factor_eigenpairs(factor, side.basis, first, tikhonov=tikhonov, eigensolver=eigensolver)
+    return side_from_eigenpairs(side, *pairs, rank=rank, complement=complement)
+
+
+def side_from_eigenpairs(
+    side: KroneckerSide,
+    vals: torch.Tensor,
+    vecs: torch.Tensor,
+    ok: torch.Tensor,
+    rest: torch.Tensor,
+    eps: torch.Tensor,
+    *,
+    rank: RankRule,
+    complement: str = "mean_tail",
+) -> KroneckerSide:
+    r"""The refreshed side from the top eigenpairs of a regularised factor (the second half of a refresh).
+
+    Floors the spectrum at :math:`\epsilon`, chooses ``k`` with the rank rule (at most the basis
+    width), the complement gain with :func:`complement_gain` and the coefficients
+    :math:`s_i^{-1/4} - c` of the kept directions; factors with ``ok`` False keep their previous
+    basis, gains and rank, and count a fallback. Any curvature statistic's ``top_eigenpairs``
+    feeds it.
+
+    Args:
+        side: the side to refresh (its statistics are returned unchanged).
+        vals: ``(B, cap)`` top eigenvalues of :math:`F + \epsilon I`, decreasing.
+        vecs: ``(B, d, cap)`` their eigenvectors.
+        ok: ``(B,)`` bool, False where the decomposition failed.
+        rest: ``(B, d - cap)`` the remaining eigenvalues of :math:`F + \epsilon I` (or their mean, repeated).
+        eps: ``(B,)`` the Tikhonov term.
+        rank: the rank rule.
+        complement: ``"mean_tail"``, ``"kth"`` or ``"none"``.
+
+    Returns:
+        The refreshed :class:`KroneckerSide`.
+
+    Example:
+        >>> import torch, scao_fx as sf
+        >>> from scao_fx.precond.kron import init_side, side_from_eigenpairs
+        >>> side = init_side(sf.curvature_ema(), sf.fixed_rank(1), batch=1, dim=2)
+        >>> new = side_from_eigenpairs(side, torch.tensor([[16.0]]), torch.tensor([[[1.0], [0.0]]]),
+        ...                            torch.tensor([True]), torch.tensor([[1.0]]), torch.tensor([0.0]),
+        ...                            rank=sf.fixed_rank(1))
+        >>> new.rank.tolist(), new.tail.tolist(), new.coef.tolist()
+        ([1], [1.0], [[-0.5]])
+    """
+    cap = vals.shape[-1]
     # The full regularised spectrum, each eigenvalue floored at eps: the ``cap`` computed values,
     # then the rest (exact, or the remaining trace spread evenly by the subspace solver). Past
     # ``cap`` only sums matter.
     s_all = torch.maximum(torch.cat([vals, rest], dim=-1), eps[:, None])
     s = s_all[:, :cap]
     k = rank.select(s_all - eps[:, None])
+    if rank.capacity(s_all.shape[-1]) > cap:  # a basis narrower than the rule's width (a sketch)
+        k = k.clamp(max=cap)
     c = complement_gain(s_all, k, complement)
     keep = torch.arange(cap, device=s.device)[None, :] < k[:, None]
     coef = torch.where(keep, s ** -0.25 - c[:, None], torch.zeros_like(s))
     return KroneckerSide(
         stat=side.stat,
-        basis=torch.where(ok[:, None, None], vecs, side.basis).contiguous(),
+        basis=torch.where(ok[:, None, None], vecs.to(side.basis.dtype), side.basis).contiguous(),
         coef=torch.where(ok[:, None], coef, side.coef).contiguous(),
         tail=torch.where(ok, c.to(side.tail.dtype), side.tail).contiguous(),
         rank=torch.where(ok, k, side.rank).contiguous(),
@@ -211,14 +231,16 @@ def refresh_side(
 
 def apply_left(side: KroneckerSide, g: torch.Tensor) -> torch.Tensor:
     r""":math:`A G` for ``g`` of shape ``(B, d, n)``: :math:`U (\mathrm{coef} \odot U^\top G) + c\,G`."""
-    t = torch.matmul(side.basis.transpose(-1, -2), g) * side.coef[..., None]
-    return torch.baddbmm(g * side.tail[:, None, None], side.basis, t)
+    u = side.basis.to(g.dtype)  # no copy for a float32 basis
+    t = torch.matmul(u.transpose(-1, -2), g) * side.coef[..., None]
+    return torch.baddbmm(g * side.tail[:, None, None], u, t)
 
 
 def apply_right(side: KroneckerSide, g: torch.Tensor) -> torch.Tensor:
     r""":math:`G A` for ``g`` of shape ``(B, m, d)``: :math:`(G U \odot \mathrm{coef}) U^\top + c\,G`."""
-    t = torch.matmul(g, side.basis) * side.coef[:, None, :]
-    return torch.baddbmm(g * side.tail[:, None, None], t, side.basis.transpose(-1, -2))
+    u = side.basis.to(g.dtype)  # no copy for a float32 basis
+    t = torch.matmul(g, u) * side.coef[:, None, :]
+    return torch.baddbmm(g * side.tail[:, None, None], t, u.transpose(-1, -2))
 
 
 def graft_factor(grads: torch.Tensor, pg: torch.Tensor, graft: str, tau: float | None) -> torch.Tensor | None:
@@ -244,27 +266,6 @@ def graft_factor(grads: torch.Tensor, pg: torch.Tensor, graft: str, tau: float |
     if graft == "frobenius":
         return gnorm / safe_p
     return torch.clamp(tau * gnorm / safe_p, max=1.0)
-
-
-def gram(x: torch.Tensor, left: bool) -> torch.Tensor:
-    r"""Batched Gram matrices in float32: :math:`X X^\top` (``left``) or :math:`X^\top X`.
-
-    A bfloat16 ``x`` (``gram_precision="bfloat16"``) is multiplied as is with float32
-    accumulation and output: ``bmm(..., out_dtype=float32)`` (bfloat16 tensor cores) on CUDA,
-    the float32 product of its (exactly widened) entries elsewhere.
-
-    Example:
-        >>> import torch
-        >>> from scao_fx.precond.kron import gram
-        >>> gram(torch.tensor([[[1.0, 2.0]]]), left=True).tolist()
-        [[[5.0]]]
-    """
-    a, b = (x, x.transpose(-1, -2)) if left else (x.transpose(-1, -2), x)
-    if x.dtype == torch.float32:
-        return torch.matmul(a, b)
-    if x.is_cuda and not torch.compiler.is_compiling():
-        return torch.bmm(a, b, out_dtype=torch.float32)
-    return torch.matmul(a.float(), b.float())
 
 
 def _pow2(e: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -37,26 +37,26 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Sequence
 
+import optree
 import torch
 
 from .._tree import flatten, unflatten
 from .._validation import check_bool, check_choice, check_float, check_int
 from ..base import GradientTransformation, increment, register_state, step_count
-from ..codecs import EncodedTensor
 from ..parallel import assign_owners, check_process_group, owner_refresh
-from ..precond.curvature import CurvatureEMA, FactorStatistic, curvature_ema
+from ..precond.curvature import CurvatureEMA, curvature_ema
 from ..precond.kron import (
     KroneckerSide,
     apply_left,
     apply_right,
     graft_factor,
-    gram,
     init_side,
     normalize,
-    refresh_side,
     saturate,
+    side_from_eigenpairs,
 )
 from ..precond.rank import RankRule, spectral_mass_rank
+from ..precond.sketch import CurvatureSketch
 from .sharding import full_tensor_updates
 
 __all__ = [
@@ -178,7 +178,7 @@ def _keep_absent(present: torch.Tensor, new: KroneckerSide, old: KroneckerSide) 
             continue
         mask = present.to(a.device).reshape(-1, *([1] * (a.dim() - 1)))  # a no-op for the usual same device
         out.append(torch.where(mask, a, b))
-    return _unpack(out)
+    return _unpack(out, new)
 
 
 def _side_dim(side: KroneckerSide | None) -> int | None:
@@ -209,16 +209,17 @@ def _maybe_refresh(due: torch.Tensor, side: KroneckerSide, refresh: Callable[[Kr
     ``torch.cond``, so a compiled step has no graph break.
     """
     if torch.compiler.is_compiling():
-        # The refresh never changes the statistics (the first 3 packed tensors): they are
+        # The refresh never changes the statistics (the first n packed tensors): they are
         # operands only, not outputs (torch.cond rejects branches returning an input alias).
         ops = _pack(side)
+        n = len(ops) - len(_REFRESHED_FIELDS)
         out = torch.cond(
             due,
-            lambda *ops: _pack(refresh(_unpack(ops)))[3:],
-            lambda *ops: tuple(o.clone() for o in ops[3:]),
+            lambda *ops: _pack(refresh(_unpack(ops, side)))[n:],
+            lambda *ops: tuple(o.clone() for o in ops[n:]),
             ops,
         )
-        return _unpack(ops[:3] + tuple(out))
+        return _unpack(ops[:n] + tuple(out), side)
     return refresh(side) if bool(due) else side
 
 
@@ -301,7 +302,9 @@ def kronecker_precondition(
     r"""Precondition matrix leaves by low-rank-plus-complement Kronecker factors.
 
     Args:
-        curvature: the curvature statistic (:func:`curvature_ema`, default rho 0.999, int8).
+        curvature: the curvature statistic: :func:`curvature_ema` (full factors, default rho
+            0.999, int8) or :func:`curvature_sketch` (a low-rank frequent-directions sketch,
+            :math:`O(d\,\ell)` memory per side; the basis is then at most the sketch's width).
         rank: the rank rule (:func:`spectral_mass_rank` default ``(0.05, 8, 128)``;
             :func:`full_rank` for exact :math:`L^{-1/4}`).
         precond_freq: refresh the bases every this many steps, >= 1.
@@ -348,8 +351,11 @@ def kronecker_precondition(
 
     curvature = curvature_ema() if curvature is None else curvature
     rank = spectral_mass_rank() if rank is None else rank
-    if not isinstance(curvature, CurvatureEMA):
-        raise TypeError(f"curvature must be a CurvatureEMA (curvature_ema(...)), got {curvature!r}")
+    if not isinstance(curvature, (CurvatureEMA, CurvatureSketch)):
+        raise TypeError(
+            "curvature must be a CurvatureEMA (curvature_ema(...)) or a CurvatureSketch "
+            f"(curvature_sketch(...)), got {curvature!r}"
+        )
     if not isinstance(rank, RankRule):
         raise TypeError(f"rank must be a RankRule (spectral_mass_rank(...), full_rank(), fixed_rank(k)), got {rank!r}")
     precond_freq = check_int("precond_freq", precond_freq, low=1)
@@ -383,9 +389,9 @@ def kronecker_precondition(
         return KroneckerPreconditionState(step_count(), step_count(), tuple(groups))
 
     def refresh(side: KroneckerSide, count: torch.Tensor, dim: int, first: torch.Tensor) -> KroneckerSide:
-        factor = curvature.factor(side.stat, count, dim)
-        return refresh_side(side, factor, first, rank=rank, tikhonov=tikhonov, complement=complement,
-                            eigensolver=eigensolver)
+        pairs = curvature.top_eigenpairs(side.stat, count, side.basis, first, tikhonov=tikhonov,
+                                         eigensolver=eigensolver)
+        return side_from_eigenpairs(side, *pairs, rank=rank, complement=complement)
 
     def update(updates, state, *, params=None, inplace=True):
         leaves, spec = flatten(updates)
@@ -421,8 +427,9 @@ def kronecker_precondition(
                     sides.append(None)
                     continue
                 old = side
-                product = gram(gram_in, left).mul_(gram_scale[:, None, None])  # the Gram matrices of G itself
-                stat = curvature.accumulate(side.stat, product, seed, inplace=inplace and not partial)
+                data = gram_in if left else gram_in.transpose(-1, -2)  # the factor sums data @ data^T
+                stat = curvature.accumulate_outer(side.stat, data, gram_scale, seed, count,
+                                                  inplace=inplace and not partial)
                 side = side._replace(stat=stat)
                 local = functools.partial(refresh, count=count, dim=dim, first=first)
                 side = _maybe_refresh(due, side, run_refresh(gi, s, local))
@@ -457,12 +464,18 @@ def kronecker_precondition(
     return full_tensor_updates(GradientTransformation(init, update), preconditioned)
 
 
+#: The fields of a side that a refresh writes (its statistics are never changed by a refresh).
+_REFRESHED_FIELDS = ("basis", "coef", "tail", "rank", "fallbacks")
+
+
 def _pack(side: KroneckerSide) -> tuple:
-    """Flatten a side into a tuple of tensors (``torch.cond`` operands)."""
-    st = side.stat
-    return (st.offdiag.data, st.offdiag.scale, st.diag, side.basis, side.coef, side.tail, side.rank, side.fallbacks)
+    """Flatten a side into a tuple of tensors (``torch.cond`` operands): the statistics' tensors,
+    then the refreshed fields."""
+    return tuple(optree.tree_leaves(side.stat)) + tuple(getattr(side, f) for f in _REFRESHED_FIELDS)
 
 
-def _unpack(ops: Sequence[torch.Tensor]) -> KroneckerSide:
-    """Inverse of :func:`_pack`."""
-    return KroneckerSide(FactorStatistic(EncodedTensor(ops[0], ops[1]), ops[2]), *ops[3:])
+def _unpack(ops: Sequence[torch.Tensor], like: KroneckerSide) -> KroneckerSide:
+    """Inverse of :func:`_pack`, the statistics' structure taken from ``like``."""
+    spec = optree.tree_structure(like.stat)
+    n = spec.num_leaves
+    return KroneckerSide(optree.tree_unflatten(spec, list(ops[:n])), *ops[n:])
