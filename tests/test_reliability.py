@@ -525,6 +525,11 @@ BAD_ARGUMENTS["apply_if_finite"] = [
     (lambda: sf.apply_if_finite(sf.adam(), host_sync=1), TypeError, ["host_sync", "None, True or False", "1"]),
     (lambda: sf.apply_if_finite(sf.adam(), skip_overflow="yes"), TypeError, ["skip_overflow", "bool", "'yes'"]),
 ]
+BAD_ARGUMENTS["curvature_sketch"] = [
+    (lambda: sf.curvature_sketch(rank=1), ValueError, ["rank", "1", "[2, inf]"]),
+    (lambda: sf.curvature_sketch(rho=1.0), ValueError, ["rho", "1.0"]),
+    (lambda: sf.curvature_sketch(codec="int8"), TypeError, ["codec", "Codec", "'int8'"]),
+]
 BAD_ARGUMENTS["full_tensor_updates"] = [
     (lambda: sf.full_tensor_updates("adam", callable), TypeError, ["inner", "GradientTransformation", "str"]),
     (lambda: sf.full_tensor_updates(sf.adam(), True), TypeError, ["select", "callable", "True"]),
