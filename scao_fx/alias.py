@@ -15,9 +15,10 @@ from .transforms.combinators import chain
 from .transforms.blend import blend_ramp
 from .transforms.finite import apply_if_finite
 from .transforms.kronecker import kronecker_precondition
-from .codecs import fp32_codec, int8_blockwise
+from .codecs import bf16_codec, fp32_codec, int8_blockwise
 from .precond.curvature import curvature_ema
 from .precond.rank import spectral_mass_rank
+from .precond.sketch import curvature_sketch
 from .transforms.scale import scale_by_learning_rate
 
 __all__ = ["adam", "adamw", "scao_precondition", "scao", "SCAO_DEFAULTS"]
@@ -52,6 +53,9 @@ SCAO_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "sides": "both",
         "eigensolver": "auto",
         "gram_precision": "float32",
+        "curvature": "ema",
+        "sketch_rank": 128,
+        "sketch_storage": "bfloat16",
         # the non-finite guard (apply_if_finite around the chain)
         "skip_nonfinite": True,
         "max_consecutive_skips": 10,
@@ -177,6 +181,9 @@ def scao_precondition(
     eigensolver: str = SCAO_DEFAULTS["eigensolver"],
     gram_precision: str = SCAO_DEFAULTS["gram_precision"],
     process_group: Any = None,
+    curvature: str = SCAO_DEFAULTS["curvature"],
+    sketch_rank: int = SCAO_DEFAULTS["sketch_rank"],
+    sketch_storage: str = SCAO_DEFAULTS["sketch_storage"],
 ) -> GradientTransformation:
     r"""SCAO's preconditioner, built from its five named parts.
 
@@ -220,6 +227,13 @@ def scao_precondition(
         process_group: spread basis refreshes over this ``torch.distributed`` group (see
             :func:`kronecker_precondition` and ``docs/distributed.md``); ``None``: local.
         rank_eps: alternative name of ``epsilon_sparse``.
+        curvature: ``"ema"`` (full factors, :func:`curvature_ema`) or ``"sketch"`` (low-rank
+            frequent-directions sketches, :func:`curvature_sketch`: :math:`O((m+n)\ell)` memory per
+            matrix; ``use_int8_ema`` then does not apply).
+        sketch_rank: the sketch's width :math:`\ell` per side, >= 2 (``curvature="sketch"``).
+        sketch_storage: storage of the sketch's frame and of the preconditioner basis
+            (``curvature="sketch"``): ``"bfloat16"`` (both bf16), ``"int8"`` (frame int8 with
+            ``block_size`` blocks, basis bf16) or ``"float32"``.
 
     Returns:
         A ``GradientTransformation`` with state ``BlendRampState(KroneckerPreconditionState, count)``.
@@ -242,10 +256,17 @@ def scao_precondition(
     check_choice("blend_shape", blend_shape, ("linear", "cosine"))
     if not isinstance(use_int8_ema, bool):
         raise TypeError(f"use_int8_ema must be a bool, got {use_int8_ema!r}")
-    codec = int8_blockwise(block_size) if use_int8_ema else fp32_codec()
+    check_choice("curvature", curvature, ("ema", "sketch"))
+    check_choice("sketch_storage", sketch_storage, ("bfloat16", "int8", "float32"))
+    if curvature == "sketch":
+        frame = {"bfloat16": bf16_codec(), "int8": int8_blockwise(block_size), "float32": fp32_codec()}[sketch_storage]
+        basis_dtype = torch.float32 if sketch_storage == "float32" else torch.bfloat16
+        statistic = curvature_sketch(sketch_rank, rho, frame, basis_dtype=basis_dtype)
+    else:
+        statistic = curvature_ema(rho, codec=int8_blockwise(block_size) if use_int8_ema else fp32_codec())
     return blend_ramp(
         kronecker_precondition(
-            curvature=curvature_ema(rho, codec=codec),
+            curvature=statistic,
             rank=spectral_mass_rank(epsilon_sparse, k_min, k_max),
             precond_freq=precond_freq,
             max_precond_dim=max_precond_dim,

@@ -38,6 +38,7 @@ from .transforms.adam import ScaleByAdamState
 from .transforms.blend import BlendRampState, blend_factor
 from .codecs import Codec, int8_blockwise
 from .precond.curvature import curvature_ema
+from .precond.sketch import SketchStatistic, curvature_sketch
 from .transforms.kronecker import KroneckerPreconditionState
 
 __all__ = ["scao_diagnostics", "summarize_diagnostics", "DIAGNOSTIC_KEYS"]
@@ -123,7 +124,8 @@ def scao_diagnostics(
     Args:
         state: the functional state (e.g. of ``sf.scao(...)``).
         warmup_steps, blend_steps, min_precond_updates, blend_shape: the blend ramp's settings.
-        rho: the curvature EMA decay (for the debiased factor norms).
+        rho: the curvature EMA decay (for the debiased factor norms; a sketch's norm is that of
+            its low-rank part).
         codec: the curvature storage codec (default: int8 with ``scao_precondition``'s default
             ``block_size``; pass ``fp32_codec()`` for ``use_int8_ema=False``).
         names: one name per leaf of the parameter tree (default: ``"0"``, ``"1"``, ...).
@@ -181,6 +183,7 @@ def scao_diagnostics(
         raise ValueError(f"names must have one entry per leaf ({n}), got {len(names)}")
     labels = [str(i) for i in range(n)] if names is None else [str(x) for x in names]
     curv = curvature_ema(rho, codec=_default_codec() if codec is None else codec)
+    sketch_reader = curvature_sketch(rho=rho)
 
     def out(x: Any) -> Any:
         if as_tensors or x is None:
@@ -202,8 +205,9 @@ def scao_diagnostics(
             if side is None or not curvature_norms:
                 continue
             dim = side.basis.shape[1]
-            factor = curv.factor(side.stat, kron.count, dim)
-            norms[side_name] = torch.linalg.matrix_norm(factor)  # (B,)
+            # a sketch's norm needs only rho (its core holds the factor's compression)
+            reader = sketch_reader if isinstance(side.stat, SketchStatistic) else curv
+            norms[side_name] = reader.frobenius_norm(side.stat, kron.count, dim)  # (B,)
         for j, leaf in enumerate(leaf_ids):
             rec = records[labels[leaf]]
             m = group.left.basis.shape[1] if group.left is not None else None

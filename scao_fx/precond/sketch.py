@@ -36,7 +36,7 @@ statistic is the exact factor (in a rotating basis).
 
 **At a refresh** the core is diagonalised, :math:`C = W\mathrm{diag}(\mu)W^\top`, and the link
 reads the debiased top ``cap`` eigenpairs :math:`(\mu_i + \sigma',\ Q W_{:,i})` with
-:math:`\sigma' = \min(\sigma, E/d)`, :math:`E = \tau - \sum_{i\le cap}\mu_i` (frequent directions'
+:math:`\sigma' = \min(\sigma, E/cap)`, :math:`E = \tau - \sum_{i\le cap}\mu_i` (frequent directions'
 bound :math:`QCQ^\top \preceq F \preceq QCQ^\top + \sigma I`), and the remaining mass
 :math:`E - cap\,\sigma'` spread evenly over the other :math:`d - cap` directions as the tail
 eigenvalue, so the spectral-mass rank rule and the complement gain work unchanged.
@@ -235,7 +235,7 @@ class CurvatureSketch:
         top = mu[:, :cap].clamp(min=0) / bias
         trace = stat.trace / bias
         escaped = (trace - top.sum(-1)).clamp(min=0)
-        shift = torch.minimum(stat.shrink / bias, escaped / d)
+        shift = torch.minimum(stat.shrink / bias, escaped / cap)
         rest = ((escaped - cap * shift).clamp(min=0) / max(d - cap, 1))[:, None].expand(-1, d - cap)
         eps = torch.clamp(tikhonov * trace / d, min=TIKHONOV_FLOOR)
         vals = top + (shift + eps)[:, None]

@@ -223,25 +223,6 @@ def _maybe_refresh(due: torch.Tensor, side: KroneckerSide, refresh: Callable[[Kr
     return refresh(side) if bool(due) else side
 
 
-def _refresh_owners(groups: tuple, world: int) -> dict[tuple[int, int], list[int]]:
-    """Owner rank of every stacked factor: ``{(group, side 0 left / 1 right): [owner per row]}``.
-
-    Costs :math:`d^3` per ``d x d`` factor, balanced by :func:`~scao_fx.parallel.assign_owners`.
-    Read from the state's shapes only, so every rank computes the same assignment.
-    """
-    keys, costs = [], []
-    for gi, gs in enumerate(groups):
-        for s, side in enumerate((gs.left, gs.right)):
-            if side is not None:
-                batch, dim = side.basis.shape[0], side.basis.shape[-2]
-                keys += [(gi, s)] * batch
-                costs += [float(dim) ** 3] * batch
-    out: dict[tuple[int, int], list[int]] = {}
-    for key, owner in zip(keys, assign_owners(costs, world)):
-        out.setdefault(key, []).append(owner)
-    return out
-
-
 def _local_refreshes(groups: tuple, due: torch.Tensor) -> Callable:
     """The refresh executor of one process: every factor is refreshed here."""
     return lambda gi, s, refresh: refresh
