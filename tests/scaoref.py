@@ -1,6 +1,6 @@
 """Float64 dense reference of SCAO's preconditioner, shared by the SCAO tests (not a test module).
 
-Written from the math of DESIGN.md §2/§4 and issue 3, independently of the library code:
+Written from the math of docs/scao.md (the preconditioner, the complement, the curvature EMA), independently of the library code:
 eigendecompositions in float64 with ``torch.linalg.eigh``, explicit dense matrices, Python
 loops. Everything here is deliberately slow and obvious.
 """

@@ -53,7 +53,7 @@ class GPTConfig:
         return asdict(self)
 
 
-#: Named model/batch shapes. ``small`` is the CPU default (the DESIGN.md workload); ``tiny`` is
+#: Named model/batch shapes. ``small`` is the CPU default (the benchmark's workload, docs/benchmarks.md); ``tiny`` is
 #: for ``--quick``; ``medium`` and ``large`` are meant for a GPU.
 PRESETS: dict[str, dict] = {
     "tiny": dict(n_layer=2, n_head=2, d_model=64, block_size=64, batch_size=8),
