@@ -134,3 +134,17 @@ def check_dtype(name: str, value: Any, *, allow_none: bool = True) -> torch.dtyp
             f"(torch.float32, torch.float64, torch.bfloat16, torch.float16), got {value!r}"
         )
     return value
+
+
+def check_dense_leaves(leaves: Any, what: str = "updates") -> None:
+    """Raise ``TypeError`` naming the leaf if any tensor leaf is sparse (or not strided).
+
+    Every transform of the library works on dense (strided) tensors; a sparse gradient (e.g.
+    from ``torch.nn.Embedding(sparse=True)``) would otherwise fail deep inside a kernel.
+    """
+    for i, x in enumerate(leaves):
+        if isinstance(x, torch.Tensor) and x.layout != torch.strided:
+            raise TypeError(
+                f"{what} leaf {i} is a {x.layout} tensor of shape {tuple(x.shape)}; scao_fx transforms need "
+                "dense gradients (use torch.nn.Embedding(sparse=False), or x.to_dense())"
+            )

@@ -129,3 +129,26 @@ def test_parameters_stay_finite_or_the_step_is_skipped_cleanly(dtype, shapes, lo
             assert finite_in  # a non-finite input must be skipped
             for name, p in params.items():
                 assert torch.isfinite(p).all(), (name, dtype, p.shape, scale)
+
+
+@pytest.mark.parametrize("build", [sf.adamw, sf.scao, sf.scao_precondition], ids=["adamw", "scao", "scao_precondition"])
+def test_sparse_gradients_raise_a_type_error_naming_the_leaf(build):
+    """Item 12: a sparse gradient in the functional API is a TypeError naming the leaf (it failed
+    deep inside a norm or a lerp)."""
+    params = {"a": torch.zeros(3), "w": torch.zeros(5, 3)}
+    tx = build()
+    state = tx.init(params)
+    grads = {"a": torch.ones(3), "w": torch.eye(5, 3).to_sparse()}
+    with pytest.raises(TypeError, match=r"leaf 1 is a torch.sparse_coo tensor of shape \(5, 3\)"):
+        tx.update(grads, state, params=params)
+
+
+def test_loaded_hyperparameter_tensors_are_copies_like_torch():
+    """Item 11: after ``b.load_state_dict(a.state_dict())`` a tensor hyperparameter is b's own
+    (a scheduler on ``a`` does not change ``b``), as with torch.optim.AdamW."""
+    for make in (lambda ps: sf.SCAO(ps, lr=torch.tensor(1e-3)), lambda ps: torch.optim.AdamW(ps, lr=torch.tensor(1e-3))):
+        a = make([torch.nn.Parameter(torch.zeros(2, 2))])
+        b = make([torch.nn.Parameter(torch.zeros(2, 2))])
+        b.load_state_dict(a.state_dict())
+        a.param_groups[0]["lr"].fill_(0.5)
+        assert float(b.param_groups[0]["lr"]) == pytest.approx(1e-3), type(a).__name__

@@ -426,8 +426,16 @@ class TransformOptimizer(torch.optim.Optimizer):
             hook(self)
 
     def _saved_group_values(self, index: int, saved: Mapping[str, Any]) -> dict[str, Any]:
-        """The entries of a saved param group that replace the current group's values."""
-        return {k: v for k, v in saved.items() if k not in _NON_HYPER}
+        """The entries of a saved param group that replace the current group's values.
+
+        Tensors (a tensor learning rate, say) are copied, as ``torch.optim`` does: an optimizer
+        loaded from another's ``state_dict()`` never shares a hyperparameter tensor with it (a
+        scheduler on one would otherwise change the other's)."""
+        return {
+            k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+            for k, v in saved.items()
+            if k not in _NON_HYPER
+        }
 
 
 def dcp_state_dict(optimizer: Any) -> dict:

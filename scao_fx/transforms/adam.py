@@ -13,7 +13,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 from .._tree import check_same_structure, flatten, unflatten
-from .._validation import check_dtype, check_float
+from .._validation import check_dense_leaves, check_dtype, check_float
 from ..base import register_state, EmptyState, GradientTransformation, increment, multi_tensor_ok, step_count
 from .combinators import masked
 
@@ -106,6 +106,7 @@ def scale_by_adam(
 
     def update(updates, state, *, params=None, inplace=True):
         g_leaves, spec = flatten(updates)
+        check_dense_leaves(g_leaves)
         mu_leaves, mu_spec = flatten(state.mu)
         nu_leaves, _ = flatten(state.nu)
         if mu_spec.num_leaves != spec.num_leaves:

@@ -39,7 +39,7 @@ import optree
 import torch
 
 from .._tree import flatten, unflatten
-from .._validation import check_int
+from .._validation import check_dense_leaves, check_int
 from ..base import GradientTransformation, check_transform, increment, multi_tensor_ok, register_state, step_count
 from ..parallel import all_ranks, is_dtensor
 
@@ -108,7 +108,9 @@ def all_finite(tree: Any, *, overflow_safe: bool = False) -> torch.Tensor:
         >>> bool(sf.all_finite({"w": torch.full((4,), 1e30)}, overflow_safe=True))
         False
     """
-    leaves = [x for x in flatten(tree)[0] if isinstance(x, torch.Tensor) and x.numel() > 0]
+    all_leaves = flatten(tree)[0]
+    check_dense_leaves(all_leaves, "gradient tree")
+    leaves = [x for x in all_leaves if isinstance(x, torch.Tensor) and x.numel() > 0]
     if not leaves:
         return torch.ones((), dtype=torch.bool)
     device = leaves[0].device

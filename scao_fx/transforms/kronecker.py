@@ -41,7 +41,7 @@ import optree
 import torch
 
 from .._tree import flatten, unflatten
-from .._validation import check_bool, check_choice, check_float, check_int
+from .._validation import check_bool, check_choice, check_dense_leaves, check_float, check_int
 from ..base import GradientTransformation, increment, register_state, step_count
 from ..parallel import assign_owners, check_process_group, owner_refresh
 from ..precond.curvature import CurvatureEMA, curvature_ema
@@ -376,6 +376,7 @@ def kronecker_precondition(
 
     def update(updates, state, *, params=None, inplace=True):
         leaves, spec = flatten(updates)
+        check_dense_leaves(leaves)
         plan = _resolve_plan(leaves, state.groups, max_precond_dim, grouped, side_mode)
         count = increment(state.count)
         due = (count % precond_freq) == 0
