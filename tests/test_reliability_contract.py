@@ -152,3 +152,22 @@ def test_loaded_hyperparameter_tensors_are_copies_like_torch():
         b.load_state_dict(a.state_dict())
         a.param_groups[0]["lr"].fill_(0.5)
         assert float(b.param_groups[0]["lr"]) == pytest.approx(1e-3), type(a).__name__
+
+
+def test_stride_zero_gradients_pass_the_blend_ramp():
+    """Item 8: torch.func.grad of a parameter used through a scaled ``.sum()`` is an expanded
+    (stride-0) tensor; the ramp's in-place write into it crashed at the first ramp step."""
+    params = {"w": torch.zeros(4, 3), "b": torch.zeros(3)}
+    tx = sf.scao(lr=1e-2, warmup_steps=1, blend_steps=4, min_precond_updates=0, precond_freq=1)
+    state = tx.init(params)
+
+    def loss(p):
+        return 2.0 * p["w"].sum() + (p["b"] ** 2).sum()
+
+    for _ in range(6):
+        grads = torch.func.grad(loss)(params)
+        assert grads["w"].stride() == (0, 0)  # the case the test is about
+        updates, state = tx.update(grads, state, params=params)
+        params = sf.apply_updates(params, updates, inplace=False)
+    assert all(torch.isfinite(v).all() for v in params.values())
+    assert not torch.equal(params["w"], torch.zeros(4, 3))

@@ -116,8 +116,9 @@ def blend_ramp(
             # non_blocking: a pageable 0-d host->device copy that never waits for the device
             w = b.to(device=g.device, dtype=g.dtype, non_blocking=True)
             # where(): exactly the raw gradient while b == 0, whatever the inner output holds.
-            mixed = torch.where(w > 0, torch.lerp(g, p, w), g)
-            out.append(g.copy_(mixed) if inplace else mixed)
+            # A fresh tensor either way: copying it back into ``g`` would cost a pass, and ``g``
+            # may be an expanded (stride-0) or read-only view, e.g. from torch.func.grad.
+            out.append(torch.where(w > 0, torch.lerp(g, p, w), g))
         return unflatten(spec, out), BlendRampState(inner_state, count, b)
 
     return GradientTransformation(init, update)
