@@ -335,3 +335,85 @@ def test_cuda_deferred_skip_equals_run_without_bad_step():
     assert len(s.rollback) > 0  # the CPU counters are the host leaves
     assert bits_equal(p, p_ref) and bits_equal(chain_state(s), chain_state(s_ref))
     assert sf.skipped_steps(s) == 2
+
+
+def test_verdict_argument_overrides_the_guards_own_check():
+    tx = sf.apply_if_finite(sf.adam(lr=0.1))
+    assert isinstance(tx, sf.FiniteGuard)
+    params, g = params0(), grads(1)[0]
+    state = tx.init(params)
+    # a clean gradient with a bad verdict is skipped; a poisoned one with a good verdict is not
+    updates, state = tx.update(clone(g), state, params=params, finite=torch.tensor(False))
+    assert all(bool((u == 0).all()) for u in updates.values()) and int(state.skipped) == 1
+    updates, state = tx.update(clone(g), state, params=params, finite=torch.tensor(True))
+    assert int(state.skipped) == 1 and bool((updates["w"] != 0).any())
+    with pytest.raises(TypeError, match="finite must be None or a 0-d bool tensor"):
+        tx.update(clone(g), state, params=params, finite=1.0)
+
+
+@pytest.mark.slow
+def test_no_verdict_is_shared_between_optimizers_running_in_threads():
+    """A multi-group facade stepping with NaN gradients in one thread and a functional chain
+    stepping with clean gradients in another, for thousands of steps: each checks its own
+    gradients only (two torch.optim.AdamW never affect each other either)."""
+    import threading
+
+    steps = 2000
+    gen = torch.Generator().manual_seed(0)
+    clean = [torch.randn(4, 4, generator=gen) for _ in range(64)]
+    fast = dict(lr=1e-3, warmup_steps=2, blend_steps=2, min_precond_updates=0, precond_freq=4, k_min=1, k_max=4)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    opt = sf.SCAO(
+        [{"params": model[0].parameters()}, {"params": model[1].parameters(), "lr": 5e-4}],
+        max_consecutive_skips=steps, **fast,
+    )
+    tx = sf.scao(**fast)
+
+    def run_facade(barrier):
+        for t in range(steps):
+            if t % 50 == 0:
+                barrier.wait()
+            for i, p in enumerate(model.parameters()):
+                p.grad = clean[(t + i) % len(clean)].flatten()[: p.numel()].reshape(p.shape).clone()
+            if t % 3 == 0:
+                model[0].weight.grad[0, 0] = NAN
+            opt.step()
+
+    def run_functional(out, barrier=None):
+        params = {"w": torch.ones(4, 4)}
+        state = tx.init(params)
+        for t in range(steps):
+            if barrier is not None and t % 50 == 0:
+                barrier.wait()
+            updates, state = tx.update({"w": clean[t % len(clean)].clone()}, state, params=params)
+            params = sf.apply_updates(params, updates)
+        out.update(params=params, skipped=sf.skipped_steps(state))
+
+    reference: dict = {}
+    run_functional(reference)  # alone, sequentially
+
+    barrier = threading.Barrier(2)
+    functional: dict = {}
+    errors: list = []
+
+    def guarded(fn, *args):
+        try:
+            fn(*args)
+        except BaseException as err:  # reported below, never lost in the thread
+            errors.append(err)
+            barrier.abort()
+
+    threads = [
+        threading.Thread(target=guarded, args=(run_facade, barrier)),
+        threading.Thread(target=guarded, args=(run_functional, functional, barrier)),
+    ]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    assert opt.skipped_steps() == len(range(0, steps, 3))  # every poisoned step, no clean one
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert functional["skipped"] == 0
+    assert torch.equal(functional["params"]["w"], reference["params"]["w"])

@@ -29,7 +29,6 @@ lives in :mod:`scao_fx.optim.checkpoint`.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import numbers
@@ -38,6 +37,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from ..base import GradientTransformation, check_transform
+from ..transforms.finite import FiniteGuard, all_finite, skipped_steps
 from . import checkpoint
 
 __all__ = ["TransformOptimizer", "dcp_state_dict"]
@@ -277,29 +277,31 @@ class TransformOptimizer(torch.optim.Optimizer):
             missing = [g is None for g in grads]
             if self._missing_grad == "zero" and any(missing):
                 grads = [torch.zeros_like(p) if g is None else g for p, g in zip(tree, grads)]
-            work.append((rt, tree, grads, missing, bool(group.get("skip_nonfinite", False))))
-        with self._skip_together(work):
-            for rt, tree, grads, missing, _ in work:
-                if rt.state is None:
-                    rt.state = rt.transform.init(tree)
+            work.append((rt, tree, grads, missing))
+        verdict = self._shared_verdict(work)
+        for rt, tree, grads, missing in work:
+            if rt.state is None:
+                rt.state = rt.transform.init(tree)
+            if verdict is not None and isinstance(rt.transform, FiniteGuard):
+                updates, rt.state = rt.transform.update(grads, rt.state, params=tree, inplace=True, finite=verdict)
+            else:
                 updates, rt.state = rt.transform.update(grads, rt.state, params=tree, inplace=True)
-                for p, u, skip in zip(tree, updates, missing):
-                    if u is not None and not skip:
-                        p.add_(u.to(p.dtype))
+            for p, u, skip in zip(tree, updates, missing):
+                if u is not None and not skip:
+                    p.add_(u.to(p.dtype))
         return loss
 
     @staticmethod
-    def _skip_together(work: list) -> contextlib.AbstractContextManager:
-        """With several guarded param groups, one finite check over all their gradients, used by
-        every group's :func:`~scao_fx.apply_if_finite`: a NaN in one group skips every group
-        (each guard alone would see only its own group). No host sync: the flag stays on the
-        device."""
-        guarded = [grads for *_, grads, _missing, guard in work if guard]
+    def _shared_verdict(work: list) -> torch.Tensor | None:
+        """With several guarded param groups (:func:`~scao_fx.apply_if_finite` at the top of
+        their transforms), one finite check over all their gradients, passed to every group's
+        guard as its ``finite=`` argument: a NaN in one group skips every group (each guard
+        alone would see only its own group). ``None`` with fewer than two guarded groups. No
+        host sync: the flag stays on the device."""
+        guarded = [grads for rt, _tree, grads, _missing in work if isinstance(rt.transform, FiniteGuard)]
         if len(guarded) < 2:
-            return contextlib.nullcontext()
-        from ..transforms.finite import _shared_finite_flag, all_finite
-
-        return _shared_finite_flag(all_finite(guarded, overflow_safe=True))  # the check each guard makes
+            return None
+        return all_finite(guarded, overflow_safe=True)  # the check each guard makes
 
     # ------------------------------------------------------------------ inspection
 
@@ -318,8 +320,6 @@ class TransformOptimizer(torch.optim.Optimizer):
         Counted by :func:`~scao_fx.apply_if_finite` (on by default in :class:`SCAO`, where a
         non-finite gradient in any param group skips every group); the largest count over the
         groups. Reading it synchronises with the device once."""
-        from ..transforms.finite import skipped_steps
-
         return max((skipped_steps(rt.state) for rt in self._runtimes if rt.state is not None), default=0)
 
     def transform(self, group: int = 0) -> GradientTransformation:

@@ -28,6 +28,7 @@ from .combinators import (
 from .blend import BlendRampState, blend_factor, blend_ramp
 from .finite import (
     ApplyIfFiniteState,
+    FiniteGuard,
     NonFiniteGradientError,
     all_finite,
     apply_if_finite,
@@ -68,6 +69,7 @@ __all__ = [
     "BlendRampState",
     "blend_factor",
     "apply_if_finite",
+    "FiniteGuard",
     "ApplyIfFiniteState",
     "NonFiniteGradientError",
     "all_finite",

@@ -30,7 +30,6 @@ How the finite flag reaches the host decides the cost (``host_sync``):
 
 from __future__ import annotations
 
-import contextlib
 import math
 import weakref
 from typing import Any, NamedTuple
@@ -45,12 +44,27 @@ from ..parallel import all_ranks, is_dtensor
 
 __all__ = [
     "apply_if_finite",
+    "FiniteGuard",
     "ApplyIfFiniteState",
     "NonFiniteGradientError",
     "all_finite",
     "square_safe_bound",
     "skipped_steps",
 ]
+
+
+class FiniteGuard(GradientTransformation):
+    """The transform :func:`apply_if_finite` returns: a ``GradientTransformation`` whose
+    ``update`` also takes ``finite=``, a verdict computed by the caller.
+
+    ``update(updates, state, *, params=None, inplace=True, finite=None)``: with ``finite`` (a
+    0-d bool tensor) the guard uses that verdict instead of checking ``updates`` itself. The
+    ``torch.optim`` facade checks all its param groups' gradients once and passes the one
+    verdict to every group's guard, so a NaN in one group skips every group. The verdict is an
+    argument of the call, never state shared between optimizers or threads.
+    """
+
+    __slots__ = ()
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -148,24 +162,6 @@ def all_finite(tree: Any, *, overflow_safe: bool = False) -> torch.Tensor:
     return all_ranks(flag, sharded) if sharded else flag
 
 
-#: The verdict set by :func:`_shared_finite_flag` (a plain global, not a ``ContextVar``, which
-#: ``torch.compile`` cannot trace); ``None`` outside the block.
-_SHARED_FLAG: list = [None]
-
-
-@contextlib.contextmanager
-def _shared_finite_flag(flag: torch.Tensor):
-    """Inside the block every :func:`apply_if_finite` takes ``flag`` as its verdict instead of
-    checking its own updates: the ``torch.optim`` facade checks all its param groups' gradients
-    once, so a NaN in one group skips every group (and no group checks twice)."""
-    outer = _SHARED_FLAG[0]
-    _SHARED_FLAG[0] = flag
-    try:
-        yield
-    finally:
-        _SHARED_FLAG[0] = outer
-
-
 def _is_host(leaf: Any, device: torch.device) -> bool:
     """Whether a state leaf lives on the host while the finite flag lives on ``device``."""
     return isinstance(leaf, torch.Tensor) and leaf.device.type == "cpu" and device.type != "cpu"
@@ -227,7 +223,8 @@ def apply_if_finite(
             square would overflow the optimizer's statistics into a permanent ``inf``.
 
     Returns:
-        A ``GradientTransformation`` with state :class:`ApplyIfFiniteState`.
+        A :class:`FiniteGuard` (a ``GradientTransformation`` whose ``update`` also takes
+        ``finite=``, a verdict computed by the caller) with state :class:`ApplyIfFiniteState`.
 
     Raises:
         NonFiniteGradientError: from ``update``, after too many consecutive skips.
@@ -298,13 +295,14 @@ def apply_if_finite(
             None if u is None else (u.fill_(-0.0) if inplace else torch.full_like(u, -0.0)) for u in leaves
         ]
 
-    def update(updates, state, *, params=None, inplace=True):
+    def update(updates, state, *, params=None, inplace=True, finite=None):
         if not isinstance(state, ApplyIfFiniteState):
             raise TypeError(f"state must be an ApplyIfFiniteState (from this transform's init), got {type(state).__name__}")
         leaves, spec = flatten(updates)
-        finite = _SHARED_FLAG[0]
         if finite is None:
             finite = all_finite(leaves, overflow_safe=skip_overflow)
+        elif not (isinstance(finite, torch.Tensor) and finite.dtype == torch.bool and finite.dim() == 0):
+            raise TypeError(f"finite must be None or a 0-d bool tensor (a verdict from all_finite), got {finite!r}")
         compiling = torch.compiler.is_compiling()
         if not compiling and not deferred_for(finite.device):
             if bool(finite):
@@ -350,7 +348,7 @@ def apply_if_finite(
         pending.record(finite)
         return unflatten(spec, out), state._replace(inner_state=gated_inner, pending_finite=finite, rollback=rollback)
 
-    return GradientTransformation(init, update)
+    return FiniteGuard(init, update)
 
 
 def skipped_steps(state: Any) -> int:
