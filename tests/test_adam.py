@@ -38,7 +38,7 @@ def test_scale_by_adam_matches_formula(eps_root, inplace):
     for t, (g, e) in enumerate(zip(grads, expected), start=1):
         u, state = tx.update({"x": g.clone()}, state, inplace=inplace)
         torch.testing.assert_close(u["x"], e, rtol=1e-13, atol=0)
-        assert int(state.count) == t
+        assert int(state.count["x"]) == t
     m_ref = sum((1 - b1) * b1 ** (len(grads) - i) * g for i, g in enumerate(grads, start=1))
     torch.testing.assert_close(state.mu["x"], m_ref, rtol=1e-13, atol=1e-15)
 
@@ -69,7 +69,7 @@ def test_moment_dtypes():
     state = sf.scale_by_adam().init(params)
     assert state.mu["bf"].dtype == torch.float32 and state.nu["bf"].dtype == torch.float32
     assert state.mu["f64"].dtype == torch.float64
-    assert state.count.dtype == torch.int64 and state.count.ndim == 0
+    assert all(c.dtype == torch.int64 and c.ndim == 0 and c.device.type == "cpu" for c in state.count.values())
     s16 = sf.scale_by_adam(moment_dtype=torch.bfloat16).init(params)
     assert s16.mu["f32"].dtype == torch.bfloat16
     assert moment_dtype_for(torch.float16) == torch.float32
@@ -105,9 +105,40 @@ def test_mismatched_state_raises():
 
 def test_step_counter_saturates():
     tx = sf.scale_by_adam()
-    state = tx.init([torch.ones(1)])._replace(count=torch.tensor(torch.iinfo(torch.int64).max))
-    _, state = tx.update([torch.ones(1)], state)
-    assert int(state.count) == torch.iinfo(torch.int64).max
+    top = torch.iinfo(torch.int64).max
+    state = tx.init([torch.ones(1), torch.ones(2)])._replace(count=[torch.tensor(top), torch.tensor(top - 1)])
+    _, state = tx.update([torch.ones(1), torch.ones(2)], state)
+    assert [int(c) for c in state.count] == [top, top]
+    legacy = tx.init([torch.ones(1)])._replace(count=torch.tensor(top))  # one counter for the tree
+    _, legacy = tx.update([torch.ones(1)], legacy)
+    assert int(legacy.count) == top
+
+
+def test_step_counts_are_per_leaf_like_torch_adamw():
+    """A parameter without a gradient on some steps is bias-corrected with its own step count,
+    as torch.optim.AdamW counts ``step`` per parameter: after 200 steps in which one parameter
+    had a gradient only every other step, both match AdamW to rounding."""
+    torch.manual_seed(0)
+    a = torch.randn(3, 4, dtype=torch.float64)
+    b = torch.randn(5, dtype=torch.float64)
+    ref = [a.clone().requires_grad_(), b.clone().requires_grad_()]
+    opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.01)
+    tx = sf.adamw(lr=1e-2, weight_decay=0.01)
+    params = [a.clone(), b.clone()]
+    state = tx.init(params)
+    gen = torch.Generator().manual_seed(1)
+    for t in range(200):
+        ga, gb = torch.randn(3, 4, generator=gen, dtype=torch.float64), torch.randn(5, generator=gen, dtype=torch.float64)
+        gb = gb if t % 2 == 0 else None
+        ref[0].grad, ref[1].grad = ga.clone(), None if gb is None else gb.clone()
+        opt.step()
+        updates, state = tx.update([ga, gb], state, params=params)
+        params = sf.apply_updates(params, updates)
+    adam = [s for s in state if isinstance(s, sf.ScaleByAdamState)][0]
+    assert [int(c) for c in adam.count] == [200, 100]
+    assert [int(opt.state[p]["step"]) for p in ref] == [200, 100]
+    for p, q in zip(params, ref):
+        torch.testing.assert_close(p, q.detach(), rtol=1e-12, atol=1e-14)
 
 
 # ---------------------------------------------------------------- add_decayed_weights

@@ -13,8 +13,8 @@ import scao_fx as sf
 def test_state_bytes_adamw_exact():
     params = {"w": torch.zeros(10, 7), "b": torch.zeros(7)}
     st = sf.adamw(1e-3).init(params)
-    # mu and nu in float32 (4 bytes) for 77 entries each, plus one int64 step counter.
-    assert sf.state_bytes(st) == 2 * 4 * 77 + 8
+    # mu and nu in float32 (4 bytes) for 77 entries each, plus one int64 step counter per leaf.
+    assert sf.state_bytes(st) == 2 * 4 * 77 + 2 * 8
 
 
 def test_state_bytes_counts_shared_storage_once():
@@ -26,10 +26,11 @@ def test_state_bytes_counts_shared_storage_once():
 def test_memory_report_adamw_per_leaf_and_bf16_moments_fp32():
     params = {"w": torch.zeros(16, 8, dtype=torch.bfloat16), "b": torch.zeros(8, dtype=torch.bfloat16)}
     rep = sf.memory_report(sf.adamw(1e-3).init(params), params)
-    assert rep["per_leaf"] == {"w": 16 * 8 * 8, "b": 8 * 8}  # fp32 statistics for bf16 params
+    # fp32 statistics for bf16 params, and each leaf's int64 step counter
+    assert rep["per_leaf"] == {"w": 16 * 8 * 8 + 8, "b": 8 * 8 + 8}
     assert rep["num_params"] == 136
-    assert rep["unattributed_bytes"] == 8  # the step counter
-    assert rep["bytes_per_param"] == pytest.approx((136 * 8 + 8) / 136)
+    assert rep["unattributed_bytes"] == 0
+    assert rep["bytes_per_param"] == pytest.approx((136 * 8 + 16) / 136)
 
 
 def scao_matrix_bytes(m: int, n: int, block: int = 32, k_max: int = 128, batch: int = 1) -> int:
@@ -52,11 +53,11 @@ def test_memory_report_scao_matches_documented_formula():
     params = {"w": torch.zeros(96, 40), "v": torch.zeros(96, 40), "b": torch.zeros(40)}
     st = sf.scao(1e-3, k_max=32).init(params)
     rep = sf.memory_report(st, params)
-    adam = 8 * 96 * 40
+    adam = 8 * 96 * 40 + 8  # two fp32 moments and the leaf's step counter
     # Two same-shape leaves share one stacked group; each is charged half of it.
     assert rep["per_leaf"]["w"] == adam + scao_matrix_bytes(96, 40, k_max=32)
     assert rep["per_leaf"]["v"] == rep["per_leaf"]["w"]
-    assert rep["per_leaf"]["b"] == 8 * 40
+    assert rep["per_leaf"]["b"] == 8 * 40 + 8
     assert rep["total_bytes"] == sum(rep["per_leaf"].values()) + rep["unattributed_bytes"]
     assert 0 < rep["unattributed_bytes"] < 100  # counters and the blend weight only
 
@@ -65,7 +66,7 @@ def test_int8_curvature_costs_about_a_quarter_of_fp32():
     params = {"w": torch.zeros(128, 128)}
     fp32 = sf.memory_report(sf.scao(use_int8_ema=False, k_max=8).init(params), params)["per_leaf"]["w"]
     int8 = sf.memory_report(sf.scao(use_int8_ema=True, k_max=8).init(params), params)["per_leaf"]["w"]
-    adam = 8 * 128 * 128
+    adam = 8 * 128 * 128 + 8
     ratio = (int8 - adam) / (fp32 - adam)
     # codes + block scales (1 + 4/32 bytes) against 4 bytes per entry, plus the shared float32
     # diagonal and bases: 0.329 measured

@@ -170,7 +170,7 @@ def test_quantize_state_structure_and_dtypes_stable():
     sig = [(t.dtype, t.shape) for t in tensor_leaves(states[0])]
     for s in states[1:]:
         assert [(t.dtype, t.shape) for t in tensor_leaves(s)] == sig
-    assert [int(s[0].count) for s in states] == [1, 2, 3, 4, 5]
+    assert [int(s[0].count) for s in states] == [1, 2, 3, 4, 5]  # quantize_state's own counter
 
 
 def test_quantize_state_fp32_codec_is_transparent():

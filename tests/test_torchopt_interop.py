@@ -108,7 +108,7 @@ def test_state_trees_handled_by_torchopt_and_optree_tools():
     # torchopt's pytree utilities see our NamedTuple states as ordinary nodes.
     leaves_t = torchopt.pytree.tree_leaves(state)
     leaves_o = optree.tree_leaves(state)
-    assert len(leaves_t) == len(leaves_o) == 2 * 2 + 1  # mu, nu for w and b, plus count
+    assert len(leaves_t) == len(leaves_o) == 3 * 2  # mu, nu and the step count for w and b
     doubled = torchopt.pytree.tree_map(lambda x: x * 2, state)
     assert type(doubled[1]) is type(state[1])
     torch.testing.assert_close(doubled[1].mu["w"], 2 * state[1].mu["w"])

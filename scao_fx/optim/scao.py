@@ -419,8 +419,7 @@ class SCAO(TransformOptimizer):
             params = group["params"]
             labels = [self._param_label(index, j) for j in rt.active]
             if not group["preconditioner_enabled"]:
-                step = _adam_count(rt.state)
-                for j, label in zip(rt.active, labels):
+                for j, label, step in zip(rt.active, labels, _adam_counts(rt.state, len(labels))):
                     p = params[j]
                     shape = (int(p.shape[0]), int(p[0].numel())) if p.ndim >= 2 else None
                     records[label] = adam_record(shape, blend=0.0, refreshes=0, step=step if as_tensors else int(step))
@@ -460,9 +459,13 @@ class SCAO(TransformOptimizer):
         }
 
 
-def _adam_count(state: Any) -> torch.Tensor:
-    from .._tree import find_nodes
+def _adam_counts(state: Any, n: int) -> list:
+    """The per-leaf Adam step counters of a group's state (``n`` zeros without an Adam state)."""
+    from .._tree import find_nodes, flatten
     from ..transforms.adam import ScaleByAdamState
 
     found = find_nodes(state, ScaleByAdamState)
-    return found[0].count if found else torch.zeros((), dtype=torch.int64)
+    if not found:
+        return [torch.zeros((), dtype=torch.int64)] * n
+    count = found[0].count
+    return [count] * n if isinstance(count, torch.Tensor) else flatten(count)[0]

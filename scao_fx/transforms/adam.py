@@ -22,11 +22,35 @@ __all__ = ["scale_by_adam", "ScaleByAdamState", "add_decayed_weights", "moment_d
 
 @register_state
 class ScaleByAdamState(NamedTuple):
-    """State of :func:`scale_by_adam`: first and second moments (trees like the params) and the step."""
+    """State of :func:`scale_by_adam`: first and second moments and the step counts, each a tree
+    like the params.
+
+    ``count`` holds one 0-d int64 CPU counter per leaf (``None`` where the params have
+    ``None``): the number of steps in which that leaf had a gradient, as ``torch.optim.AdamW``
+    counts ``step`` per parameter. A leaf whose gradient is ``None`` on some steps is
+    bias-corrected with its own count. (A single 0-d counter, the layout of earlier releases, is
+    still accepted and read as every leaf's count.)
+    """
 
     mu: Any
     nu: Any
-    count: torch.Tensor
+    count: Any
+
+
+def _leaf_counts(count: Any, n: int) -> list:
+    """The per-leaf counters of a state: its ``count`` tree's leaves, or a single legacy 0-d
+    counter repeated for the ``n`` leaves."""
+    if isinstance(count, torch.Tensor):
+        return [count] * n
+    return flatten(count)[0]
+
+
+def _incremented(counts: list) -> list:
+    """Each counter plus one, saturating at the int64 maximum, never in place (two multi-tensor
+    ops in eager mode, not a few small ops per leaf)."""
+    if counts and multi_tensor_ok(counts):
+        return list(torch._foreach_add(torch._foreach_clamp_max(counts, torch.iinfo(torch.int64).max - 1), 1))
+    return [increment(c) for c in counts]
 
 
 def _bias_corrections(count: torch.Tensor, b1: float, b2: float):
@@ -102,7 +126,8 @@ def scale_by_adam(
 
         mu = [zeros(p) for p in leaves]
         nu = [zeros(p) for p in leaves]
-        return ScaleByAdamState(unflatten(spec, mu), unflatten(spec, nu), step_count())
+        counts = [None if p is None else step_count() for p in leaves]
+        return ScaleByAdamState(unflatten(spec, mu), unflatten(spec, nu), unflatten(spec, counts))
 
     def update(updates, state, *, params=None, inplace=True):
         g_leaves, spec = flatten(updates)
@@ -121,9 +146,14 @@ def scale_by_adam(
                     f"updates leaf {i} has shape {tuple(g.shape)} but the Adam state holds "
                     f"{None if m is None else tuple(m.shape)} there; was init() called on the same parameter tree?"
                 )
-        count = increment(state.count)
-        bc1, bc2 = _bias_corrections(count, b1, b2)
         live = [i for i, g in enumerate(g_leaves) if g is not None]
+        counts = _leaf_counts(state.count, len(mu_leaves))
+        new_counts = list(counts)
+        for i, c in zip(live, _incremented([counts[i] for i in live])):
+            new_counts[i] = c
+        corrections = [_bias_corrections(new_counts[i], b1, b2) for i in live]
+        bc1s = [c[0] for c in corrections]
+        bc2s = [c[1] for c in corrections]
         grads = [g_leaves[i].to(mu_leaves[i].dtype) for i in live]
         mus = [mu_leaves[i] for i in live]
         nus = [nu_leaves[i] for i in live]
@@ -138,21 +168,21 @@ def scale_by_adam(
                 nus = torch._foreach_mul(nus, b2)
             torch._foreach_addcmul_(nus, grads, grads, value=1 - b2)
             if eps_root:
-                denom = torch._foreach_div(nus, bc2)
+                denom = torch._foreach_div(nus, bc2s)
                 torch._foreach_add_(denom, eps_root)
                 torch._foreach_sqrt_(denom)
             else:
                 denom = torch._foreach_sqrt(nus)
-                torch._foreach_div_(denom, _sqrt(bc2))
+                torch._foreach_div_(denom, [_sqrt(bc2) for bc2 in bc2s])
             torch._foreach_add_(denom, eps)
             if floor_denominator:  # one multi-tensor clamp per moment dtype
                 for dtype in {d.dtype for d in denom}:
                     torch._foreach_clamp_min_([d for d in denom if d.dtype == dtype], torch.finfo(dtype).tiny)
-            us = torch._foreach_div(mus, bc1)
+            us = torch._foreach_div(mus, bc1s)
             torch._foreach_div_(us, denom)
         else:
             us = []
-            for j, (g, m, v) in enumerate(zip(grads, mus, nus)):
+            for j, (g, m, v, bc1, bc2) in enumerate(zip(grads, mus, nus, bc1s, bc2s)):
                 if inplace:
                     m = m.lerp_(g, 1 - b1)
                     v = v.mul_(b2).addcmul_(g, g, value=1 - b2)
@@ -169,7 +199,11 @@ def scale_by_adam(
         for j, i in enumerate(live):
             out[i] = us[j].to(g_leaves[i].dtype)
             new_mu[i], new_nu[i] = mus[j], nus[j]
-        return unflatten(spec, out), ScaleByAdamState(unflatten(mu_spec, new_mu), unflatten(mu_spec, new_nu), count)
+        if isinstance(state.count, torch.Tensor):  # the legacy single counter stays one counter
+            new_count = increment(state.count)
+        else:
+            new_count = unflatten(mu_spec, new_counts)
+        return unflatten(spec, out), ScaleByAdamState(unflatten(mu_spec, new_mu), unflatten(mu_spec, new_nu), new_count)
 
     return GradientTransformation(init, update)
 
