@@ -66,15 +66,15 @@ def memory_report(state: Any, params: Any) -> dict[str, Any]:
 
     Returns:
         A dict with ``"total_bytes"``, ``"num_params"``, ``"bytes_per_param"``,
-        ``"per_leaf"`` (``{path: bytes}``) and ``"unattributed_bytes"`` (counters and any tensor
-        that belongs to no single leaf).
+        ``"per_leaf"`` (``{path: bytes}``, per-leaf counters included) and ``"unattributed_bytes"``
+        (tree-wide counters and any tensor that belongs to no single leaf).
 
     Example:
         >>> import torch, scao_fx as sf
         >>> p = {"w": torch.zeros(16, 8)}
         >>> rep = sf.memory_report(sf.adamw(1e-3).init(p), p)
-        >>> rep["per_leaf"]["w"]
-        1024
+        >>> rep["per_leaf"]["w"]  # two fp32 moments of 128 entries and the leaf's int64 step count
+        1032
     """
     p_leaves, p_spec = flatten(params)
     paths = [".".join(str(k) for k in path) for path in optree.tree_paths(params, none_is_leaf=True)]
