@@ -5,6 +5,7 @@ state untouched."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -175,12 +176,12 @@ def test_stride_zero_gradients_pass_the_blend_ramp():
 
 # ---------------------------------------------------------------- the torch.optim facade (issue 14)
 
-FACADE = dict(lr=1e-2, warmup_steps=1, blend_steps=1, min_precond_updates=1, precond_freq=2, k_min=1, k_max=4)
+FACADE = {"lr": 1e-2, "warmup_steps": 1, "blend_steps": 1, "min_precond_updates": 1, "precond_freq": 2, "k_min": 1, "k_max": 4}
 
 
 def _layers(*sizes: int) -> torch.nn.Sequential:
     torch.manual_seed(0)
-    return torch.nn.Sequential(*[torch.nn.Linear(a, b) for a, b in zip(sizes, sizes[1:])])
+    return torch.nn.Sequential(*[torch.nn.Linear(a, b) for a, b in itertools.pairwise(sizes)])
 
 
 def _set_grads(params, step: int) -> None:
@@ -223,7 +224,9 @@ def test_rejected_checkpoint_leaves_the_optimizer_exactly_as_before():
     side by side, rejects a later group's size mismatch the same way, without changing
     anything."""
     model, other = _layers(6, 5, 4), _layers(6, 5, 3)
-    groups = lambda m: [{"params": list(m[0].parameters())}, {"params": list(m[1].parameters())}]  # noqa: E731
+    def groups(m):
+        return [{"params": list(m[0].parameters())}, {"params": list(m[1].parameters())}]
+
     opt = sf.SCAO(groups(model), **FACADE)
     donor = sf.SCAO(groups(other), **{**FACADE, "lr": 0.5, "weight_decay": 0.3})
     adamw = torch.optim.AdamW(groups(model), lr=1e-2)

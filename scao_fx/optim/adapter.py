@@ -221,7 +221,7 @@ class TransformOptimizer(torch.optim.Optimizer):
         params = [self.param_groups[index]["params"][j] for j in active]
         try:
             return tx.init([torch.empty_like(p, device="meta") for p in params])
-        except Exception:  # a transform whose init needs real data
+        except Exception:  # noqa: BLE001 - any transform whose init needs real data
             return tx.init(params)
 
     def _check_fits(self, index: int, rt: _GroupRuntime, tx: GradientTransformation, built_with: dict) -> None:

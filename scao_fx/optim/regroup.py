@@ -24,7 +24,8 @@ copy every piece of the old state that can be attributed to it:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import optree
 import torch
