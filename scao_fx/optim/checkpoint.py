@@ -304,6 +304,12 @@ def unpack_torch(state_dict: Mapping[str, Any], param_groups: Sequence[Mapping[s
         [['exp_avg', 'exp_avg_sq', 'step']]
     """
     _check_groups(state_dict, param_groups)
+    for i, saved in enumerate(state_dict["param_groups"]):
+        if "betas" not in saved and "amsgrad" not in saved:  # the keys of torch's Adam family
+            raise ValueError(
+                f"state_dict['param_groups'][{i}] has neither 'betas' nor 'amsgrad': only torch.optim.Adam/AdamW checkpoints "
+                f"(or scao_fx ones) can be loaded into a scao_fx optimizer; it holds {sorted(saved)}"
+            )
     per_param = state_dict["state"]
     out = []
     for i, (saved, group) in enumerate(zip(state_dict["param_groups"], param_groups)):
@@ -369,13 +375,13 @@ def warm_start(index: int, template: Any, active: Sequence[int], entries: Mappin
     node = _adam_node(template, len(active))
     counts = None if node is None else _counts(node, len(active))
     fresh = [] if node is None else optree.tree_leaves(node.mu, none_is_leaf=True)
-    if node is None or counts is None or any(not isinstance(t, torch.Tensor) for t in fresh):
+    pos = {j: i for i, j in enumerate(active)}
+    if node is None or counts is None or any(not isinstance(fresh[pos[j]], torch.Tensor) for j in entries):
         raise ValueError(
             f"param_groups[{index}]'s transform holds no single Adam state with one moment tensor per parameter "
             "(int8-quantised moments, several Adam links or none), so a torch.optim checkpoint's moments "
             "cannot be loaded into it"
         )
-    pos = {j: i for i, j in enumerate(active)}
     mus = list(fresh)
     nus = optree.tree_leaves(node.nu, none_is_leaf=True)
     for j, entry in entries.items():
@@ -386,7 +392,7 @@ def warm_start(index: int, template: Any, active: Sequence[int], entries: Mappin
     if isinstance(node.count, torch.Tensor) and node.count.ndim == 0:
         count: Any = torch.full_like(node.count, max(steps, default=0))
     else:
-        leaves = [torch.full_like(c, s) for c, s in zip(counts, steps)]
+        leaves = [None if c is None else torch.full_like(c, s) for c, s in zip(counts, steps)]
         count = optree.tree_unflatten(optree.tree_structure(node.count, none_is_leaf=True), leaves)
     filled = node._replace(
         mu=optree.tree_unflatten(optree.tree_structure(node.mu, none_is_leaf=True), mus),
