@@ -346,7 +346,7 @@ def test_factory_without_lr_and_custom_keys():
     assert all(torch.allclose(a, b) for a, b in zip(expected, model.parameters()))
 
 
-def test_frozen_params_get_no_state_and_unfreezing_is_explicit():
+def test_frozen_params_get_no_state_and_unfreezing_grows_the_state():
     model = mlp()
     model[0].weight.requires_grad_(False)
     opt = make_adamw(model.parameters())
@@ -359,8 +359,10 @@ def test_frozen_params_get_no_state_and_unfreezing_is_explicit():
     model[0].weight.requires_grad_(True)
     opt.zero_grad()
     ((model(x) - y) ** 2).mean().backward()
-    with pytest.raises(ValueError, match="did not require grad"):
-        opt.step()
+    opt.step()  # the unfrozen weight trains from this step on
+    assert not torch.equal(model[0].weight, w0)
+    assert opt.state_dict()["transform_state"][0]["active"] == [0, 1, 2, 3]
+    assert len(opt.functional_state(0)[0].mu) == 4
 
 
 def test_step_hooks_and_scheduler_counting():
@@ -530,14 +532,20 @@ def test_load_rejects_mismatches():
     x, y = data()
     train_step(model, opt, x, y)
     sd = opt.state_dict()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    train_step(model, sgd, x, y)
+    with pytest.raises(ValueError, match="only torch.optim.Adam/AdamW checkpoints"):
+        opt.load_state_dict(sgd.state_dict())
     with pytest.raises(ValueError, match="not produced by a scao_fx TransformOptimizer"):
-        opt.load_state_dict(torch.optim.AdamW(model.parameters()).state_dict())
+        opt.load_state_dict({"param_groups": sd["param_groups"], "format": "other"})
     with pytest.raises(ValueError, match="param groups"):
         make_adamw(two_groups(model)).load_state_dict(sd)
     with pytest.raises(ValueError, match="parameters"):
         make_adamw(list(model.parameters())[:3]).load_state_dict(sd)
     bad = copy.deepcopy(sd)
-    bad["transform_state"][0]["leaves"][0] = bad["transform_state"][0]["leaves"][0].double()
+    leaves = bad["transform_state"][0]["leaves"]
+    first = next(i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor))
+    leaves[first] = leaves[first].double()
     with pytest.raises(ValueError, match="dtype"):
         make_adamw(model.parameters()).load_state_dict(bad)
     other = TransformOptimizer(model.parameters(), toy_quantized_momentum, {"lr": 1e-2})
@@ -1029,3 +1037,126 @@ def optree_leaves(tree):
     import optree
 
     return optree.tree_leaves(tree)
+
+
+def test_version_1_checkpoint_loads_and_resumes_exactly():
+    """Checkpoints of the previous format (version 1: every leaf in transform_state, "state"
+    empty), written by the code before the version-2 layout (tests/data/make_checkpoint_v1.py),
+    still load and resume bit-identically; the next state_dict() is version 2."""
+    import importlib.util
+    import pathlib
+
+    here = pathlib.Path(__file__).parent / "data"
+    spec = importlib.util.spec_from_file_location("make_checkpoint_v1", here / "make_checkpoint_v1.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    ckpt = torch.load(here / "checkpoint_v1.pt", weights_only=True)
+    assert ckpt["opt"]["version"] == 1 and ckpt["opt"]["state"] == {}
+    m = gen.model()
+    m.load_state_dict(ckpt["model"])
+    params = list(m.parameters())
+    opt = SCAO([{"params": params[:2]}, {"params": params[2:]}], **gen.KW)
+    opt.load_state_dict(ckpt["opt"])
+    assert opt.param_groups[1]["use_int8_ema"] is False  # the saved hyperparameters
+    gen.run(m, opt, range(8, 13))
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, ckpt["after_5_steps"][k]), k
+    sd = opt.state_dict()
+    assert sd["version"] == 2 and sorted(sd["state"]) == list(range(len(params)))
+
+
+class _PerLeafAdam(NamedTuple):
+    """A minimal Adam whose step counters are a tree like the moments (one per leaf, None where
+    the moment is None): the layout ScaleByAdamState.count is moving to."""
+
+    @staticmethod
+    def make(lr):
+        def init(params):
+            return sf.ScaleByAdamState(
+                [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params],
+                [torch.zeros((), dtype=torch.int64) for _ in params],
+            )
+
+        def update(grads, state, *, params=None, inplace=True):
+            mu, nu, count, out = [], [], [], []
+            for g, m, v, c in zip(grads, state.mu, state.nu, state.count):
+                if g is None:
+                    mu.append(m), nu.append(v), count.append(c), out.append(None)
+                    continue
+                c = c + 1
+                m = 0.9 * m + 0.1 * g
+                v = 0.999 * v + 0.001 * g * g
+                mh, vh = m / (1 - 0.9 ** int(c)), v / (1 - 0.999 ** int(c))
+                mu.append(m), nu.append(v), count.append(c), out.append(-float(lr) * mh / (vh.sqrt() + 1e-8))
+            return out, sf.ScaleByAdamState(mu, nu, count)
+
+        return sf.GradientTransformation(init, update)
+
+
+def test_checkpoint_layout_with_per_leaf_adam_counters():
+    """Item 10 with per-parameter step counters: each parameter's "step" is its own counter,
+    an AdamW checkpoint warm-starts each counter from its parameter's step, resume is exact."""
+    model = mlp()
+    params = list(model.parameters())
+    opt = TransformOptimizer(params, _PerLeafAdam.make, {"lr": 1e-2})
+    x, y = data()
+    for i in range(3):
+        train_step(model, opt, x, y)
+        if i == 0:
+            params[0].requires_grad_(False)
+    params[0].requires_grad_(True)
+    sd = save_load(opt.state_dict())
+    assert [float(sd["state"][i]["step"]) for i in range(4)] == [1.0, 3.0, 3.0, 3.0]
+    assert sd["transform_state"][0]["leaves"][0] == "state/0/exp_avg"
+    # into AdamW and back
+    adamw = torch.optim.AdamW(mlp().parameters(), lr=1e-2)
+    adamw.load_state_dict(sd)
+    back = TransformOptimizer(mlp().parameters(), _PerLeafAdam.make, {"lr": 1e-2})
+    back.load_state_dict(save_load(adamw.state_dict()))
+    state = back.functional_state(0)
+    assert [int(c) for c in state.count] == [1, 3, 3, 3]
+    for a, b in zip(state.mu, opt.functional_state(0).mu):
+        assert torch.equal(a, b)
+    # exact resume through the version-2 layout
+    twin_model = mlp()
+    twin_model.load_state_dict(model.state_dict())
+    twin = TransformOptimizer(twin_model.parameters(), _PerLeafAdam.make, {"lr": 1e-2})
+    twin.load_state_dict(sd)
+    for _ in range(2):
+        train_step(model, opt, x, y)
+        train_step(twin_model, twin, x, y)
+    assert max_diff(model, twin_model) == 0.0
+
+
+def test_unfreezing_into_an_existing_shape_group_restarts_that_group():
+    """Item 5, shared shapes: a parameter unfrozen into a shape group that already has members
+    (same matrix shape) makes that group restart (fresh statistics, identity basis until its
+    next refresh); every parameter's Adam moments are kept."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 5), torch.nn.Linear(5, 5), torch.nn.Linear(5, 5))
+    model[1].weight.requires_grad_(False)
+    opt = SCAO(model.parameters(), lr=1e-2, warmup_steps=1, blend_steps=1, min_precond_updates=1,
+               precond_freq=2, k_min=1, k_max=4, use_int8_ema=False)
+    x = torch.randn(8, 5)
+    for _ in range(4):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    (kron,) = sf._tree.find_nodes(opt.functional_state(0), sf.KroneckerPreconditionState)
+    assert [g.leaves.tolist() for g in kron.groups] == [[0, 3]] and int(kron.groups[0].left.rank.max()) > 0
+    mu_before = [t.clone() for t in sf._tree.find_nodes(opt.functional_state(0), sf.ScaleByAdamState)[0].mu]
+    model[1].weight.requires_grad_(True)
+    opt.zero_grad()
+    model(x).square().mean().backward()
+    opt._gather_grads(0, opt._refresh(0))  # the growth alone, without the step's update
+    state = opt.functional_state(0)
+    (kron,) = sf._tree.find_nodes(state, sf.KroneckerPreconditionState)
+    assert [g.leaves.tolist() for g in kron.groups] == [[0, 2, 4]]
+    assert int(kron.groups[0].left.rank.max()) == 0  # restarted
+    assert int(kron.refreshes) > 0  # the group-wide counters are kept
+    mu = sf._tree.find_nodes(state, sf.ScaleByAdamState)[0].mu
+    for old, new in zip(mu_before, [mu[j] for j in (0, 1, 3, 4, 5)]):
+        assert torch.equal(old, new)
+    assert torch.equal(mu[2], torch.zeros(5, 5))
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())

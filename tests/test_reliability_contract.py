@@ -5,6 +5,7 @@ state untouched."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -171,3 +172,262 @@ def test_stride_zero_gradients_pass_the_blend_ramp():
         params = sf.apply_updates(params, updates, inplace=False)
     assert all(torch.isfinite(v).all() for v in params.values())
     assert not torch.equal(params["w"], torch.zeros(4, 3))
+
+
+# ---------------------------------------------------------------- the torch.optim facade (issue 14)
+
+FACADE = {"lr": 1e-2, "warmup_steps": 1, "blend_steps": 1, "min_precond_updates": 1, "precond_freq": 2, "k_min": 1, "k_max": 4}
+
+
+def _layers(*sizes: int) -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[torch.nn.Linear(a, b) for a, b in itertools.pairwise(sizes)])
+
+
+def _set_grads(params, step: int) -> None:
+    """Fixed gradients (seeded by the step) for the parameters that require grad: each
+    parameter's trajectory then does not depend on whether another one trains."""
+    gen = torch.Generator().manual_seed(step)
+    for p in params:
+        g = torch.randn(p.shape, generator=gen)
+        p.grad = g if p.requires_grad else None
+
+
+def _snapshot(sd):
+    """A deep copy of a state dict (tensors cloned), to compare bit for bit later."""
+    import copy
+
+    return copy.deepcopy(sd)
+
+
+def _assert_same(a, b, where="state_dict"):
+    """Bit-for-bit equality of two nested state dicts (dtypes included)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), (where, sorted(a), sorted(b))
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)
+
+
+def test_rejected_checkpoint_leaves_the_optimizer_exactly_as_before():
+    """Item 4: ``load_state_dict`` is atomic. A checkpoint whose *later* group does not fit (a
+    shape mismatch in group 1; its group 0 has other hyperparameters and a valid state) is
+    rejected and the optimizer is bit-for-bit what it was, hyperparameters included. AdamW,
+    side by side, rejects a later group's size mismatch the same way, without changing
+    anything."""
+    model, other = _layers(6, 5, 4), _layers(6, 5, 3)
+    def groups(m):
+        return [{"params": list(m[0].parameters())}, {"params": list(m[1].parameters())}]
+
+    opt = sf.SCAO(groups(model), **FACADE)
+    donor = sf.SCAO(groups(other), **{**FACADE, "lr": 0.5, "weight_decay": 0.3})
+    adamw = torch.optim.AdamW(groups(model), lr=1e-2)
+    for step in range(4):
+        _set_grads(model.parameters(), step)
+        opt.step()
+        adamw.step()
+        _set_grads(other.parameters(), step)
+        donor.step()
+    before, before_groups = _snapshot(opt.state_dict()), _snapshot(opt.param_groups)
+    bad = donor.state_dict()
+    with pytest.raises(ValueError, match=r"transform_state\[1\].*shape|shape.*expected"):
+        opt.load_state_dict(bad)
+    _assert_same(opt.state_dict(), before)
+    for g, h in zip(opt.param_groups, before_groups):
+        assert {k: v for k, v in g.items() if k != "params"} == {k: v for k, v in h.items() if k != "params"}
+    # and it still steps exactly like an optimizer that never saw the bad checkpoint
+    twin = sf.SCAO(groups(_layers(6, 5, 4)), **FACADE)
+    twin.load_state_dict(before)
+    _set_grads(model.parameters(), 9)
+    _set_grads(twin.param_groups[0]["params"] + twin.param_groups[1]["params"], 9)
+    opt.step()
+    twin.step()
+    _assert_same(opt.state_dict()["transform_state"], twin.state_dict()["transform_state"])
+    # AdamW side by side: a later group of another size is rejected and nothing changes
+    adamw_before = _snapshot(adamw.state_dict())
+    bad_adamw = _snapshot(adamw.state_dict())
+    bad_adamw["param_groups"][0]["lr"] = 0.5
+    bad_adamw["param_groups"][1]["params"] = bad_adamw["param_groups"][1]["params"][:1]
+    with pytest.raises(ValueError):
+        adamw.load_state_dict(bad_adamw)
+    _assert_same(adamw.state_dict(), adamw_before)
+
+
+def test_unfrozen_parameter_starts_training_like_adamw_and_the_others_keep_their_state():
+    """Item 5: progressive unfreezing. A layer frozen when the state was created and unfrozen
+    after N steps trains from the next step (it raised and pointed to add_param_group); the
+    other parameters' state and trajectory are exactly those of a run where it stays frozen.
+    AdamW, side by side, trains the unfrozen layer from its first gradient: its moments are
+    SCAO's (the layer's bias is not preconditioned, so its Adam moments see the same gradients)."""
+    n, m = 5, 4
+
+    def run(unfreeze: bool, make):
+        model = _layers(6, 5, 4, 3)  # distinct shapes: no shape group gains a member
+        for p in model[1].parameters():
+            p.requires_grad_(False)
+        opt = make(model.parameters())
+        for step in range(n + m):
+            if step == n and unfreeze:
+                for p in model[1].parameters():
+                    p.requires_grad_(True)
+            _set_grads(model.parameters(), step)
+            opt.step()
+        return model, opt
+
+    # float32 statistics: int8 ones draw their stochastic rounding from the shape group's
+    # position, which the new layer's group shifts (other, equally valid, random numbers)
+    scao_model, scao = run(True, lambda ps: sf.SCAO(ps, **FACADE, use_int8_ema=False))
+    kept_model, kept = run(False, lambda ps: sf.SCAO(ps, **FACADE, use_int8_ema=False))
+    adamw_model, adamw = run(True, lambda ps: torch.optim.AdamW(ps, lr=1e-2))
+    frozen_start = _layers(6, 5, 4, 3)[1]
+    assert not torch.equal(scao_model[1].weight, frozen_start.weight)  # it trains
+    assert not torch.equal(adamw_model[1].weight, frozen_start.weight)
+    assert torch.equal(kept_model[1].weight, frozen_start.weight)
+    for i in (0, 2):  # the other layers: parameters and their state untouched by the event
+        for a, b in zip(scao_model[i].parameters(), kept_model[i].parameters()):
+            assert torch.equal(a, b)
+    sd, ref = scao.state_dict(), kept.state_dict()
+    assert sd["transform_state"][0]["active"] == [0, 1, 2, 3, 4, 5]
+    assert ref["transform_state"][0]["active"] == [0, 1, 4, 5]
+    for j in (0, 1, 4, 5):
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(sd["state"][j][k], ref["state"][j][k])
+    kron, kron_ref = (
+        sf._tree.find_nodes(o.functional_state(0), sf.KroneckerPreconditionState)[0] for o in (scao, kept)
+    )
+    assert len(kron.groups) == len(kron_ref.groups) + 1  # the new layer's own shape group
+    assert int(kron.refreshes) == int(kron_ref.refreshes) and int(kron.refreshes) > 0
+    for a, b in zip(_flat([g for g in kron.groups if g.leaves.tolist() != [2]]), _flat(kron_ref.groups)):
+        if a.dtype != torch.int64:  # leaf indices are renumbered, statistics are kept bit for bit
+            assert torch.equal(a, b)
+    bias = 3  # model[1].bias, global index 3
+    for k in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(sd["state"][bias][k], adamw.state[adamw_model[1].bias][k], rtol=1e-6, atol=0)
+    adam = sf._tree.find_nodes(scao.functional_state(0), sf.ScaleByAdamState)[0]
+    expected = float(m) if isinstance(adam.count, list) else float(n + m)  # per-leaf or group counter
+    assert float(sd["state"][bias]["step"]) == expected
+    assert float(adamw.state[adamw_model[1].bias]["step"]) == m
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("use_int8_ema", False),
+        ("k_max", 2),
+        ("preconditioner_enabled", False),
+        ("block_size", 16),
+        ("max_precond_dim", 4),
+        ("grouped", False),
+        ("factor_mode", "wide"),
+        ("curvature", "sketch"),
+        ("skip_nonfinite", False),
+    ],
+)
+def test_state_shaping_change_mid_run_is_a_value_error_naming_the_key(key, value):
+    """Item 9: a hyperparameter that shapes the state, changed mid-run, is a ValueError naming
+    it (it was a torch kernel error or a chain error at the step); the group keeps its state and
+    transform, so setting the value back goes on exactly. (AdamW has no such keys: its only
+    state-shaping one, ``amsgrad``, is not supported by SCAO.) Keys that do not shape the state
+    (``lr``, ``weight_decay``, ``k_min``, ``rho``) change freely."""
+    model = _layers(6, 5, 5, 5)
+    opt = sf.SCAO(model.parameters(), **FACADE)
+    for step in range(3):
+        _set_grads(model.parameters(), step)
+        opt.step()
+    before = _snapshot(opt.state_dict())
+    old = opt.param_groups[0][key]
+    opt.param_groups[0][key] = value
+    _set_grads(model.parameters(), 3)
+    with pytest.raises(ValueError, match=rf"changing '{key}' \({old!r} -> {value!r}\).*shape of the group's optimizer state") as err:
+        opt.step()
+    assert "Set it back" in str(err.value)
+    _assert_same(opt.state_dict()["transform_state"], before["transform_state"])
+    opt.param_groups[0][key] = old
+    opt.step()
+    for free, v in (("weight_decay", 0.5), ("k_min", 2), ("rho", 0.9), ("lr", 1e-3)):
+        opt.param_groups[0][free] = v
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_checkpoint_of_other_settings_is_a_value_error_naming_the_leaf():
+    """Item 9, the load path: a state built with other settings than the checkpoint's groups
+    say (here: saved with float32 statistics, groups edited to int8) is a ValueError, and the
+    optimizer is left as it was."""
+    model = _layers(6, 5, 5)
+    opt = sf.SCAO(model.parameters(), **{**FACADE, "use_int8_ema": False})
+    _set_grads(model.parameters(), 0)
+    opt.step()
+    sd = _snapshot(opt.state_dict())
+    sd["param_groups"][0]["use_int8_ema"] = True
+    fresh = sf.SCAO(_layers(6, 5, 5).parameters(), **{**FACADE, "lr": 0.123})
+    with pytest.raises(ValueError, match=r"transform_state\[0\] leaf .*: saved dtype torch.float32, this optimizer keeps torch.int8"):
+        fresh.load_state_dict(sd)
+    assert fresh.functional_state(0) is None and fresh.param_groups[0]["lr"] == 0.123
+
+
+def test_checkpoints_migrate_between_scao_and_adamw():
+    """Item 10: ``state_dict()["state"]`` holds torch's per-parameter layout. An SCAO
+    checkpoint loaded into ``torch.optim.AdamW`` carries its moments and steps; an AdamW
+    checkpoint loaded into ``sf.SCAO`` warm-starts its moments and step counts (and, with SCAO
+    still in its warmup, SCAO then steps exactly like the AdamW it came from)."""
+    import io
+
+    def roundtrip(sd):
+        buf = io.BytesIO()
+        torch.save(sd, buf)
+        buf.seek(0)
+        return torch.load(buf, weights_only=True)
+
+    # SCAO -> AdamW
+    model = _layers(6, 5, 4)
+    scao = sf.SCAO(model.parameters(), **FACADE)
+    for step in range(5):
+        _set_grads(model.parameters(), step)
+        scao.step()
+    sd = roundtrip(scao.state_dict())
+    assert sd["version"] == 2 and sorted(sd["state"]) == [0, 1, 2, 3]
+    adam_state = sf._tree.find_nodes(scao.functional_state(0), sf.ScaleByAdamState)[0]
+    target = _layers(6, 5, 4)
+    adamw = torch.optim.AdamW(target.parameters(), lr=1e-2)
+    adamw.load_state_dict(sd)
+    for i, p in enumerate(target.parameters()):
+        assert torch.equal(adamw.state[p]["exp_avg"], adam_state.mu[i])
+        assert torch.equal(adamw.state[p]["exp_avg_sq"], adam_state.nu[i])
+        assert adamw.state[p]["step"].dtype == torch.float32 and float(adamw.state[p]["step"]) == 5.0
+    _set_grads(target.parameters(), 5)
+    adamw.step()  # and it trains on from there
+    assert all(torch.isfinite(p).all() for p in target.parameters())
+
+    # AdamW -> SCAO: SCAO in its warmup is AdamW, so it continues exactly like the AdamW run
+    ref_model = _layers(6, 5, 4)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, weight_decay=0.05)
+    for step in range(6):
+        _set_grads(ref_model.parameters(), step)
+        ref.step()
+    saved = roundtrip(ref.state_dict())
+    warm_model = _layers(6, 5, 4)
+    warm_model.load_state_dict(ref_model.state_dict())
+    warm = sf.SCAO(warm_model.parameters(), lr=1.0, warmup_steps=100)
+    warm.load_state_dict(saved)
+    assert warm.param_groups[0]["lr"] == 1e-2 and warm.param_groups[0]["weight_decay"] == 0.05
+    mine = warm.state_dict()["state"]
+    for i, p in enumerate(ref_model.parameters()):
+        assert torch.equal(mine[i]["exp_avg"], ref.state[p]["exp_avg"])
+        assert torch.equal(mine[i]["exp_avg_sq"], ref.state[p]["exp_avg_sq"])
+        assert float(mine[i]["step"]) == 6.0
+    for step in range(6, 10):
+        _set_grads(ref_model.parameters(), step)
+        _set_grads(warm_model.parameters(), step)
+        ref.step()
+        warm.step()
+    for a, b in zip(ref_model.parameters(), warm_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

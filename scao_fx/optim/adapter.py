@@ -15,7 +15,8 @@ How it maps the functional protocol onto ``torch.optim``:
   any other hyperparameter changed in ``group`` rebuilds that group's transform (state kept);
 * the state is created lazily at the first ``step()`` (like ``torch.optim``), for the group's
   parameters that require grad at that moment; frozen parameters get no state at all (LoRA:
-  only the adapters cost memory);
+  only the adapters cost memory); a frozen parameter unfrozen later gets its state at its first
+  gradient (the group's state grows, see :mod:`scao_fx.optim.regroup`);
 * ``step()`` reads ``p.grad`` (never writes it), skips parameters whose grad is ``None``, and
   adds the update to ``p`` in place under ``torch.no_grad()``.
 
@@ -38,7 +39,7 @@ import torch
 
 from ..base import GradientTransformation, check_transform
 from ..transforms.finite import FiniteGuard, all_finite, skipped_steps
-from . import checkpoint
+from . import checkpoint, regroup
 
 __all__ = ["TransformOptimizer", "dcp_state_dict"]
 
@@ -156,27 +157,33 @@ class TransformOptimizer(torch.optim.Optimizer):
 
     def _build(self, index: int) -> None:
         """(Re)build group ``index``'s transform from its current hyperparameters."""
-        group = self.param_groups[index]
         rt = self._runtimes[index]
+        rt.transform, rt.built_with, rt.lr = self._make(index, self.param_groups[index], rt.lr)
+
+    def _make(self, index: int, group: Mapping[str, Any], lr_buf: torch.Tensor | None) -> tuple:
+        """Build a transform from ``group``'s hyperparameters without touching the optimizer.
+
+        Returns ``(transform, built_with, lr buffer)``; the buffer is ``lr_buf`` refilled (a new
+        one when ``lr_buf`` is None)."""
         self._check_lr(index, group)
         hyper = self._hyperparams(group)
         kwargs = dict(hyper)
         if "lr" in hyper:
-            if rt.lr is None:
-                rt.lr = torch.zeros((), dtype=torch.float64)
-            self._fill_lr(rt.lr, hyper["lr"])
-            kwargs["lr"] = rt.lr
+            if lr_buf is None:
+                lr_buf = torch.zeros((), dtype=torch.float64)
+            self._fill_lr(lr_buf, hyper["lr"])
+            kwargs["lr"] = lr_buf
         try:
             tx = self._transform_factory(**kwargs)
         except Exception as err:
             err.add_note(f"(raised while building the transform of param_groups[{index}] with {sorted(kwargs)})")
             raise
         check_transform("transform_factory(...)", tx)
-        rt.transform = tx
         # Snapshot (not references): a list or dict hyperparameter mutated in place is seen.
-        rt.built_with = {
+        built_with = {
             k: v if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in hyper.items() if k != "lr"
         }
+        return tx, built_with, lr_buf
 
     @staticmethod
     def _fill_lr(buf: torch.Tensor, lr: Any) -> None:
@@ -186,18 +193,51 @@ class TransformOptimizer(torch.optim.Optimizer):
             buf.fill_(float(lr))
 
     def _refresh(self, index: int) -> _GroupRuntime:
-        """Before a step: refill the lr tensor, rebuild if another hyperparameter changed."""
+        """Before a step: refill the lr tensor, rebuild if another hyperparameter changed.
+
+        A rebuilt transform must fit the group's existing state: if the changed hyperparameters
+        shape the state (``use_int8_ema``, ``k_max``, ``preconditioner_enabled``, ...), a
+        ``ValueError`` names them and the group keeps its previous transform."""
         group = self.param_groups[index]
         rt = self._runtimes[index]
         stale = rt.transform is None or any(
             not _same_value(group[k], v) for k, v in rt.built_with.items()  # type: ignore[union-attr]
         )
-        if stale:
+        if stale and rt.state is None:
             self._build(index)
+        elif stale:
+            # a fresh lr buffer: the current transform (kept if the new one does not fit) holds rt.lr
+            tx, built_with, lr_buf = self._make(index, group, None)
+            self._check_fits(index, rt, tx, built_with)
+            rt.transform, rt.built_with, rt.lr = tx, built_with, lr_buf
         elif rt.lr is not None:
             self._check_lr(index, group)
             self._fill_lr(rt.lr, group["lr"])
         return rt
+
+    def _template(self, index: int, tx: GradientTransformation, active: list[int]) -> Any:
+        """A fresh state of ``tx`` over the parameters at ``active``, built on the meta device
+        (no memory) when the transform allows it, else on the parameters themselves."""
+        params = [self.param_groups[index]["params"][j] for j in active]
+        try:
+            return tx.init([torch.empty_like(p, device="meta") for p in params])
+        except Exception:  # noqa: BLE001 - any transform whose init needs real data
+            return tx.init(params)
+
+    def _check_fits(self, index: int, rt: _GroupRuntime, tx: GradientTransformation, built_with: dict) -> None:
+        """Raise a ``ValueError`` naming the changed keys if ``tx`` cannot use ``rt.state``."""
+        why = checkpoint.state_mismatch(self._template(index, tx, rt.active or []), rt.state)
+        if why is None:
+            return
+        old = rt.built_with or {}
+        changed = sorted(k for k in built_with if k in old and not _same_value(built_with[k], old[k]))
+        what = ", ".join(f"{k!r} ({old[k]!r} -> {built_with[k]!r})" for k in changed) or "a hyperparameter"
+        raise ValueError(
+            f"param_groups[{index}]: changing {what} changes the shape of the group's optimizer state "
+            f"({why.splitlines()[0]}), so the existing state cannot be used with it. Set "
+            f"{'it' if len(changed) == 1 else 'them'} back to the previous value, or build a new optimizer "
+            "with the new value (its state starts afresh); the group keeps its previous transform meanwhile"
+        )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group (as ``torch.optim``); its transform is built (and validated) now,
@@ -228,13 +268,9 @@ class TransformOptimizer(torch.optim.Optimizer):
         if rt.active is None:
             rt.active = [j for j, p in enumerate(params) if p.requires_grad or p.grad is not None]
         active_set = set(rt.active)
-        for j, p in enumerate(params):
-            if p.grad is not None and j not in active_set:
-                raise ValueError(
-                    f"param_groups[{index}]['params'][{j}] has a gradient but did not require grad when "
-                    "this optimizer's state was created, so it has no optimizer state; put newly "
-                    "unfrozen parameters in a new group with add_param_group()"
-                )
+        unfrozen = [j for j, p in enumerate(params) if p.grad is not None and j not in active_set]
+        if unfrozen:  # frozen when the state was created, trained from now on
+            self._grow(index, rt, unfrozen)
         grads: list[torch.Tensor | None] = []
         for j in rt.active:
             g = params[j].grad
@@ -250,6 +286,23 @@ class TransformOptimizer(torch.optim.Optimizer):
                 raise TypeError(f"param_groups[{index}]['params'][{j}] has a complex gradient ({g.dtype}); only real gradients are supported")
             grads.append(g.detach().clone(memory_format=torch.contiguous_format))
         return grads
+
+    def _grow(self, index: int, rt: _GroupRuntime, unfrozen: list[int]) -> None:
+        """Progressive unfreezing: add the parameters at ``unfrozen`` to the group's state.
+
+        The group's state is initialised afresh over the enlarged active set and the old
+        state is carried over (:func:`scao_fx.optim.regroup.carry_over`): every old parameter
+        keeps its per-parameter state (Adam moments, counters) exactly, shared counters keep
+        their values, a shape group of the preconditioner keeps its curvature if its members
+        are unchanged and restarts otherwise; the new parameters start fresh."""
+        new_active = sorted(set(rt.active or []) | set(unfrozen))
+        if rt.state is None:
+            rt.active = new_active
+            return
+        params = self.param_groups[index]["params"]
+        fresh = rt.transform.init([params[j] for j in new_active])  # type: ignore[union-attr]
+        rt.state = regroup.carry_over(rt.state, fresh, rt.active or [], new_active)
+        rt.active = new_active
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -366,15 +419,15 @@ class TransformOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The optimizer state as plain dicts, lists, numbers and tensors.
 
-        Layout (``torch.optim``-like; ``state`` is empty because the state is per group; see
-        :mod:`scao_fx.optim.checkpoint`)::
+        Layout (version 2, see :mod:`scao_fx.optim.checkpoint` and ``docs/checkpointing.md``)::
 
-            {"state": {},
+            {"state": {global index: {"step": float32 tensor, "exp_avg": ..., "exp_avg_sq": ...}},
              "param_groups": [{...hyperparameters, "params": [global indices]}, ...],
-             "transform_state": [None | {"active": [positions in the group],
-                                         "treespec": str, "leaves": [tensor | None, ...]}],
-             "format": "scao_fx.TransformOptimizer", "version": 1}
+             "transform_state": [None | {"active": [positions in the group], "treespec": str,
+                                         "leaves": [tensor | None | "state/<index>/<name>", ...]}],
+             "format": "scao_fx.TransformOptimizer", "version": 2}
 
+        ``state`` is ``torch.optim.AdamW``'s layout: ``AdamW.load_state_dict`` carries the moments.
         The tensors are the live state tensors (as ``torch.optim`` does): ``torch.save`` it or
         ``copy.deepcopy`` it to keep a snapshot. Loads with ``torch.load(weights_only=True)``.
         """
@@ -393,12 +446,20 @@ class TransformOptimizer(torch.optim.Optimizer):
         Each tensor is copied onto the device that a fresh ``init`` puts it on (step counters
         stay on the CPU even if ``torch.load`` mapped everything to a GPU). Hyperparameters in
         the saved groups replace the current ones (as ``torch.optim`` does) and the transforms
-        are rebuilt from them.
+        are rebuilt from them. Checkpoints of the previous format (version 1) load too.
+
+        A ``torch.optim.Adam``/``AdamW`` state dict warm-starts the optimizer: its hyperparameters
+        replace the current ones, its ``exp_avg``/``exp_avg_sq`` become the Adam moments and its
+        ``step`` the step counts; everything else (SCAO's curvature, blend and guard) starts
+        fresh (see ``docs/checkpointing.md``).
+
+        The load is atomic: everything is checked (and every group's state built) before
+        anything is changed, so a rejected checkpoint leaves the optimizer exactly as it was.
 
         Raises:
-            ValueError: if ``state_dict`` was not produced by a ``TransformOptimizer``, or its
-                groups, parameter counts, state structure, shapes or dtypes do not match this
-                optimizer (the message says which).
+            ValueError: if ``state_dict`` was produced by neither a ``TransformOptimizer`` nor
+                ``torch.optim.Adam``/``AdamW``, or its groups, parameter counts, state
+                structure, shapes or dtypes do not match this optimizer (the message says which).
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
@@ -406,22 +467,36 @@ class TransformOptimizer(torch.optim.Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        saved_states = checkpoint.unpack(state_dict, self.param_groups)
-        # Hyperparameters: saved values replace current ones (params and names stay ours).
-        for index, (saved, group) in enumerate(zip(state_dict["param_groups"], self.param_groups)):
-            group.update(self._saved_group_values(index, saved))
-        for index in range(len(self.param_groups)):
-            self._build(index)
-        for index, saved_state in enumerate(saved_states):
+        foreign = checkpoint.is_torch_layout(state_dict)
+        if foreign:
+            saved_states: list = checkpoint.unpack_torch(state_dict, self.param_groups)
+        else:
+            saved_states = checkpoint.unpack(state_dict, self.param_groups)
+        # Stage: new group values, transforms and states, without touching the optimizer.
+        staged = []
+        for index, (saved, saved_state) in enumerate(zip(state_dict["param_groups"], saved_states)):
+            group = self.param_groups[index]
+            values = self._saved_group_values(index, saved)
+            tx, built_with, lr_buf = self._make(index, {**group, **values}, None)
+            params = group["params"]
+            if foreign:
+                if not saved_state:  # no saved state for this group: it starts at its first step
+                    active, state = None, None
+                else:
+                    active = sorted({j for j, p in enumerate(params) if p.requires_grad} | set(saved_state))
+                    state = checkpoint.warm_start(index, tx.init([params[j] for j in active]), active, saved_state)
+            elif saved_state is None:
+                active, state = None, None
+            else:
+                active, entry = saved_state
+                state = checkpoint.restore(index, tx.init([params[j] for j in active]), entry)
+            staged.append((values, tx, built_with, lr_buf, active, state))
+        # Commit: nothing below can fail.
+        for index, (values, tx, built_with, lr_buf, active, state) in enumerate(staged):
             rt = self._runtimes[index]
-            if saved_state is None:
-                rt.state, rt.active = None, None
-                continue
-            active, entry = saved_state
-            params = self.param_groups[index]["params"]
-            template = rt.transform.init([params[j] for j in active])  # type: ignore[union-attr]
-            rt.state = checkpoint.restore(index, template, entry)
-            rt.active = active
+            self.param_groups[index].update(values)
+            rt.transform, rt.built_with, rt.lr = tx, built_with, lr_buf
+            rt.state, rt.active = state, active
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
