@@ -448,6 +448,20 @@ def state_mismatch(template: Any, state: Any) -> str | None:
     return None
 
 
+def _with_adam_counts(state: Any, count_of: Any) -> Any:
+    """``state`` with every :class:`ScaleByAdamState`'s ``count`` replaced by ``count_of(node)``."""
+
+    def swap(node: Any) -> Any:
+        return node._replace(count=count_of(node)) if isinstance(node, ScaleByAdamState) else node
+
+    return optree.tree_map(swap, state, is_leaf=lambda x: isinstance(x, ScaleByAdamState), none_is_leaf=True)
+
+
+def _split_count(node: ScaleByAdamState) -> Any:
+    """A single tree-wide counter as one counter per leaf of the moments (``None`` kept)."""
+    return optree.tree_map(lambda m: None if m is None else node.count.clone(), node.mu, none_is_leaf=True)
+
+
 def restore(index: int, template: Any, entry: Mapping[str, Any]) -> Any:
     """Group ``index``'s saved state, in the structure and on the devices of ``template``.
 
@@ -478,6 +492,12 @@ def restore(index: int, template: Any, entry: Mapping[str, Any]) -> Any:
         >>> checkpoint.restore(0, (torch.zeros(2),), entry)
         (tensor([1., 1.]),)
     """
+    if str(optree.tree_structure(template, none_is_leaf=True)) != entry["treespec"]:
+        legacy = _with_adam_counts(template, lambda node: torch.zeros((), dtype=torch.int64))
+        if str(optree.tree_structure(legacy, none_is_leaf=True)) == entry["treespec"]:
+            # Adam's step count saved as one counter for the tree (earlier releases): read it,
+            # then give every leaf that counter's value, as those releases bias-corrected.
+            return _with_adam_counts(restore(index, legacy, entry), _split_count)
     t_leaves, t_spec = optree.tree_flatten(template, none_is_leaf=True)
     s_leaves = list(entry["leaves"])
     if str(t_spec) != entry["treespec"] or len(s_leaves) != len(t_leaves):
