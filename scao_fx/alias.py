@@ -222,8 +222,8 @@ def muon(
 
     .. math::
         m_t = \mu\, m_{t-1} + (1-\mu)\, g_t,\quad
-        	ilde m_t = (1-\mu) g_t + \mu m_t \ 	ext{(nesterov)},\
-        W_t = W_{t-1} - \eta\,ig(s(m, n)\,\mathrm{NS}_k(	ilde m_t) + \lambda W_{t-1}ig)
+        \tilde m_t = (1-\mu) g_t + \mu m_t \ \text{(nesterov)},\\
+        W_t = W_{t-1} - \eta\,\big(s(m, n)\,\mathrm{NS}_k(\tilde m_t) + \lambda W_{t-1}\big)
 
     which is ``torch.optim.Muon``'s step (it applies ``W *= 1 - lr * weight_decay`` before
     adding the orthogonalised update, both from :math:`W_{t-1}`; the decay uses the unadjusted
@@ -311,7 +311,7 @@ def muon(
 
     def init(params):
         state = tx.init(params)  # checks the mask's tree structure first
-        leaves, spec = optree.tree_flatten(params, none_is_leaf=True)
+        leaves = optree.tree_leaves(params, none_is_leaf=True)
         labs = [None if p is None else labels(p) for p in leaves] if callable(labels) else optree.tree_leaves(
             labels, none_is_leaf=True
         )

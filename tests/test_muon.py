@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.func import functional_call, grad
+from treeutil import assert_tree_close, clone, versions
 
 import scao_fx as sf
-from scao_fx.precond.orthogonal import NS_COEFFICIENTS, newton_schulz, shape_scale
-from treeutil import assert_tree_close, clone, versions
+from scao_fx.precond.orthogonal import newton_schulz, shape_scale
 
 STEPS = 100
 #: Non-square both ways, a square one, and two leaves of one shape.

@@ -8,7 +8,7 @@ import torch
 
 from .._tree import check_same_structure, flatten, unflatten
 from .._validation import check_bool, check_dense_leaves, check_dtype, check_float
-from ..base import register_state, GradientTransformation, multi_tensor_ok
+from ..base import GradientTransformation, multi_tensor_ok, register_state
 from .adam import moment_dtype_for
 
 __all__ = ["scale_by_momentum", "ScaleByMomentumState"]

@@ -13,9 +13,21 @@ from __future__ import annotations
 import torch
 
 from .._tree import flatten, unflatten
-from .._validation import check_bool, check_choice, check_dense_leaves, check_dtype, check_float, check_int
+from .._validation import (
+    check_bool,
+    check_choice,
+    check_dense_leaves,
+    check_dtype,
+    check_float,
+    check_int,
+)
 from ..base import EmptyState, GradientTransformation
-from ..precond.orthogonal import NS_COEFFICIENTS, SHAPE_RULES, newton_schulz, shape_scale
+from ..precond.orthogonal import (
+    NS_COEFFICIENTS,
+    SHAPE_RULES,
+    newton_schulz,
+    shape_scale,
+)
 from .kronecker import matrix_shape
 
 __all__ = ["scale_by_newton_schulz"]
