@@ -11,7 +11,7 @@ Every optimizer is a ``GradientTransformation`` (torchopt's protocol) composed w
 """
 
 from . import precond, schedules, transforms
-from .alias import adam, adamw, scao, scao_precondition
+from .alias import adam, adamw, muon, scao, scao_precondition
 from .base import EmptyState, GradientTransformation
 from .codecs import Codec, EncodedTensor, bf16_codec, fp32_codec, int8_blockwise
 from .diagnostics import scao_diagnostics, summarize_diagnostics
@@ -54,6 +54,7 @@ __all__ = [
     "dcp_state_dict",
     "adam",
     "adamw",
+    "muon",
     "scao",
     "scao_precondition",
     "Codec",

@@ -6,12 +6,13 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
+import optree
 import torch
 
-from ._validation import check_betas, check_choice, check_float, check_int, check_scalar_or_schedule
+from ._validation import check_betas, check_bool, check_choice, check_dtype, check_float, check_int, check_scalar_or_schedule
 from .base import GradientTransformation
 from .transforms.adam import add_decayed_weights, scale_by_adam
-from .transforms.combinators import chain
+from .transforms.combinators import chain, partition
 from .transforms.blend import blend_ramp
 from .transforms.finite import apply_if_finite
 from .transforms.kronecker import kronecker_precondition
@@ -19,9 +20,12 @@ from .codecs import bf16_codec, fp32_codec, int8_blockwise
 from .precond.curvature import curvature_ema
 from .precond.rank import spectral_mass_rank
 from .precond.sketch import curvature_sketch
+from .transforms.momentum import scale_by_momentum
+from .transforms.orthogonal import check_coefficients, scale_by_newton_schulz
+from .precond.orthogonal import NS_COEFFICIENTS
 from .transforms.scale import scale_by_learning_rate
 
-__all__ = ["adam", "adamw", "scao_precondition", "scao", "SCAO_DEFAULTS"]
+__all__ = ["adam", "adamw", "muon", "scao_precondition", "scao", "SCAO_DEFAULTS"]
 
 #: SCAO's default hyperparameters, the one place they are written: :func:`scao_precondition`,
 #: :func:`scao` and :class:`scao_fx.SCAO` take their defaults from here (read-only).
@@ -155,6 +159,171 @@ def adamw(
         >>> state = tx.init(params)
     """
     return adam(lr, betas, eps, weight_decay, eps_root=eps_root, mask=mask, moment_dtype=moment_dtype)
+
+
+def _muon_labels(muon_mask: Any) -> Any:
+    """``partition`` labels (``"muon"`` / ``"adamw"``) from :func:`muon`'s ``muon_mask``."""
+    if muon_mask is None:
+        return lambda p: "muon" if p.ndim >= 2 else "adamw"
+    if callable(muon_mask):
+
+        def label(p):
+            chosen = muon_mask(p)
+            if not isinstance(chosen, bool):
+                raise TypeError(
+                    "muon_mask, when callable, is called on each parameter leaf and must return a bool, "
+                    f"got {chosen!r} of type {type(chosen).__name__}"
+                )
+            return "muon" if chosen else "adamw"
+
+        return label
+    leaves, spec = optree.tree_flatten(muon_mask, none_is_leaf=True)
+    for x in leaves:
+        if not isinstance(x, (bool, type(None))):
+            raise TypeError(
+                "muon_mask must be None, a callable leaf -> bool, or a tree of bools with the parameters' "
+                f"structure; found a leaf {x!r} of type {type(x).__name__}"
+            )
+    return optree.tree_unflatten(spec, [None if x is None else ("muon" if x else "adamw") for x in leaves])
+
+
+def muon(
+    lr=1e-3,
+    weight_decay: float = 0.1,
+    momentum: float = 0.95,
+    nesterov: bool = True,
+    ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+    eps: float = 1e-7,
+    ns_steps: int = 5,
+    adjust_lr_fn: str | None = None,
+    *,
+    adamw_lr=None,
+    adamw_betas: tuple[float, float] = (0.9, 0.999),
+    adamw_eps: float = 1e-8,
+    adamw_weight_decay: float | None = None,
+    muon_mask: Any = None,
+    ns_dtype: torch.dtype | None = torch.bfloat16,
+    grouped: bool = False,
+    moment_dtype: torch.dtype | None = None,
+) -> GradientTransformation:
+    r"""Muon on the matrix leaves, AdamW on the others: ``torch.optim.Muon`` + ``torch.optim.AdamW``.
+
+    It is exactly::
+
+        partition({
+            "muon": chain(scale_by_momentum(momentum, nesterov),
+                          scale_by_newton_schulz(ns_steps, ns_coefficients, eps, adjust_lr),
+                          add_decayed_weights(weight_decay),
+                          scale_by_learning_rate(lr)),
+            "adamw": adamw(adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay),
+        }, labels)
+
+    so that a matrix :math:`W` (``m x n``) moves by
+
+    .. math::
+        m_t = \mu\, m_{t-1} + (1-\mu)\, g_t,\quad
+        \tilde m_t = (1-\mu) g_t + \mu m_t \ \text{(nesterov)},\\
+        W_t = W_{t-1} - \eta\,\big(s(m, n)\,\mathrm{NS}_k(\tilde m_t) + \lambda W_{t-1}\big)
+
+    which is ``torch.optim.Muon``'s step (it applies ``W *= 1 - lr * weight_decay`` before
+    adding the orthogonalised update, both from :math:`W_{t-1}`; the decay uses the unadjusted
+    learning rate). The arguments before ``*`` and their defaults are ``torch.optim.Muon``'s, in
+    its order. Leaves of two or more dimensions go to Muon (trailing dimensions flattened,
+    as :func:`~scao_fx.scale_by_newton_schulz` does), the others to AdamW; pass ``muon_mask``
+    to send embeddings and output heads to AdamW too.
+
+    Args:
+        lr: Muon's learning rate: float >= 0, 0-d tensor, or schedule ``count -> lr``.
+        weight_decay: Muon's decoupled weight decay, >= 0 (parameters shrink by
+            ``lr * weight_decay`` per step).
+        momentum: momentum decay :math:`\mu`, in [0, 1).
+        nesterov: Nesterov look-ahead (see :func:`~scao_fx.scale_by_momentum`).
+        ns_coefficients: ``(a, b, c)`` of the Newton-Schulz polynomial.
+        eps: floor of each matrix's norm in Newton-Schulz, > 0.
+        ns_steps: Newton-Schulz iterations, >= 1.
+        adjust_lr_fn: the shape factor :math:`s(m, n)`: ``None`` or ``"original"``
+            (:math:`\sqrt{\max(1, m/n)}`), or ``"match_rms_adamw"`` (:math:`0.2\sqrt{\max(m, n)}`).
+        adamw_lr: AdamW's learning rate (float, 0-d tensor or schedule); default ``lr``.
+        adamw_betas: AdamW's ``(beta1, beta2)``, each in [0, 1).
+        adamw_eps: AdamW's epsilon, >= 0.
+        adamw_weight_decay: AdamW's decoupled weight decay, >= 0; default ``weight_decay``.
+        muon_mask: which leaves Muon trains: ``None`` (every leaf of two or more dimensions), a
+            tree of bools with the parameters' structure, or a callable ``leaf -> bool`` called
+            on each parameter (as :func:`~scao_fx.partition`'s labels). A selected leaf must have
+            two or more dimensions.
+        ns_dtype: dtype of the Newton-Schulz iteration (default bfloat16, as ``torch.optim.Muon``);
+            ``None``: the update's dtype.
+        grouped: batch the Newton-Schulz products over leaves of one matrix shape (see
+            :func:`~scao_fx.scale_by_newton_schulz`; default False: ``torch.optim.Muon``'s exact
+            per-matrix operations).
+        moment_dtype: dtype of the momentum and of Adam's moments (default: at least float32).
+
+    Returns:
+        A ``GradientTransformation`` with state ``PartitionState({"adamw": adamw state,
+        "muon": (ScaleByMomentumState, EmptyState(), EmptyState(), EmptyState())})``.
+
+    Raises:
+        ValueError: at ``init`` if ``muon_mask`` selects a leaf of fewer than two dimensions.
+
+    Example:
+        >>> import torch, scao_fx as sf
+        >>> params = {"embed": torch.zeros(100, 16), "w": torch.zeros(16, 32), "b": torch.zeros(32)}
+        >>> tx = sf.muon(lr=0.02, adamw_lr=3e-4, muon_mask={"embed": False, "w": True, "b": False})
+        >>> state = tx.init(params)
+        >>> sorted(state.inner_states), len(state.inner_states["muon"][0].mu)   # "w" only
+        (['adamw', 'muon'], 1)
+    """
+    check_scalar_or_schedule("lr", lr)
+    check_float("weight_decay", weight_decay, low=0.0)
+    check_float("momentum", momentum, low=0.0, high=1.0, high_inclusive=False)
+    check_bool("nesterov", nesterov)
+    check_coefficients("ns_coefficients", ns_coefficients)
+    check_float("eps", eps, low=0.0, low_inclusive=False)
+    check_int("ns_steps", ns_steps, low=1)
+    check_dtype("ns_dtype", ns_dtype)
+    check_bool("grouped", grouped)
+    check_choice("adjust_lr_fn", adjust_lr_fn, (None, "original", "match_rms_adamw"))
+    if adamw_lr is None:
+        adamw_lr = lr
+    else:
+        check_scalar_or_schedule("adamw_lr", adamw_lr)
+    adamw_b1, adamw_b2 = check_betas("adamw_betas", adamw_betas)
+    check_float("adamw_eps", adamw_eps, low=0.0)
+    if adamw_weight_decay is None:
+        adamw_weight_decay = weight_decay
+    else:
+        check_float("adamw_weight_decay", adamw_weight_decay, low=0.0)
+    labels = _muon_labels(muon_mask)
+    tx = partition(
+        {
+            "muon": chain(
+                scale_by_momentum(momentum, nesterov, moment_dtype=moment_dtype),
+                scale_by_newton_schulz(
+                    ns_steps, ns_coefficients, eps, adjust_lr_fn or "original", dtype=ns_dtype, grouped=grouped
+                ),
+                add_decayed_weights(weight_decay),
+                scale_by_learning_rate(lr),
+            ),
+            "adamw": adam(adamw_lr, (adamw_b1, adamw_b2), adamw_eps, adamw_weight_decay, moment_dtype=moment_dtype),
+        },
+        labels,
+    )
+
+    def init(params):
+        state = tx.init(params)  # checks the mask's tree structure first
+        leaves = optree.tree_leaves(params, none_is_leaf=True)
+        labs = [None if p is None else labels(p) for p in leaves] if callable(labels) else optree.tree_leaves(
+            labels, none_is_leaf=True
+        )
+        for i, (p, lab) in enumerate(zip(leaves, labs)):
+            if lab == "muon" and p is not None and p.ndim < 2:
+                raise ValueError(
+                    f"muon_mask selects parameter leaf {i} of shape {tuple(p.shape)}; Muon trains leaves of "
+                    "two or more dimensions, the others go to AdamW"
+                )
+        return state
+
+    return GradientTransformation(init, tx.update)
 
 
 def scao_precondition(

@@ -134,6 +134,43 @@ OPTIMIZERS: list[OptimizerEntry] = [
     ),
 ]
 
+def muon_links(lr):
+    """The links of ``sf.muon(lr, weight_decay=1e-4)`` as masked links applied one by one (AdamW's
+    links first: the alias's ``PartitionState`` lists its labels sorted, "adamw" before "muon")."""
+    def is_matrix(p):
+        return {k: v.ndim >= 2 for k, v in p.items()}
+
+    def is_vector(p):
+        return {k: v.ndim < 2 for k, v in p.items()}
+
+    return [
+        sf.masked(sf.scale_by_adam(), is_vector),
+        sf.add_decayed_weights(1e-4, mask=is_vector),
+        sf.masked(sf.scale_by_learning_rate(lr), is_vector),
+        sf.masked(sf.scale_by_momentum(0.95, nesterov=True), is_matrix),
+        sf.masked(sf.scale_by_newton_schulz(), is_matrix),
+        sf.add_decayed_weights(1e-4, mask=is_matrix),
+        sf.masked(sf.scale_by_learning_rate(lr), is_matrix),
+    ]
+
+
+OPTIMIZERS.append(
+    OptimizerEntry(
+        name="muon",
+        factory=lambda lr: sf.muon(lr, weight_decay=1e-4),
+        links=muon_links,
+        quadratic_lr=0.02,
+        quadratic_steps=300,
+        quadratic_tol=1e-3,
+        # The orthogonalisation runs in bfloat16 (as torch.optim.Muon): inductor's kernels round
+        # some entries one bf16 ulp apart, amplified by five iterations; 1e-3 is a tenth of the
+        # per-entry step size at lr = 1e-2.
+        compile_tol=(2e-2, 1e-3),
+        note="orthogonalised steps have a fixed size (lr per singular direction, bf16): a constant "
+        "learning rate stalls at a loss set by lr, not at 1e-6",
+    )
+)
+
 ENTRIES = pytest.mark.parametrize("entry", OPTIMIZERS, ids=[e.name for e in OPTIMIZERS])
 
 
@@ -381,5 +418,5 @@ def test_registry_is_well_formed():
     names = [e.name for e in OPTIMIZERS]
     assert len(names) == len(set(names)), "duplicate registry names"
     # Every optimizer alias exported by the library is registered.
-    for alias in ("adam", "adamw"):
+    for alias in ("adam", "adamw", "muon"):
         assert alias in names

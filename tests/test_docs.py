@@ -33,7 +33,7 @@ def test_public_name_has_a_summary_line(name):
     assert doc and doc.splitlines()[0].strip(), f"scao_fx.{name} needs a docstring with a one-line summary"
 
 
-@pytest.mark.parametrize("page", ["README.md", "docs/functional-loop.md", "docs/protocol.md"])
+@pytest.mark.parametrize("page", ["README.md", "docs/functional-loop.md", "docs/protocol.md", "docs/muon.md"])
 def test_code_on_the_page_runs(page):
     blocks = python_blocks(ROOT / page)
     assert blocks, f"no python code blocks found in {page}"

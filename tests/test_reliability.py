@@ -525,6 +525,35 @@ BAD_ARGUMENTS["apply_if_finite"] = [
     (lambda: sf.apply_if_finite(sf.adam(), host_sync=1), TypeError, ["host_sync", "None, True or False", "1"]),
     (lambda: sf.apply_if_finite(sf.adam(), skip_overflow="yes"), TypeError, ["skip_overflow", "bool", "'yes'"]),
 ]
+BAD_ARGUMENTS["muon"] = [
+    (lambda: sf.muon(lr=-1.0), ValueError, ["lr", "-1.0", "[0.0, inf)"]),
+    (lambda: sf.muon(momentum=1.0), ValueError, ["momentum", "1.0", "[0.0, 1.0)"]),
+    (lambda: sf.muon(weight_decay=-0.1), ValueError, ["weight_decay", "-0.1", "[0.0, inf)"]),
+    (lambda: sf.muon(nesterov=1), TypeError, ["nesterov", "1", "bool"]),
+    (lambda: sf.muon(ns_steps=0), ValueError, ["ns_steps", "0", "[1, inf]"]),
+    (lambda: sf.muon(ns_coefficients=(1.0, 2.0)), TypeError, ["ns_coefficients", "(1.0, 2.0)", "triple"]),
+    (lambda: sf.muon(eps=0.0), ValueError, ["eps", "0.0", "(0.0, inf)"]),
+    (lambda: sf.muon(adjust_lr_fn="rms"), ValueError, ["adjust_lr_fn", "'rms'", "'original', 'match_rms_adamw'"]),
+    (lambda: sf.muon(adamw_lr=math.nan), ValueError, ["adamw_lr", "nan", "[0.0, inf)"]),
+    (lambda: sf.muon(adamw_betas=(0.9, 1.5)), ValueError, ["adamw_betas[1]", "1.5", "[0.0, 1.0)"]),
+    (lambda: sf.muon(adamw_weight_decay=-1.0), ValueError, ["adamw_weight_decay", "-1.0", "[0.0, inf)"]),
+    (lambda: sf.muon(muon_mask={"w": "yes"}), TypeError, ["muon_mask", "'yes'", "bools"]),
+    (lambda: sf.muon(ns_dtype=torch.int8), TypeError, ["ns_dtype", "torch.int8", "floating-point torch.dtype"]),
+]
+BAD_ARGUMENTS["scale_by_momentum"] = [
+    (lambda: sf.scale_by_momentum(-0.1), ValueError, ["beta", "-0.1", "[0.0, 1.0)"]),
+    (lambda: sf.scale_by_momentum(0.9, nesterov="yes"), TypeError, ["nesterov", "'yes'", "bool"]),
+    (lambda: sf.scale_by_momentum(0.0), None, []),  # no averaging: accepted
+]
+BAD_ARGUMENTS["scale_by_newton_schulz"] = [
+    (lambda: sf.scale_by_newton_schulz(steps=0), ValueError, ["steps", "0", "[1, inf]"]),
+    (lambda: sf.scale_by_newton_schulz(coefficients=(1.0, math.inf, 0.0)), ValueError,
+     ["coefficients[1]", "inf", "(-inf, inf)"]),
+    (lambda: sf.scale_by_newton_schulz(eps=-1e-7), ValueError, ["eps", "-1e-07", "(0.0, inf)"]),
+    (lambda: sf.scale_by_newton_schulz(adjust_lr=None), ValueError, ["adjust_lr", "None", "'match_rms_adamw'"]),
+    (lambda: sf.scale_by_newton_schulz(grouped=1), TypeError, ["grouped", "1", "bool"]),
+    (lambda: sf.scale_by_newton_schulz(dtype=None), None, []),  # iterate in the update's dtype: accepted
+]
 BAD_ARGUMENTS["curvature_sketch"] = [
     (lambda: sf.curvature_sketch(rank=1), ValueError, ["rank", "1", "[2, inf]"]),
     (lambda: sf.curvature_sketch(rho=1.0), ValueError, ["rho", "1.0"]),

@@ -5,6 +5,7 @@
 * :mod:`~scao_fx.precond.rank`: rank rules (``spectral_mass_rank``, ``full_rank``, ``fixed_rank``).
 * :mod:`~scao_fx.precond.eigen`: ``robust_eigh`` and the top-eigenpair solvers of a refresh.
 * :mod:`~scao_fx.precond.kron`: refresh, apply, graft and normalization of Kronecker sides.
+* :mod:`~scao_fx.precond.orthogonal`: ``newton_schulz`` (Muon's orthogonalisation) and ``shape_scale``.
 
 The links in :mod:`scao_fx.transforms` are the plumbing around these functions.
 """
@@ -12,6 +13,7 @@ The links in :mod:`scao_fx.transforms` are the plumbing around these functions.
 from .curvature import CurvatureEMA, FactorStatistic, curvature_ema
 from .eigen import robust_eigh, top_eigenpairs_exact, top_eigenpairs_subspace
 from .kron import KroneckerSide
+from .orthogonal import NS_COEFFICIENTS, newton_schulz, shape_scale
 from .rank import RankRule, fixed_rank, full_rank, spectral_mass_rank
 from .sketch import CurvatureSketch, SketchStatistic, curvature_sketch
 
@@ -30,4 +32,7 @@ __all__ = [
     "top_eigenpairs_exact",
     "top_eigenpairs_subspace",
     "KroneckerSide",
+    "NS_COEFFICIENTS",
+    "newton_schulz",
+    "shape_scale",
 ]

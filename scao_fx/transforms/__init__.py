@@ -4,6 +4,9 @@
   ``partition``.
 * :mod:`~scao_fx.transforms.adam`: ``scale_by_adam``, ``add_decayed_weights``.
 * :mod:`~scao_fx.transforms.scale`: ``scale``, ``scale_by_learning_rate``.
+* :mod:`~scao_fx.transforms.momentum`: ``scale_by_momentum``.
+* :mod:`~scao_fx.transforms.orthogonal`: ``scale_by_newton_schulz`` (its math:
+  :mod:`scao_fx.precond.orthogonal`).
 * :mod:`~scao_fx.transforms.clipping`: ``clip_by_global_norm``.
 * :mod:`~scao_fx.transforms.quantization`: the ``quantize_state`` combinator (codecs:
   :mod:`scao_fx.codecs`).
@@ -35,6 +38,8 @@ from .finite import (
     skipped_steps,
     square_safe_bound,
 )
+from .momentum import ScaleByMomentumState, scale_by_momentum
+from .orthogonal import scale_by_newton_schulz
 from .kronecker import KroneckerGroupState, KroneckerPreconditionState, kronecker_precondition, matrix_shape
 from .quantization import QuantizedState, int8_adam_codecs, quantize_state
 from .sharding import full_tensor_updates
@@ -55,6 +60,9 @@ __all__ = [
     "scale",
     "scale_by_learning_rate",
     "ScaleByScheduleState",
+    "scale_by_momentum",
+    "ScaleByMomentumState",
+    "scale_by_newton_schulz",
     "clip_by_global_norm",
     "global_norm",
     "QuantizedState",
