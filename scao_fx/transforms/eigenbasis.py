@@ -342,7 +342,11 @@ def _when(pred: torch.Tensor, fn, tree: Any) -> Any:
     flat, spec = optree.tree_flatten(tree, none_is_leaf=False)
     out = branch(
         pred,
-        lambda *ops: tuple(optree.tree_flatten(fn(optree.tree_unflatten(spec, list(ops))))[0]),
+        # branches of torch.cond may not return their inputs: the leaves fn leaves alone are copied
+        lambda *ops: tuple(
+            o.clone() if any(o is x for x in ops) else o
+            for o in optree.tree_flatten(fn(optree.tree_unflatten(spec, list(ops))))[0]
+        ),
         lambda *ops: tuple(o.clone() for o in ops),
         tuple(flat),
     )
