@@ -11,7 +11,7 @@ Every optimizer is a ``GradientTransformation`` (torchopt's protocol) composed w
 """
 
 from . import precond, schedules, transforms
-from .alias import adam, adamw, muon, scao, scao_precondition
+from .alias import adam, adamw, muon, scao, scao_precondition, soap
 from .base import EmptyState, GradientTransformation
 from .codecs import Codec, EncodedTensor, bf16_codec, fp32_codec, int8_blockwise
 from .diagnostics import scao_diagnostics, summarize_diagnostics
@@ -57,6 +57,7 @@ __all__ = [
     "muon",
     "scao",
     "scao_precondition",
+    "soap",
     "Codec",
     "EncodedTensor",
     "fp32_codec",

@@ -15,17 +15,18 @@ from .transforms.adam import add_decayed_weights, scale_by_adam
 from .transforms.combinators import chain, partition
 from .transforms.blend import blend_ramp
 from .transforms.finite import apply_if_finite
+from .transforms.eigenbasis import kronecker_eigenbasis
 from .transforms.kronecker import kronecker_precondition
 from .codecs import bf16_codec, fp32_codec, int8_blockwise
 from .precond.curvature import curvature_ema
-from .precond.rank import spectral_mass_rank
+from .precond.rank import full_rank, spectral_mass_rank
 from .precond.sketch import curvature_sketch
 from .transforms.momentum import scale_by_momentum
 from .transforms.orthogonal import check_coefficients, scale_by_newton_schulz
 from .precond.orthogonal import NS_COEFFICIENTS
 from .transforms.scale import scale_by_learning_rate
 
-__all__ = ["adam", "adamw", "muon", "scao_precondition", "scao", "SCAO_DEFAULTS"]
+__all__ = ["adam", "adamw", "muon", "scao_precondition", "scao", "soap", "SCAO_DEFAULTS"]
 
 #: SCAO's default hyperparameters, the one place they are written: :func:`scao_precondition`,
 #: :func:`scao` and :class:`scao_fx.SCAO` take their defaults from here (read-only).
@@ -60,6 +61,7 @@ SCAO_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "curvature": "ema",
         "sketch_rank": 128,
         "sketch_storage": "bfloat16",
+        "form": "seed",
         # the non-finite guard (apply_if_finite around the chain)
         "skip_nonfinite": True,
         "max_consecutive_skips": 10,
@@ -81,6 +83,19 @@ class _NotGiven(float):
 
     def __repr__(self) -> str:
         return float.__repr__(self)
+
+
+def _statistic(curvature: str, rho: float, use_int8_ema: bool, block_size: int, sketch_rank: int, sketch_storage: str):
+    """The curvature statistic SCAO's keywords describe (``curvature``, ``use_int8_ema``, ...)."""
+    if not isinstance(use_int8_ema, bool):
+        raise TypeError(f"use_int8_ema must be a bool, got {use_int8_ema!r}")
+    check_choice("curvature", curvature, ("ema", "sketch"))
+    check_choice("sketch_storage", sketch_storage, ("bfloat16", "int8", "float32"))
+    if curvature == "sketch":
+        frame = {"bfloat16": bf16_codec(), "int8": int8_blockwise(block_size), "float32": fp32_codec()}[sketch_storage]
+        basis_dtype = torch.float32 if sketch_storage == "float32" else torch.bfloat16
+        return curvature_sketch(sketch_rank, rho, frame, basis_dtype=basis_dtype)
+    return curvature_ema(rho, codec=int8_blockwise(block_size) if use_int8_ema else fp32_codec())
 
 
 def adam(
@@ -353,6 +368,7 @@ def scao_precondition(
     curvature: str = SCAO_DEFAULTS["curvature"],
     sketch_rank: int = SCAO_DEFAULTS["sketch_rank"],
     sketch_storage: str = SCAO_DEFAULTS["sketch_storage"],
+    form: str = SCAO_DEFAULTS["form"],
 ) -> GradientTransformation:
     r"""SCAO's preconditioner, built from its five named parts.
 
@@ -403,6 +419,9 @@ def scao_precondition(
         sketch_storage: storage of the sketch's frame and of the preconditioner basis
             (``curvature="sketch"``): ``"bfloat16"`` (both bf16), ``"int8"`` (frame int8 with
             ``block_size`` blocks, basis bf16) or ``"float32"``.
+        form: ``"seed"`` (this preconditioner, followed by Adam). ``"eigenbasis"`` runs Adam
+            *inside* the preconditioner (:func:`~scao_fx.kronecker_eigenbasis`), so it is a form
+            of the whole optimizer: ask :func:`scao` for it; here it is a ``ValueError``.
 
     Returns:
         A ``GradientTransformation`` with state ``BlendRampState(KroneckerPreconditionState, count)``.
@@ -423,16 +442,12 @@ def scao_precondition(
     check_float("rank_eps" if rank_eps is not None else "epsilon_sparse", epsilon_sparse, low=0.0, high=1.0,
                 high_inclusive=False)
     check_choice("blend_shape", blend_shape, ("linear", "cosine"))
-    if not isinstance(use_int8_ema, bool):
-        raise TypeError(f"use_int8_ema must be a bool, got {use_int8_ema!r}")
-    check_choice("curvature", curvature, ("ema", "sketch"))
-    check_choice("sketch_storage", sketch_storage, ("bfloat16", "int8", "float32"))
-    if curvature == "sketch":
-        frame = {"bfloat16": bf16_codec(), "int8": int8_blockwise(block_size), "float32": fp32_codec()}[sketch_storage]
-        basis_dtype = torch.float32 if sketch_storage == "float32" else torch.bfloat16
-        statistic = curvature_sketch(sketch_rank, rho, frame, basis_dtype=basis_dtype)
-    else:
-        statistic = curvature_ema(rho, codec=int8_blockwise(block_size) if use_int8_ema else fp32_codec())
+    if check_choice("form", form, ("seed", "eigenbasis")) == "eigenbasis":
+        raise ValueError(
+            "form='eigenbasis' runs Adam inside the preconditioner: build the whole optimizer with "
+            "sf.scao(..., form='eigenbasis') (or sf.kronecker_eigenbasis(...)), not scao_precondition"
+        )
+    statistic = _statistic(curvature, rho, use_int8_ema, block_size, sketch_rank, sketch_storage)
     return blend_ramp(
         kronecker_precondition(
             curvature=statistic,
@@ -472,6 +487,16 @@ def scao(
     r"""SCAO: ``apply_if_finite(chain(scao_precondition(**kw), adamw(lr, betas, eps, weight_decay)))``.
 
     Adam's moments track the blended, preconditioned gradient; weight decay is decoupled.
+
+    ``form="eigenbasis"`` builds instead ``apply_if_finite(chain(kronecker_eigenbasis(
+    scale_by_adam(b1, b2, eps), curvature=<SCAO's statistic>, rank=spectral_mass_rank(
+    epsilon_sparse, k_min, k_max), precond_freq=..., ...), add_decayed_weights(weight_decay, mask),
+    scale_by_learning_rate(lr)))``: Adam runs in the eigenbases of SCAO's (int8, adaptive-rank)
+    factors, Adam in the original coordinates on the complement of the kept subspace
+    (see :func:`~scao_fx.kronecker_eigenbasis`). There is no warmup or ramp: the bases are
+    refreshed at step 1. The keywords of the seed form only (``warmup_steps``, ``blend_steps``,
+    ``min_precond_updates``, ``tau``, ``complement``, ``graft``, ``blend_shape``) must then stay
+    at their defaults (``ValueError`` otherwise).
     Published guidance: start from about 1.17x your AdamW learning rate. A step whose gradients
     hold a NaN or Inf, or an entry so large its square would overflow the statistics, is skipped
     for the whole tree, leaving parameters and state exactly as they were
@@ -489,7 +514,8 @@ def scao(
         max_consecutive_skips: consecutive non-finite steps tolerated before
             :class:`~scao_fx.NonFiniteGradientError`, >= 1.
         host_sync: how the finite flag reaches the host (see :func:`~scao_fx.apply_if_finite`).
-        **precondition_kwargs: any argument of :func:`scao_precondition`.
+        **precondition_kwargs: any argument of :func:`scao_precondition`, and ``form``:
+            ``"seed"`` (default) or ``"eigenbasis"``.
 
     Returns:
         ``ApplyIfFiniteState`` around the two-link chain state ``(scao_precondition state,
@@ -502,10 +528,141 @@ def scao(
     if not isinstance(skip_nonfinite, bool):
         raise TypeError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}")
     check_int("max_consecutive_skips", max_consecutive_skips, low=1)
-    tx = chain(
-        scao_precondition(**precondition_kwargs),
-        adamw(lr, betas, eps, weight_decay, mask=mask, moment_dtype=moment_dtype),
-    )
+    form = check_choice("form", precondition_kwargs.pop("form", SCAO_DEFAULTS["form"]), ("seed", "eigenbasis"))
+    if form == "eigenbasis":
+        b1, b2 = check_betas("betas", betas)
+        check_scalar_or_schedule("lr", lr)
+        check_float("eps", eps, low=0.0)
+        check_float("weight_decay", weight_decay, low=0.0)
+        tx = chain(
+            _scao_eigenbasis(scale_by_adam(b1, b2, eps, moment_dtype=moment_dtype), precondition_kwargs),
+            add_decayed_weights(weight_decay, mask),
+            scale_by_learning_rate(lr),
+        )
+    else:
+        tx = chain(
+            scao_precondition(**precondition_kwargs),
+            adamw(lr, betas, eps, weight_decay, mask=mask, moment_dtype=moment_dtype),
+        )
     if not skip_nonfinite:
         return tx
     return apply_if_finite(tx, max_consecutive_skips, host_sync=host_sync, skip_overflow=True)
+
+
+#: Keywords of :func:`scao_precondition` that only the seed form reads (its power, complement
+#: gain, graft and blend ramp); the eigenbasis form requires them at their defaults.
+_SEED_ONLY_KEYS = ("warmup_steps", "blend_steps", "min_precond_updates", "tau", "complement", "graft", "blend_shape")
+
+
+def _scao_eigenbasis(inner: GradientTransformation, kw: dict[str, Any]) -> GradientTransformation:
+    """``kronecker_eigenbasis(inner, ...)`` from :func:`scao_precondition`'s keywords (``form="eigenbasis"``)."""
+    kw = dict(kw)
+    unknown = sorted(set(kw) - set(SCAO_PRECONDITION_KEYS) - {"rank_eps", "process_group"})
+    if unknown:
+        raise TypeError(f"scao got unexpected keyword argument(s) {unknown}")
+    if kw.get("process_group") is not None:
+        raise ValueError("form='eigenbasis' does not support process_group yet: pass process_group=None")
+    kw.pop("process_group", None)
+    rank_eps = kw.pop("rank_eps", None)
+    if rank_eps is not None:
+        if "epsilon_sparse" in kw and kw["epsilon_sparse"] != rank_eps:
+            raise ValueError(f"give either epsilon_sparse or rank_eps, not both ({kw['epsilon_sparse']!r} vs {rank_eps!r})")
+        kw["epsilon_sparse"] = rank_eps
+    hp = {k: kw.get(k, SCAO_DEFAULTS[k]) for k in SCAO_PRECONDITION_KEYS}
+    for key in _SEED_ONLY_KEYS:
+        if hp[key] != SCAO_DEFAULTS[key]:
+            raise ValueError(
+                f"{key} applies to form='seed' only; with form='eigenbasis' leave it at its default "
+                f"{SCAO_DEFAULTS[key]!r}, got {hp[key]!r}"
+            )
+    check_float("epsilon_sparse" if rank_eps is None else "rank_eps", hp["epsilon_sparse"], low=0.0, high=1.0,
+                high_inclusive=False)
+    statistic = _statistic(hp["curvature"], hp["rho"], hp["use_int8_ema"], hp["block_size"], hp["sketch_rank"],
+                           hp["sketch_storage"])
+    return kronecker_eigenbasis(
+        inner,
+        curvature=statistic,
+        rank=spectral_mass_rank(hp["epsilon_sparse"], hp["k_min"], hp["k_max"]),
+        precond_freq=hp["precond_freq"],
+        max_precond_dim=hp["max_precond_dim"],
+        tikhonov=hp["tikhonov"],
+        grouped=hp["grouped"],
+        sides=hp["sides"],
+        eigensolver=hp["eigensolver"],
+        gram_precision=hp["gram_precision"],
+    )
+
+
+def soap(
+    lr=3e-3,
+    betas: tuple[float, float] = (0.95, 0.95),
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    *,
+    shampoo_beta: float | None = None,
+    precond_freq: int = 10,
+    max_precond_dim: int = 10000,
+    mask: Any = None,
+    moment_dtype: torch.dtype | None = None,
+    grouped: bool = True,
+) -> GradientTransformation:
+    r"""SOAP: Adam in the eigenbases of full-rank, float32 Kronecker factors, with decoupled weight decay.
+
+    ``chain(kronecker_eigenbasis(scale_by_adam(b1, b2, eps), curvature=curvature_ema(shampoo_beta,
+    fp32_codec()), rank=full_rank(), precond_freq=precond_freq, max_precond_dim=max_precond_dim),
+    add_decayed_weights(weight_decay, mask), scale_by_learning_rate(lr))``: for a matrix leaf,
+
+    .. math::
+        L \leftarrow eta_s L + (1-eta_s) G G^	op,\quad R \leftarrow eta_s R + (1-eta_s) G^	op G,\quad
+        Q_L, Q_R = \mathrm{eigvecs}(L), \mathrm{eigvecs}(R)\ 	ext{(at step 1, then every precond\_freq steps)},\
+        u = Q_L\,\mathrm{Adam}(Q_L^	op G Q_R)\,Q_R^	op,\qquad 	heta \leftarrow 	heta - \eta\,(u + \lambda	heta),
+
+    with Adam's first moment following the basis at a refresh (the same as keeping it in the
+    original coordinates) and the second carried over (SOAP, Vyas et al. 2024). Vectors and
+    scalars get plain Adam; sides longer than ``max_precond_dim`` are not rotated. Differences
+    from the reference implementation: the bases come from an exact ``eigh`` (the reference
+    uses one QR power iteration per refresh after the first), the first step is a
+    preconditioned update (the reference only initialises the factors at step 1), leaves of
+    more than two dimensions are viewed as ``(shape[0], prod(shape[1:]))`` (the reference keeps
+    one factor per dimension), and Adam's bias correction and ``eps`` are :func:`scale_by_adam`'s.
+
+    Args:
+        lr: learning rate: float >= 0, 0-d tensor, or schedule ``count -> lr``.
+        betas: Adam's ``(beta1, beta2)``, each in [0, 1).
+        eps: Adam's epsilon, >= 0.
+        weight_decay: decoupled weight decay, >= 0.
+        shampoo_beta: decay of the factors' EMA, in [0, 1); ``None``: ``betas[1]``.
+        precond_freq: steps between basis refreshes, >= 1.
+        max_precond_dim: longest side that is rotated, >= 2.
+        mask: weight-decay mask (tree of bools or callable).
+        moment_dtype: dtype of Adam's moments (default: at least float32).
+        grouped: stack same-shape leaves (False: per-leaf loop).
+
+    Returns:
+        The chain ``(kronecker_eigenbasis, add_decayed_weights, scale_by_learning_rate)``.
+
+    Example:
+        >>> import torch, scao_fx as sf
+        >>> params = {"w": torch.zeros(4, 3), "b": torch.zeros(3)}
+        >>> tx = sf.soap(lr=3e-3)
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update({"w": torch.ones(4, 3), "b": torch.ones(3)}, state, params=params)
+    """
+    b1, b2 = check_betas("betas", betas)
+    check_scalar_or_schedule("lr", lr)
+    check_float("eps", eps, low=0.0)
+    check_float("weight_decay", weight_decay, low=0.0)
+    rho = b2 if shampoo_beta is None else check_float("shampoo_beta", shampoo_beta, low=0.0, high=1.0,
+                                                      high_inclusive=False)
+    return chain(
+        kronecker_eigenbasis(
+            scale_by_adam(b1, b2, eps, moment_dtype=moment_dtype),
+            curvature=curvature_ema(rho, codec=fp32_codec()),
+            rank=full_rank(),
+            precond_freq=precond_freq,
+            max_precond_dim=max_precond_dim,
+            grouped=grouped,
+        ),
+        add_decayed_weights(weight_decay, mask),
+        scale_by_learning_rate(lr),
+    )

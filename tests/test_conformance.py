@@ -132,6 +132,34 @@ OPTIMIZERS: list[OptimizerEntry] = [
         compile_tol=(1e-4, 1e-6),
         note="the ablation without int8 and without rank truncation, hard switch",
     ),
+    OptimizerEntry(
+        name="soap",
+        factory=lambda lr: sf.soap(lr, betas=(0.9, 0.999), weight_decay=1e-4, precond_freq=2, shampoo_beta=0.95),
+        links=lambda lr: [
+            sf.kronecker_eigenbasis(
+                sf.scale_by_adam(0.9, 0.999), curvature=sf.curvature_ema(0.95, codec=sf.fp32_codec()),
+                rank=sf.full_rank(), precond_freq=2, max_precond_dim=10000,
+            ),
+            sf.add_decayed_weights(1e-4),
+            sf.scale_by_learning_rate(lr),
+        ],
+        compile_tol=(1e-4, 1e-6),
+        note="Adam in the eigenbases of full-rank fp32 factors, refreshed every 2 steps",
+    ),
+    OptimizerEntry(
+        name="scao-eigenbasis",
+        factory=lambda lr: sf.scao(lr, weight_decay=1e-4, form="eigenbasis", precond_freq=2, k_min=1, k_max=2, rho=0.9),
+        links=lambda lr: [
+            sf.kronecker_eigenbasis(
+                sf.scale_by_adam(), curvature=sf.curvature_ema(0.9), rank=sf.spectral_mass_rank(0.05, 1, 2),
+                precond_freq=2,
+            ),
+            sf.add_decayed_weights(1e-4),
+            sf.scale_by_learning_rate(lr),
+        ],
+        compile_tol=(1e-4, 1e-6),
+        note="int8 factors, adaptive rank 1-2 (the complement in use), refreshed every 2 steps",
+    ),
 ]
 
 def muon_links(lr):
@@ -418,5 +446,5 @@ def test_registry_is_well_formed():
     names = [e.name for e in OPTIMIZERS]
     assert len(names) == len(set(names)), "duplicate registry names"
     # Every optimizer alias exported by the library is registered.
-    for alias in ("adam", "adamw", "muon"):
+    for alias in ("adam", "adamw", "muon", "soap", "scao-eigenbasis"):
         assert alias in names

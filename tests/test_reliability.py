@@ -559,6 +559,23 @@ BAD_ARGUMENTS["curvature_sketch"] = [
     (lambda: sf.curvature_sketch(rho=1.0), ValueError, ["rho", "1.0"]),
     (lambda: sf.curvature_sketch(codec="int8"), TypeError, ["codec", "Codec", "'int8'"]),
 ]
+BAD_ARGUMENTS["soap"] = [
+    (lambda: sf.soap(betas=(0.95, 1.0)), ValueError, ["betas[1]", "1.0", "[0.0, 1.0)"]),
+    (lambda: sf.soap(shampoo_beta=1.0), ValueError, ["shampoo_beta", "1.0", "[0.0, 1.0)"]),
+    (lambda: sf.soap(precond_freq=0), ValueError, ["precond_freq", "0", "[1, inf]"]),
+    (lambda: sf.soap(lr=-1.0), ValueError, ["lr", "-1.0", "[0.0, inf)"]),
+]
+BAD_ARGUMENTS["kronecker_eigenbasis"] = [
+    (lambda: sf.kronecker_eigenbasis("adam"), TypeError, ["inner", "GradientTransformation", "str"]),
+    (lambda: sf.kronecker_eigenbasis(moment_at_refresh="project"), ValueError,
+     ["moment_at_refresh", "'project'", "'rotate', 'keep'"]),
+    (lambda: sf.kronecker_eigenbasis(rank=8), TypeError, ["rank", "8", "RankRule"]),
+    (lambda: sf.kronecker_eigenbasis(max_precond_dim=1), ValueError, ["max_precond_dim", "1", "[2, inf]"]),
+]
+BAD_ARGUMENTS["scao"] += [
+    (lambda: sf.scao(form="soap"), ValueError, ["form", "'soap'", "'seed', 'eigenbasis'"]),
+    (lambda: sf.scao(form="eigenbasis", warmup_steps=5), ValueError, ["warmup_steps", "5", "form='seed' only"]),
+]
 BAD_ARGUMENTS["full_tensor_updates"] = [
     (lambda: sf.full_tensor_updates("adam", callable), TypeError, ["inner", "GradientTransformation", "str"]),
     (lambda: sf.full_tensor_updates(sf.adam(), True), TypeError, ["select", "callable", "True"]),

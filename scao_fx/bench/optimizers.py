@@ -354,3 +354,26 @@ for _name, _abl in ABLATIONS.items():
         extra=dict(removed=_abl["removed"], scao_kwargs=_abl["kwargs"]),
         takes_options=True,
     )
+
+
+# ------------------------------------------------------------------------ the eigenbasis form
+
+
+def _sf_soap(lr, weight_decay):
+    import scao_fx as sf
+
+    return sf.soap(lr=lr, weight_decay=weight_decay)
+
+
+def _sf_scao_eigenbasis(lr, weight_decay, **options):
+    import scao_fx as sf
+
+    return sf.scao(lr=lr, weight_decay=weight_decay, **{**options, "form": "eigenbasis"})
+
+
+register_chain("sf-soap", _sf_soap, 3e-3, "scao_fx soap: Adam in the eigenbases of full-rank fp32 factors", kind="ours")
+register_chain(
+    "scao-eigenbasis", _sf_scao_eigenbasis, 1e-3,
+    "scao_fx scao(form='eigenbasis'): Adam in the eigenbases of SCAO's int8 adaptive-rank factors",
+    kind="ours", takes_options=True,
+)

@@ -11,6 +11,8 @@
 * :mod:`~scao_fx.transforms.quantization`: the ``quantize_state`` combinator (codecs:
   :mod:`scao_fx.codecs`).
 * :mod:`~scao_fx.transforms.kronecker`: ``kronecker_precondition`` (its parts: :mod:`scao_fx.precond`).
+* :mod:`~scao_fx.transforms.eigenbasis`: ``kronecker_eigenbasis`` (an inner transform, Adam by
+  default, run in the factors' eigenbases: the SOAP form).
 * :mod:`~scao_fx.transforms.sharding`: ``full_tensor_updates`` (FSDP2 DTensor updates gathered whole).
 * :mod:`~scao_fx.transforms.blend`: the ``blend_ramp`` combinator.
 * :mod:`~scao_fx.transforms.finite`: the ``apply_if_finite`` combinator (skip non-finite steps).
@@ -40,6 +42,7 @@ from .finite import (
 )
 from .momentum import ScaleByMomentumState, scale_by_momentum
 from .orthogonal import scale_by_newton_schulz
+from .eigenbasis import KroneckerEigenbasisState, kronecker_eigenbasis
 from .kronecker import KroneckerGroupState, KroneckerPreconditionState, kronecker_precondition, matrix_shape
 from .quantization import QuantizedState, int8_adam_codecs, quantize_state
 from .sharding import full_tensor_updates
@@ -72,6 +75,8 @@ __all__ = [
     "KroneckerPreconditionState",
     "KroneckerGroupState",
     "matrix_shape",
+    "kronecker_eigenbasis",
+    "KroneckerEigenbasisState",
     "full_tensor_updates",
     "blend_ramp",
     "BlendRampState",

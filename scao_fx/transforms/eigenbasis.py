@@ -1,0 +1,353 @@
+r"""An inner transform run in the Kronecker factors' eigenbases (the SOAP form).
+
+For every matrix leaf :math:`G \in \mathbb{R}^{m\times n}` (leaves with more than two dims are
+viewed as ``(shape[0], prod(shape[1:]))``) the curvature factors :math:`L, R` are accumulated
+and refreshed exactly as in :func:`~scao_fx.kronecker_precondition` (same statistics, codecs,
+rank rules, eigensolvers, shape groups). Instead of the power :math:`L^{-1/4} G R^{-1/4}`, the
+gradient is rotated into the factors' kept eigenbases :math:`U` (top :math:`k_L` eigenvectors of
+:math:`L`) and :math:`V` (of :math:`R`), an inner transform (Adam by default) runs on the rotated
+coordinates, and its output is rotated back:
+
+.. math::
+    C = U^\top G V,\qquad G_\perp = G - U C V^\top,\qquad
+    \mathrm{out} = U\,\mathrm{inner}(C)\,V^\top + \Pi_\perp\!\big(\mathrm{inner}(G_\perp)\big),
+
+with :math:`\Pi_\perp(X) = X - U (U^\top X V) V^\top`. In the eigenbasis Adam's diagonal second
+moment models the coordinates in which the curvature is (approximately) diagonal; with full
+bases this is SOAP (Vyas et al., 2024): the complement is empty.
+
+**The complement** (adaptive or fixed rank below the side's length): the part of the gradient
+outside the kept subspace gets the inner transform *in the original coordinates* (its own
+moments, shaped like the leaf), and its output is projected back onto the complement, so the two
+parts stay orthogonal: no direction is dropped and none gets an arbitrary gain (every direction
+is normalised by a second moment). A group whose sides all keep every direction (``full_rank()``
+or a fixed rank at least the side's length) has no complement and no complement state.
+
+**At a refresh** the bases change and the inner state follows them: with
+``moment_at_refresh="rotate"`` (default) the first moment ``mu`` of every
+:class:`~scao_fx.ScaleByAdamState` in the inner state is re-expressed in the new bases
+(:func:`~scao_fx.precond.eigenbasis.change_basis`), which with full bases is exactly SOAP's
+choice of keeping the first moment in the original coordinates and projecting it at every step;
+the second moment ``nu`` is carried over as it is, position by position (eigenvalues are sorted
+in decreasing order at every refresh, so position ``i`` is the ``i``-th largest direction of the
+old and of the new basis), as SOAP does. ``"keep"`` carries every inner state tensor unchanged
+(an ablation). Other inner states (e.g. :func:`~scao_fx.quantize_state`'s encoded moments) are
+always carried unchanged.
+
+**Schedule**: the statistics are updated at every step; a step's gradient is rotated with the
+bases of the last refresh, and the bases are refreshed *after* the rotation at step 1 and then
+every ``precond_freq`` steps (``count % precond_freq == 0``), SOAP's order. Step 1 therefore
+runs the inner transform in the original coordinates (a side never refreshed uses the identity
+basis: plain Adam) and preconditioning starts at step 2. Refreshing before the rotation would
+rotate :math:`G_1` into its own singular bases at step 1: the core is then diagonal up to
+rounding, and Adam's first step (:math:`m/\sqrt{v} = \mathrm{sign}`) turns the rounding noise of
+the off-diagonal entries into updates of size 1.
+
+Sides longer than ``max_precond_dim`` (or of length 1) are not rotated (one-sided); leaves with
+no rotated side (vectors, scalars, empty tensors) go through the inner transform in their own
+coordinates (with Adam: plain Adam). The inner transform sees one tree ``(leaves, cores,
+complements)``: the original tree with the rotated leaves replaced by ``None``, a tuple of the
+cores (one per rotated leaf, ``(k_L, k_R)``, float32, or float64 for float64 leaves) and a tuple
+of the complements (``(m, n)``, or ``None`` without complement). It must be elementwise or
+per-leaf (Adam, sign, clipping per leaf, ...) and must not need ``params`` (put weight decay
+after this link).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import optree
+import torch
+
+from .._tree import flatten, unflatten
+from .._validation import check_bool, check_choice, check_dense_leaves, check_int, check_float
+from ..base import GradientTransformation, check_transform, increment, register_state, step_count
+from ..precond.curvature import CurvatureEMA, curvature_ema
+from ..precond.eigen import branch
+from ..precond.eigenbasis import change_basis, kept_basis, project_complement, rotate, rotate_back
+from ..precond.kron import init_side, normalize, saturate, side_from_eigenpairs
+from ..precond.rank import RankRule, full_rank
+from ..precond.sketch import CurvatureSketch
+from .adam import ScaleByAdamState, scale_by_adam
+from .kronecker import KroneckerGroupState, _keep_absent, _maybe_refresh, _plan, _resolve_plan
+
+__all__ = ["kronecker_eigenbasis", "KroneckerEigenbasisState"]
+
+
+@register_state
+class KroneckerEigenbasisState(NamedTuple):
+    """State of :func:`kronecker_eigenbasis`.
+
+    Attributes:
+        count: steps done (CPU int64).
+        refreshes: basis refreshes done (CPU int64).
+        groups: one :class:`~scao_fx.KroneckerGroupState` per shape group (the sides' statistics
+            and bases, as in :func:`~scao_fx.kronecker_precondition`).
+        inner_state: the inner transform's state over the tree ``(leaves, cores, complements)``.
+    """
+
+    count: torch.Tensor
+    refreshes: torch.Tensor
+    groups: tuple
+    inner_state: Any
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _has_complement(curvature: Any, rank: RankRule, dims: tuple) -> bool:
+    """Whether some rotated side can keep fewer directions than its length (static)."""
+    return any(
+        d is not None and (rank.adaptive or min(rank.capacity(d), curvature.directions(d)) < d) for d in dims
+    )
+
+
+def _bases(gs: KroneckerGroupState, dtype: torch.dtype) -> tuple:
+    return tuple(None if s is None else kept_basis(s, dtype) for s in (gs.left, gs.right))
+
+
+def kronecker_eigenbasis(
+    inner: GradientTransformation | None = None,
+    *,
+    curvature: CurvatureEMA | None = None,
+    rank: RankRule | None = None,
+    precond_freq: int = 10,
+    max_precond_dim: int = 4096,
+    moment_at_refresh: str = "rotate",
+    tikhonov: float = 1e-4,
+    grouped: bool = True,
+    sides: str = "both",
+    eigensolver: str = "auto",
+    gram_precision: str = "float32",
+) -> GradientTransformation:
+    r"""Run ``inner`` (Adam by default) in the eigenbases of each matrix's Kronecker factors.
+
+    See the module documentation for the math, the complement and what happens at a refresh.
+
+    Args:
+        inner: the transform run in the rotated coordinates; default :func:`scale_by_adam` with
+            its defaults. It receives ``params=None``.
+        curvature: the curvature statistic (:func:`curvature_ema` or :func:`curvature_sketch`);
+            default :func:`curvature_ema` with its defaults (rho 0.999, int8 storage).
+        rank: the rank rule; default :func:`full_rank` (every eigen-direction kept: SOAP).
+        precond_freq: refresh the bases at step 1 and then every this many steps, >= 1.
+        max_precond_dim: longest side that is rotated, >= 2.
+        moment_at_refresh: ``"rotate"`` (Adam's first moment follows the basis, the second is
+            carried by position: SOAP) or ``"keep"`` (the inner state is carried unchanged).
+        tikhonov: relative Tikhonov factor of a refresh, >= 0 (moves eigenvalues, not eigenvectors:
+            it only matters for the rank rule).
+        grouped: stack leaves of equal matrix shape, dtype and device (False: one group per leaf).
+        sides: ``"both"`` or ``"wide"`` (only the longer side of non-square matrices).
+        eigensolver: ``"auto"``, ``"eigh"`` or ``"subspace"`` (see :func:`kronecker_precondition`).
+        gram_precision: ``"float32"`` or ``"bfloat16"`` inputs of the Gram products.
+
+    Returns:
+        A ``GradientTransformation`` with state :class:`KroneckerEigenbasisState`. Its input
+        updates are never modified in place by the link itself (the inner transform may reuse
+        the updates of unrotated leaves with ``inplace=True``, as it would alone).
+
+    Example:
+        >>> import torch, scao_fx as sf
+        >>> tx = sf.chain(sf.kronecker_eigenbasis(sf.scale_by_adam(0.95, 0.95), precond_freq=10),
+        ...               sf.scale_by_learning_rate(3e-3))
+        >>> params = {"w": torch.zeros(4, 3), "b": torch.zeros(3)}
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update({"w": torch.ones(4, 3), "b": torch.ones(3)}, state)
+    """
+    inner = scale_by_adam() if inner is None else check_transform("inner", inner)
+    curvature = curvature_ema() if curvature is None else curvature
+    rank = full_rank() if rank is None else rank
+    if not isinstance(curvature, (CurvatureEMA, CurvatureSketch)):
+        raise TypeError(
+            "curvature must be a CurvatureEMA (curvature_ema(...)) or a CurvatureSketch "
+            f"(curvature_sketch(...)), got {curvature!r}"
+        )
+    if not isinstance(rank, RankRule):
+        raise TypeError(f"rank must be a RankRule (spectral_mass_rank(...), full_rank(), fixed_rank(k)), got {rank!r}")
+    precond_freq = check_int("precond_freq", precond_freq, low=1)
+    max_precond_dim = check_int("max_precond_dim", max_precond_dim, low=2)
+    check_choice("moment_at_refresh", moment_at_refresh, ("rotate", "keep"))
+    tikhonov = check_float("tikhonov", tikhonov, low=0.0)
+    grouped = check_bool("grouped", grouped)
+    side_mode = check_choice("sides", sides, ("both", "wide"))
+    check_choice("eigensolver", eigensolver, ("auto", "eigh", "subspace"))
+    check_choice("gram_precision", gram_precision, ("float32", "bfloat16"))
+
+    def cap(dim: int) -> int:
+        return min(rank.capacity(dim), curvature.directions(dim))
+
+    def templates(leaves, plan):
+        """The inner transform's tree ``(leaves, cores, complements)`` of zeros (for init)."""
+        rotated = {i for g in plan for i in g.indices}
+        passthrough = [None if i in rotated else leaf for i, leaf in enumerate(leaves)]
+        cores, comps = [], []
+        for g in plan:
+            comp = _has_complement(curvature, rank, (g.m if g.left else None, g.n if g.right else None))
+            shape = (cap(g.m) if g.left else g.m, cap(g.n) if g.right else g.n)
+            for i in g.indices:
+                dev, dtype = leaves[i].device, _work_dtype(leaves[i].dtype)
+                cores.append(torch.zeros(shape, dtype=dtype, device=dev))
+                comps.append(torch.zeros(g.m, g.n, dtype=dtype, device=dev) if comp else None)
+        return passthrough, tuple(cores), tuple(comps)
+
+    def init(params):
+        leaves, spec = flatten(params)
+        plan = _plan(leaves, max_precond_dim, grouped, side_mode)
+        groups = []
+        for g in plan:
+            dev = leaves[g.indices[0]].device
+            b = len(g.indices)
+            groups.append(
+                KroneckerGroupState(
+                    leaves=torch.tensor(g.indices, dtype=torch.int64),
+                    left=init_side(curvature, rank, b, g.m, dev) if g.left else None,
+                    right=init_side(curvature, rank, b, g.n, dev) if g.right else None,
+                )
+            )
+        passthrough, cores, comps = templates(leaves, plan)
+        inner_state = inner.init((unflatten(spec, passthrough), cores, comps))
+        return KroneckerEigenbasisState(step_count(), step_count(), tuple(groups), inner_state)
+
+    def refresh(side, count, first):
+        pairs = curvature.top_eigenpairs(side.stat, count, side.basis, first, tikhonov=tikhonov,
+                                         eigensolver=eigensolver)
+        return side_from_eigenpairs(side, *pairs, rank=rank)
+
+    def rotate_moments(inner_state, changes):
+        """Re-express the cores of every Adam first moment in the new bases (``changes``: per
+        group, ``(core positions, old bases, new bases)``)."""
+
+        def fix(node):
+            if not isinstance(node, ScaleByAdamState):
+                return node
+            mu = node.mu
+            if not (isinstance(mu, tuple) and len(mu) == 3 and isinstance(mu[1], tuple)):
+                return node  # not the tree this link hands its inner transform
+            cores = list(mu[1])
+            for positions, old, new in changes:
+                stack = torch.stack([cores[p] for p in positions])
+                stack = change_basis(stack, *old, *new).to(stack.dtype)
+                for j, p in enumerate(positions):
+                    cores[p] = stack[j]
+            return node._replace(mu=(mu[0], tuple(cores), mu[2]))
+
+        return optree.tree_map(fix, inner_state, is_leaf=lambda x: isinstance(x, ScaleByAdamState), none_is_leaf=True)
+
+    def update(updates, state, *, params=None, inplace=True):
+        leaves, spec = flatten(updates)
+        check_dense_leaves(leaves)
+        plan = _resolve_plan(leaves, state.groups, max_precond_dim, grouped, side_mode)
+        count = increment(state.count)
+        due = ((count % precond_freq) == 0) | (count == 1)
+        first = state.refreshes == 0
+        rotated = {i for g in plan for i in g.indices}
+        passthrough = [None if i in rotated else leaf for i, leaf in enumerate(leaves)]
+        # 1. accumulate the statistics and rotate with the bases of the last refresh
+        cores, comps, work = [], [], []
+        for gi, (g, gs) in enumerate(zip(plan, state.groups)):
+            present = [leaves[i] is not None for i in g.indices]
+            if not any(present):  # no gradient for any leaf of the group: state untouched
+                cores += [None] * len(g.indices)
+                comps += [None] * len(g.indices)
+                work.append(None)
+                continue
+            has_comp = _has_complement(curvature, rank, (g.m if g.left else None, g.n if g.right else None))
+            partial = not all(present)
+            like = next(leaves[i] for i in g.indices if leaves[i] is not None)
+            dtype = _work_dtype(like.dtype)
+            x = torch.stack(
+                [(leaves[i] if leaves[i] is not None else torch.zeros_like(like)).reshape(g.m, g.n).to(dtype)
+                 for i in g.indices]
+            )
+            grads, gram_scale, _ = normalize(x.clone())
+            gram_in = grads if gram_precision == "float32" else grads.to(torch.bfloat16)
+            seed = count * 64 + (2 * gi) % 64
+            stats = []
+            for side, left in ((gs.left, True), (gs.right, False)):
+                if side is None:
+                    stats.append(None)
+                    continue
+                data = gram_in if left else gram_in.transpose(-1, -2)
+                stats.append(curvature.accumulate_outer(side.stat, data, gram_scale, seed, count,
+                                                        inplace=inplace and not partial))
+                seed = seed + 1
+            bases = _bases(gs, dtype)
+            core = rotate(x, *bases)
+            comp = x - rotate_back(core, *bases) if has_comp else None
+            for j in range(len(g.indices)):
+                cores.append(core[j] if present[j] else None)
+                comps.append(comp[j] if (comp is not None and present[j]) else None)
+            work.append((stats, bases, present, like, has_comp, dtype))
+
+        # 2. the inner transform in the rotated coordinates
+        tree = (unflatten(spec, passthrough), tuple(cores), tuple(comps))
+        out_tree, inner_state = inner.update(tree, state.inner_state, params=None, inplace=inplace)
+        out_pass, out_cores, out_comps = out_tree
+        out, _ = flatten(out_pass)
+
+        # 3. rotate back, refresh the bases when due, and let the inner state follow them
+        refresh_now = torch.compiler.is_compiling() or bool(due)
+        new_groups, changes, position = [], [], 0
+        for g, gs, w in zip(plan, state.groups, work):
+            start, position = position, position + len(g.indices)
+            if w is None:
+                new_groups.append(gs)
+                continue
+            stats, bases, present, like, has_comp, dtype = w
+            rows = out_cores[start:position]
+            core = torch.stack([r if r is not None else torch.zeros_like(_any(rows)) for r in rows])
+            pg = rotate_back(core, *bases)
+            if has_comp:
+                crows = out_comps[start:position]
+                pg = pg + project_complement(
+                    torch.stack([r if r is not None else torch.zeros_like(_any(crows)) for r in crows]), *bases
+                )
+            pg = saturate(pg, like.dtype)
+            for j, i in enumerate(g.indices):
+                if leaves[i] is not None:
+                    out[i] = pg[j].reshape(leaves[i].shape).to(leaves[i].dtype)
+            partial = not all(present)
+            present_rows = torch.tensor(present, device=like.device) if partial else None
+            sides_new = []
+            for side, stat in zip((gs.left, gs.right), stats):
+                if side is None:
+                    sides_new.append(None)
+                    continue
+                new = _maybe_refresh(due, side._replace(stat=stat), functools.partial(refresh, count=count, first=first))
+                sides_new.append(_keep_absent(present_rows, new, side) if partial else new)
+            new_gs = KroneckerGroupState(gs.leaves, *sides_new)
+            new_groups.append(new_gs)
+            if moment_at_refresh == "rotate" and refresh_now:
+                changes.append((list(range(start, position)), bases, _bases(new_gs, dtype)))
+        if changes:
+            inner_state = _when(due, lambda s: rotate_moments(s, changes), inner_state)
+        refreshes = state.refreshes + due.to(torch.int64)
+        return unflatten(spec, out), KroneckerEigenbasisState(count, refreshes, tuple(new_groups), inner_state)
+
+    return GradientTransformation(init, update)
+
+
+def _any(rows: list) -> torch.Tensor:
+    return next(r for r in rows if r is not None)
+
+
+def _when(pred: torch.Tensor, fn, tree: Any) -> Any:
+    """``fn(tree) if pred else tree`` for a CPU bool ``pred``: a Python branch in eager mode,
+    ``torch.cond`` under ``torch.compile`` (``fn`` keeps the tree's structure)."""
+    if not torch.compiler.is_compiling():
+        return fn(tree) if bool(pred) else tree
+    flat, spec = optree.tree_flatten(tree, none_is_leaf=False)
+    out = branch(
+        pred,
+        # branches of torch.cond may not return their inputs: the leaves fn leaves alone are copied
+        lambda *ops: tuple(
+            o.clone() if any(o is x for x in ops) else o
+            for o in optree.tree_flatten(fn(optree.tree_unflatten(spec, list(ops))))[0]
+        ),
+        lambda *ops: tuple(o.clone() for o in ops),
+        tuple(flat),
+    )
+    return optree.tree_unflatten(spec, list(out))
