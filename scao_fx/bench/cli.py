@@ -256,10 +256,10 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     def save(results: dict) -> None:
         paths = write_results(results, args.out)
-        if not args.no_plots and (results["runs"] or results["sweep"]):
-            paths.update(_plots(results, args.out))
         written["runs"] = len(results["runs"]) + len(results["sweep"])
         written["paths"] = paths
+        if not args.no_plots and (results["runs"] or results["sweep"]):
+            paths.update(_plots(results, args.out))
 
     try:
         results = run_benchmark(cfg, log=lambda msg: print(msg, flush=True), on_update=save)

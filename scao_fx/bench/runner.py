@@ -679,7 +679,8 @@ def summarize(runs: list[RunResult], baseline: str | None = None) -> list[dict]:
     never); ``seconds_to_target`` = this run's own measured training-step times summed up to that
     step; ``steps_ratio`` / ``seconds_ratio`` = those divided by the baseline's whole run (its
     steps, the sum of its step times), so the baseline is 1 and a run's ratio depends only on
-    the steps each run timed itself; training-step time ratios (mean and median step);
+    the steps each run timed itself (the baseline's own run is its whole run: 1.00);
+    training-step time ratios (mean and median step);
     ``val_diff`` = final validation loss minus the baseline's; ``best_diff`` = minus the best
     optimizer's (:func:`best_optimizer`) of the same seed.
 
@@ -703,10 +704,12 @@ def summarize(runs: list[RunResult], baseline: str | None = None) -> list[dict]:
         secs = [p["seconds"] for p in r.curve]
         r.target = b.final_val
         r.steps_to_target, r.seconds_to_target = time_to_target(steps, vals, r.target, secs, tol=TARGET_TOL)
-        if r.steps_to_target is not None and r.step_seconds:
-            r.seconds_to_target = _seconds_at(r.step_seconds, r.steps_to_target)
         b_steps = b.steps_done or (b.curve[-1]["step"] if b.curve else 0)
         b_secs = math.fsum(b.step_seconds) if b.step_seconds else (b.curve[-1]["seconds"] if b.curve else 0.0)
+        if r is b:  # the reference: its whole run, ratio 1 by definition
+            r.steps_to_target, r.seconds_to_target = float(b_steps), b_secs
+        elif r.steps_to_target is not None and r.step_seconds:
+            r.seconds_to_target = _seconds_at(r.step_seconds, r.steps_to_target)
         if r.steps_to_target is not None and b_steps:
             r.steps_ratio = r.steps_to_target / b_steps
         if r.seconds_to_target is not None and b_secs:
