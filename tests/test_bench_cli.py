@@ -194,3 +194,21 @@ def test_bench_kernels_missing_is_a_clear_message(monkeypatch, capsys):
 def test_python_dash_m_entry_point():
     proc = subprocess.run([sys.executable, "-m", "scao_fx", "--version"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "scao-fx" in proc.stdout
+
+
+def test_interleave_is_the_default_and_load_warning(monkeypatch):
+    import argparse
+
+    from scao_fx.bench import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    assert cli.config_from_args(parser.parse_args([])).interleave is True
+    assert cli.config_from_args(parser.parse_args(["--no-interleave"])).interleave is False
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (5.0, 4.0, 3.0))
+    warning = cli._load_warning(interleave=False)
+    assert "load average 5.0 exceeds the 2 cores" in warning and "--no-interleave" in warning
+    assert cli._load_warning(interleave=True) is None
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (1.5, 1.0, 1.0))
+    assert cli._load_warning(interleave=False) is None
