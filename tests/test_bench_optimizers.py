@@ -24,14 +24,39 @@ def _train(opt, model, steps=3):
     return any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def _tiny_gpt(seed=0):
+    from scao_fx.bench.model import GPT, preset
+
+    return GPT(preset("tiny", 17, n_layer=1, d_model=16, n_head=2, block_size=8, batch_size=4), seed=seed)
+
+
+def _gpt_batches(n, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, 17, (4, 8), generator=gen), torch.randint(0, 17, (4, 8), generator=gen)) for _ in range(n)]
+
+
+def _train_gpt(opt, model, batches):
+    for x, y in batches:
+        opt.zero_grad(set_to_none=True)
+        model(x, y)[1].backward()
+        opt.step()
+
+
 @pytest.mark.parametrize("name", list(optreg.REGISTRY))
 def test_every_available_entry_trains(name):
     spec = optreg.get(name)
     if spec.unavailable_reason("cpu") is not None:
         pytest.skip(spec.unavailable_reason("cpu"))
-    model = _tiny_model()
-    opt = spec.make(model.parameters(), spec.default_lr, 0.01)
-    assert _train(opt, model)
+    if spec.named_params:  # needs the benchmark model's parameter names
+        model = _tiny_gpt()
+        opt = spec.make(model.named_parameters(), spec.default_lr, 0.01)
+        before = [p.detach().clone() for p in model.parameters()]
+        _train_gpt(opt, model, _gpt_batches(3))
+        assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    else:
+        model = _tiny_model()
+        opt = spec.make(model.parameters(), spec.default_lr, 0.01)
+        assert _train(opt, model)
     b = optreg.state_bytes(opt)
     n = sum(p.numel() for p in model.parameters())
     assert b >= 4 * n  # every optimizer here keeps at least one float32 moment per parameter
@@ -104,3 +129,79 @@ def test_scao_options_reach_the_chain():
     assert _train(opt, model, steps=4)
     with pytest.raises(TypeError):
         optreg.get("scao").make(_tiny_model().parameters(), 1e-2, 0.0, {"no_such_option": 1})
+
+
+def test_muon_entry_equals_muon_plus_adamw_by_hand():
+    """``muon`` = torch.optim.Muon on the blocks' 2-D weights + torch.optim.AdamW on the rest."""
+    spec = optreg.get("muon")
+    if spec.unavailable_reason("cpu") is not None:
+        pytest.skip(spec.unavailable_reason("cpu"))
+    batches = _gpt_batches(4)
+    m1, m2 = _tiny_gpt(), _tiny_gpt()
+    ours = spec.make(m1.named_parameters(), 0.02, 0.01, {"adamw_lr": 3e-3})
+    matrices = [p for n, p in m2.named_parameters() if n.startswith("blocks.") and p.ndim == 2]
+    rest = [p for n, p in m2.named_parameters() if not (n.startswith("blocks.") and p.ndim == 2)]
+    # the split: attention qkv/proj and MLP fc/out of each block; embeddings, head, norms, biases to AdamW
+    assert {n for n, p in m2.named_parameters() if n.startswith("blocks.") and p.ndim == 2} == {
+        "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight", "blocks.0.fc.weight", "blocks.0.out.weight"}
+    muon = torch.optim.Muon(matrices, lr=0.02, weight_decay=0.01)
+    adamw = torch.optim.AdamW(rest, lr=3e-3, weight_decay=0.01)
+    assert [g["lr"] for g in ours.param_groups] == [0.02, 3e-3]
+    _train_gpt(ours, m1, batches)
+    for x, y in batches:
+        muon.zero_grad(set_to_none=True)
+        adamw.zero_grad(set_to_none=True)
+        m2(x, y)[1].backward()
+        muon.step()
+        adamw.step()
+    for (name, p), q in zip(m1.named_parameters(), m2.parameters()):
+        assert torch.equal(p, q), name  # same ops in the same order: bit-identical
+    changed = [not torch.equal(p, q) for p, q in zip(m1.parameters(), _tiny_gpt().parameters())]
+    assert all(changed)
+    # state: Muon's momentum (4 B per matrix entry) + AdamW's two moments and step (8 B per entry + 4 B per tensor)
+    n_mat = sum(p.numel() for p in matrices)
+    n_rest = sum(p.numel() for p in rest)
+    assert optreg.state_bytes(ours) == 4 * n_mat + 8 * n_rest + 4 * len(rest)
+    assert optreg.state_bytes(ours) == optreg.state_bytes(muon) + optreg.state_bytes(adamw)
+
+
+def test_muon_defaults_and_bad_input():
+    spec = optreg.get("muon")
+    if spec.unavailable_reason("cpu") is not None:
+        pytest.skip(spec.unavailable_reason("cpu"))
+    opt = spec.make(_tiny_gpt().named_parameters(), spec.default_lr, 0.01)
+    assert spec.default_lr == 0.02 and spec.option_set == "muon"
+    assert opt.parts["adamw"].param_groups[0]["lr"] == optreg.get("adamw").default_lr
+    assert opt.parts["muon"].param_groups[0]["adjust_lr_fn"] is None  # torch's default
+    with pytest.raises(TypeError, match="name"):
+        spec.make(_tiny_gpt().parameters(), 0.02, 0.01)
+    with pytest.raises(ValueError, match="blocks"):
+        spec.make(_tiny_model().named_parameters(), 0.02, 0.01)
+    with pytest.raises(ValueError, match="AdamW part"):
+        spec.make(_tiny_gpt().named_parameters(), 0.02, 0.01, {"adamw_lr": -1.0})
+
+
+def test_adamw_variants_differ_only_in_beta2():
+    m = _tiny_model()
+    a = optreg.get("adamw").make(m.parameters(), 1e-3, 0.01)
+    b = optreg.get("adamw-b95").make(m.parameters(), 1e-3, 0.01)
+    assert a.defaults["betas"] == (0.9, 0.999) and b.defaults["betas"] == (0.9, 0.95)
+    assert optreg.BASELINE_CANDIDATES == ("adamw", "adamw-b95")
+    assert all(optreg.get(n).kind == "baseline" for n in optreg.BASELINE_CANDIDATES)
+
+
+def test_requires_module_attribute():
+    spec = optreg.OptimizerSpec("x", lambda p, lr, wd: None, 1e-3, "x", requires=("torch.optim:NoSuchOptimizer42",))
+    reason = spec.unavailable_reason("cpu")
+    assert reason is not None and "NoSuchOptimizer42" in reason
+    assert optreg.OptimizerSpec("y", lambda p, lr, wd: None, 1e-3, "y", requires=("torch.optim:AdamW",)) \
+        .unavailable_reason("cpu") is None
+
+
+def test_scao_option_keys():
+    keys = optreg.scao_option_keys()
+    assert {"rho", "warmup_steps", "blend_steps", "use_int8_ema"} <= set(keys)
+    assert "lr" not in keys and "weight_decay" not in keys
+    optreg.check_scao_options({"rho": 0.9})
+    with pytest.raises(ValueError, match=r"'rhoo'.*valid keys: .*rho"):
+        optreg.check_scao_options({"rho": 0.9, "rhoo": 0.9})

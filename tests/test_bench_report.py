@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from scao_fx.bench.report import summary_table, sweep_table, write_results
+from scao_fx.bench.report import headline, summary_table, sweep_table, write_results
 from scao_fx.bench.runner import RunResult, summarize
 
 
@@ -70,3 +70,20 @@ def test_write_results_files(tmp_path):
         runs = list(csv.DictReader(fh))
     assert runs[1]["name"] == "scao" and float(runs[1]["step_time_median"]) == 0.1
     assert "Learning-rate sweep" in (tmp_path / "summary.md").read_text()
+
+
+def test_headline_names_baseline_and_best():
+    runs = [_run("adamw", 0, [4.0, 3.0, 2.5], "baseline"), _run("adamw-b95", 0, [4.0, 3.0, 2.4], "baseline"),
+            _run("scao", 0, [4.0, 2.6, 2.2])]
+    from scao_fx.bench.runner import _baseline_info, best_optimizer, choose_baseline
+
+    base = choose_baseline(runs)
+    summary = summarize(runs, base)
+    res = dict(summary=summary, baseline=_baseline_info(runs, base), best=best_optimizer(summary), runs=[], sweep=[])
+    text = headline(res)
+    assert text.splitlines()[0] == ("baseline: adamw-b95 (lower mean final validation loss of the AdamW variants: "
+                                    "adamw-b95 2.4000 vs adamw 2.5000)")
+    assert text.splitlines()[1].startswith("best: scao (final validation loss 2.2000)")
+    table = summary_table(res)
+    adamw = next(line for line in table.splitlines() if line.startswith("adamw "))
+    assert "+0.1000" in adamw and "+0.3000" in adamw  # vs the baseline, vs the best

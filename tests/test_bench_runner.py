@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from scao_fx.bench.runner import BenchConfig, RunResult, run_benchmark, summarize
+from scao_fx.bench.runner import (BenchConfig, BenchError, RunResult, best_optimizer, check_device, choose_baseline,
+                                  run_benchmark, summarize)
 
 
 def _run(name, seed, vals, secs, kind="ours", step_times=(1.0, 1.0)):
@@ -17,6 +18,7 @@ def _run(name, seed, vals, secs, kind="ours", step_times=(1.0, 1.0)):
     r.step_time = dict(mean=step_times[0], median=step_times[1], total=1.0, n=2)
     r.opt_time = dict(mean=0.1, median=0.1, total=0.1, n=2)
     r.bytes_per_param = 8.0
+    r.steps_done = r.curve[-1]["step"]
     return r
 
 
@@ -97,7 +99,7 @@ def test_sweep_picks_best_and_ablations_follow_scao_lr():
     assert all(r["mem_kind"] == "interleaved" and r["peak_mem_bytes"] is None for r in res["runs"])
 
 
-def test_failing_optimizer_is_reported_not_fatal():
+def test_optimizer_that_cannot_be_built_is_an_error_before_training():
     from scao_fx.bench import optimizers as optreg
 
     def broken(params, lr, wd):
@@ -108,8 +110,118 @@ def test_failing_optimizer_is_reported_not_fatal():
         cfg = BenchConfig(preset="tiny", steps=2, eval_every=2, eval_batches=1, corpus_chars=60_000,
                           optimizers=("adamw", "broken-peer"), progress=False)
         logs = []
-        res = run_benchmark(cfg, log=logs.append)
-        assert [r["name"] for r in res["runs"]] == ["adamw"]
-        assert any("broken-peer" in m and "boom" in m for m in logs)
+        with pytest.raises(BenchError, match=r"'broken-peer' cannot be built.*boom"):
+            run_benchmark(cfg, log=logs.append)
+        assert not any(m.startswith("seed") for m in logs)  # nothing trained
     finally:
         optreg.REGISTRY.pop("broken-peer")
+
+
+def test_optimizer_failing_during_training_is_reported_not_fatal():
+    import torch
+
+    from scao_fx.bench import optimizers as optreg
+
+    class FailsAtStep2(torch.optim.SGD):
+        calls = 0
+
+        def step(self, closure=None):
+            type(self).calls += 1
+            if type(self).calls == 2:
+                raise RuntimeError("boom at step 2")
+            return super().step(closure)
+
+    optreg.register(optreg.OptimizerSpec("flaky-peer", lambda p, lr, wd: FailsAtStep2(p, lr=lr), 1e-3, "x",
+                                         kind="peer"), overwrite=True)
+    try:
+        cfg = BenchConfig(preset="tiny", steps=3, eval_every=3, eval_batches=1, corpus_chars=60_000,
+                          optimizers=("adamw", "flaky-peer"), progress=False)
+        FailsAtStep2.calls = -1  # the preflight build does not step; the run's second step fails
+        logs = []
+        res = run_benchmark(cfg, log=logs.append)
+        runs = {r["name"]: r for r in res["runs"]}
+        assert runs["adamw"]["status"] == "ok" and runs["flaky-peer"]["status"] == "error"
+        assert "boom" in runs["flaky-peer"]["error"] and any("flaky-peer" in m for m in logs)
+    finally:
+        optreg.REGISTRY.pop("flaky-peer")
+
+
+def test_baseline_is_the_better_adamw_and_best_is_named():
+    runs = [
+        _run("adamw", 0, [4.0, 3.0, 2.2], [0, 1, 2], kind="baseline"),
+        _run("adamw-b95", 0, [4.0, 3.0, 2.0], [0, 1, 2], kind="baseline"),
+        _run("muon", 0, [4.0, 2.0, 1.5], [0, 1, 2]),
+        _run("adamw", 1, [4.0, 3.0, 2.4], [0, 1, 2], kind="baseline"),
+        _run("adamw-b95", 1, [4.0, 3.0, 2.5], [0, 1, 2], kind="baseline"),
+        _run("muon", 1, [4.0, 2.0, 1.7], [0, 1, 2]),
+    ]
+    # means: adamw 2.3, adamw-b95 2.25 -> adamw-b95 is the baseline
+    assert choose_baseline(runs) == "adamw-b95"
+    rows = {r["name"]: r for r in summarize(runs)}
+    assert all(r["baseline"] == "adamw-b95" for r in rows.values())
+    assert rows["adamw-b95"]["val_diff_mean"] == 0.0
+    assert rows["adamw"]["val_diff_mean"] == pytest.approx((0.2 - 0.1) / 2)
+    assert rows["muon"]["val_diff_mean"] == pytest.approx((-0.5 - 0.8) / 2)
+    assert best_optimizer(list(rows.values())) == "muon"
+    assert rows["muon"]["best"] == "muon" and rows["muon"]["best_diff_mean"] == 0.0
+    assert rows["adamw"]["best_diff_mean"] == pytest.approx((0.7 + 0.7) / 2) and rows["adamw"]["best_diff_n"] == 2
+    assert rows["adamw-b95"]["best_diff_std"] == pytest.approx(math.sqrt(((0.5 - 0.65) ** 2 + (0.8 - 0.65) ** 2)))
+    # a failed seed disqualifies a variant before its loss counts
+    runs[4].status = "diverged"
+    assert choose_baseline(runs) == "adamw"
+    assert choose_baseline([_run("scao", 0, [4.0, 3.0], [0, 1])]) == "adamw"
+
+
+def test_time_to_target_uses_each_runs_own_step_times():
+    base = _run("adamw", 0, [4.0, 3.0, 2.0], [0, 1, 2], kind="baseline")
+    base.steps_done = 20
+    base.step_seconds = [0.1] * 20  # 2.0 s over its whole run
+    fast = _run("fast", 0, [4.0, 2.5, 1.5], [0, 1, 2])
+    fast.steps_done = 20
+    # slow first steps, fast later ones: the crossing at step 15 costs what it paid until then
+    fast.step_seconds = [0.3] * 10 + [0.01] * 10
+    summarize([base, fast])
+    assert fast.steps_to_target == pytest.approx(15.0, abs=1e-2)
+    assert fast.seconds_to_target == pytest.approx(3.0 + 5 * 0.01, abs=1e-3)
+    assert fast.seconds_ratio == pytest.approx(fast.seconds_to_target / 2.0)
+    assert fast.steps_ratio == pytest.approx(15.0 / 20, abs=1e-3)
+    assert base.steps_ratio == 1.0 and base.seconds_ratio == 1.0
+    # summarizing again with another baseline recomputes everything (no stale ratios)
+    other = _run("adamw-b95", 0, [4.0, 3.0, 0.5], [0, 1, 2], kind="baseline")
+    summarize([base, fast, other])
+    assert base.steps_to_target is None and base.steps_ratio is None and base.baseline == "adamw-b95"
+
+
+def test_check_device():
+    assert check_device("cpu").type == "cpu"
+    with pytest.raises(BenchError, match=r"'gpu' is not a device; accepted: cpu, cuda, cuda:N"):
+        check_device("gpu")
+    with pytest.raises(BenchError, match="not supported"):
+        check_device("meta")
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(BenchError, match="no CUDA GPU"):
+            check_device("cuda")
+    else:
+        with pytest.raises(BenchError, match="CUDA device"):
+            check_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_corpus_too_small_for_the_context(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("abcdefghij" * 40)  # 400 tokens: 40 validation tokens < a 64-token context
+    cfg = BenchConfig(preset="tiny", steps=2, eval_every=2, eval_batches=1, data=str(text), optimizers=("adamw",),
+                      progress=False)
+    with pytest.raises(BenchError, match=r"--data .*too few for the context of 64 tokens"):
+        run_benchmark(cfg, log=lambda m: None)
+
+
+def test_on_update_sees_each_finished_run():
+    seen = []
+    cfg = BenchConfig(preset="tiny", steps=2, eval_every=2, eval_batches=1, corpus_chars=60_000,
+                      optimizers=("adamw", "sf-adamw"), progress=False)
+    res = run_benchmark(cfg, log=lambda m: None, on_update=lambda r: seen.append(
+        ([x["name"] for x in r["runs"]], r["complete"])))
+    assert seen == [(["adamw"], False), (["adamw", "sf-adamw"], False)]
+    assert res["complete"] is True and res["baseline"]["name"] == "adamw" and res["best"] in ("adamw", "sf-adamw")

@@ -1,16 +1,29 @@
-"""``scao-fx bench``: the command-line front end of the benchmark."""
+"""``scao-fx bench``: the command-line front end of the benchmark.
+
+It fails loudly and keeps what it did: bad input (an unknown optimizer or ``--scao-opt`` key,
+an optimizer that cannot be built, a bad ``--data`` path or device, a corpus too small for the
+context) is a one-line error and exit status 2 before any training; every finished run is
+written to ``--out`` as it finishes, so an interrupt (Ctrl-C) leaves the files of the completed
+runs and exits with status 130 after one line.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
 
 from . import optimizers as optreg
 from .corpus import DEFAULT_CORPUS_BYTES
 from .model import PRESETS
 
-__all__ = ["add_arguments", "config_from_args", "main", "QUICK"]
+__all__ = ["add_arguments", "config_from_args", "main", "run_from_args", "QUICK", "EXIT_USAGE", "EXIT_INTERRUPTED"]
+
+#: Exit status of bad input (argparse's own), and of an interrupted run (128 + SIGINT).
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 #: What ``--quick`` changes (the CI smoke run: under a minute on 2 CPU cores).
 QUICK = dict(preset="tiny", steps=40, eval_every=10, eval_batches=2, corpus_chars=200_000, sweep_steps=20)
@@ -38,6 +51,8 @@ def _scao_options(items: list[str]) -> dict:
     for item in items:
         if "=" not in item:
             raise ValueError(f"--scao-opt expects KEY=VALUE, got {item!r}")
+        if not item.split("=", 1)[0].strip():
+            raise ValueError(f"--scao-opt: empty key in {item!r}")
         key, value = item.split("=", 1)
         out[key.strip()] = _value(value)
     return out
@@ -54,9 +69,15 @@ def _lr_overrides(items: list[str]) -> dict[str, float]:
     out: dict[str, float] = {}
     for item in items:
         if "=" not in item:
-            raise argparse.ArgumentTypeError(f"--lr expects NAME=VALUE, got {item!r}")
+            raise ValueError(f"--lr expects NAME=VALUE, got {item!r}")
         name, value = item.split("=", 1)
-        out[name.strip()] = float(value)
+        try:
+            lr = float(value)
+        except ValueError:
+            raise ValueError(f"--lr {item}: the learning rate must be a number, got {value!r}") from None
+        if not 0 < lr < float("inf"):
+            raise ValueError(f"--lr {item}: the learning rate must be positive and finite")
+        out[name.strip()] = lr
     return out
 
 
@@ -87,13 +108,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep-steps", type=int, default=None, help="steps per sweep run (default: --steps)")
     p.add_argument("--sweep-only", action="store_true", help="with --lr-sweep: report the sweep and stop (no main runs)")
     p.add_argument("--ablate", action="store_true", help="also run SCAO with each link removed in turn (at SCAO's lr)")
-    p.add_argument("--interleave", action="store_true",
-                   help="run a seed's optimizers step by step in round robin (timing ratios robust to background load; "
-                        "peak memory is then shared)")
+    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,
+                   help="run a seed's optimizers step by step in round robin, so that background load hits all of them "
+                        "alike (the default; peak memory is then not measured per optimizer); --no-interleave runs them "
+                        "one after another (per-optimizer peak memory, timings exposed to load changes)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--scao-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="extra keyword argument of scao_fx.scao for 'scao' and the ablations (repeatable), "
                         "e.g. --scao-opt warmup_steps=50 --scao-opt use_int8_ema=false")
+    p.add_argument("--muon-adamw-lr", type=float, default=None, metavar="LR",
+                   help="learning rate of the AdamW part of 'muon' (embeddings, head, norms, biases; default 1e-3); "
+                        "--lr muon=... and --lr-sweep set Muon's own")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--out", default="bench-out", help="output directory (default ./bench-out)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (< 1 minute on 2 CPU cores)")
@@ -110,9 +135,27 @@ def config_from_args(args: argparse.Namespace):
         value = getattr(args, name)
         return value if value is not None else base.get(name, default)
 
+    from .runner import check_device
+
     names = tuple(n.strip() for n in args.optimizers.split(",") if n.strip())
+    if not names:
+        raise ValueError(f"--optimizers: no optimizer named; registered: {', '.join(optreg.REGISTRY)}")
     for n in names:
-        optreg.get(n)  # KeyError with the registered names for a typo
+        if n not in optreg.REGISTRY:
+            raise ValueError(f"--optimizers: unknown optimizer {n!r}; registered: {', '.join(optreg.REGISTRY)}")
+    if args.data is not None and not Path(args.data).is_file():
+        what = "is a directory" if Path(args.data).is_dir() else "does not exist"
+        raise ValueError(f"--data {args.data}: {what}; give a UTF-8 text file")
+    check_device(args.device)
+    scao_options = _scao_options(args.scao_opt)
+    if scao_options:
+        optreg.check_scao_options(scao_options)
+    lrs = _lr_overrides(args.lr)
+    for n in lrs:
+        if n not in optreg.REGISTRY:
+            raise ValueError(f"--lr: unknown optimizer {n!r}; registered: {', '.join(optreg.REGISTRY)}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     return BenchConfig(
         preset=pick("preset", "small"),
         steps=pick("steps", 500),
@@ -127,9 +170,10 @@ def config_from_args(args: argparse.Namespace):
         seeds=args.seeds,
         seed=args.seed,
         optimizers=names,
-        lrs=_lr_overrides(args.lr),
+        lrs=lrs,
         weight_decay=args.weight_decay,
-        scao_options=_scao_options(args.scao_opt) if args.scao_opt else (dict(QUICK_SCAO) if args.quick else {}),
+        scao_options=scao_options if args.scao_opt else (dict(QUICK_SCAO) if args.quick else {}),
+        muon_adamw_lr=args.muon_adamw_lr,
         lr_sweep=args.lr_sweep or args.sweep_only,
         sweep_only=args.sweep_only,
         lr_grid=tuple(args.lr_grid),
@@ -169,27 +213,68 @@ def _plots(results: dict, out: str) -> dict:
     return plot_results(results, out)
 
 
+def _load_warning(interleave: bool) -> str | None:
+    """A warning when the machine's load exceeds its cores and the runs are not interleaved."""
+    if interleave or not hasattr(os, "getloadavg"):
+        return None
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load <= cores:
+        return None
+    return (f"warning: load average {load:.1f} exceeds the {cores} cores: with --no-interleave, timing ratios "
+            f"depend on when each optimizer ran; drop --no-interleave (interleaving is the default) for "
+            f"trustworthy ratios, and consider --threads 1")
+
+
+def _error(message: str) -> int:
+    print(f"scao-fx bench: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def run_from_args(args: argparse.Namespace) -> int:
+    """Run ``scao-fx bench`` with parsed ``args``; returns the exit status (0 ok, 1 a baseline or
+    SCAO run failed / nothing ran, 2 bad input, 130 interrupted)."""
     if args.list:
+        from .runner import BenchError, check_device
+
+        try:
+            check_device(args.device)
+        except BenchError as exc:
+            return _error(str(exc))
         return _list(args.device)
     try:
         cfg = config_from_args(args)
-    except (KeyError, ValueError) as exc:
-        print(f"scao-fx bench: error: {exc}", file=sys.stderr)
-        return 2
-    from .report import summary_table, write_results
-    from .runner import BASELINE, run_benchmark
+    except ValueError as exc:  # BenchError is one
+        return _error(str(exc))
+    from .report import headline, summary_table, sweep_table, write_results
+    from .runner import BenchError, run_benchmark
 
     t0 = time.perf_counter()
-    results = run_benchmark(cfg, log=lambda msg: print(msg, flush=True))
-    if cfg.sweep_only:
-        from .report import sweep_table
+    warning = _load_warning(cfg.interleave)
+    if warning:
+        print(warning, file=sys.stderr)
+    written: dict = {}
 
+    def save(results: dict) -> None:
+        paths = write_results(results, args.out)
+        written["runs"] = len(results["runs"]) + len(results["sweep"])
+        written["paths"] = paths
+        if not args.no_plots and (results["runs"] or results["sweep"]):
+            paths.update(_plots(results, args.out))
+
+    try:
+        results = run_benchmark(cfg, log=lambda msg: print(msg, flush=True), on_update=save)
+        save(results)
+    except BenchError as exc:
+        return _error(str(exc))
+    except KeyboardInterrupt:
+        n = written.get("runs", 0)
+        where = f"the files of the {n} finished run(s) are in {args.out}" if n else "no run had finished, nothing written"
+        print(f"\nscao-fx bench: interrupted after {time.perf_counter() - t0:.0f} s; {where}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    paths = written["paths"]
+    if cfg.sweep_only:
         print()
         print(sweep_table(results))
-        paths = write_results(results, args.out)
-        if not args.no_plots and results["sweep"]:
-            paths.update(_plots(results, args.out))
         print(f"wrote {', '.join(sorted(paths))} to {args.out} ({time.perf_counter() - t0:.0f} s)")
         return 0 if results["sweep"] else 1
     if not results["runs"]:
@@ -197,13 +282,13 @@ def run_from_args(args: argparse.Namespace) -> int:
         return 1
     print()
     print(summary_table(results))
-    print(f"ratios vs {BASELINE} of the same seed; 'steps/time to target' = to reach {BASELINE}'s final validation "
-          f"loss, relative to {BASELINE}'s own (k/n seeds reached); Δ = paired difference of final validation loss")
+    print(headline(results))
+    base = results["baseline"]["name"]
+    print(f"ratios vs {base} of the same seed; 'steps/time to target' = steps / own training seconds to reach {base}'s "
+          f"final validation loss, relative to {base}'s whole run (k/n seeds reached); Δ = paired difference of final "
+          f"validation loss")
     if results["skipped"]:
         print("skipped: " + "; ".join(f"{k} ({v})" for k, v in results["skipped"].items()))
-    paths = write_results(results, args.out)
-    if not args.no_plots:
-        paths.update(_plots(results, args.out))
     print(f"wrote {', '.join(sorted(paths))} to {args.out} ({time.perf_counter() - t0:.0f} s)")
     failed = [r for r in results["runs"] if r["status"] == "error" and r["kind"] in ("baseline", "ours")]
     return 1 if failed else 0

@@ -8,6 +8,9 @@ an availability check (a missing peer package or a CUDA-only optimizer on a CPU 
 Functional ``scao_fx`` chains run through :class:`scao_fx.TransformOptimizer`, so any chain of
 the library becomes a registry entry with one line (see :func:`register_chain`).
 
+Entries that need the parameters' names (``muon``, which splits the model into Muon's weight
+matrices and AdamW's rest) set ``named_params``: their factory receives ``(name, tensor)`` pairs.
+
 Default learning rates: the best final validation loss of ``scao-fx bench --sweep-only`` on
 the default workload (``small`` preset, 500 steps, seed 0) over the grid 2.5e-4 ... 8e-3 (factors
 of 2; SOAP 3.75e-4 ... 1.2e-2); docs/benchmarks.md lists the sweep. ``sf-adamw`` and
@@ -39,7 +42,16 @@ __all__ = [
     "available",
     "state_bytes",
     "package_version",
+    "OptimizerSet",
+    "muon_split",
+    "scao_option_keys",
+    "check_scao_options",
+    "BASELINE_CANDIDATES",
 ]
+
+#: The AdamW variants the baseline is chosen from: the one with the lower mean final validation
+#: loss is the baseline of every ratio (AdamW tuned over beta2 as well as the learning rate).
+BASELINE_CANDIDATES: tuple[str, ...] = ("adamw", "adamw-b95")
 
 #: Multipliers of an optimizer's default learning rate tried by ``--lr-sweep``.
 LR_GRID: tuple[float, ...] = (0.5, 1.0, 2.0)
@@ -55,12 +67,16 @@ class OptimizerSpec:
         default_lr: learning rate used without ``--lr-sweep`` / ``--lr``.
         description: one line for tables and docs.
         kind: ``"baseline"``, ``"ours"``, ``"peer"`` or ``"ablation"``.
-        requires: importable module names the factory needs (missing -> skipped).
+        requires: importable module names the factory needs (missing -> skipped);
+            ``"module:attr"`` also needs the attribute (e.g. ``"torch.optim:Muon"``).
         cuda_only: skip on non-CUDA devices.
         state_bytes_fn: ``optimizer -> bytes``; default :func:`state_bytes`' generic count.
         extra: free-form metadata recorded with results (e.g. the ablation's arguments).
         takes_options: the factory accepts keyword options (``--scao-opt KEY=VALUE`` reaches the
             SCAO entries this way).
+        option_set: which of the run's option sets reaches a ``takes_options`` factory:
+            ``"scao"`` (``--scao-opt``) or ``"muon"`` (``--muon-adamw-lr``).
+        named_params: the factory receives ``(name, tensor)`` pairs instead of tensors.
     """
 
     name: str
@@ -73,19 +89,27 @@ class OptimizerSpec:
     state_bytes_fn: Callable[[Any], int] | None = None
     extra: dict = field(default_factory=dict)
     takes_options: bool = False
+    option_set: str = "scao"
+    named_params: bool = False
 
     def unavailable_reason(self, device: torch.device | str = "cpu") -> str | None:
         """``None`` if the optimizer can run on ``device``, else why not (one line)."""
         if self.cuda_only and torch.device(device).type != "cuda":
             return "needs a CUDA device"
-        for module in self.requires:
+        for need in self.requires:
+            module, _, attr = need.partition(":")
             try:
-                importlib.import_module(module)
+                mod = importlib.import_module(module)
             except Exception as exc:  # ImportError, or a broken install raising anything else
                 return f"package {module!r} not importable ({type(exc).__name__}: {exc})".splitlines()[0]
+            if attr and not hasattr(mod, attr):
+                version = getattr(mod, "__version__", None) or package_version(module.split(".")[0])
+                return f"{module}.{attr} does not exist here ({module.split('.')[0]} {version})"
         return None
 
-    def make(self, params: Iterable[torch.Tensor], lr: float, weight_decay: float, options: dict | None = None):
+    def make(self, params: Iterable[Any], lr: float, weight_decay: float, options: dict | None = None):
+        """Build the optimizer over ``params`` (tensors, or ``(name, tensor)`` pairs when
+        :attr:`named_params`); ``options`` reach the factory only when :attr:`takes_options`."""
         if options and self.takes_options:
             return self.factory(list(params), float(lr), float(weight_decay), **options)
         return self.factory(list(params), float(lr), float(weight_decay))
@@ -103,6 +127,7 @@ def register(spec: OptimizerSpec, *, overwrite: bool = False) -> OptimizerSpec:
 
 
 def get(name: str) -> OptimizerSpec:
+    """The registered entry ``name`` (``KeyError`` listing the registered names otherwise)."""
     try:
         return REGISTRY[name]
     except KeyError:
@@ -115,6 +140,7 @@ def available(device: torch.device | str = "cpu") -> dict[str, str | None]:
 
 
 def package_version(dist: str) -> str | None:
+    """The installed version of distribution ``dist``, or ``None``."""
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -138,11 +164,16 @@ def _sf_accounting() -> Callable[..., Any] | None:
 def state_bytes(optimizer: Any) -> int:
     """Optimizer-state bytes of ``optimizer``.
 
+    :class:`OptimizerSet` (e.g. ``muon``'s Muon + AdamW pair): the sum over its parts, each
+    counted as below.
+
     ``scao_fx.TransformOptimizer``: the functional states of every param group, through the
     library's accounting function when it exports one (else every tensor of the state is
     counted once). Anything else: :func:`metrics.optimizer_state_bytes` (torch.optim state
     dicts, torchopt's ``state_groups``).
     """
+    if isinstance(optimizer, OptimizerSet):
+        return sum(state_bytes(part) for part in optimizer.parts.values())
     fstate = getattr(optimizer, "functional_state", None)
     if callable(fstate):
         states = [fstate(i) for i in range(len(optimizer.param_groups))]
@@ -160,11 +191,122 @@ def state_bytes(optimizer: Any) -> int:
     return optimizer_state_bytes(optimizer)
 
 
+# ------------------------------------------------------------------------ several optimizers as one
+
+
+class OptimizerSet:
+    """Several ``torch.optim`` optimizers over disjoint parameter sets, stepped as one.
+
+    ``step()`` and ``zero_grad()`` call every part in order; ``param_groups`` lists every
+    part's groups (the parts' own dicts, so a scheduler that edits them reaches the parts);
+    ``parts`` maps a label (e.g. ``"muon"``, ``"adamw"``) to the optimizer. The benchmark's
+    :func:`state_bytes` counts the state of every part.
+
+    Args:
+        parts: ``label -> optimizer``, at least one.
+    """
+
+    def __init__(self, parts: dict[str, Any]) -> None:
+        if not parts:
+            raise ValueError("OptimizerSet needs at least one optimizer")
+        self.parts = dict(parts)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """The param groups of every part, in order."""
+        return [g for opt in self.parts.values() for g in opt.param_groups]
+
+    @property
+    def state(self) -> dict:
+        """Every part's per-parameter state in one dict (the parameter sets are disjoint)."""
+        merged: dict = {}
+        for opt in self.parts.values():
+            merged.update(opt.state)
+        return merged
+
+    def step(self, closure: Callable[[], Any] | None = None):
+        """Step every part; a ``closure`` is evaluated once, before the parts step."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for opt in self.parts.values():
+            opt.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``zero_grad`` of every part."""
+        for opt in self.parts.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        """``{label: part.state_dict()}``."""
+        return {label: opt.state_dict() for label, opt in self.parts.items()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load ``{label: state_dict}`` as written by :meth:`state_dict` (same labels)."""
+        if set(state_dict) != set(self.parts):
+            raise ValueError(f"state_dict labels {sorted(state_dict)} do not match {sorted(self.parts)}")
+        for label, opt in self.parts.items():
+            opt.load_state_dict(state_dict[label])
+
+
+def muon_split(named_params: Iterable[tuple[str, torch.Tensor]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Split the benchmark GPT's parameters for Muon: ``(muon_params, adamw_params)``.
+
+    Muon takes the 2-D weight matrices of the transformer blocks (parameters named
+    ``blocks.*`` with two dimensions: attention ``qkv``/``proj`` and the MLP's ``fc``/``out``);
+    AdamW takes the rest: token and position embeddings, the output head, LayerNorm weights and
+    every bias (the usual Muon recipe: hidden matrices only).
+
+    Raises:
+        TypeError: if ``named_params`` holds plain tensors instead of ``(name, tensor)`` pairs.
+        ValueError: if no parameter qualifies for Muon (not the benchmark's model).
+    """
+    muon, rest = [], []
+    for item in named_params:
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+            raise TypeError("muon_split needs (name, parameter) pairs, e.g. model.named_parameters()")
+        name, p = item
+        (muon if p.ndim == 2 and name.startswith("blocks.") else rest).append(p)
+    if not muon:
+        raise ValueError("muon: no 2-D weight matrix under 'blocks.' (Muon's split is written for the benchmark GPT)")
+    return muon, rest
+
+
 # ------------------------------------------------------------------------ factories
 
 
 def _torch_adamw(params, lr, wd):
     return torch.optim.AdamW(params, lr=lr, weight_decay=wd, foreach=True)
+
+
+def _torch_adamw_b95(params, lr, wd):
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=wd, foreach=True)
+
+
+#: Learning rate of the AdamW part of ``muon`` (embeddings, head, norms, biases) unless
+#: ``--muon-adamw-lr`` sets it: AdamW's registry default.
+MUON_ADAMW_LR = 1e-3
+
+
+def _muon(params, lr, wd, adamw_lr: float | None = None):
+    """``torch.optim.Muon`` (lr ``lr``, its default ``adjust_lr_fn``) on the blocks' weight
+    matrices and ``torch.optim.AdamW`` (lr ``adamw_lr``) on the rest; see :func:`muon_split`."""
+    adamw_lr = MUON_ADAMW_LR if adamw_lr is None else float(adamw_lr)
+    if not (adamw_lr > 0 and adamw_lr < float("inf")):
+        raise ValueError(f"muon: the AdamW part's learning rate must be positive and finite, got {adamw_lr}")
+    matrices, rest = muon_split(params)
+    parts = {"muon": torch.optim.Muon(matrices, lr=lr, weight_decay=wd)}
+    if rest:
+        parts["adamw"] = torch.optim.AdamW(rest, lr=adamw_lr, weight_decay=wd, foreach=True)
+    return OptimizerSet(parts)
+
+
+def _pto_soap(params, lr, wd):
+    import pytorch_optimizer
+
+    return pytorch_optimizer.SOAP(params, lr=lr, weight_decay=wd)
 
 
 def _chain_optimizer(params, lr, wd, build: Callable[..., Any], **options):
@@ -257,7 +399,19 @@ def _sf_adamw(lr, weight_decay):
     return sf.adamw(lr=lr, weight_decay=weight_decay)
 
 
-register(OptimizerSpec("adamw", _torch_adamw, 1e-3, "torch.optim.AdamW (foreach)", kind="baseline"))
+register(OptimizerSpec("adamw", _torch_adamw, 1e-3, "torch.optim.AdamW (foreach), betas (0.9, 0.999)", kind="baseline"))
+register(
+    OptimizerSpec(
+        "adamw-b95", _torch_adamw_b95, 1e-3, "torch.optim.AdamW (foreach), betas (0.9, 0.95)", kind="baseline",
+    )
+)
+register(
+    OptimizerSpec(
+        "muon", _muon, 0.02,
+        "torch.optim.Muon on the blocks' weight matrices + torch.optim.AdamW (lr --muon-adamw-lr) on the rest",
+        kind="peer", requires=("torch.optim:Muon",), takes_options=True, option_set="muon", named_params=True,
+    )
+)
 register(
     OptimizerSpec(
         "scao", _scao_facade, 1e-3, "scao_fx SCAO (int8 curvature, adaptive rank, complement, blend ramp)",
@@ -285,6 +439,12 @@ register(
 )
 register(
     OptimizerSpec(
+        "soap-pto", _pto_soap, 3e-3, "pytorch-optimizer SOAP, package defaults (lr untuned)",
+        kind="peer", requires=("pytorch_optimizer",),
+    )
+)
+register(
+    OptimizerSpec(
         "adamw8bit-torchao", _torchao_adamw8bit, 2e-3, "torchao AdamW8bit",
         kind="peer", requires=("torchao.optim",), cuda_only=True,
     )
@@ -298,8 +458,42 @@ register(
 
 #: Optimizers run by default (those not available here are reported and skipped).
 DEFAULT_OPTIMIZERS: tuple[str, ...] = (
-    "adamw", "scao", "sf-adamw", "torchopt-adamw", "scao-orig", "soap", "adamw8bit-torchao", "adamw8bit-bnb",
+    "adamw", "adamw-b95", "scao", "muon", "sf-adamw", "torchopt-adamw", "scao-orig", "soap", "soap-pto",
+    "adamw8bit-torchao", "adamw8bit-bnb",
 )
+
+
+# ------------------------------------------------------------------------ --scao-opt keys
+
+#: Arguments of the SCAO entries that the benchmark itself sets (not ``--scao-opt`` keys).
+_SCAO_RESERVED = frozenset({"self", "params", "lr", "weight_decay", "process_group", "precondition_kwargs"})
+
+
+def scao_option_keys() -> list[str]:
+    """The keys ``--scao-opt`` accepts: the named arguments of ``scao_fx.SCAO``, ``scao_fx.scao``
+    and ``scao_fx.scao_precondition`` (what the ``scao`` entry and the ablations pass them to),
+    less those the benchmark sets itself (``lr``, ``weight_decay``, ...)."""
+    import inspect
+
+    import scao_fx as sf
+
+    keys: set[str] = set()
+    for fn in (getattr(sf, "SCAO", None), getattr(sf, "scao", None), getattr(sf, "scao_precondition", None)):
+        if fn is None:
+            continue
+        for p in inspect.signature(fn).parameters.values():
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                keys.add(p.name)
+    return sorted(keys - _SCAO_RESERVED)
+
+
+def check_scao_options(options: dict) -> None:
+    """``ValueError`` naming the first key of ``options`` that ``--scao-opt`` does not accept,
+    with the accepted keys listed."""
+    valid = scao_option_keys()
+    for key in options:
+        if key not in valid:
+            raise ValueError(f"--scao-opt: unknown key {key!r}; valid keys: {', '.join(valid)}")
 
 
 # ------------------------------------------------------------------------ ablations

@@ -1,7 +1,7 @@
 """PNG plots of a benchmark run (matplotlib, Agg backend: no display needed).
 
 * ``val_loss_vs_step.png``: validation loss against training step, one colour per optimizer
-  (mean over seeds in bold, individual seeds faint), AdamW's final loss as a dashed line;
+  (mean over seeds in bold, individual seeds faint), the baseline AdamW's final loss as a dotted line;
 * ``val_loss_vs_time.png``: the same against training wall-clock seconds;
 * ``memory.png``: optimizer-state bytes per parameter and peak memory, one bar per optimizer;
 * ``lr_sweep.png`` (after ``--lr-sweep``): final validation loss against learning rate.
@@ -22,6 +22,13 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, path: Path) -> None:
+    """Save ``fig`` as PNG aside, then rename it over ``path`` (an interrupt leaves the old file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png")
+    tmp.replace(path)
 
 
 def _colors(names: list[str]) -> dict[str, str]:
@@ -72,10 +79,11 @@ def _loss_plot(results: dict, key: str, xlabel: str, xname: str, path: Path) -> 
         ax.plot(xs, ys, style, color=colors[name], linewidth=2.0 if name in ("adamw", "scao") else 1.4,
                 label=f"{name} (lr {lr:.3g})", marker="o", markersize=2.5)
         all_vals.extend(ys)
-    target = [r["final_val"] for r in runs if r["name"] == "adamw" and r["final_val"] is not None]
+    base = (results.get("baseline") or {}).get("name", "adamw")
+    target = [r["final_val"] for r in runs if r["name"] == base and r["final_val"] is not None]
     if target:
         t = sum(target) / len(target)
-        ax.axhline(t, color="#000000", linestyle=":", linewidth=1.0, label=f"AdamW final ({t:.3f})")
+        ax.axhline(t, color="#000000", linestyle=":", linewidth=1.0, label=f"baseline {base} final ({t:.3f})")
     finite = sorted(v for v in all_vals if v is not None and math.isfinite(v))
     if finite:
         # zoom on the interesting part: the initial loss (log vocab) dwarfs the differences
@@ -91,7 +99,7 @@ def _loss_plot(results: dict, key: str, xlabel: str, xname: str, path: Path) -> 
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    fig.savefig(path)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -129,7 +137,7 @@ def _memory_plot(results: dict, path: Path) -> None:
         ax2.set_title("peak memory of the training run")
     ax1.set_title("optimizer state")
     fig.tight_layout()
-    fig.savefig(path)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -151,7 +159,7 @@ def _sweep_plot(results: dict, path: Path) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    _save(fig, path)
     plt.close(fig)
 
 

@@ -7,15 +7,16 @@ import json
 import math
 from pathlib import Path
 
-__all__ = ["write_results", "summary_table", "sweep_table", "SUMMARY_COLUMNS"]
+__all__ = ["write_results", "summary_table", "sweep_table", "headline", "SUMMARY_COLUMNS"]
 
 #: (key in a summary row, column title, format)
 SUMMARY_COLUMNS: list[tuple[str, str, str]] = [
     ("name", "optimizer", "{}"),
     ("lr", "lr", "{:.3g}"),
     ("final_val", "val loss", "{:.4f}"),
-    ("val_diff_mean", "Δ vs adamw", "{:+.4f}"),
+    ("val_diff_mean", "Δ vs baseline", "{:+.4f}"),
     ("val_diff_std", "± (paired std)", "{:.4f}"),
+    ("best_diff_mean", "Δ vs best", "{:+.4f}"),
     ("steps_ratio", "steps to target", "{:.2f}"),
     ("seconds_ratio", "time to target", "{:.2f}"),
     ("step_time_ratio_mean", "step time (mean)", "{:.2f}x"),
@@ -40,9 +41,11 @@ def _fmt(value, fmt: str) -> str:
 def summary_table(results: dict, markdown: bool = False) -> str:
     """The per-optimizer summary as an aligned text table (or a Markdown table).
 
-    Ratios are against AdamW of the same seed; "steps/time to target" = steps (seconds) to reach
-    AdamW's final validation loss divided by AdamW's own, "-" where never reached (the
-    ``reached`` count is appended as ``k/n``).
+    Ratios are against the baseline AdamW of the same seed (see :func:`headline`); "steps/time
+    to target" = steps (seconds of the run's own training steps) to reach the baseline's final
+    validation loss divided by the baseline's whole run, "-" where never reached (the
+    ``reached`` count is appended as ``k/n``); "Δ vs best" = the gap to the optimizer with the
+    lowest final validation loss.
     """
     rows = []
     for row in results["summary"]:
@@ -64,6 +67,31 @@ def summary_table(results: dict, markdown: bool = False) -> str:
     out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
     out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     return "\n".join(out)
+
+
+def headline(results: dict) -> str:
+    """Which AdamW is the baseline and which optimizer is the best of the run, in two lines."""
+    rows = {row["name"]: row for row in results.get("summary") or []}
+    info = results.get("baseline") or {}
+    name = info.get("name") or (next(iter(rows.values()))["baseline"] if rows else None)
+    cands = info.get("candidates") or {}
+    if name is None:
+        return "baseline: none ran"
+    if len(cands) > 1:
+        others = ", ".join(f"{n} {v:.4f}" for n, v in cands.items() if n != name)
+        why = f"lower mean final validation loss of the AdamW variants: {name} {cands[name]:.4f} vs {others}"
+    elif name in cands:
+        why = f"the only AdamW variant run; final validation loss {cands[name]:.4f}"
+    else:
+        why = "it did not finish: no ratios"
+    lines = [f"baseline: {name} ({why})"]
+    best = results.get("best")
+    if best is not None and best in rows:
+        lines.append(f"best: {best} (final validation loss {_fmt(rows[best]['final_val'], '{:.4f}')}); "
+                     f"'Δ vs best' is each optimizer's paired gap to it")
+    else:
+        lines.append("best: none (no optimizer finished every seed)")
+    return "\n".join(lines)
 
 
 def sweep_table(results: dict, markdown: bool = False) -> str:
@@ -112,28 +140,41 @@ def _json_safe(obj):
     return obj
 
 
+def _replace(path: Path, write) -> None:
+    """Write ``path`` through ``write(tmp_path)`` and an atomic rename: an interrupted write
+    leaves the previous file intact."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    tmp.replace(path)
+
+
 def write_results(results: dict, out_dir: str | Path) -> dict[str, Path]:
     """Write ``results.json``, ``curves.csv``, ``runs.csv``, ``summary.csv``, ``summary.md``
     (and ``sweep.csv`` after an LR sweep) into ``out_dir``; returns ``{name: path}``.
 
-    Non-finite floats are written as JSON ``null`` / empty CSV cells.
+    Non-finite floats are written as JSON ``null`` / empty CSV cells. Every file is replaced
+    atomically (written aside, then renamed), so the benchmark can rewrite them after each
+    finished run and an interrupt never leaves a half-written file.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
 
     paths["results.json"] = out / "results.json"
-    paths["results.json"].write_text(json.dumps(_json_safe(results), indent=1) + "\n", encoding="utf-8")
+    blob = json.dumps(_json_safe(results), indent=1) + "\n"
+    _replace(paths["results.json"], lambda tmp: tmp.write_text(blob, encoding="utf-8"))
 
     curve_rows = []
     for run in results["runs"]:
         for point in run["curve"]:
             curve_rows.append(dict(optimizer=run["name"], lr=run["lr"], seed=run["seed"], **point))
     paths["curves.csv"] = out / "curves.csv"
-    _write_csv(paths["curves.csv"], curve_rows, ["optimizer", "lr", "seed", "step", "tokens", "seconds", "val_loss", "train_loss"])
+    curve_fields = ["optimizer", "lr", "seed", "step", "tokens", "seconds", "val_loss", "train_loss"]
+    _replace(paths["curves.csv"], lambda tmp: _write_csv(tmp, curve_rows, curve_fields))
 
     run_fields = [
-        "name", "kind", "lr", "seed", "status", "error", "steps_done", "final_val", "best_val", "val_diff", "target",
+        "name", "kind", "lr", "seed", "status", "error", "steps_done", "final_val", "best_val", "baseline", "val_diff",
+        "best_diff", "target",
         "steps_to_target", "seconds_to_target", "steps_ratio", "seconds_ratio", "step_time_ratio_mean",
         "step_time_ratio_median", "step_time_mean", "step_time_median", "opt_time_mean", "opt_time_median",
         "tokens_per_s", "state_bytes", "n_params", "bytes_per_param", "peak_mem_bytes", "mem_kind",
@@ -146,17 +187,22 @@ def write_results(results: dict, out_dir: str | Path) -> dict[str, Path]:
             row[f"{key}_median"] = run[key].get("median")
         run_rows.append(_json_safe(row))
     paths["runs.csv"] = out / "runs.csv"
-    _write_csv(paths["runs.csv"], run_rows, run_fields)
+    _replace(paths["runs.csv"], lambda tmp: _write_csv(tmp, run_rows, run_fields))
 
     summary_fields = list(results["summary"][0].keys()) if results["summary"] else ["name"]
     paths["summary.csv"] = out / "summary.csv"
-    _write_csv(paths["summary.csv"], [_json_safe(r) for r in results["summary"]], summary_fields)
+    summary_rows = [_json_safe(r) for r in results["summary"]]
+    _replace(paths["summary.csv"], lambda tmp: _write_csv(tmp, summary_rows, summary_fields))
 
     paths["summary.md"] = out / "summary.md"
-    text = summary_table(results, markdown=True) + "\n" if results["summary"] else ""
+    text = ""
+    if results["summary"]:
+        text = headline(results).replace("\n", "\n\n") + "\n\n" + summary_table(results, markdown=True) + "\n"
+        if results.get("complete") is False:
+            text = "(partial: the runs finished so far)\n\n" + text
     if results.get("sweep"):
         text += "\nLearning-rate sweep (final validation loss, * = chosen):\n\n" + sweep_table(results, markdown=True) + "\n"
-    paths["summary.md"].write_text(text, encoding="utf-8")
+    _replace(paths["summary.md"], lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     if results.get("sweep"):
         sweep_rows = []
@@ -164,6 +210,7 @@ def write_results(results: dict, out_dir: str | Path) -> dict[str, Path]:
             for point in run["curve"]:
                 sweep_rows.append(dict(optimizer=run["name"], lr=run["lr"], seed=run["seed"], status=run["status"], **point))
         paths["sweep.csv"] = out / "sweep.csv"
-        _write_csv(paths["sweep.csv"], _json_safe(sweep_rows),
-                   ["optimizer", "lr", "seed", "status", "step", "tokens", "seconds", "val_loss", "train_loss"])
+        sweep_rows = _json_safe(sweep_rows)
+        _replace(paths["sweep.csv"], lambda tmp: _write_csv(tmp, sweep_rows, [
+            "optimizer", "lr", "seed", "status", "step", "tokens", "seconds", "val_loss", "train_loss"]))
     return paths

@@ -10,9 +10,10 @@ every training step (forward + backward + optimizer step, batch sampling and eva
 excluded) and of the optimizer step alone, tokens per second, optimizer-state bytes (after the
 last step) and peak memory (CUDA max-allocated, or the process's peak RSS).
 
-:func:`summarize` then derives, per seed, the ratios against AdamW of the same run (training-step
-time, steps and seconds to reach AdamW's final validation loss) and, per optimizer, the paired
-differences across seeds.
+:func:`summarize` then derives, per seed, the ratios against the baseline AdamW of the same run
+(training-step time, steps and seconds to reach its final validation loss), the gap to the best
+optimizer of the run and, per optimizer, the paired differences across seeds. The baseline is
+the better of the AdamW variants (:func:`choose_baseline`).
 """
 
 from __future__ import annotations
@@ -38,10 +39,18 @@ from .progress import Progress, synchronize
 from .metrics import PeakMemory, paired_differences, summarize_times, time_to_target
 from .model import GPT, GPTConfig, preset
 
-__all__ = ["BenchConfig", "Trainer", "RunResult", "run_benchmark", "summarize", "environment", "BASELINE"]
+__all__ = [
+    "BenchConfig", "BenchError", "Trainer", "RunResult", "run_benchmark", "summarize", "environment", "BASELINE",
+    "choose_baseline", "best_optimizer", "check_device", "preflight",
+]
 
-#: The reference optimizer every ratio is taken against.
+#: The reference optimizer when no other AdamW variant ran (see :func:`choose_baseline`).
 BASELINE = "adamw"
+
+
+class BenchError(ValueError):
+    """A problem with the benchmark's input (device, data, an optimizer that cannot be built),
+    found before training; its message is one line naming the argument and what is accepted."""
 #: Slack (nats) when testing whether a run reached the baseline's final validation loss: runs
 #: equal to the baseline up to float rounding (e.g. another AdamW implementation) count as reaching it.
 TARGET_TOL = 1e-4
@@ -69,6 +78,7 @@ class BenchConfig:
     lrs: dict[str, float] = field(default_factory=dict)
     weight_decay: float = 0.01
     scao_options: dict[str, Any] = field(default_factory=dict)
+    muon_adamw_lr: float | None = None
     lr_sweep: bool = False
     sweep_only: bool = False
     lr_grid: tuple[float, ...] = optreg.LR_GRID
@@ -88,10 +98,19 @@ class BenchConfig:
             raise ValueError(f"eval_batches must be >= 1, got {self.eval_batches}")
         if self.seeds < 1:
             raise ValueError(f"seeds must be >= 1, got {self.seeds}")
+        if self.muon_adamw_lr is not None and not (0 < self.muon_adamw_lr < math.inf):
+            raise ValueError(f"muon_adamw_lr must be a positive finite learning rate, got {self.muon_adamw_lr}")
         if not self.lr_grid or any(not (m > 0 and math.isfinite(m)) for m in self.lr_grid):
             raise ValueError(f"lr_grid must be positive finite multipliers, got {self.lr_grid}")
 
+    def options_for(self, spec: optreg.OptimizerSpec) -> dict:
+        """The keyword options that reach ``spec``'s factory (its ``option_set``)."""
+        if spec.option_set == "muon":
+            return {} if self.muon_adamw_lr is None else {"adamw_lr": float(self.muon_adamw_lr)}
+        return dict(self.scao_options)
+
     def to_dict(self) -> dict:
+        """The configuration as a JSON-ready dict."""
         d = asdict(self)
         d["optimizers"] = list(self.optimizers)
         d["lr_grid"] = list(self.lr_grid)
@@ -113,6 +132,7 @@ class RunResult:
     final_val: float = math.nan
     best_val: float = math.nan
     step_time: dict = field(default_factory=dict)  # mean / median / total seconds
+    step_seconds: list[float] = field(default_factory=list)  # every training step's time, in order
     opt_time: dict = field(default_factory=dict)
     tokens_per_s: float = math.nan
     state_bytes: int | None = None
@@ -130,8 +150,11 @@ class RunResult:
     step_time_ratio_mean: float | None = None
     step_time_ratio_median: float | None = None
     val_diff: float | None = None
+    baseline: str | None = None
+    best_diff: float | None = None  # final validation loss minus the best optimizer's (same seed)
 
     def to_dict(self) -> dict:
+        """The run as a JSON-ready dict."""
         return asdict(self)
 
 
@@ -162,7 +185,8 @@ class Trainer:
         self.result.n_params = self.model.num_params()
         self.stream = BatchStream(corpus.train, model_cfg.batch_size, model_cfg.block_size, seed, self.device)
         self.memory.start()
-        self.optimizer = spec.make(self.model.parameters(), lr, cfg.weight_decay, cfg.scao_options)
+        params = self.model.named_parameters() if spec.named_params else self.model.parameters()
+        self.optimizer = spec.make(params, lr, cfg.weight_decay, cfg.options_for(spec))
         self.step = 0
         self.elapsed = 0.0
         self._step_times: list[float] = []
@@ -172,6 +196,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        """Mean validation loss over the fixed validation batches."""
         was_training = self.model.training
         self.model.eval()
         total = 0.0
@@ -182,6 +207,7 @@ class Trainer:
         return total / len(self.val_batches)
 
     def record(self) -> None:
+        """Append a curve point (validation and last training loss) at the current step."""
         val = self.evaluate()
         train = float(self._last_loss) if self._last_loss is not None else math.nan
         self.result.curve.append(
@@ -192,6 +218,7 @@ class Trainer:
             self.done = True
 
     def train_step(self) -> None:
+        """One timed training step (forward, backward, optimizer step); evaluates when due."""
         x, y = next(self.stream)
         synchronize(self.device)
         t0 = time.perf_counter()
@@ -215,11 +242,13 @@ class Trainer:
             self.done = True
 
     def fail(self, exc: BaseException) -> None:
+        """Mark the run as failed with ``exc`` (one line) and stop it."""
         self.result.status = "error"
         self.result.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
         self.done = True
 
     def finish(self) -> RunResult:
+        """Fill the run's summary numbers, free the model and optimizer, return the result."""
         r = self.result
         r.steps_done = self.step
         self.memory.stop()
@@ -228,11 +257,13 @@ class Trainer:
             r.peak_mem_delta_bytes = self.memory.peak - self.memory.baseline
         r.mem_kind = self.memory.kind
         r.step_time = summarize_times(self._step_times)
+        r.step_seconds = [float(t) for t in self._step_times]
         r.opt_time = summarize_times(self._opt_times)
         if self._step_times:
             r.tokens_per_s = self.step * self.tokens_per_step / r.step_time["total"]
         try:
-            r.state_bytes = int(optreg.state_bytes(self.optimizer)) if r.status != "error" or self.step else None
+            count = self.spec.state_bytes_fn or optreg.state_bytes
+            r.state_bytes = int(count(self.optimizer)) if r.status != "error" or self.step else None
         except Exception:  # a report, never a failure
             r.state_bytes = None
         if r.state_bytes is not None and r.n_params:
@@ -269,9 +300,11 @@ def _postfix(trainer: Trainer) -> dict:
     return {"val": f"{last['val_loss']:.3f}"} if last else {}
 
 
-def _run_trainers(make: list, cfg: BenchConfig, log) -> list[RunResult]:
-    """Run the trainers built by ``make`` (zero-arg callables) sequentially or interleaved."""
+def _run_trainers(make: list, cfg: BenchConfig, log, on_done=None) -> list[RunResult]:
+    """Run the trainers built by ``make`` (zero-arg callables) sequentially or interleaved;
+    ``on_done(result)`` is called as each run finishes."""
     results: list[RunResult] = []
+    on_done = on_done or (lambda res: None)
     if not cfg.interleave:
         for label, build in make:
             try:
@@ -289,6 +322,7 @@ def _run_trainers(make: list, cfg: BenchConfig, log) -> list[RunResult]:
             if res.status != "ok":
                 log(f"  {label}: {res.status}" + (f" ({res.error})" if res.error else f" at step {res.steps_done}"))
             results.append(res)
+            on_done(res)
         return results
     trainers: list[Trainer] = []
     for label, build in make:
@@ -315,6 +349,7 @@ def _run_trainers(make: list, cfg: BenchConfig, log) -> list[RunResult]:
         if res.status != "ok":
             log(f"  {t.spec.name}: {res.status}" + (f" ({res.error})" if res.error else f" at step {res.steps_done}"))
         results.append(res)
+        on_done(res)
     return results
 
 
@@ -375,9 +410,9 @@ def _resolve(cfg: BenchConfig, log) -> tuple[list[optreg.OptimizerSpec], dict[st
                 names.append(name)
         if "scao" not in names:
             names.append("scao")
-    if BASELINE in names:  # the baseline first: the others are compared against it
-        names.remove(BASELINE)
-        names.insert(0, BASELINE)
+    # the AdamW variants first (the baseline is one of them): the others are compared against it
+    first = [n for n in optreg.BASELINE_CANDIDATES if n in names]
+    names = first + [n for n in names if n not in first]
     specs, skipped = [], {}
     for name in names:
         spec = optreg.get(name)
@@ -390,29 +425,99 @@ def _resolve(cfg: BenchConfig, log) -> tuple[list[optreg.OptimizerSpec], dict[st
     return specs, skipped
 
 
-def run_benchmark(cfg: BenchConfig, log=print) -> dict:
+def check_device(device: str) -> torch.device:
+    """The ``torch.device`` of ``--device`` text, or :class:`BenchError` (one line) when it is not
+    ``cpu``, ``cuda`` or ``cuda:N`` of a CUDA device that torch sees here."""
+    accepted = "accepted: cpu, cuda, cuda:N"
+    try:
+        dev = torch.device(str(device))
+    except (RuntimeError, ValueError, TypeError):
+        raise BenchError(f"--device: {device!r} is not a device; {accepted}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise BenchError(f"--device: {device!r} is not supported by the benchmark; {accepted}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BenchError(f"--device {device}: no CUDA GPU is available to torch here "
+                             f"(torch {torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise BenchError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here "
+                             f"(cuda:0 ... cuda:{torch.cuda.device_count() - 1})")
+    return dev
+
+
+def _check_corpus(corpus: Corpus, model_cfg: GPTConfig, cfg: BenchConfig) -> None:
+    need = model_cfg.block_size + 2
+    n_train, n_val = corpus.train.numel(), corpus.val.numel()
+    if n_train < need or n_val < need:
+        where = f"--data {cfg.data}" if cfg.data else "the corpus"
+        raise BenchError(
+            f"{where}: {n_train:,} training and {n_val:,} validation tokens (the last 10 %), too few for the "
+            f"context of {model_cfg.block_size} tokens; each split needs at least {need} "
+            f"(use a longer text, a larger --corpus-chars, or a smaller --block-size / --preset)"
+        )
+
+
+def preflight(specs: list[optreg.OptimizerSpec], model_cfg: GPTConfig, cfg: BenchConfig) -> None:
+    """Build every optimizer of ``specs`` once on a throwaway model, before any training.
+
+    ``--scao-opt`` keys are checked first (:func:`optimizers.check_scao_options`); an optimizer
+    whose factory raises is a :class:`BenchError` naming it, with the factory's error.
+    """
+    if cfg.scao_options and any(s.takes_options and s.option_set == "scao" for s in specs):
+        try:
+            optreg.check_scao_options(cfg.scao_options)
+        except ValueError as exc:
+            raise BenchError(str(exc)) from None
+    model = GPT(model_cfg, seed=0)
+    for spec in specs:
+        params = model.named_parameters() if spec.named_params else model.parameters()
+        try:
+            spec.make(params, spec.default_lr, cfg.weight_decay, cfg.options_for(spec))
+        except Exception as exc:  # noqa: BLE001 - reported as an input error, before training
+            detail = f"{type(exc).__name__}: {exc}".splitlines()[0][:400]
+            opts = cfg.options_for(spec) if spec.takes_options else {}
+            given = f" with options {opts}" if opts else ""
+            raise BenchError(f"optimizer {spec.name!r} cannot be built{given}: {detail}") from None
+    del model
+
+
+def run_benchmark(cfg: BenchConfig, log=print, on_update=None) -> dict:
     """Run the whole benchmark described by ``cfg``; returns the results as a JSON-ready dict.
 
     Keys: ``config``, ``environment``, ``corpus``, ``model``, ``skipped`` (name -> reason),
     ``lrs`` (name -> learning rate used), ``sweep`` (list of sweep runs, empty without
     ``--lr-sweep``), ``runs`` (every :class:`RunResult` as a dict, curves included),
-    ``summary`` (one row per optimizer, see :func:`summarize`), ``wall_seconds``.
+    ``summary`` (one row per optimizer, see :func:`summarize`), ``baseline`` (which AdamW the
+    ratios use and why), ``best`` (the optimizer with the lowest final validation loss),
+    ``complete`` (False in the dicts passed to ``on_update`` before the end), ``wall_seconds``.
+
+    ``on_update(results)``, when given, is called with the results so far each time a run (sweep
+    or main) finishes, so that a caller can write them before the benchmark ends.
+
+    Raises:
+        BenchError: a bad device, a corpus too small for the context, or an optimizer that
+            cannot be built (before any training).
     """
     t_start = time.perf_counter()
+    device = check_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was given but torch.cuda.is_available() is False")
     env = environment(cfg.device)
-    corpus = build_corpus(cfg.data, max_chars=cfg.corpus_chars, tokenizer=cfg.tokenizer)
+    try:
+        corpus = build_corpus(cfg.data, max_chars=cfg.corpus_chars, tokenizer=cfg.tokenizer)
+    except OSError as exc:
+        raise BenchError(f"--data {cfg.data}: cannot read it ({exc.strerror or exc}); give a text file") from None
+    except ValueError as exc:
+        raise BenchError(f"{'--data ' + str(cfg.data) if cfg.data else 'corpus'}: {exc}") from None
     model_cfg = preset(cfg.preset, corpus.vocab_size, batch_size=cfg.batch_size, block_size=cfg.block_size)
+    _check_corpus(corpus, model_cfg, cfg)
+    specs, skipped = _resolve(cfg, log)
+    preflight(specs, model_cfg, cfg)
     gen = torch.Generator(device="cpu").manual_seed(EVAL_SEED)
     val_batches = []
     for _ in range(cfg.eval_batches):
         x, y = sample_batch(corpus.val, model_cfg.batch_size, model_cfg.block_size, gen)
         val_batches.append((x.to(device), y.to(device)))
-    specs, skipped = _resolve(cfg, log)
     _warm_up(model_cfg, corpus, device)
     log(
         f"corpus: {corpus.n_chars:,} chars, vocab {corpus.vocab_size} ({corpus.tokenizer}); "
@@ -421,13 +526,39 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
         f"on {cfg.device} ({torch.get_num_threads()} threads)"
     )
 
+    lrs: dict[str, float] = {}
+    sweep: list[dict] = []
+    runs: list[RunResult] = []
+
+    def assemble(complete: bool) -> dict:
+        baseline = choose_baseline(runs)
+        summary = summarize(runs, baseline)
+        best = best_optimizer(summary)
+        return dict(
+            config=cfg.to_dict(),
+            environment=env,
+            corpus=corpus.describe(),
+            model=dict(model_cfg.to_dict(), n_params=GPT(model_cfg).num_params()),
+            skipped=skipped,
+            lrs=dict(lrs),
+            sweep=list(sweep),
+            runs=[r.to_dict() for r in runs],
+            summary=summary,
+            baseline=_baseline_info(runs, baseline),
+            best=best,
+            complete=complete,
+            wall_seconds=time.perf_counter() - t_start,
+        )
+
+    def updated(_res=None) -> None:
+        if on_update is not None:
+            on_update(assemble(False))
+
     def trainer_factory(spec, lr, seed, steps_cfg):
         return lambda: Trainer(spec, lr, seed, corpus, model_cfg, steps_cfg, val_batches)
 
     # learning rates: explicit --lr, else the sweep, else the registry default; ablations
     # follow SCAO's learning rate
-    lrs: dict[str, float] = {}
-    sweep: list[dict] = []
     tunable = [s for s in specs if s.kind != "ablation" and s.name not in cfg.lrs]
     if cfg.lr_sweep and tunable:
         sweep_cfg = dataclasses.replace(cfg, steps=cfg.sweep_steps or cfg.steps)
@@ -437,11 +568,14 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
                 (f"sweep {spec.name} lr={spec.default_lr * m:.3g}", trainer_factory(spec, spec.default_lr * m, cfg.seed, sweep_cfg))
                 for m in cfg.lr_grid
             ]
-            runs = _run_trainers(make, sweep_cfg, log)
-            for r in runs:
+
+            def swept(r: RunResult) -> None:
                 sweep.append(dict(name=r.name, lr=r.lr, seed=r.seed, status=r.status, final_val=r.final_val,
                                   best_val=r.best_val, steps=r.steps_done, curve=r.curve))
-            ok = [r for r in runs if r.status == "ok" and math.isfinite(r.final_val)]
+                updated()
+
+            found = _run_trainers(make, sweep_cfg, log, on_done=swept)
+            ok = [r for r in found if r.status == "ok" and math.isfinite(r.final_val)]
             if ok:
                 lrs[spec.name] = min(ok, key=lambda r: r.final_val).lr
                 log(f"  -> {spec.name}: lr {lrs[spec.name]:.3g}")
@@ -454,27 +588,18 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
             else:
                 lrs[spec.name] = spec.default_lr
 
-    runs: list[RunResult] = []
+    def finished(r: RunResult) -> None:
+        runs.append(r)
+        updated()
+
     for k in range(0 if cfg.sweep_only else cfg.seeds):
         seed = cfg.seed + k
         log(f"seed {seed} ({k + 1}/{cfg.seeds})")
         make = [(f"{s.name} lr={lrs[s.name]:.3g} seed={seed}", trainer_factory(s, lrs[s.name], seed, cfg)) for s in specs]
-        runs.extend(_run_trainers(make, cfg, log))
+        _run_trainers(make, cfg, log, on_done=finished)
 
-    summary = summarize(runs)
     env["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    return dict(
-        config=cfg.to_dict(),
-        environment=env,
-        corpus=corpus.describe(),
-        model=dict(model_cfg.to_dict(), n_params=GPT(model_cfg).num_params()),
-        skipped=skipped,
-        lrs=lrs,
-        sweep=sweep,
-        runs=[r.to_dict() for r in runs],
-        summary=summary,
-        wall_seconds=time.perf_counter() - t_start,
-    )
+    return assemble(True)
 
 
 def _warm_up(model_cfg: GPTConfig, corpus: Corpus, device: torch.device, steps: int = 3) -> None:
@@ -498,23 +623,79 @@ def _mean(xs) -> float | None:
     return statistics.fmean(xs) if xs else None
 
 
-def summarize(runs: list[RunResult]) -> list[dict]:
-    """Fill the per-run comparisons with the baseline and aggregate per optimizer.
+def choose_baseline(runs: list[RunResult]) -> str:
+    """The AdamW variant the ratios are taken against.
 
-    Per run (against the :data:`BASELINE` run of the same seed): ``target`` = the baseline's
-    final validation loss; ``steps_to_target`` / ``seconds_to_target`` = when this run's curve
-    first reaches it (linear interpolation between evaluations; ``None`` = never);
-    ``steps_ratio`` / ``seconds_ratio`` = those divided by the baseline's own time to reach its
-    final value (the same interpolation, so the baseline's ratio is 1); training-step time ratios
-    (mean and median step); ``val_diff`` = final validation loss minus the baseline's.
+    Among :data:`optimizers.BASELINE_CANDIDATES` that ran (``adamw``: betas (0.9, 0.999);
+    ``adamw-b95``: (0.9, 0.95)), the one with the fewest failed seeds, then the lowest mean final
+    validation loss over its seeds (a tie keeps the first listed). :data:`BASELINE` when none ran.
+    """
+    scored = []
+    for order, name in enumerate(optreg.BASELINE_CANDIDATES):
+        mine = [r for r in runs if r.name == name]
+        ok = [r.final_val for r in mine if r.status == "ok" and math.isfinite(r.final_val)]
+        if ok:
+            scored.append((len(mine) - len(ok), statistics.fmean(ok), order, name))
+    return min(scored)[3] if scored else BASELINE
+
+
+def _baseline_info(runs: list[RunResult], baseline: str) -> dict:
+    candidates = {}
+    for name in optreg.BASELINE_CANDIDATES:
+        vals = [r.final_val for r in runs if r.name == name and r.status == "ok" and math.isfinite(r.final_val)]
+        if vals:
+            candidates[name] = statistics.fmean(vals)
+    return dict(
+        name=baseline,
+        candidates=candidates,
+        rule="the AdamW variant (adamw: betas 0.9/0.999, adamw-b95: 0.9/0.95) with the lowest mean final "
+             "validation loss (fewest failed seeds first)",
+    )
+
+
+def best_optimizer(summary: list[dict]) -> str | None:
+    """Name of the summary row with the lowest mean final validation loss among the optimizers
+    whose every seed finished (``None`` if none did)."""
+    ok = [row for row in summary if row["ok"] == row["seeds"] and row["final_val"] is not None]
+    return min(ok, key=lambda row: row["final_val"])["name"] if ok else None
+
+
+def _seconds_at(step_seconds: list[float], step: float) -> float:
+    """Training time of the first ``step`` steps (fractional: the next step's share) from the
+    run's own per-step times."""
+    whole = int(math.floor(step))
+    total = math.fsum(step_seconds[:whole])
+    if whole < len(step_seconds) and step > whole:
+        total += (step - whole) * step_seconds[whole]
+    return total
+
+
+def summarize(runs: list[RunResult], baseline: str | None = None) -> list[dict]:
+    """Fill the per-run comparisons with the baseline and the best, and aggregate per optimizer.
+
+    ``baseline`` defaults to :func:`choose_baseline`. Per run (against the baseline's run of the
+    same seed): ``target`` = the baseline's final validation loss; ``steps_to_target`` = when
+    this run's curve first reaches it (linear interpolation between evaluations, ``None`` =
+    never); ``seconds_to_target`` = this run's own measured training-step times summed up to that
+    step; ``steps_ratio`` / ``seconds_ratio`` = those divided by the baseline's whole run (its
+    steps, the sum of its step times), so the baseline is 1 and a run's ratio depends only on
+    the steps each run timed itself (the baseline's own run is its whole run: 1.00);
+    training-step time ratios (mean and median step);
+    ``val_diff`` = final validation loss minus the baseline's; ``best_diff`` = minus the best
+    optimizer's (:func:`best_optimizer`) of the same seed.
 
     Per optimizer (one dict each, in run order): mean final/best validation loss over seeds,
-    the paired difference ``val_diff`` as mean, sample std and n, mean ratios, the number of
-    seeds that reached the target, tokens/s, median optimizer-step and training-step times,
-    state bytes per parameter and peak memory.
+    the paired differences ``val_diff`` (against the baseline) and ``best_diff`` (against the
+    best) as mean, sample std and n, mean ratios, the number of seeds that reached the target,
+    tokens/s, median optimizer-step and training-step times, state bytes per parameter and peak
+    memory.
     """
-    base = {r.seed: r for r in runs if r.name == BASELINE and r.status == "ok"}
-    for r in runs:
+    baseline = baseline or choose_baseline(runs)
+    base = {r.seed: r for r in runs if r.name == baseline and r.status == "ok"}
+    for r in runs:  # recomputed from scratch: summarize runs again as more runs finish
+        r.target = r.steps_to_target = r.seconds_to_target = r.steps_ratio = r.seconds_ratio = None
+        r.step_time_ratio_mean = r.step_time_ratio_median = r.val_diff = r.best_diff = None
+        r.baseline = baseline
         b = base.get(r.seed)
         if b is None or not r.curve:
             continue
@@ -523,10 +704,12 @@ def summarize(runs: list[RunResult]) -> list[dict]:
         secs = [p["seconds"] for p in r.curve]
         r.target = b.final_val
         r.steps_to_target, r.seconds_to_target = time_to_target(steps, vals, r.target, secs, tol=TARGET_TOL)
-        b_steps, b_secs = time_to_target(
-            [p["step"] for p in b.curve], [p["val_loss"] for p in b.curve], r.target, [p["seconds"] for p in b.curve],
-            tol=TARGET_TOL,
-        )
+        b_steps = b.steps_done or (b.curve[-1]["step"] if b.curve else 0)
+        b_secs = math.fsum(b.step_seconds) if b.step_seconds else (b.curve[-1]["seconds"] if b.curve else 0.0)
+        if r is b:  # the reference: its whole run, ratio 1 by definition
+            r.steps_to_target, r.seconds_to_target = float(b_steps), b_secs
+        elif r.steps_to_target is not None and r.step_seconds:
+            r.seconds_to_target = _seconds_at(r.step_seconds, r.steps_to_target)
         if r.steps_to_target is not None and b_steps:
             r.steps_ratio = r.steps_to_target / b_steps
         if r.seconds_to_target is not None and b_secs:
@@ -537,38 +720,56 @@ def summarize(runs: list[RunResult]) -> list[dict]:
         if r.status == "ok":
             r.val_diff = r.final_val - b.final_val
 
-    rows = []
-    for name in dict.fromkeys(r.name for r in runs):
+    def row_of(name: str) -> dict:
         mine = [r for r in runs if r.name == name]
         ok = [r for r in mine if r.status == "ok"]
         paired_base = [base[r.seed].final_val if r.seed in base else None for r in mine]
         d_mean, d_std, d_n = paired_differences([r.final_val if r.status == "ok" else None for r in mine], paired_base)
-        rows.append(
-            dict(
-                name=name,
-                kind=mine[0].kind,
-                lr=mine[0].lr,
-                seeds=len(mine),
-                ok=len(ok),
-                status=",".join(sorted({r.status for r in mine})),
-                final_val=_mean(r.final_val for r in ok),
-                best_val=_mean(r.best_val for r in ok),
-                val_diff_mean=None if d_n == 0 else d_mean,
-                val_diff_std=None if d_n < 2 else d_std,  # no spread from a single pair
-                val_diff_n=d_n,
-                reached=sum(1 for r in mine if r.steps_to_target is not None),
-                steps_ratio=_mean(r.steps_ratio for r in mine),
-                seconds_ratio=_mean(r.seconds_ratio for r in mine),
-                step_time_ratio_mean=_mean(r.step_time_ratio_mean for r in mine),
-                step_time_ratio_median=_mean(r.step_time_ratio_median for r in mine),
-                tokens_per_s=_mean(r.tokens_per_s for r in mine),
-                step_ms_median=_mean(1e3 * r.step_time["median"] for r in mine if r.step_time.get("n")),
-                opt_ms_median=_mean(1e3 * r.opt_time["median"] for r in mine if r.opt_time.get("n")),
-                opt_ms_mean=_mean(1e3 * r.opt_time["mean"] for r in mine if r.opt_time.get("n")),
-                bytes_per_param=_mean(r.bytes_per_param for r in mine),
-                peak_mem_mb=_mean(r.peak_mem_bytes / 2**20 for r in mine if r.peak_mem_bytes),
-                peak_mem_delta_mb=_mean(r.peak_mem_delta_bytes / 2**20 for r in mine if r.peak_mem_delta_bytes is not None),
-                mem_kind=mine[0].mem_kind,
-            )
+        return dict(
+            name=name,
+            kind=mine[0].kind,
+            lr=mine[0].lr,
+            seeds=len(mine),
+            ok=len(ok),
+            status=",".join(sorted({r.status for r in mine})),
+            baseline=baseline,
+            final_val=_mean(r.final_val for r in ok),
+            best_val=_mean(r.best_val for r in ok),
+            val_diff_mean=None if d_n == 0 else d_mean,
+            val_diff_std=None if d_n < 2 else d_std,  # no spread from a single pair
+            val_diff_n=d_n,
+            best=None,
+            best_diff_mean=None,
+            best_diff_std=None,
+            best_diff_n=0,
+            reached=sum(1 for r in mine if r.steps_to_target is not None),
+            steps_ratio=_mean(r.steps_ratio for r in mine),
+            seconds_ratio=_mean(r.seconds_ratio for r in mine),
+            step_time_ratio_mean=_mean(r.step_time_ratio_mean for r in mine),
+            step_time_ratio_median=_mean(r.step_time_ratio_median for r in mine),
+            tokens_per_s=_mean(r.tokens_per_s for r in mine),
+            step_ms_median=_mean(1e3 * r.step_time["median"] for r in mine if r.step_time.get("n")),
+            opt_ms_median=_mean(1e3 * r.opt_time["median"] for r in mine if r.opt_time.get("n")),
+            opt_ms_mean=_mean(1e3 * r.opt_time["mean"] for r in mine if r.opt_time.get("n")),
+            bytes_per_param=_mean(r.bytes_per_param for r in mine),
+            peak_mem_mb=_mean(r.peak_mem_bytes / 2**20 for r in mine if r.peak_mem_bytes),
+            peak_mem_delta_mb=_mean(r.peak_mem_delta_bytes / 2**20 for r in mine if r.peak_mem_delta_bytes is not None),
+            mem_kind=mine[0].mem_kind,
         )
+
+    rows = [row_of(name) for name in dict.fromkeys(r.name for r in runs)]
+    best = best_optimizer(rows)
+    if best is not None:
+        best_runs = {r.seed: r for r in runs if r.name == best and r.status == "ok"}
+        for r in runs:
+            if r.status == "ok" and r.seed in best_runs:
+                r.best_diff = r.final_val - best_runs[r.seed].final_val
+        for row in rows:
+            mine = [r for r in runs if r.name == row["name"]]
+            g_mean, g_std, g_n = paired_differences(
+                [r.final_val if r.status == "ok" else None for r in mine],
+                [best_runs[r.seed].final_val if r.seed in best_runs else None for r in mine],
+            )
+            row.update(best=best, best_diff_mean=None if g_n == 0 else g_mean,
+                       best_diff_std=None if g_n < 2 else g_std, best_diff_n=g_n)
     return rows
