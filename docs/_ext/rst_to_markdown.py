@@ -4,8 +4,8 @@ The docstrings follow the Google layout (``Args:``, ``Returns:``, ...) but use a
 constructs that Markdown does not know. On every object griffe loads, this rewrites:
 
 * ``Example:`` (singular) -> ``Examples:``, so doctest examples render as code;
-* ``:math:`x``` -> ``$x$`` and ``.. math::`` blocks -> ``$$ ... $$`` (rendered by MathJax
-  through ``pymdownx.arithmatex``);
+* ``:math:`x``` -> ``$x$`` and ``.. math::`` blocks -> ``$$ ... $$`` (found by
+  ``pymdownx.arithmatex`` and converted to MathML at build time by ``mathml.py`` beside this file);
 * ``:func:`name```, ``:class:`~mod.Name``` and the other Python roles -> ``name`` in code;
 
 and shows the value of a default read from a table (``rho: float = SCAO_DEFAULTS["rho"]`` is
