@@ -85,6 +85,38 @@ def test_ci_runs_the_readme_test_command():
     assert command in ci_lines, f".ci/run must run the README's test command verbatim: {command!r}"
 
 
+def test_grouped_argument_entries_are_split_so_defaults_show():
+    convert = load_extension().convert
+    text = (
+        "Summary, a, b: not an argument.\n\n"
+        "    Args:\n"
+        "        params: the parameters.\n"
+        "        k_min, k_max: clamp of the adaptive rank,\n"
+        "            over two lines.\n\n"
+        "        beta1, beta2 (float): decays.\n\n"
+        "    Returns:\n"
+        "        x, y: a pair, not arguments.\n"
+    )
+    out = convert(text)
+    assert "        k_min: clamp of the adaptive rank,\n            over two lines.\n" in out
+    assert "        k_max: clamp of the adaptive rank,\n            over two lines.\n" in out
+    assert "        beta1 (float): decays.\n        beta2 (float): decays.\n" in out
+    assert "Summary, a, b: not an argument." in out and "        x, y: a pair, not arguments." in out
+
+
+def test_an_import_shadowing_a_submodule_is_what_the_reference_renders():
+    """``scao_fx.scale`` is the function (``from .scale import scale`` in scao_fx.transforms),
+    not the module scao_fx/transforms/scale.py that griffe would give the name to."""
+    griffe = pytest.importorskip("griffe")
+    ext = load_extension()
+    pkg = griffe.load("scao_fx", search_paths=[str(ROOT)], resolve_aliases=False)
+    assert pkg["scale"].target_path == "scao_fx.transforms.scale"  # griffe's own reading
+    changed = ext.retarget_shadowed_aliases(pkg)
+    assert changed.get("scao_fx.scale") == "scao_fx.transforms.scale.scale"
+    assert pkg["scale"].target_path == "scao_fx.transforms.scale.scale"
+    assert list(changed) == ["scao_fx.scale"]  # nothing else is shadowed
+
+
 # ------------------------------------------------------------------------------------------
 # Math is converted to MathML when the site is built: no script, no CDN
 
