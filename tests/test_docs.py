@@ -130,8 +130,8 @@ def test_docs_math_needs_no_network():
     import yaml
 
     config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
-    scripts = [str(s) for s in config.get("extra_javascript", [])]
-    assert not [s for s in scripts if CDN.search(s)], f"a script loaded from the network: {scripts}"
+    assets = [str(s) for key in ("extra_javascript", "extra_css") for s in config.get(key, [])]
+    assert not [s for s in assets if CDN.search(s)], f"loaded from the network: {assets}"
     assert "docs/_ext/mathml.py" in config.get("hooks", []), "the MathML hook is not listed in mkdocs.yml"
     arithmatex = [e for e in config["markdown_extensions"] if isinstance(e, dict) and "pymdownx.arithmatex" in e]
     assert arithmatex and arithmatex[0]["pymdownx.arithmatex"].get("generic") is True
@@ -139,7 +139,7 @@ def test_docs_math_needs_no_network():
     for path in [*(ROOT / "docs").glob("javascripts/**/*"), *(ROOT / "docs" / "_ext").glob("*.py")]:
         if path.is_file():
             code = "\n".join(line for line in path.read_text().splitlines() if not line.lstrip().startswith("#"))
-            assert "mathjax" not in code.lower() or path.name == "mathml.py", f"{path} still refers to MathJax"
+            assert "mathjax" not in code.lower() and not CDN.search(code), f"{path} loads from the network"
     docs_extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["docs"]
     assert any(req.startswith("latex2mathml") for req in docs_extra)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -209,7 +210,8 @@ def test_callback_order_warning_and_add_diagnostics_callback():
     with pytest.warns(UserWarning, match="add_diagnostics_callback"):
         cb.on_log(SimpleNamespace(report_to=["tensorboard"]), state, TrainerControl(), logs={}, optimizer=opt)
     logs = {}
-    with warnings_as_errors():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only, and never without a report_to backend
         cb.on_log(SimpleNamespace(report_to=["tensorboard"]), state, TrainerControl(), logs=logs, optimizer=opt)
         SCAODiagnosticsCallback().on_log(SimpleNamespace(report_to=[]), state, TrainerControl(), logs={}, optimizer=opt)
     assert logs["scao/blend"] == 1.0
@@ -224,18 +226,6 @@ def test_callback_order_warning_and_add_diagnostics_callback():
         add_diagnostics_callback(trainer, cb, per_param=True)
     with pytest.raises(TypeError, match="Trainer"):
         add_diagnostics_callback(object())
-
-
-class warnings_as_errors:
-    def __enter__(self):
-        import warnings
-
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
-        warnings.simplefilter("error")
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
 
 
 def test_scao_optimizer_cls_and_kwargs_reads_the_training_arguments(tmp_path):

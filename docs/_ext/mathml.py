@@ -3,7 +3,7 @@
 ``pymdownx.arithmatex`` (generic mode) finds the math of a page, ``\\( \\)``, ``\\[ \\]``,
 ``$ $`` and ``$$ $$``, and wraps it in ``<span class="arithmatex">`` / ``<div class="arithmatex">``.
 :class:`MathMLExtension` then replaces each of those with the MathML that the PyPI package
-`latex2mathml <https://pypi.org/project/latex2mathml/>`_ makes from the TeX. The browser draws
+``latex2mathml`` (in the ``docs`` extra) makes from the TeX. The browser draws
 MathML itself (MathML Core: Chromium 109+, Firefox, Safari), so the site needs no script and no
 network: it reads the same offline. The docstrings rendered by mkdocstrings go through the same
 extension (their ``:math:`` roles and ``.. math::`` blocks become ``$ $`` and ``$$ $$`` in
