@@ -241,6 +241,23 @@ def test_scao_optimizer_cls_and_kwargs_reads_the_training_arguments(tmp_path):
         scao_optimizer_cls_and_kwargs(args, k_min=0)
 
 
+def test_axolotl_plugin_refuses_another_optimizer(tmp_path):
+    from types import SimpleNamespace
+
+    axolotl_plugin = pytest.importorskip("scao_fx.integrations.axolotl")
+    plugin = axolotl_plugin.SCAOPlugin()
+    args = training_args(tmp_path)
+    trainer = SimpleNamespace(optimizer=None, optimizer_cls_and_kwargs=(torch.optim.AdamW, {}), args=args)
+    with pytest.raises(ValueError, match="AdamW"):  # e.g. axolotl's `optimizer: muon` already chosen
+        plugin.post_trainer_create({}, trainer)
+    trainer = SimpleNamespace(optimizer=None, optimizer_cls_and_kwargs=None, args=args,
+                              callback_handler=SimpleNamespace(callbacks=[]))
+    plugin.post_trainer_create({"scao_kwargs": {"precond_freq": 5}, "scao_diagnostics": False}, trainer)
+    assert trainer.optimizer_cls_and_kwargs[1]["precond_freq"] == 5 and trainer.callback_handler.callbacks == []
+    with pytest.raises(TypeError, match="precond_frq"):  # SCAO's keywords are checked here
+        plugin.post_trainer_create({"scao_kwargs": {"precond_frq": 5}}, SimpleNamespace(optimizer=None, args=args))
+
+
 def _tensorboard_scalars(out):
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     (run,) = (out / "runs").iterdir()

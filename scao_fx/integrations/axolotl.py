@@ -75,6 +75,12 @@ class SCAOPlugin(_PluginBase):  # type: ignore[misc,valid-type]
     def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
         if getattr(trainer, "optimizer", None) is not None:
             raise ValueError("the trainer already has an optimizer; SCAOPlugin sets it through optimizer_cls_and_kwargs")
+        chosen = getattr(trainer, "optimizer_cls_and_kwargs", None)
+        if chosen is not None:  # one of axolotl's own optimizers, from its `optimizer:` key
+            raise ValueError(
+                f"the trainer already builds {getattr(chosen[0], '__name__', chosen[0])} (axolotl's 'optimizer' "
+                "setting); with scao_fx.integrations.axolotl.SCAOPlugin leave 'optimizer' unset"
+            )
         scao_kwargs = _get(cfg, "scao_kwargs") or {}
         trainer.optimizer_cls_and_kwargs = scao_optimizer_cls_and_kwargs(trainer.args, **scao_kwargs)
         if _get(cfg, "scao_diagnostics", True):
