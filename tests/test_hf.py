@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -13,8 +14,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import scao_fx  # noqa: E402
 from scao_fx.integrations.hf import (  # noqa: E402
     SCAODiagnosticsCallback,
+    add_diagnostics_callback,
     diagnostic_scalars,
     log_diagnostics,
+    scao_optimizer_cls_and_kwargs,
     unwrap_optimizer,
 )
 
@@ -188,6 +191,121 @@ def test_trainer_optimizer_cls_and_kwargs(tmp_path):
     trainer2.train(resume_from_checkpoint=str(tmp_path / "c" / "checkpoint-4"))
     for p, q in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p, q)
+
+
+# ------------------------------------------------------------------------------------------
+# report_to backends (TensorBoard) and the axolotl plugin's hooks
+
+
+def test_callback_order_warning_and_add_diagnostics_callback():
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    _, opt = small_scao()
+    state = TrainerState()
+    state.global_step = 8
+    cb = SCAODiagnosticsCallback()
+    # appended after the report_to callbacks: the metrics would miss the backends, and it says so once
+    with pytest.warns(UserWarning, match="add_diagnostics_callback"):
+        cb.on_log(SimpleNamespace(report_to=["tensorboard"]), state, TrainerControl(), logs={}, optimizer=opt)
+    logs = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only, and never without a report_to backend
+        cb.on_log(SimpleNamespace(report_to=["tensorboard"]), state, TrainerControl(), logs=logs, optimizer=opt)
+        SCAODiagnosticsCallback().on_log(SimpleNamespace(report_to=[]), state, TrainerControl(), logs={}, optimizer=opt)
+    assert logs["scao/blend"] == 1.0
+
+    first, reporter = object(), object()
+    trainer = SimpleNamespace(callback_handler=SimpleNamespace(callbacks=[first, reporter, cb]))
+    added = add_diagnostics_callback(trainer, per_param=True)
+    assert trainer.callback_handler.callbacks == [added, first, reporter]  # the earlier one replaced
+    assert added.per_param and added.ahead_of_reporters
+    assert add_diagnostics_callback(trainer, cb) is cb and trainer.callback_handler.callbacks[0] is cb
+    with pytest.raises(TypeError, match="not both"):
+        add_diagnostics_callback(trainer, cb, per_param=True)
+    with pytest.raises(TypeError, match="Trainer"):
+        add_diagnostics_callback(object())
+
+
+def test_scao_optimizer_cls_and_kwargs_reads_the_training_arguments(tmp_path):
+    args = training_args(tmp_path, learning_rate=2e-3, weight_decay=0.05, adam_beta1=0.8, adam_beta2=0.95,
+                         adam_epsilon=1e-6, warmup_steps=7)
+    cls, kwargs = scao_optimizer_cls_and_kwargs(args, precond_freq=5, eps=1e-7)
+    assert cls is scao_fx.SCAO
+    # the schedule's warmup_steps is not SCAO's warmup_steps; explicit keywords win
+    assert kwargs == {"lr": 2e-3, "weight_decay": 0.05, "betas": (0.8, 0.95), "eps": 1e-7, "precond_freq": 5}
+    with pytest.raises(TypeError, match="precond_frq"):
+        scao_optimizer_cls_and_kwargs(args, precond_frq=5)
+    with pytest.raises(ValueError):
+        scao_optimizer_cls_and_kwargs(args, k_min=0)
+
+
+def test_axolotl_plugin_refuses_another_optimizer(tmp_path):
+    from types import SimpleNamespace
+
+    axolotl_plugin = pytest.importorskip("scao_fx.integrations.axolotl")
+    plugin = axolotl_plugin.SCAOPlugin()
+    args = training_args(tmp_path)
+    trainer = SimpleNamespace(optimizer=None, optimizer_cls_and_kwargs=(torch.optim.AdamW, {}), args=args)
+    with pytest.raises(ValueError, match="AdamW"):  # e.g. axolotl's `optimizer: muon` already chosen
+        plugin.post_trainer_create({}, trainer)
+    trainer = SimpleNamespace(optimizer=None, optimizer_cls_and_kwargs=None, args=args,
+                              callback_handler=SimpleNamespace(callbacks=[]))
+    plugin.post_trainer_create({"scao_kwargs": {"precond_freq": 5}, "scao_diagnostics": False}, trainer)
+    assert trainer.optimizer_cls_and_kwargs[1]["precond_freq"] == 5 and trainer.callback_handler.callbacks == []
+    with pytest.raises(TypeError, match="precond_frq"):  # SCAO's keywords are checked here
+        plugin.post_trainer_create({"scao_kwargs": {"precond_frq": 5}}, SimpleNamespace(optimizer=None, args=args))
+
+
+def _tensorboard_scalars(out):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    (run,) = (out / "runs").iterdir()
+    acc = event_accumulator.EventAccumulator(str(run))
+    acc.Reload()
+    return acc
+
+
+@pytest.mark.slow
+def test_axolotl_plugin_hooks_on_a_trainer_report_to_tensorboard(tmp_path, monkeypatch):
+    """SCAOPlugin's hooks, as axolotl calls them, on a transformers Trainer (axolotl itself is
+    not installed): SCAO is built from the arguments and the scao/* metrics reach TensorBoard."""
+    pytest.importorskip("tensorboard")
+    axolotl_plugin = pytest.importorskip("scao_fx.integrations.axolotl")
+    from transformers import Trainer
+    from transformers.integrations import TensorBoardCallback
+
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    cfg = axolotl_plugin.SCAOArgs(scao_kwargs=FAST).model_dump()  # how axolotl validates the keys
+    plugin = axolotl_plugin.SCAOPlugin()
+    assert plugin.get_input_args() == "scao_fx.integrations.axolotl.SCAOArgs"
+    plugin.register({"plugins": ["scao_fx.integrations.axolotl.SCAOPlugin"]})
+    with pytest.raises(ValueError, match="original 'scao'"):
+        plugin.register({"optimizer": "scao"})
+
+    out = tmp_path / "tb"
+    args = training_args(out, max_steps=6, save_strategy="no", report_to=["tensorboard"])
+    trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset())
+    plugin.post_trainer_create(cfg, trainer)
+    callbacks = trainer.callback_handler.callbacks
+    assert isinstance(callbacks[0], SCAODiagnosticsCallback)
+    assert any(isinstance(cb, TensorBoardCallback) for cb in callbacks[1:])
+    trainer.train()
+
+    opt = unwrap_optimizer(trainer.optimizer)
+    assert isinstance(opt, scao_fx.SCAO)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
+    assert opt.defaults["precond_freq"] == FAST["precond_freq"] and opt.defaults["betas"] == (0.9, 0.999)
+    logged = [h for h in trainer.state.log_history if "loss" in h]  # (the end-of-training summary has them too)
+    assert [h["step"] for h in logged] == [2, 4, 6] and all("scao/blend" in h for h in logged)
+    acc = _tensorboard_scalars(out)
+    tags = acc.Tags()["scalars"]
+    assert "train/scao/blend" in tags and "train/scao/rank_mean" in tags and "train/loss" in tags
+    events = acc.Scalars("train/scao/phase_precond")
+    assert sorted({e.step for e in events}) == [2, 4, 6]
+    assert events[-1].value == logged[-1]["scao/phase_precond"] > 0
+    with pytest.raises(ValueError, match="already has an optimizer"):
+        plugin.post_trainer_create(cfg, trainer)
 
 
 # ------------------------------------------------------------------------------------------
