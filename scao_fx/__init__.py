@@ -24,12 +24,12 @@ from .precond import (
     FactorStatistic,
     KroneckerSide,
     RankRule,
+    SketchStatistic,
     curvature_ema,
     curvature_sketch,
     fixed_rank,
     full_rank,
     robust_eigh,
-    SketchStatistic,
     spectral_mass_rank,
 )
 from .transforms import *  # noqa: F401,F403  (re-export the transform families)

@@ -11,19 +11,19 @@ import torch
 
 from ._validation import check_betas, check_bool, check_choice, check_dtype, check_float, check_int, check_scalar_or_schedule
 from .base import GradientTransformation
-from .transforms.adam import add_decayed_weights, scale_by_adam
-from .transforms.combinators import chain, partition
-from .transforms.blend import blend_ramp
-from .transforms.finite import apply_if_finite
-from .transforms.eigenbasis import kronecker_eigenbasis
-from .transforms.kronecker import kronecker_precondition
 from .codecs import bf16_codec, fp32_codec, int8_blockwise
 from .precond.curvature import curvature_ema
+from .precond.orthogonal import NS_COEFFICIENTS
 from .precond.rank import full_rank, spectral_mass_rank
 from .precond.sketch import curvature_sketch
+from .transforms.adam import add_decayed_weights, scale_by_adam
+from .transforms.blend import blend_ramp
+from .transforms.combinators import chain, partition
+from .transforms.eigenbasis import kronecker_eigenbasis
+from .transforms.finite import apply_if_finite
+from .transforms.kronecker import kronecker_precondition
 from .transforms.momentum import scale_by_momentum
 from .transforms.orthogonal import check_coefficients, scale_by_newton_schulz
-from .precond.orthogonal import NS_COEFFICIENTS
 from .transforms.scale import scale_by_learning_rate
 
 __all__ = ["adam", "adamw", "muon", "scao_precondition", "scao", "soap", "SCAO_DEFAULTS"]

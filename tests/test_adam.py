@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
+from treeutil import assert_tree_close, clone, versions
 
 import scao_fx as sf
 from scao_fx.transforms.adam import moment_dtype_for
-from treeutil import assert_tree_close, clone, versions
 
 
 def reference_adam(grads, b1, b2, eps, eps_root=0.0):

@@ -6,11 +6,8 @@ import csv
 import json
 import math
 
-import pytest
-
 from scao_fx.bench.report import headline, summary_table, sweep_table, write_results
 from scao_fx.bench.runner import RunResult, summarize
-
 
 
 def _run(name, seed, vals, kind="ours", mem_kind="rss"):

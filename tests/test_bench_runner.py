@@ -6,8 +6,16 @@ import math
 
 import pytest
 
-from scao_fx.bench.runner import (BenchConfig, BenchError, RunResult, best_optimizer, check_device, choose_baseline,
-                                  run_benchmark, summarize)
+from scao_fx.bench.runner import (
+    BenchConfig,
+    BenchError,
+    RunResult,
+    best_optimizer,
+    check_device,
+    choose_baseline,
+    run_benchmark,
+    summarize,
+)
 
 
 def _run(name, seed, vals, secs, kind="ours", step_times=(1.0, 1.0)):

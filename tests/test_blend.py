@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
+from treeutil import clone
 
 import scao_fx as sf
 from scao_fx.base import EmptyState, GradientTransformation
-from treeutil import clone
 
 
 def _expected_b(t, warmup, blend, min_updates=0, shape="linear"):
@@ -61,7 +61,7 @@ def test_inner_runs_during_warmup():
     tx = sf.blend_ramp(inner, warmup_steps=5, blend_steps=2)
     params = {"w": torch.zeros(4, 3)}
     state = tx.init(params)
-    for t in range(1, 5):
+    for _t in range(1, 5):
         out, state = tx.update({"w": torch.randn(4, 3)}, state)
     assert int(state.count) == 4
     assert int(state.inner_state.count) == 4 and int(state.inner_state.refreshes) == 2

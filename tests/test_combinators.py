@@ -7,9 +7,9 @@ import io
 import pytest
 import torch
 import torchopt
+from treeutil import assert_tree_close, clone, tensor_leaves, versions
 
 import scao_fx as sf
-from treeutil import assert_tree_close, clone, tensor_leaves, versions
 
 
 def tree():

@@ -21,8 +21,6 @@ from typing import Callable, Sequence
 import pytest
 import torch
 from torch.func import grad
-
-import scao_fx as sf
 from treeutil import (
     assert_no_shared_storage,
     assert_tree_close,
@@ -33,6 +31,8 @@ from treeutil import (
     tensor_leaves,
     versions,
 )
+
+import scao_fx as sf
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from scaoref import F64, ema_closed_form, rel_err
 
 import scao_fx as sf
-from scaoref import F64, ema_closed_form, rel_err
 
 
 def _grams(d, steps, seed=0, scale=1.0):

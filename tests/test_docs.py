@@ -126,7 +126,6 @@ CDN = re.compile(r"https?://|//(?:unpkg|cdn|jsdelivr|cdnjs|polyfill)", re.IGNORE
 
 def test_docs_math_needs_no_network():
     import tomllib
-
     import yaml
 
     config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())

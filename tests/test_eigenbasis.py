@@ -7,12 +7,11 @@ import io
 import pytest
 import torch
 from torch.func import grad
+from treeutil import assert_tree_close, clone, versions
 
 import scao_fx as sf
 from scao_fx.precond.eigenbasis import change_basis, kept_basis, project_complement, rotate, rotate_back
 from scao_fx.precond.kron import init_side
-
-from treeutil import assert_tree_close, clone, versions
 
 
 def soap_reference(params, grads, *, lr, b1, b2, eps, wd, rho, freq):

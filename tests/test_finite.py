@@ -6,10 +6,10 @@ import io
 
 import pytest
 import torch
+from treeutil import chain_state, clone, leaves, tensor_leaves
 
 import scao_fx as sf
 from scao_fx.transforms import finite as finite_mod
-from treeutil import chain_state, clone, leaves, tensor_leaves
 
 NAN, INF = float("nan"), float("inf")
 FAST = dict(warmup_steps=2, blend_steps=2, min_precond_updates=0, precond_freq=2, k_min=1, k_max=4)

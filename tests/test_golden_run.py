@@ -2,10 +2,9 @@
 
 import json
 
+import golden_run
 import pytest
 import torch
-
-import golden_run
 
 
 def test_recorded_run_is_bit_identical():

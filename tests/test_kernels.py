@@ -421,7 +421,7 @@ def test_reference_adam_8bit_moments_track_fp32_moments():
     loss0 = 0.5 * ((A @ X0 - B) ** 2).sum().item()
     ref_loss, ref_x = finals[("fp32", "fp32")]
     assert ref_loss < 0.85 * loss0
-    for kinds, (loss, x) in finals.items():  # measured: within 0.1 % of the loss decrease
+    for kinds, (loss, _x) in finals.items():  # measured: within 0.1 % of the loss decrease
         assert abs(loss - ref_loss) < 0.01 * (loss0 - ref_loss), kinds
     # 8-bit m alone stays close to fp32 (measured 2 % of the distance travelled)
     x_m8 = finals[("int8", "fp32")][1]

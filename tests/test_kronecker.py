@@ -6,10 +6,10 @@ from __future__ import annotations
 import optree
 import pytest
 import torch
-
-import scao_fx as sf
 from scaoref import F64, cosine, left_factor, precond_matrix, rel_err, right_factor
 from treeutil import chain_state, clone
+
+import scao_fx as sf
 
 # float32 eigh on factors with condition number ~1e2-1e3 and a float32 EMA: the -1/4 power
 # damps relative eigenvalue errors 4x, so the preconditioned gradient agrees with the float64

@@ -9,10 +9,10 @@ from typing import NamedTuple
 import pytest
 import torch
 import torchopt
+from treeutil import chain_state
 
 import scao_fx as sf
 from scao_fx.optim import TransformOptimizer
-from treeutil import chain_state
 
 ADAMW_DEFAULTS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 
@@ -971,7 +971,7 @@ def test_scao_factor_mode_wide_is_one_sided():
     named = [("a", lora_a), ("b", lora_b), ("sq", square)]
     opts = {mode: SCAO([(n, p.detach().clone().requires_grad_()) for n, p in named], lr=1e-2, factor_mode=mode, **FAST)
             for mode in ("full", "wide")}
-    for mode, opt in opts.items():
+    for _mode, opt in opts.items():
         ps = opt.param_groups[0]["params"]
         for _ in range(8):
             opt.zero_grad()

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import scao_fx as sf
 from treeutil import tensor_leaves
 
+import scao_fx as sf
 
 # --------------------------------------------------------------------------- codecs
 
@@ -83,7 +82,7 @@ def test_int8_ema_does_not_freeze_on_tiny_increments():
     assert float(got.mean()) == pytest.approx(float(ref[0, 1:].mean()), rel=0.1)
     frozen = sf.int8_blockwise(64, stochastic=False)
     enc_n = frozen.encode(x)
-    for t in range(1, 301):
+    for _ in range(1, 301):
         enc_n = frozen.ema(enc_n, target, 0.999)
     assert float(frozen.decode(enc_n)[0, 1:].abs().max()) == 0.0
 

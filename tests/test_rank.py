@@ -6,9 +6,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scaoref import spectral_mass_k
 
 import scao_fx as sf
-from scaoref import spectral_mass_k
 
 
 def _k(rule, vals):

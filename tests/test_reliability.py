@@ -17,13 +17,14 @@ import math
 import optree
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
-
-import scao_fx as sf
-from scao_fx.transforms.adam import ScaleByAdamState
-from scao_fx._tree import find_nodes
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_optim import save_load, scao_model, train_step
 from treeutil import assert_tree_close, clone, signature, tensor_leaves
+
+import scao_fx as sf
+from scao_fx._tree import find_nodes
+from scao_fx.transforms.adam import ScaleByAdamState
 
 CASES: collections.Counter = collections.Counter()  # adversarial cases run, by kind
 STEPS_RUN: collections.Counter = collections.Counter()  # optimizer steps checked, by kind

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from treeutil import assert_tree_close, clone, versions
 
 import scao_fx as sf
-from treeutil import assert_tree_close, clone, versions
 
 
 def g():

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import scao_fx as sf
 from scaoref import F64, cosine, left_factor, precond_matrix, rel_err, right_factor
 from treeutil import clone, tensor_leaves
+
+import scao_fx as sf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "docs" / "examples"))
 

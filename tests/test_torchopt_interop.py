@@ -7,9 +7,9 @@ import pytest
 import torch
 import torchopt
 from torch.func import functional_call, grad
+from treeutil import assert_no_shared_storage, assert_tree_close, clone, structure, tensor_leaves
 
 import scao_fx as sf
-from treeutil import assert_no_shared_storage, assert_tree_close, clone, structure, tensor_leaves
 
 
 def problem(dtype=torch.float64):

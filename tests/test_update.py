@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from treeutil import clone
 
 import scao_fx as sf
-from treeutil import clone
 
 
 def test_inplace_adds_into_the_same_tensors():

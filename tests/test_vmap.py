@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.func import functional_call, grad, stack_module_state, vmap
+from treeutil import assert_tree_close
 
 import scao_fx as sf
-from treeutil import assert_tree_close
 
 MEMBERS, STEPS = 4, 15
 

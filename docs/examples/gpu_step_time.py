@@ -15,8 +15,14 @@ ahead of the GPU), and the peak GPU memory of its run.
 
 Run: ``python docs/examples/gpu_step_time.py 12 768`` (needs CUDA).
 """
-import torch, time, statistics, sys
+import statistics
+import sys
+import time
+
+import torch
+
 import scao_fx as sf
+
 torch.manual_seed(0)
 dev = "cuda"
 _dims = [int(a) for a in sys.argv[1:] if a.isdigit()]

@@ -248,7 +248,7 @@ def main(argv=None) -> None:
     for cfg in MODELS:
         print(f"{cfg.name}: hidden {cfg.hidden}, intermediate {cfg.intermediate}, layers {cfg.layers}, "
               f"heads {cfg.heads}, kv heads {cfg.kv_heads}, vocab {cfg.vocab}, tied embeddings {cfg.tied}")
-    print(f"\n| model | regime | method | trained params | state bytes/param | state GB | weights+grads+state GB | fits 16 GB |")
+    print("\n| model | regime | method | trained params | state bytes/param | state GB | weights+grads+state GB | fits 16 GB |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows():
         fits = "yes" if r["total_gb"] <= 16.0 else "no"

@@ -35,8 +35,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ..kernels import _dispatch
-from ..kernels import adam_epilogue, dequantize_blockwise, int8_ema_update, quantize_blockwise
+from ..kernels import _dispatch, adam_epilogue, dequantize_blockwise, int8_ema_update, quantize_blockwise
 from ..kernels._common import n_blocks
 from .progress import Progress, Timer
 
@@ -599,7 +598,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if saved is not None:
             _triton.CODEC_TILE, _triton.ADAM_BLOCK = saved
     report["wall_s"] = time.perf_counter() - t0
-    print(f"# summary (grouped: worst % of copy bandwidth; loop/grouped time ratios):")
+    print("# summary (grouped: worst % of copy bandwidth; loop/grouped time ratios):")
     for k, v in report["summary"].items():
         pct = v["min_pct_copy_bw"]
         pct = "-" if pct is None else f"{pct:.1f} %"

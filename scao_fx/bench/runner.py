@@ -35,9 +35,9 @@ import torch
 
 from . import optimizers as optreg
 from .corpus import DEFAULT_CORPUS_BYTES, BatchStream, Corpus, build_corpus, sample_batch
-from .progress import Progress, synchronize
 from .metrics import PeakMemory, paired_differences, summarize_times, time_to_target
 from .model import GPT, GPTConfig, preset
+from .progress import Progress, synchronize
 
 __all__ = [
     "BenchConfig", "BenchError", "Trainer", "RunResult", "run_benchmark", "summarize", "environment", "BASELINE",

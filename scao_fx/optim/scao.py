@@ -408,8 +408,8 @@ class SCAO(TransformOptimizer):
         the record's keys. Nothing is computed during ``step()``; this call reads the state
         (and synchronises with the device once, unless ``as_tensors=True``).
         """
-        from ..diagnostics import adam_record, scao_diagnostics
         from ..codecs import fp32_codec, int8_blockwise
+        from ..diagnostics import adam_record, scao_diagnostics
 
         records: dict[str, dict[str, Any]] = {}
         for index, group in enumerate(self.param_groups):

@@ -19,6 +19,7 @@
 """
 
 from .adam import ScaleByAdamState, add_decayed_weights, scale_by_adam
+from .blend import BlendRampState, blend_factor, blend_ramp
 from .clipping import clip_by_global_norm, global_norm
 from .combinators import (
     MaskedState,
@@ -30,7 +31,7 @@ from .combinators import (
     named_chain,
     partition,
 )
-from .blend import BlendRampState, blend_factor, blend_ramp
+from .eigenbasis import KroneckerEigenbasisState, kronecker_eigenbasis
 from .finite import (
     ApplyIfFiniteState,
     FiniteGuard,
@@ -40,13 +41,12 @@ from .finite import (
     skipped_steps,
     square_safe_bound,
 )
+from .kronecker import KroneckerGroupState, KroneckerPreconditionState, kronecker_precondition, matrix_shape
 from .momentum import ScaleByMomentumState, scale_by_momentum
 from .orthogonal import scale_by_newton_schulz
-from .eigenbasis import KroneckerEigenbasisState, kronecker_eigenbasis
-from .kronecker import KroneckerGroupState, KroneckerPreconditionState, kronecker_precondition, matrix_shape
 from .quantization import QuantizedState, int8_adam_codecs, quantize_state
-from .sharding import full_tensor_updates
 from .scale import ScaleByScheduleState, scale, scale_by_learning_rate
+from .sharding import full_tensor_updates
 
 __all__ = [
     "chain",

@@ -14,7 +14,7 @@ import torch
 
 from .._tree import check_same_structure, flatten, unflatten
 from .._validation import check_dense_leaves, check_dtype, check_float
-from ..base import register_state, EmptyState, GradientTransformation, increment, multi_tensor_ok, step_count
+from ..base import EmptyState, GradientTransformation, increment, multi_tensor_ok, register_state, step_count
 from .combinators import masked
 
 __all__ = ["scale_by_adam", "ScaleByAdamState", "add_decayed_weights", "moment_dtype_for"]

@@ -16,11 +16,11 @@ import optree
 
 from .._tree import check_same_structure, flatten, unflatten
 from ..base import (
-    register_state,
     ChainedGradientTransformation,
     GradientTransformation,
     IdentityGradientTransformation,
     check_transform,
+    register_state,
 )
 
 __all__ = [

@@ -62,7 +62,7 @@ import optree
 import torch
 
 from .._tree import flatten, unflatten
-from .._validation import check_bool, check_choice, check_dense_leaves, check_int, check_float
+from .._validation import check_bool, check_choice, check_dense_leaves, check_float, check_int
 from ..base import GradientTransformation, check_transform, increment, register_state, step_count
 from ..precond.curvature import CurvatureEMA, curvature_ema
 from ..precond.eigen import branch

@@ -8,7 +8,7 @@ import torch
 
 from .._tree import flatten, unflatten
 from .._validation import check_float, check_scalar_or_schedule
-from ..base import register_state, EmptyState, GradientTransformation, increment, step_count
+from ..base import EmptyState, GradientTransformation, increment, register_state, step_count
 
 __all__ = ["scale", "scale_by_learning_rate", "ScaleByScheduleState"]
 
