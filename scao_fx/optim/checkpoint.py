@@ -369,7 +369,7 @@ def warm_start(index: int, template: Any, active: Sequence[int], entries: Mappin
         >>> tx = sf.adamw(1e-3)
         >>> w = torch.zeros(2)
         >>> s = checkpoint.warm_start(0, tx.init([w]), [0], {0: {"step": 3, "exp_avg": torch.ones(2), "exp_avg_sq": torch.ones(2)}})
-        >>> s[0].mu[0], int(s[0].count)
+        >>> s[0].mu[0], int(s[0].count[0])
         (tensor([1., 1.]), 3)
     """
     node = _adam_node(template, len(active))

@@ -55,10 +55,10 @@ def carry_over(old: Any, fresh: Any, old_active: Sequence[int], new_active: Sequ
         >>> tx = sf.adam(0.1)
         >>> a, b = torch.ones(2), torch.ones(3)
         >>> adam_state, *rest = tx.init([b])
-        >>> old = (adam_state._replace(mu=[torch.full((3,), 7.0)], count=torch.tensor(4)), *rest)
+        >>> old = (adam_state._replace(mu=[torch.full((3,), 7.0)], count=[torch.tensor(4)]), *rest)
         >>> new = regroup.carry_over(old, tx.init([a, b]), [1], [0, 1])
-        >>> new[0].mu, int(new[0].count)
-        ([tensor([0., 0.]), tensor([7., 7., 7.])], 4)
+        >>> new[0].mu, [int(c) for c in new[0].count]  # the new leaf starts at step 0, like AdamW
+        ([tensor([0., 0.]), tensor([7., 7., 7.])], [0, 4])
     """
     new_pos = {j: i for i, j in enumerate(new_active)}
     moved = [new_pos[j] for j in old_active]  # old position i -> new position
