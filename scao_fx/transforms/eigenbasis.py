@@ -64,14 +64,13 @@ import torch
 from .._tree import flatten, unflatten
 from .._validation import check_bool, check_choice, check_dense_leaves, check_float, check_int
 from ..base import GradientTransformation, check_transform, increment, register_state, step_count
-from ..precond.curvature import CurvatureEMA, curvature_ema
+from ..precond.curvature import CurvatureEMA
 from ..precond.eigen import branch
 from ..precond.eigenbasis import change_basis, kept_basis, project_complement, rotate, rotate_back
 from ..precond.kron import init_side, normalize, saturate, side_from_eigenpairs
 from ..precond.rank import RankRule, full_rank
-from ..precond.sketch import CurvatureSketch
 from .adam import ScaleByAdamState, scale_by_adam
-from .kronecker import KroneckerGroupState, _keep_absent, _maybe_refresh, _plan, _resolve_plan
+from .kronecker import KroneckerGroupState, _keep_absent, _maybe_refresh, _plan, _resolve_plan, _statistics_parts
 
 __all__ = ["kronecker_eigenbasis", "KroneckerEigenbasisState"]
 
@@ -158,15 +157,7 @@ def kronecker_eigenbasis(
         >>> updates, state = tx.update({"w": torch.ones(4, 3), "b": torch.ones(3)}, state)
     """
     inner = scale_by_adam() if inner is None else check_transform("inner", inner)
-    curvature = curvature_ema() if curvature is None else curvature
-    rank = full_rank() if rank is None else rank
-    if not isinstance(curvature, (CurvatureEMA, CurvatureSketch)):
-        raise TypeError(
-            "curvature must be a CurvatureEMA (curvature_ema(...)) or a CurvatureSketch "
-            f"(curvature_sketch(...)), got {curvature!r}"
-        )
-    if not isinstance(rank, RankRule):
-        raise TypeError(f"rank must be a RankRule (spectral_mass_rank(...), full_rank(), fixed_rank(k)), got {rank!r}")
+    curvature, rank = _statistics_parts(curvature, rank, full_rank)
     precond_freq = check_int("precond_freq", precond_freq, low=1)
     max_precond_dim = check_int("max_precond_dim", max_precond_dim, low=2)
     check_choice("moment_at_refresh", moment_at_refresh, ("rotate", "keep"))

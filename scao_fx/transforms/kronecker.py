@@ -264,6 +264,20 @@ def _refresh_owners(groups: tuple, world: int) -> dict[tuple[int, int], list[int
     return out
 
 
+def _statistics_parts(curvature: Any, rank: Any, default_rank: Any) -> tuple:
+    """The curvature statistic and rank rule of a Kronecker link (defaults filled in), checked."""
+    curvature = curvature_ema() if curvature is None else curvature
+    rank = default_rank() if rank is None else rank
+    if not isinstance(curvature, (CurvatureEMA, CurvatureSketch)):
+        raise TypeError(
+            "curvature must be a CurvatureEMA (curvature_ema(...)) or a CurvatureSketch "
+            f"(curvature_sketch(...)), got {curvature!r}"
+        )
+    if not isinstance(rank, RankRule):
+        raise TypeError(f"rank must be a RankRule (spectral_mass_rank(...), full_rank(), fixed_rank(k)), got {rank!r}")
+    return curvature, rank
+
+
 def kronecker_precondition(
     *,
     curvature: CurvatureEMA | None = None,
@@ -330,15 +344,7 @@ def kronecker_precondition(
         >>> tx = sf.kronecker_precondition(rank=sf.full_rank(), curvature=sf.curvature_ema(0.99))
     """
 
-    curvature = curvature_ema() if curvature is None else curvature
-    rank = spectral_mass_rank() if rank is None else rank
-    if not isinstance(curvature, (CurvatureEMA, CurvatureSketch)):
-        raise TypeError(
-            "curvature must be a CurvatureEMA (curvature_ema(...)) or a CurvatureSketch "
-            f"(curvature_sketch(...)), got {curvature!r}"
-        )
-    if not isinstance(rank, RankRule):
-        raise TypeError(f"rank must be a RankRule (spectral_mass_rank(...), full_rank(), fixed_rank(k)), got {rank!r}")
+    curvature, rank = _statistics_parts(curvature, rank, spectral_mass_rank)
     precond_freq = check_int("precond_freq", precond_freq, low=1)
     max_precond_dim = check_int("max_precond_dim", max_precond_dim, low=2)
     check_choice("complement", complement, ("mean_tail", "kth", "none"))
