@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from . import _treemath
 from ._tree import check_same_structure, flatten, unflatten
 
 __all__ = ["apply_updates"]
@@ -36,13 +37,7 @@ def apply_updates(params: Any, updates: Any, *, inplace: bool = True) -> Any:
     p_leaves, p_spec = flatten(params)
     u_leaves, u_spec = flatten(updates)
     check_same_structure("params", p_spec, "updates", u_spec)
-    out = []
-    for p, u in zip(p_leaves, u_leaves):
-        if u is None or p is None:
-            out.append(p)
-        elif inplace:
-            with torch.no_grad():
-                out.append(p.add_(u.to(p.dtype)))
-        else:
-            out.append(p + u.to(p.dtype))
-    return unflatten(p_spec, out)
+    if inplace:
+        with torch.no_grad():
+            return unflatten(p_spec, _treemath.add_scaled(p_leaves, u_leaves, inplace=True))
+    return unflatten(p_spec, _treemath.add_scaled(p_leaves, u_leaves))

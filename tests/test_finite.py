@@ -417,3 +417,15 @@ def test_no_verdict_is_shared_between_optimizers_running_in_threads():
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
     assert functional["skipped"] == 0
     assert torch.equal(functional["params"]["w"], reference["params"]["w"])
+
+
+@pytest.mark.parametrize("host_sync", [True, False])
+def test_guard_never_writes_into_its_input_updates(host_sync):
+    """A skipped step returns new -0.0 tensors, even with inplace=True: the input is untouched."""
+    tx = sf.apply_if_finite(sf.adam(lr=0.1), host_sync=host_sync)
+    params = {"w": torch.ones(3)}
+    state = tx.init(params)
+    g = torch.tensor([1.0, float("nan"), 2.0])
+    updates, state = tx.update({"w": g}, state, params=params, inplace=True)
+    assert torch.equal(g[[0, 2]], torch.tensor([1.0, 2.0])) and torch.isnan(g[1])
+    assert updates["w"] is not g and torch.equal(updates["w"], torch.full((3,), -0.0))

@@ -1160,3 +1160,38 @@ def test_unfreezing_into_an_existing_shape_group_restarts_that_group():
     assert torch.equal(mu[2], torch.zeros(5, 5))
     opt.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("form", ["seed", "eigenbasis"])
+def test_scao_step_never_writes_into_grads(form):
+    """SCAO hands p.grad to its transforms without a copy (``_copy_grads = False``): every step
+    (warmup, ramp, preconditioned, a skipped NaN step, a plain-AdamW group) leaves each gradient
+    bit for bit as autograd wrote it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 3))
+    kw = dict(warmup_steps=2, blend_steps=3, min_precond_updates=1) if form == "seed" else {}
+    groups = [{"params": [model[0].weight, model[1].weight, model[1].bias]},
+              {"params": [model[0].bias, model[2].weight, model[2].bias], "preconditioner_enabled": False}]
+    opt = SCAO(groups, lr=1e-2, weight_decay=0.1, precond_freq=2, k_min=1, k_max=4, form=form, **kw)
+    assert not opt._copy_grads and TransformOptimizer._copy_grads
+    x = torch.randn(5, 6)
+    for step in range(9):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        if step == 6:
+            model[1].weight.grad[0, 0] = float("nan")  # skipped by the guard
+        before = [p.grad.clone() for p in model.parameters()]
+        opt.step()
+        for p, g in zip(model.parameters(), before):
+            assert torch.equal(p.grad.view(torch.int32), g.view(torch.int32))
+    assert opt.skipped_steps() >= 1
+
+
+def test_transform_optimizer_copies_grads_for_links_that_reuse_them():
+    """A generic factory may write into its input updates (``scale_by_learning_rate`` does under
+    ``inplace=True``): the facade gives it copies, so p.grad is left as it was."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = TransformOptimizer([p], lambda lr: sf.scale_by_learning_rate(lr), {"lr": 0.5})
+    p.grad = torch.full((3,), 2.0)
+    opt.step()
+    assert torch.equal(p.grad, torch.full((3,), 2.0)) and torch.equal(p.detach(), torch.zeros(3))

@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+from .. import _treemath
 from ..base import GradientTransformation, check_transform
 from ..transforms.finite import FiniteGuard, all_finite, skipped_steps
 from . import checkpoint, regroup
@@ -109,6 +110,14 @@ class TransformOptimizer(torch.optim.Optimizer):
         >>> model(torch.randn(3, 4)).sum().backward()
         >>> opt.step(); opt.zero_grad()
     """
+
+    #: Whether ``step()`` gives the transforms copies of the gradients. The protocol lets a link
+    #: write into the updates it is given under ``inplace=True`` (``scale``,
+    #: ``add_decayed_weights``, ``clip_by_global_norm`` do), and ``p.grad`` must stay as autograd
+    #: left it, so the transforms of an arbitrary factory get copies. A subclass whose transforms
+    #: only read their input updates (:class:`~scao_fx.optim.scao.SCAO`) sets it to False and
+    #: saves one gradient-sized copy per step.
+    _copy_grads: bool = True
 
     def __init__(
         self,
@@ -284,7 +293,11 @@ class TransformOptimizer(torch.optim.Optimizer):
                 )
             if g.is_complex():
                 raise TypeError(f"param_groups[{index}]['params'][{j}] has a complex gradient ({g.dtype}); only real gradients are supported")
-            grads.append(g.detach().clone(memory_format=torch.contiguous_format))
+            g = g.detach()
+            if self._copy_grads:
+                grads.append(g.clone(memory_format=torch.contiguous_format))
+            else:
+                grads.append(g if g.is_contiguous() else g.contiguous())
         return grads
 
     def _grow(self, index: int, rt: _GroupRuntime, unfrozen: list[int]) -> None:
@@ -339,9 +352,8 @@ class TransformOptimizer(torch.optim.Optimizer):
                 updates, rt.state = rt.transform.update(grads, rt.state, params=tree, inplace=True, finite=verdict)
             else:
                 updates, rt.state = rt.transform.update(grads, rt.state, params=tree, inplace=True)
-            for p, u, skip in zip(tree, updates, missing):
-                if u is not None and not skip:
-                    p.add_(u.to(p.dtype))
+            applied = [None if skip else u for u, skip in zip(updates, missing)]
+            _treemath.add_scaled(tree, applied, inplace=True)
         return loss
 
     @staticmethod

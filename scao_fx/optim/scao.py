@@ -318,6 +318,12 @@ class SCAO(TransformOptimizer):
         >>> opt = scao_fx.SCAO(model.parameters(), lr=1e-3, weight_decay=0.1)
     """
 
+    # Every link of sf.scao / sf.adamw only reads the updates it is given (Kronecker stacks them,
+    # the blend and Adam write new tensors, the guard's skip writes new -0.0 tensors; decay and
+    # learning rate then scale Adam's fresh output in place): p.grad goes in without a copy.
+    # tests/test_optim.py checks that a step leaves every p.grad bit for bit as it was.
+    _copy_grads = False
+
     def __init__(
         self,
         params: Iterable[Any],

@@ -233,14 +233,14 @@ def apply_left(side: KroneckerSide, g: torch.Tensor) -> torch.Tensor:
     r""":math:`A G` for ``g`` of shape ``(B, d, n)``: :math:`U (\mathrm{coef} \odot U^\top G) + c\,G`."""
     u = side.basis.to(g.dtype)  # no copy for a float32 basis
     t = torch.matmul(u.transpose(-1, -2), g) * side.coef[..., None]
-    return torch.baddbmm(g * side.tail[:, None, None], u, t)
+    return (g * side.tail[:, None, None]).baddbmm_(u, t)  # into the new c G: one full-size buffer
 
 
 def apply_right(side: KroneckerSide, g: torch.Tensor) -> torch.Tensor:
     r""":math:`G A` for ``g`` of shape ``(B, m, d)``: :math:`(G U \odot \mathrm{coef}) U^\top + c\,G`."""
     u = side.basis.to(g.dtype)  # no copy for a float32 basis
     t = torch.matmul(g, u) * side.coef[:, None, :]
-    return torch.baddbmm(g * side.tail[:, None, None], t, u.transpose(-1, -2))
+    return (g * side.tail[:, None, None]).baddbmm_(t, u.transpose(-1, -2))
 
 
 def graft_factor(grads: torch.Tensor, pg: torch.Tensor, graft: str, tau: float | None) -> torch.Tensor | None:

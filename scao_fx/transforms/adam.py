@@ -12,6 +12,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
+from .. import _treemath
 from .._tree import check_same_structure, flatten, unflatten
 from .._validation import check_dense_leaves, check_dtype, check_float
 from ..base import EmptyState, GradientTransformation, increment, multi_tensor_ok, register_state, step_count
@@ -245,15 +246,8 @@ def add_decayed_weights(
         g_leaves, spec = flatten(updates)
         p_leaves, p_spec = flatten(params)
         check_same_structure("updates", spec, "params", p_spec)
-        out = []
-        for g, p in zip(g_leaves, p_leaves):
-            if g is None:
-                out.append(None)
-            elif inplace:
-                out.append(g.add_(p.detach().to(g.dtype), alpha=weight_decay))
-            else:
-                out.append(g.add(p.detach().to(g.dtype), alpha=weight_decay))
-        return unflatten(spec, out), state
+        p_leaves = [None if p is None else p.detach() for p in p_leaves]
+        return unflatten(spec, _treemath.add_scaled(g_leaves, p_leaves, weight_decay, inplace=inplace)), state
 
     tx = GradientTransformation(init, update)
     return tx if mask is None else masked(tx, mask)

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .. import _treemath
 from .._tree import flatten, unflatten
 from .._validation import check_choice, check_int
 from ..base import GradientTransformation, check_transform, increment, register_state, step_count
@@ -108,17 +109,24 @@ def blend_ramp(
                 return pre, BlendRampState(inner_state, count, b)
         raw, spec = flatten(updates)
         pre_leaves, _ = flatten(pre)
-        out = []
-        for g, p in zip(raw, pre_leaves):
+        # A fresh tensor per leaf: writing into ``g`` is not allowed (the caller's updates), and
+        # ``g`` may be an expanded (stride-0) or read-only view, e.g. from torch.func.grad.
+        out = _treemath.lerp(raw, pre_leaves, b)
+        # Exactly the raw gradient where b rounds to 0 in the leaf's dtype (and, traced, while
+        # b == 0), whatever the inner output holds. In eager mode 0 < b < 1 here (a CPU tensor:
+        # the check costs no device sync), so the select runs only for such rounding.
+        compiling = torch.compiler.is_compiling()
+        positive: dict[torch.dtype, bool] = {}
+        for i, g in enumerate(raw):
             if g is None:
-                out.append(None)
                 continue
-            # non_blocking: a pageable 0-d host->device copy that never waits for the device
-            w = b.to(device=g.device, dtype=g.dtype, non_blocking=True)
-            # where(): exactly the raw gradient while b == 0, whatever the inner output holds.
-            # A fresh tensor either way: copying it back into ``g`` would cost a pass, and ``g``
-            # may be an expanded (stride-0) or read-only view, e.g. from torch.func.grad.
-            out.append(torch.where(w > 0, torch.lerp(g, p, w), g))
+            if compiling:
+                out[i] = torch.where(b.to(device=g.device, dtype=g.dtype, non_blocking=True) > 0, out[i], g)
+                continue
+            if g.dtype not in positive:
+                positive[g.dtype] = bool(b.to(g.dtype) > 0)
+            if not positive[g.dtype]:
+                out[i] = g
         return unflatten(spec, out), BlendRampState(inner_state, count, b)
 
     return GradientTransformation(init, update)

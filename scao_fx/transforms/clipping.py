@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from .. import _treemath
 from .._tree import flatten, unflatten
 from .._validation import check_float
-from ..base import EmptyState, GradientTransformation, multi_tensor_ok
+from ..base import EmptyState, GradientTransformation
 
 __all__ = ["clip_by_global_norm", "global_norm"]
 
@@ -32,10 +33,7 @@ def global_norm(leaves) -> torch.Tensor:
         return torch.zeros(())
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     tensors = [t.to(dtype) for t in tensors]
-    if len(tensors) > 1 and multi_tensor_ok(tensors):
-        norms = torch._foreach_norm(tensors)
-    else:
-        norms = [torch.linalg.vector_norm(t) for t in tensors]
+    norms = _treemath.norms(tensors)
     return torch.linalg.vector_norm(torch.stack([n.to(tensors[0].device) for n in norms]))
 
 
@@ -64,13 +62,6 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         leaves, spec = flatten(updates)
         norm = global_norm(leaves)
         factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        out = []
-        for g in leaves:
-            if g is None:
-                out.append(None)
-            else:
-                f = factor.to(device=g.device, dtype=g.dtype)
-                out.append(g.mul_(f) if inplace else g.mul(f))
-        return unflatten(spec, out), state
+        return unflatten(spec, _treemath.scale(leaves, factor, inplace=inplace)), state
 
     return GradientTransformation(init, update)

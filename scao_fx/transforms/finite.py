@@ -37,9 +37,10 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
+from .. import _treemath
 from .._tree import flatten, unflatten
 from .._validation import check_dense_leaves, check_int
-from ..base import GradientTransformation, check_transform, increment, multi_tensor_ok, register_state, step_count
+from ..base import GradientTransformation, check_transform, increment, register_state, step_count
 from ..parallel import all_ranks, is_dtensor
 
 __all__ = [
@@ -143,12 +144,9 @@ def all_finite(tree: Any, *, overflow_safe: bool = False) -> torch.Tensor:
         # The infinity norm (max |x|) is finite for every finite tensor (no overflow, unlike a
         # sum of squares) and NaN/Inf as soon as one entry is. With bounds, each norm is divided
         # by its leaf's bound (a list of host scalars: no transfer) and must stay <= 1.
-        tensors = [x for x, _ in checked]
-        fused = multi_tensor_ok(tensors)
-        norms = torch._foreach_norm(tensors, math.inf) if fused else [torch.linalg.vector_norm(x, math.inf) for x in tensors]
+        norms = _treemath.norms([x for x, _ in checked], math.inf)
         if overflow_safe:
-            inverse = [1.0 / bound for _, bound in checked]
-            norms = torch._foreach_mul(norms, inverse) if fused else [n * s for n, s in zip(norms, inverse)]
+            norms = _treemath.mul_each(norms, [1.0 / bound for _, bound in checked])
         # One stacked check per (dtype, device) kind of norm, not a few kernels per leaf.
         kinds: dict[tuple, list] = {}
         for n in norms:
@@ -290,10 +288,10 @@ def apply_if_finite(
         state = count_skip(state, optree.tree_unflatten(spec, restored))
         return state._replace(pending_finite=torch.ones((), dtype=torch.bool))
 
-    def neg_zero(leaves: list, inplace: bool) -> list:
-        return [
-            None if u is None else (u.fill_(-0.0) if inplace else torch.full_like(u, -0.0)) for u in leaves
-        ]
+    def neg_zero(leaves: list) -> list:
+        # new tensors even with inplace=True: the guard never writes into the updates it is given
+        # (the facade passes p.grad itself), and skipped steps are rare
+        return [None if u is None else torch.full_like(u, -0.0) for u in leaves]
 
     def update(updates, state, *, params=None, inplace=True, finite=None):
         if not isinstance(state, ApplyIfFiniteState):
@@ -309,7 +307,7 @@ def apply_if_finite(
                 new_updates, inner_state = inner.update(updates, state.inner_state, params=params, inplace=inplace)
                 zero = torch.zeros_like(state.consecutive)
                 return new_updates, state._replace(inner_state=inner_state, consecutive=zero)
-            return unflatten(spec, neg_zero(leaves, inplace)), count_skip(state, state.inner_state)
+            return unflatten(spec, neg_zero(leaves)), count_skip(state, state.inner_state)
 
         if not compiling:
             state = resolve(state)

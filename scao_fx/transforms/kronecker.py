@@ -434,8 +434,8 @@ def kronecker_precondition(
             factor = graft_factor(grads, pg, graft, tau)
             if unscale.dtype == torch.float32:  # undo the normalization in the same multiply
                 factor = unscale if factor is None else factor * unscale
-            if factor is not None:
-                pg = pg * factor[:, None, None]
+            if factor is not None:  # pg is the new buffer of apply_left/apply_right: scaled in place
+                pg = pg.mul_(factor[:, None, None])
             if unscale.dtype == torch.float64:  # float64 leaves: 2^e may exceed float32
                 pg = pg.to(torch.float64) * unscale[:, None, None]
             pg = saturate(pg, like.dtype)

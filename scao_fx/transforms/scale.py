@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import torch
 
+from .. import _treemath
 from .._tree import flatten, unflatten
 from .._validation import check_float, check_scalar_or_schedule
 from ..base import EmptyState, GradientTransformation, increment, register_state, step_count
@@ -22,14 +23,7 @@ class ScaleByScheduleState(NamedTuple):
 
 def _scale_leaves(updates, factor, inplace: bool):
     leaves, spec = flatten(updates)
-    out = []
-    for g in leaves:
-        if g is None:
-            out.append(None)
-        else:
-            f = factor.to(g.dtype) if isinstance(factor, torch.Tensor) else factor
-            out.append(g.mul_(f) if inplace else g.mul(f))
-    return unflatten(spec, out)
+    return unflatten(spec, _treemath.scale(leaves, factor, inplace=inplace))
 
 
 def scale(step_size: float) -> GradientTransformation:
