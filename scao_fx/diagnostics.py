@@ -33,7 +33,7 @@ import torch
 
 from ._tree import find_nodes
 from ._validation import check_choice, check_float, check_int
-from .alias import SCAO_DEFAULTS
+from .presets import SCAO_DEFAULTS
 from .codecs import Codec, int8_blockwise
 from .precond.curvature import curvature_ema
 from .precond.sketch import SketchStatistic, curvature_sketch

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import scao_fx as sf
-import scao_fx.alias as alias
+import scao_fx.presets as presets
 from scao_fx.alias import SCAO_ADAM_KEYS, SCAO_DEFAULTS, SCAO_GUARD_KEYS, SCAO_PRECONDITION_KEYS
 from scao_fx.diagnostics import scao_diagnostics
 
@@ -77,13 +77,13 @@ def test_diagnostics_defaults_are_the_table():
 
 def test_rank_eps_is_epsilon_sparse(monkeypatch):
     seen = []
-    real = alias.spectral_mass_rank
+    real = presets.spectral_mass_rank
 
     def spy(epsilon, *args, **kwargs):
         seen.append(epsilon)
         return real(epsilon, *args, **kwargs)
 
-    monkeypatch.setattr(alias, "spectral_mass_rank", spy)
+    monkeypatch.setattr(presets, "spectral_mass_rank", spy)
     sf.scao_precondition()
     sf.scao_precondition(rank_eps=0.2)
     sf.scao_precondition(epsilon_sparse=0.3)

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from .._validation import check_int
-from ..alias import SCAO_DEFAULTS, SCAO_GUARD_KEYS, SCAO_PRECONDITION_KEYS
+from ..presets import SCAO_DEFAULTS, SCAO_GUARD_KEYS, SCAO_PRECONDITION_KEYS
 from ..base import GradientTransformation
 from ..parallel import check_process_group
 from ..transforms.finite import apply_if_finite
@@ -149,7 +149,7 @@ _SCAO_CORE = (
 
 #: Extra keywords of :func:`scao_fx.scao_precondition` that the facade passes through
 #: (``block_size``, ``complement``, ``graft``, ``blend_shape``, ``tikhonov``, ``grouped``, ...),
-#: with their defaults (from :data:`scao_fx.alias.SCAO_DEFAULTS`).
+#: with their defaults (from :data:`scao_fx.presets.SCAO_DEFAULTS`).
 PRECONDITION_EXTRAS: Mapping[str, Any] = MappingProxyType(
     {k: SCAO_DEFAULTS[k] for k in SCAO_PRECONDITION_KEYS if k not in _SCAO_CORE}
 )
@@ -273,7 +273,7 @@ class SCAO(TransformOptimizer):
     ``blend_steps`` ramp), and Adam with decoupled weight decay runs on top. Vectors and scalars
     (biases, norms) get plain AdamW. Every hyperparameter can be set per param group; a group
     with ``preconditioner_enabled=False`` runs plain AdamW (e.g. for huge embeddings). The
-    defaults are ``scao_fx.alias.SCAO_DEFAULTS`` (the same as :func:`~scao_fx.scao`'s).
+    defaults are ``scao_fx.presets.SCAO_DEFAULTS`` (the same as :func:`~scao_fx.scao`'s).
 
     Args:
         params: parameters, ``(name, parameter)`` pairs or param-group dicts (as ``torch.optim``).

@@ -1,0 +1,274 @@
+"""SCAO's one table of defaults and the preconditioner preset built from it.
+
+:data:`SCAO_DEFAULTS` is the one place SCAO's defaults are written: :func:`scao_precondition`
+(here), :func:`~scao_fx.scao` and :class:`~scao_fx.SCAO` take theirs from it. The names are also
+importable from :mod:`scao_fx.alias`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+from ._validation import check_choice, check_float
+from .base import GradientTransformation
+from .codecs import bf16_codec, fp32_codec, int8_blockwise
+from .precond.curvature import curvature_ema
+from .precond.rank import spectral_mass_rank
+from .precond.sketch import curvature_sketch
+from .transforms.blend import blend_ramp
+from .transforms.eigenbasis import kronecker_eigenbasis
+from .transforms.kronecker import kronecker_precondition
+
+__all__ = [
+    "SCAO_DEFAULTS",
+    "SCAO_ADAM_KEYS",
+    "SCAO_GUARD_KEYS",
+    "SCAO_PRECONDITION_KEYS",
+    "scao_precondition",
+    "scao_eigenbasis_precondition",
+]
+
+#: SCAO's default hyperparameters, the one place they are written: :func:`scao_precondition`,
+#: :func:`~scao_fx.scao` and :class:`scao_fx.SCAO` take their defaults from here (read-only).
+SCAO_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {
+        # the Adam part (sf.adamw(lr, betas, eps, weight_decay) after the preconditioner)
+        "lr": 1e-3,
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "weight_decay": 0.01,
+        # the preconditioner (scao_precondition)
+        "rho": 0.999,
+        "precond_freq": 20,
+        "warmup_steps": 100,
+        "blend_steps": 50,
+        "min_precond_updates": 10,
+        "epsilon_sparse": 0.05,
+        "k_min": 8,
+        "k_max": 128,
+        "max_precond_dim": 4096,
+        "tau": None,
+        "use_int8_ema": True,
+        "block_size": 32,
+        "complement": "mean_tail",
+        "graft": "frobenius",
+        "blend_shape": "linear",
+        "tikhonov": 1e-4,
+        "grouped": True,
+        "sides": "both",
+        "eigensolver": "auto",
+        "gram_precision": "float32",
+        "curvature": "ema",
+        "sketch_rank": 128,
+        "sketch_storage": "bfloat16",
+        "form": "seed",
+        # the non-finite guard (apply_if_finite around the chain)
+        "skip_nonfinite": True,
+        "max_consecutive_skips": 10,
+        "host_sync": None,
+    }
+)
+
+#: Which keys of :data:`SCAO_DEFAULTS` belong to which part.
+SCAO_ADAM_KEYS = ("lr", "betas", "eps", "weight_decay")
+SCAO_GUARD_KEYS = ("skip_nonfinite", "max_consecutive_skips", "host_sync")
+SCAO_PRECONDITION_KEYS = tuple(k for k in SCAO_DEFAULTS if k not in SCAO_ADAM_KEYS + SCAO_GUARD_KEYS)
+
+
+class _NotGiven(float):
+    """A float default that marks its argument as not given by the caller (it prints as, and
+    equals, the default value), so an alias can tell "left at the default" from "passed"."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return float.__repr__(self)
+
+
+def _statistic(curvature: str, rho: float, use_int8_ema: bool, block_size: int, sketch_rank: int, sketch_storage: str):
+    """The curvature statistic SCAO's keywords describe (``curvature``, ``use_int8_ema``, ...)."""
+    if not isinstance(use_int8_ema, bool):
+        raise TypeError(f"use_int8_ema must be a bool, got {use_int8_ema!r}")
+    check_choice("curvature", curvature, ("ema", "sketch"))
+    check_choice("sketch_storage", sketch_storage, ("bfloat16", "int8", "float32"))
+    if curvature == "sketch":
+        frame = {"bfloat16": bf16_codec(), "int8": int8_blockwise(block_size), "float32": fp32_codec()}[sketch_storage]
+        basis_dtype = torch.float32 if sketch_storage == "float32" else torch.bfloat16
+        return curvature_sketch(sketch_rank, rho, frame, basis_dtype=basis_dtype)
+    return curvature_ema(rho, codec=int8_blockwise(block_size) if use_int8_ema else fp32_codec())
+
+def scao_precondition(
+    rho: float = SCAO_DEFAULTS["rho"],
+    precond_freq: int = SCAO_DEFAULTS["precond_freq"],
+    warmup_steps: int = SCAO_DEFAULTS["warmup_steps"],
+    blend_steps: int = SCAO_DEFAULTS["blend_steps"],
+    min_precond_updates: int = SCAO_DEFAULTS["min_precond_updates"],
+    epsilon_sparse: float = _NotGiven(SCAO_DEFAULTS["epsilon_sparse"]),
+    k_min: int = SCAO_DEFAULTS["k_min"],
+    k_max: int = SCAO_DEFAULTS["k_max"],
+    max_precond_dim: int = SCAO_DEFAULTS["max_precond_dim"],
+    tau: float | None = SCAO_DEFAULTS["tau"],
+    use_int8_ema: bool = SCAO_DEFAULTS["use_int8_ema"],
+    *,
+    block_size: int = SCAO_DEFAULTS["block_size"],
+    complement: str = SCAO_DEFAULTS["complement"],
+    graft: str = SCAO_DEFAULTS["graft"],
+    blend_shape: str = SCAO_DEFAULTS["blend_shape"],
+    tikhonov: float = SCAO_DEFAULTS["tikhonov"],
+    grouped: bool = SCAO_DEFAULTS["grouped"],
+    rank_eps: float | None = None,
+    sides: str = SCAO_DEFAULTS["sides"],
+    eigensolver: str = SCAO_DEFAULTS["eigensolver"],
+    gram_precision: str = SCAO_DEFAULTS["gram_precision"],
+    process_group: Any = None,
+    curvature: str = SCAO_DEFAULTS["curvature"],
+    sketch_rank: int = SCAO_DEFAULTS["sketch_rank"],
+    sketch_storage: str = SCAO_DEFAULTS["sketch_storage"],
+    form: str = SCAO_DEFAULTS["form"],
+) -> GradientTransformation:
+    r"""SCAO's preconditioner, built from its five named parts.
+
+    It is exactly::
+
+        blend_ramp(
+            kronecker_precondition(
+                curvature=curvature_ema(rho, codec=int8_blockwise(block_size)),   # 1 + 2
+                rank=spectral_mass_rank(epsilon_sparse, k_min, k_max),          # 3
+                precond_freq=precond_freq, max_precond_dim=max_precond_dim,
+                complement=complement, graft=graft, tau=tau),                   # 4
+            warmup_steps=warmup_steps, blend_steps=blend_steps,
+            min_precond_updates=min_precond_updates, shape=blend_shape)         # 5
+
+    Follow it with :func:`adamw` (part 6), or use :func:`scao`. Each part is one edit away from
+    its ablation (see the docs' ablation table). The defaults are SCAO's, from
+    ``scao_fx.presets.SCAO_DEFAULTS`` (shared with :func:`scao` and :class:`~scao_fx.SCAO`).
+
+    Args:
+        rho: curvature EMA decay, in [0, 1).
+        precond_freq: steps between basis refreshes, >= 1.
+        warmup_steps: steps of plain gradient before the ramp, >= 0.
+        blend_steps: ramp length, >= 0.
+        min_precond_updates: curvature updates required before the ramp, >= 0.
+        epsilon_sparse: spectral mass that may be discarded, in [0, 1) (alias ``rank_eps``).
+        k_min: smallest rank, >= 1.
+        k_max: largest rank, >= k_min.
+        max_precond_dim: longest preconditioned side, >= 2.
+        tau: optional cap on :math:`\lVert P(G)\rVert / \lVert G\rVert` (with ``graft="none"``).
+        use_int8_ema: store curvature in block-wise int8 (False: float32).
+        block_size: int8 block size, >= 8.
+        complement: ``"mean_tail"``, ``"kth"`` or ``"none"`` (see :func:`kronecker_precondition`).
+        graft: ``"frobenius"`` or ``"none"``.
+        blend_shape: ``"linear"`` or ``"cosine"``.
+        tikhonov: relative Tikhonov factor, >= 0.
+        grouped: stack same-shape leaves (False: per-leaf loop).
+        sides: ``"both"``, or ``"wide"`` (only the longer side of non-square matrices: LoRA).
+        eigensolver: ``"auto"``, ``"eigh"`` or ``"subspace"`` (see :func:`kronecker_precondition`).
+        gram_precision: ``"float32"`` or ``"bfloat16"`` inputs of the curvature's Gram products
+            (see :func:`kronecker_precondition`).
+        process_group: spread basis refreshes over this ``torch.distributed`` group (see
+            :func:`kronecker_precondition` and ``docs/distributed.md``); ``None``: local.
+        rank_eps: alternative name of ``epsilon_sparse``.
+        curvature: ``"ema"`` (full factors, :func:`curvature_ema`) or ``"sketch"`` (low-rank
+            frequent-directions sketches, :func:`curvature_sketch`: :math:`O((m+n)\ell)` memory per
+            matrix; ``use_int8_ema`` then does not apply).
+        sketch_rank: the sketch's width :math:`\ell` per side, >= 2 (``curvature="sketch"``).
+        sketch_storage: storage of the sketch's frame and of the preconditioner basis
+            (``curvature="sketch"``): ``"bfloat16"`` (both bf16), ``"int8"`` (frame int8 with
+            ``block_size`` blocks, basis bf16) or ``"float32"``.
+        form: ``"seed"`` (this preconditioner, followed by Adam). ``"eigenbasis"`` runs Adam
+            *inside* the preconditioner (:func:`~scao_fx.kronecker_eigenbasis`), so it is a form
+            of the whole optimizer: ask :func:`scao` for it; here it is a ``ValueError``.
+
+    Returns:
+        A ``GradientTransformation`` with state ``BlendRampState(KroneckerPreconditionState, count)``.
+
+    Example:
+        >>> import scao_fx as sf
+        >>> tx = sf.chain(sf.scao_precondition(rank_eps=0.05, precond_freq=20, warmup_steps=100),
+        ...               sf.adamw(lr=3.5e-4, weight_decay=0.1))
+    """
+    given = not isinstance(epsilon_sparse, _NotGiven)
+    if rank_eps is not None:
+        if given and epsilon_sparse != rank_eps:
+            raise ValueError(f"give either epsilon_sparse or rank_eps, not both ({epsilon_sparse!r} vs {rank_eps!r})")
+        epsilon_sparse = rank_eps
+    elif not given:
+        epsilon_sparse = SCAO_DEFAULTS["epsilon_sparse"]  # the plain float
+    # Validated here under the names the caller used (the parts call them epsilon and shape).
+    check_float("rank_eps" if rank_eps is not None else "epsilon_sparse", epsilon_sparse, low=0.0, high=1.0,
+                high_inclusive=False)
+    check_choice("blend_shape", blend_shape, ("linear", "cosine"))
+    if check_choice("form", form, ("seed", "eigenbasis")) == "eigenbasis":
+        raise ValueError(
+            "form='eigenbasis' runs Adam inside the preconditioner: build the whole optimizer with "
+            "sf.scao(..., form='eigenbasis') (or sf.kronecker_eigenbasis(...)), not scao_precondition"
+        )
+    statistic = _statistic(curvature, rho, use_int8_ema, block_size, sketch_rank, sketch_storage)
+    return blend_ramp(
+        kronecker_precondition(
+            curvature=statistic,
+            rank=spectral_mass_rank(epsilon_sparse, k_min, k_max),
+            precond_freq=precond_freq,
+            max_precond_dim=max_precond_dim,
+            complement=complement,
+            graft=graft,
+            tau=tau,
+            tikhonov=tikhonov,
+            grouped=grouped,
+            sides=sides,
+            eigensolver=eigensolver,
+            gram_precision=gram_precision,
+            process_group=process_group,
+        ),
+        warmup_steps=warmup_steps,
+        blend_steps=blend_steps,
+        shape=blend_shape,
+        min_precond_updates=min_precond_updates,
+    )
+
+#: Keywords of :func:`scao_precondition` that only the seed form reads (its power, complement
+#: gain, graft and blend ramp); the eigenbasis form requires them at their defaults.
+_SEED_ONLY_KEYS = ("warmup_steps", "blend_steps", "min_precond_updates", "tau", "complement", "graft", "blend_shape")
+
+
+def scao_eigenbasis_precondition(inner: GradientTransformation, kw: dict[str, Any]) -> GradientTransformation:
+    """``kronecker_eigenbasis(inner, ...)`` from :func:`scao_precondition`'s keywords (``sf.scao(form="eigenbasis")``)."""
+    kw = dict(kw)
+    unknown = sorted(set(kw) - set(SCAO_PRECONDITION_KEYS) - {"rank_eps", "process_group"})
+    if unknown:
+        raise TypeError(f"scao got unexpected keyword argument(s) {unknown}")
+    if kw.get("process_group") is not None:
+        raise ValueError("form='eigenbasis' does not support process_group yet: pass process_group=None")
+    kw.pop("process_group", None)
+    rank_eps = kw.pop("rank_eps", None)
+    if rank_eps is not None:
+        if "epsilon_sparse" in kw and kw["epsilon_sparse"] != rank_eps:
+            raise ValueError(f"give either epsilon_sparse or rank_eps, not both ({kw['epsilon_sparse']!r} vs {rank_eps!r})")
+        kw["epsilon_sparse"] = rank_eps
+    hp = {k: kw.get(k, SCAO_DEFAULTS[k]) for k in SCAO_PRECONDITION_KEYS}
+    for key in _SEED_ONLY_KEYS:
+        if hp[key] != SCAO_DEFAULTS[key]:
+            raise ValueError(
+                f"{key} applies to form='seed' only; with form='eigenbasis' leave it at its default "
+                f"{SCAO_DEFAULTS[key]!r}, got {hp[key]!r}"
+            )
+    check_float("epsilon_sparse" if rank_eps is None else "rank_eps", hp["epsilon_sparse"], low=0.0, high=1.0,
+                high_inclusive=False)
+    statistic = _statistic(hp["curvature"], hp["rho"], hp["use_int8_ema"], hp["block_size"], hp["sketch_rank"],
+                           hp["sketch_storage"])
+    return kronecker_eigenbasis(
+        inner,
+        curvature=statistic,
+        rank=spectral_mass_rank(hp["epsilon_sparse"], hp["k_min"], hp["k_max"]),
+        precond_freq=hp["precond_freq"],
+        max_precond_dim=hp["max_precond_dim"],
+        tikhonov=hp["tikhonov"],
+        grouped=hp["grouped"],
+        sides=hp["sides"],
+        eigensolver=hp["eigensolver"],
+        gram_precision=hp["gram_precision"],
+    )
