@@ -12,7 +12,9 @@ Then the whole optimizer step (``tx.update`` + ``sf.apply_updates`` of ``sf.scao
 model's parameters (matrices, biases, LayerNorm weights), ``grouped=True`` vs ``grouped=False``,
 per backend (Triton only on CUDA): median of the non-refresh steps, of the refresh steps and the
 mean over refresh windows, timed past the first refresh. On the CPU this section defaults to
-fewer layers (``--step-layers``); ``--no-step`` skips it, ``--no-kernels`` runs only it.
+fewer layers (``--step-layers``); ``--no-step`` skips it, ``--no-kernels`` runs only it. That
+section lives in :mod:`scao_fx.bench.kernel_step`, the model's shapes in
+:mod:`scao_fx.bench.kernel_shapes` (their names are importable from here too).
 
 Timing: CUDA events on the GPU, ``time.perf_counter`` on the CPU; warmup runs, then the median
 of the repeats. On the CPU only the reference backend runs (Triton on the CPU would be the
@@ -23,92 +25,23 @@ minute.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import platform
-import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from dataclasses import asdict
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
 from ..kernels import _dispatch, adam_epilogue, dequantize_blockwise, int8_ema_update, quantize_blockwise
 from ..kernels._common import n_blocks
-from .progress import Progress, Timer
+from .kernel_shapes import BenchResult, ModelShapes, model_groups, model_params  # noqa: F401
+from .kernel_step import CPU_STEP_LAYERS, STEP_ROWS, _clone, scao_stepper, step_section, time_steps  # noqa: F401
+from .progress import Timer
 
 __all__ = ["main", "model_groups", "model_params", "measure_copy_bandwidth", "BenchResult",
            "scao_stepper", "time_steps"]
-
-
-@dataclass
-class BenchResult:
-    kernel: str
-    group: str
-    count: int
-    elements: int
-    backend: str
-    mode: str
-    ms: Optional[float]
-    bytes: int
-    gbps: Optional[float]
-    pct_copy_bw: Optional[float]
-    ms_min: Optional[float] = None
-    note: str = ""
-
-
-@dataclass
-class ModelShapes:
-    layers: int
-    d_model: int
-    d_mlp: int
-    factor_groups: Dict[int, int] = field(default_factory=dict)   # side -> count
-    param_groups: Dict[tuple, int] = field(default_factory=dict)  # (m, n) -> count
-
-
-def _layer_matrices(d_model: int, d_mlp: int) -> Dict[str, tuple]:
-    """Name -> (m, n) of the weight matrices of one transformer block."""
-    d = d_model
-    return {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d), "mlp_in": (d, d_mlp),
-            "mlp_out": (d_mlp, d)}
-
-
-def _layer_vectors(d_model: int, d_mlp: int) -> Dict[str, int]:
-    """Name -> length of the biases and LayerNorm weights of one transformer block."""
-    vecs = {f"{n}_bias": d_model for n in ("q", "k", "v", "o", "mlp_out")}
-    vecs.update({"mlp_in_bias": d_mlp, "ln1_weight": d_model, "ln1_bias": d_model,
-                 "ln2_weight": d_model, "ln2_bias": d_model})
-    return vecs
-
-
-def model_groups(layers: int = 24, d_model: int = 1024, d_mlp: int = 4096) -> ModelShapes:
-    """Shape groups of a GPT-2-medium-like stack of transformer blocks.
-
-    Per layer: q, k, v, o projections (d x d), MLP in (d x d_mlp) and out (d_mlp x d). Every
-    matrix W (m x n) has Kronecker factors L (m x m) and R (n x n).
-    """
-    shapes = ModelShapes(layers, d_model, d_mlp)
-    for m, n in _layer_matrices(d_model, d_mlp).values():
-        shapes.param_groups[(m, n)] = shapes.param_groups.get((m, n), 0) + layers
-        for side in (m, n):
-            shapes.factor_groups[side] = shapes.factor_groups.get(side, 0) + layers
-    return shapes
-
-
-def model_params(layers: int, d_model: int, d_mlp: int, device: torch.device,
-                 seed: int = 0) -> Dict[str, Dict[str, torch.Tensor]]:
-    """Random float32 parameter tree ``{"h0": {"q": ..., "q_bias": ...}, ...}`` of the model:
-    the matrices of :func:`model_groups` plus every block's biases and LayerNorm weights."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    shapes = {**_layer_matrices(d_model, d_mlp),
-              **{k: (n,) for k, n in _layer_vectors(d_model, d_mlp).items()}}
-    return {f"h{i}": {k: 0.02 * torch.randn(shape, device=device, generator=gen)
-                      for k, shape in shapes.items()}
-            for i in range(layers)}
-
-
 
 
 def measure_copy_bandwidth(device: torch.device, nbytes: int, timer: Timer) -> float:
@@ -182,7 +115,7 @@ def run(args: argparse.Namespace) -> dict:
         _kernel_section(args, device, backends, record)
     step_info = None
     if args.step:
-        step_info = _step_section(args, device, backends, timer, emit)
+        step_info = step_section(args, device, backends, timer, emit)
 
     return {
         "device": _device_name(device),
@@ -343,114 +276,6 @@ def _kernel_section(args: argparse.Namespace, device: torch.device, backends: Li
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
-
-
-CPU_STEP_LAYERS = 2  # default --step-layers on the CPU (24 on CUDA): see build_parser
-STEP_ROWS = ("scao step (non-refresh)", "scao step (refresh)", "scao step (window mean)")
-
-
-def scao_stepper(params, grads, *, grouped: bool, precond_freq: int,
-                 **scao_kwargs) -> Callable[[], None]:
-    """A closure doing one optimizer step per call on ``params`` (in place): ``tx.update`` with
-    ``grads`` and ``sf.apply_updates``, for ``sf.scao(1e-4, warmup_steps=0, blend_steps=0,
-    min_precond_updates=0, precond_freq=precond_freq, grouped=grouped, **scao_kwargs)``."""
-    import scao_fx as sf  # not at the top: the package imports its kernels
-
-    tx = sf.scao(1e-4, warmup_steps=0, blend_steps=0, min_precond_updates=0,
-                 precond_freq=precond_freq, grouped=grouped, **scao_kwargs)
-    state = tx.init(params)
-
-    def step() -> None:
-        nonlocal state
-        updates, state = tx.update(grads, state, params=params)
-        sf.apply_updates(params, updates)
-
-    return step
-
-
-@contextlib.contextmanager
-def _kernels_env(backend: str):
-    """Set ``SCAO_FX_KERNELS`` (how the optimizer picks its kernels) for the ``with`` block."""
-    old = os.environ.get(_dispatch.ENV_VAR)
-    os.environ[_dispatch.ENV_VAR] = backend
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[_dispatch.ENV_VAR]
-        else:
-            os.environ[_dispatch.ENV_VAR] = old
-
-
-def time_steps(steps: Dict[str, Callable[[], None]], *, precond_freq: int, windows: int,
-               timer: Timer, tick: Callable[[], object] = lambda: None) -> Dict[str, List[float]]:
-    """Milliseconds of each step of ``windows`` refresh windows (``precond_freq`` steps, the last
-    one a refresh) per stepper, after ``precond_freq`` untimed steps that end with the first
-    refresh (a full eigendecomposition). The steppers take turns step by step, so a change of
-    machine load hits them alike. ``tick()`` runs after every step."""
-    for step in steps.values():
-        for _ in range(precond_freq):
-            step()
-            tick()
-    times: Dict[str, List[float]] = {name: [] for name in steps}
-    for _ in range(windows * precond_freq):
-        for name, step in steps.items():
-            times[name].append(timer.once(step))
-            tick()
-    return times
-
-
-def _step_rows(times: Sequence[float], precond_freq: int) -> List[tuple]:
-    """(row name, median ms, minimum ms) for non-refresh steps, refresh steps and the window
-    mean (``ms_min``: the fastest window)."""
-    refresh = [t for i, t in enumerate(times) if (i + 1) % precond_freq == 0]
-    plain = [t for i, t in enumerate(times) if (i + 1) % precond_freq]
-    means = [statistics.fmean(times[i:i + precond_freq])
-             for i in range(0, len(times), precond_freq)]
-    return [(STEP_ROWS[0], statistics.median(plain), min(plain)),
-            (STEP_ROWS[1], statistics.median(refresh), min(refresh)),
-            (STEP_ROWS[2], statistics.fmean(times), min(means))]
-
-
-def _step_section(args: argparse.Namespace, device: torch.device, backends: List[str],
-                  timer: Timer, emit: Callable[[BenchResult], None]) -> dict:
-    """Whole optimizer step, grouped vs per-leaf loop, per backend (Triton only on CUDA)."""
-
-    layers, freq, windows = args.step_layers, args.step_precond_freq, args.step_windows
-    backends = [b for b in backends if b == "reference" or device.type == "cuda"]
-    modes = ["grouped"] + (["loop"] if not args.no_loop else [])
-    params0 = model_params(layers, args.d_model, args.d_mlp, device)
-    grads = model_params(layers, args.d_model, args.d_mlp, device, seed=1)
-    leaves = [p for block in params0.values() for p in block.values()]
-    numel = sum(p.numel() for p in leaves)
-    group = f"{layers}L {numel / 1e6:.1f}M params"
-    note = f"precond_freq {freq}, {windows * freq} steps"
-    print(f"# whole step: sf.scao grouped vs per-leaf loop; layers {layers}, d_model "
-          f"{args.d_model}, MLP {args.d_mlp}, {len(leaves)} leaves, {numel} parameters; "
-          f"{note}", flush=True)
-    bar = Progress(args.progress, len(backends) * len(modes) * (windows + 1) * freq,
-                    "scao step")
-    info: dict = {"layers": layers, "leaves": len(leaves), "params": numel,
-                  "precond_freq": freq, "windows": windows}
-    for backend in backends:
-        with _kernels_env(backend):
-            steps = {mode: scao_stepper(_clone(params0), grads, grouped=mode == "grouped",
-                                        precond_freq=freq) for mode in modes}
-            times = time_steps(steps, precond_freq=freq, windows=windows, timer=timer,
-                               tick=bar.update)
-        for mode in modes:
-            for name, ms, ms_min in _step_rows(times[mode], freq):
-                emit(BenchResult(name, group, len(leaves), numel, backend, mode, ms, 0, None,
-                                 None, ms_min, note))
-        del steps
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    bar.close()
-    return info
-
-
-def _clone(tree: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, Dict[str, torch.Tensor]]:
-    return {k: {n: p.clone() for n, p in block.items()} for k, block in tree.items()}
 
 
 def _summary(results: Sequence[BenchResult]) -> dict:
