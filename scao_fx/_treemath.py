@@ -5,8 +5,8 @@ leaf by leaf, exactly the per-leaf PyTorch op named in its docstring. Where :fun
 allows it, the leaves are bucketed by (device, dtype) and each bucket runs one
 ``torch._foreach_*`` kernel: the same element-wise arithmetic (same operation, same operand
 order, same scalar precision), so the bits do not depend on the path taken. Elsewhere (under
-``torch.compile`` or ``torch.func``, on DTensors, with autograd recording) a Python loop runs
-the per-leaf op itself.
+``torch.compile`` or ``torch.func``, on DTensors, with autograd recording, and for float16 and
+bfloat16 buckets) a Python loop runs the per-leaf op itself.
 
 Example:
     >>> import torch

@@ -33,10 +33,10 @@ import torch
 
 from ._tree import find_nodes
 from ._validation import check_choice, check_float, check_int
-from .presets import SCAO_DEFAULTS
 from .codecs import Codec, int8_blockwise
 from .precond.curvature import curvature_ema
 from .precond.sketch import SketchStatistic, curvature_sketch
+from .presets import SCAO_DEFAULTS
 from .transforms.adam import ScaleByAdamState
 from .transforms.blend import BlendRampState, blend_factor
 from .transforms.kronecker import KroneckerPreconditionState

@@ -11,9 +11,9 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from .._validation import check_int
-from ..presets import SCAO_DEFAULTS, SCAO_GUARD_KEYS, SCAO_PRECONDITION_KEYS
 from ..base import GradientTransformation
 from ..parallel import check_process_group
+from ..presets import SCAO_DEFAULTS, SCAO_GUARD_KEYS, SCAO_PRECONDITION_KEYS
 from ..transforms.finite import apply_if_finite
 from .adapter import TransformOptimizer
 
