@@ -24,6 +24,7 @@ from .transforms.finite import apply_if_finite
 from .transforms.kronecker import kronecker_precondition
 from .transforms.momentum import scale_by_momentum
 from .transforms.orthogonal import check_coefficients, scale_by_newton_schulz
+from .transforms.quantization import int8_adam_codecs, quantize_state
 from .transforms.scale import scale_by_learning_rate
 
 __all__ = ["adam", "adamw", "muon", "scao_precondition", "scao", "soap", "SCAO_DEFAULTS"]
@@ -37,6 +38,7 @@ SCAO_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "betas": (0.9, 0.999),
         "eps": 1e-8,
         "weight_decay": 0.01,
+        "moments": "float32",
         # the preconditioner (scao_precondition)
         "rho": 0.999,
         "precond_freq": 20,
@@ -70,7 +72,7 @@ SCAO_DEFAULTS: Mapping[str, Any] = MappingProxyType(
 )
 
 #: Which keys of :data:`SCAO_DEFAULTS` belong to which part.
-SCAO_ADAM_KEYS = ("lr", "betas", "eps", "weight_decay")
+SCAO_ADAM_KEYS = ("lr", "betas", "eps", "weight_decay", "moments")
 SCAO_GUARD_KEYS = ("skip_nonfinite", "max_consecutive_skips", "host_sync")
 SCAO_PRECONDITION_KEYS = tuple(k for k in SCAO_DEFAULTS if k not in SCAO_ADAM_KEYS + SCAO_GUARD_KEYS)
 
@@ -96,6 +98,38 @@ def _statistic(curvature: str, rho: float, use_int8_ema: bool, block_size: int, 
         basis_dtype = torch.float32 if sketch_storage == "float32" else torch.bfloat16
         return curvature_sketch(sketch_rank, rho, frame, basis_dtype=basis_dtype)
     return curvature_ema(rho, codec=int8_blockwise(block_size) if use_int8_ema else fp32_codec())
+
+
+#: Accepted values of SCAO's ``moments`` keyword (the storage of Adam's two moments).
+SCAO_MOMENTS = ("float32", "int8")
+
+
+def _scale_by_adam_stored(b1: float, b2: float, eps: float, moments: str, moment_dtype: torch.dtype | None):
+    """``scale_by_adam`` with its moments stored as ``moments`` says: ``"float32"`` (the plain
+    transform) or ``"int8"`` (``quantize_state(scale_by_adam(), int8_adam_codecs())``: block-wise
+    int8, the second moment as its square root; tensors under 4096 entries stay float32)."""
+    check_choice("moments", moments, SCAO_MOMENTS)
+    if moments == "float32":
+        return scale_by_adam(b1, b2, eps, moment_dtype=moment_dtype)
+    if moment_dtype not in (None, torch.float32):
+        raise ValueError(f"moments='int8' stores float32 moments in int8; moment_dtype must be None, got {moment_dtype!r}")
+    return quantize_state(scale_by_adam(b1, b2, eps), int8_adam_codecs())
+
+
+def _adamw_stored(lr, betas, eps, weight_decay, mask, moment_dtype, moments: str) -> GradientTransformation:
+    """:func:`adamw` with its moments stored as ``moments`` says (the same chain, and the same
+    state, as ``adamw`` for ``"float32"``)."""
+    if check_choice("moments", moments, SCAO_MOMENTS) == "float32":
+        return adamw(lr, betas, eps, weight_decay, mask=mask, moment_dtype=moment_dtype)
+    b1, b2 = check_betas("betas", betas)
+    check_scalar_or_schedule("lr", lr)
+    check_float("eps", eps, low=0.0)
+    check_float("weight_decay", weight_decay, low=0.0)
+    return chain(
+        _scale_by_adam_stored(b1, b2, eps, moments, moment_dtype),
+        add_decayed_weights(weight_decay, mask),
+        scale_by_learning_rate(lr),
+    )
 
 
 def adam(
@@ -477,6 +511,7 @@ def scao(
     eps: float = SCAO_DEFAULTS["eps"],
     weight_decay: float = SCAO_DEFAULTS["weight_decay"],
     *,
+    moments: str = SCAO_DEFAULTS["moments"],
     mask: Any = None,
     moment_dtype: torch.dtype | None = None,
     skip_nonfinite: bool = SCAO_DEFAULTS["skip_nonfinite"],
@@ -508,6 +543,12 @@ def scao(
         betas: Adam betas, each in [0, 1).
         eps: Adam epsilon, >= 0.
         weight_decay: decoupled weight decay, >= 0.
+        moments: storage of Adam's two moments: ``"float32"`` (8 bytes per parameter) or
+            ``"int8"`` (8-bit Adam: ``quantize_state(scale_by_adam(...), int8_adam_codecs())``,
+            block-wise int8 with one float32 scale per 64 entries, the second moment stored as
+            its square root; about 2.1 bytes per parameter; tensors under 4096 entries stay
+            float32). With ``"int8"``, ``moment_dtype`` must be ``None``, and
+            ``form="eigenbasis"`` is not supported (its first moment must turn with the bases).
         mask: weight-decay mask (tree of bools or callable).
         moment_dtype: dtype of Adam's moments (default: at least float32).
         skip_nonfinite: wrap the chain in :func:`~scao_fx.apply_if_finite` (default True).
@@ -529,7 +570,13 @@ def scao(
         raise TypeError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}")
     check_int("max_consecutive_skips", max_consecutive_skips, low=1)
     form = check_choice("form", precondition_kwargs.pop("form", SCAO_DEFAULTS["form"]), ("seed", "eigenbasis"))
+    check_choice("moments", moments, SCAO_MOMENTS)
     if form == "eigenbasis":
+        if moments != "float32":
+            raise ValueError(
+                f"moments={moments!r} is not supported with form='eigenbasis' (Adam's first moment turns with "
+                "the bases at every refresh, which encoded moments do not): use moments='float32'"
+            )
         b1, b2 = check_betas("betas", betas)
         check_scalar_or_schedule("lr", lr)
         check_float("eps", eps, low=0.0)
@@ -542,7 +589,7 @@ def scao(
     else:
         tx = chain(
             scao_precondition(**precondition_kwargs),
-            adamw(lr, betas, eps, weight_decay, mask=mask, moment_dtype=moment_dtype),
+            _adamw_stored(lr, betas, eps, weight_decay, mask, moment_dtype, moments),
         )
     if not skip_nonfinite:
         return tx
