@@ -1208,6 +1208,9 @@ def test_scao_int8_moments_store_int8_and_train():
             # two 8-bit moments per large leaf (64 x 96 and 96 x 48), besides the int8 curvature
             shapes = sorted(tuple(t.shape) for t in codes if t.ndim == 2 and t.shape in ((96, 64), (48, 96)))
             assert shapes == [(48, 96), (48, 96), (96, 64), (96, 64)]
+            diag = opt.diagnostics()  # one record per parameter, read through the encoded moments
+            assert sorted(diag) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+            assert diag["0.weight"]["phase"] == "precond" and diag["0.weight"]["step"] == 31
     assert losses["int8"] < 1.2 * losses["float32"]
 
 
