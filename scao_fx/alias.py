@@ -31,10 +31,42 @@ from .transforms.eigenbasis import kronecker_eigenbasis
 from .transforms.finite import apply_if_finite
 from .transforms.momentum import scale_by_momentum
 from .transforms.orthogonal import check_coefficients, scale_by_newton_schulz
+from .transforms.quantization import int8_adam_codecs, quantize_state
 from .transforms.scale import scale_by_learning_rate
 
 __all__ = ["adam", "adamw", "muon", "scao_precondition", "scao", "soap", "SCAO_DEFAULTS"]
 
+
+#: Accepted values of SCAO's ``moments`` keyword (the storage of Adam's two moments).
+SCAO_MOMENTS = ("float32", "int8")
+
+
+def _scale_by_adam_stored(b1: float, b2: float, eps: float, moments: str, moment_dtype: torch.dtype | None):
+    """``scale_by_adam`` with its moments stored as ``moments`` says: ``"float32"`` (the plain
+    transform) or ``"int8"`` (``quantize_state(scale_by_adam(), int8_adam_codecs())``: block-wise
+    int8, the second moment as its square root; tensors under 4096 entries stay float32)."""
+    check_choice("moments", moments, SCAO_MOMENTS)
+    if moments == "float32":
+        return scale_by_adam(b1, b2, eps, moment_dtype=moment_dtype)
+    if moment_dtype not in (None, torch.float32):
+        raise ValueError(f"moments='int8' stores float32 moments in int8; moment_dtype must be None, got {moment_dtype!r}")
+    return quantize_state(scale_by_adam(b1, b2, eps), int8_adam_codecs())
+
+
+def _adamw_stored(lr, betas, eps, weight_decay, mask, moment_dtype, moments: str) -> GradientTransformation:
+    """:func:`adamw` with its moments stored as ``moments`` says (the same chain, and the same
+    state, as ``adamw`` for ``"float32"``)."""
+    if check_choice("moments", moments, SCAO_MOMENTS) == "float32":
+        return adamw(lr, betas, eps, weight_decay, mask=mask, moment_dtype=moment_dtype)
+    b1, b2 = check_betas("betas", betas)
+    check_scalar_or_schedule("lr", lr)
+    check_float("eps", eps, low=0.0)
+    check_float("weight_decay", weight_decay, low=0.0)
+    return chain(
+        _scale_by_adam_stored(b1, b2, eps, moments, moment_dtype),
+        add_decayed_weights(weight_decay, mask),
+        scale_by_learning_rate(lr),
+    )
 
 
 def adam(
@@ -280,14 +312,13 @@ def muon(
     return GradientTransformation(init, tx.update)
 
 
-
-
 def scao(
     lr=SCAO_DEFAULTS["lr"],
     betas: tuple[float, float] = SCAO_DEFAULTS["betas"],
     eps: float = SCAO_DEFAULTS["eps"],
     weight_decay: float = SCAO_DEFAULTS["weight_decay"],
     *,
+    moments: str = SCAO_DEFAULTS["moments"],
     mask: Any = None,
     moment_dtype: torch.dtype | None = None,
     skip_nonfinite: bool = SCAO_DEFAULTS["skip_nonfinite"],
@@ -319,6 +350,12 @@ def scao(
         betas: Adam betas, each in [0, 1).
         eps: Adam epsilon, >= 0.
         weight_decay: decoupled weight decay, >= 0.
+        moments: storage of Adam's two moments: ``"float32"`` (8 bytes per parameter) or
+            ``"int8"`` (8-bit Adam: ``quantize_state(scale_by_adam(...), int8_adam_codecs())``,
+            block-wise int8 with one float32 scale per 64 entries, the second moment stored as
+            its square root; about 2.1 bytes per parameter; tensors under 4096 entries stay
+            float32). With ``"int8"``, ``moment_dtype`` must be ``None``, and
+            ``form="eigenbasis"`` is not supported (its first moment must turn with the bases).
         mask: weight-decay mask (tree of bools or callable).
         moment_dtype: dtype of Adam's moments (default: at least float32).
         skip_nonfinite: wrap the chain in :func:`~scao_fx.apply_if_finite` (default True).
@@ -340,7 +377,13 @@ def scao(
         raise TypeError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}")
     check_int("max_consecutive_skips", max_consecutive_skips, low=1)
     form = check_choice("form", precondition_kwargs.pop("form", SCAO_DEFAULTS["form"]), ("seed", "eigenbasis"))
+    check_choice("moments", moments, SCAO_MOMENTS)
     if form == "eigenbasis":
+        if moments != "float32":
+            raise ValueError(
+                f"moments={moments!r} is not supported with form='eigenbasis' (Adam's first moment turns with "
+                "the bases at every refresh, which encoded moments do not): use moments='float32'"
+            )
         tx = _adam_in_eigenbasis(
             lambda inner, b2: scao_eigenbasis_precondition(inner, precondition_kwargs),
             lr, betas, eps, weight_decay, mask, moment_dtype,
@@ -348,13 +391,11 @@ def scao(
     else:
         tx = chain(
             scao_precondition(**precondition_kwargs),
-            adamw(lr, betas, eps, weight_decay, mask=mask, moment_dtype=moment_dtype),
+            _adamw_stored(lr, betas, eps, weight_decay, mask, moment_dtype, moments),
         )
     if not skip_nonfinite:
         return tx
     return apply_if_finite(tx, max_consecutive_skips, host_sync=host_sync, skip_overflow=True)
-
-
 
 
 def soap(

@@ -33,7 +33,7 @@ import torch
 
 from ._tree import find_nodes
 from ._validation import check_choice, check_float, check_int
-from .codecs import Codec, int8_blockwise
+from .codecs import Codec, EncodedTensor, int8_blockwise
 from .precond.curvature import curvature_ema
 from .precond.sketch import SketchStatistic, curvature_sketch
 from .presets import SCAO_DEFAULTS
@@ -97,7 +97,9 @@ def _num_leaves(state: Any) -> int | None:
     adam = find_nodes(state, ScaleByAdamState)
     if not adam:
         return None
-    return len(optree.tree_flatten(adam[0].mu, none_is_leaf=True)[0])
+    # an 8-bit moment (quantize_state) is one EncodedTensor per leaf, not two tensors
+    encoded = lambda x: isinstance(x, EncodedTensor)  # noqa: E731
+    return len(optree.tree_flatten(adam[0].mu, is_leaf=encoded, none_is_leaf=True)[0])
 
 
 def scao_diagnostics(

@@ -37,7 +37,9 @@ def state_bytes(state: Any) -> int:
     """Total bytes of the tensors in ``state`` (a storage shared by several tensors counts once).
 
     Args:
-        state: any tree of tensors (a transform's state, a list of tensors, ...).
+        state: any tree of tensors (a transform's state, a list of tensors, ...). Tensors on
+            the ``meta`` device are counted as the bytes they would take, so a state initialised
+            from meta parameters measures a model's optimizer memory without allocating it.
 
     Returns:
         The number of bytes, as an int.
@@ -51,7 +53,10 @@ def state_bytes(state: Any) -> int:
     seen: dict[tuple, int] = {}
     for t in _tensors(state):
         storage = t.untyped_storage()
-        key = (storage.data_ptr(), t.device.type, t.device.index)
+        # Tensors on the meta device (shapes only, no memory) all have data pointer 0: tell
+        # their storages apart by the storage object itself (views of one share it).
+        ptr = storage.data_ptr() if t.device.type != "meta" else ("meta", storage._cdata)
+        key = (ptr, t.device.type, t.device.index)
         seen[key] = max(seen.get(key, 0), storage.nbytes())
     return sum(seen.values())
 

@@ -41,6 +41,7 @@ SCAO_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "betas": (0.9, 0.999),
         "eps": 1e-8,
         "weight_decay": 0.01,
+        "moments": "float32",
         # the preconditioner (scao_precondition)
         "rho": 0.999,
         "precond_freq": 20,
@@ -74,7 +75,7 @@ SCAO_DEFAULTS: Mapping[str, Any] = MappingProxyType(
 )
 
 #: Which keys of :data:`SCAO_DEFAULTS` belong to which part.
-SCAO_ADAM_KEYS = ("lr", "betas", "eps", "weight_decay")
+SCAO_ADAM_KEYS = ("lr", "betas", "eps", "weight_decay", "moments")
 SCAO_GUARD_KEYS = ("skip_nonfinite", "max_consecutive_skips", "host_sync")
 SCAO_PRECONDITION_KEYS = tuple(k for k in SCAO_DEFAULTS if k not in SCAO_ADAM_KEYS + SCAO_GUARD_KEYS)
 

@@ -79,3 +79,73 @@ def test_max_precond_dim_bounds_the_factor_cost():
     one_sided = sf.memory_report(sf.scao(max_precond_dim=1024).init(params), params)["bytes_per_param"]
     assert big > 24  # the 2048 x 2048 left factor dominates
     assert one_sided < 9  # only the 64 x 64 right factor is kept
+
+
+def test_meta_tensors_count_as_the_bytes_they_would_take():
+    shapes = {"w": (300, 40), "v": (300, 40), "b": (40,)}
+    for make in (lambda: sf.adamw(), lambda: sf.scao(k_max=16), lambda: sf.scao(moments="int8")):
+        reps = {}
+        for device in ("cpu", "meta"):
+            params = {k: torch.empty(s, device=device) for k, s in shapes.items()}
+            reps[device] = sf.memory_report(make().init(params), params)
+        assert reps["meta"]["per_leaf"] == reps["cpu"]["per_leaf"]
+        # the non-finite guard keeps a few more counters for a non-CPU device (deferred flag)
+        assert 0 <= reps["meta"]["total_bytes"] - reps["cpu"]["total_bytes"] < 128
+    t = torch.empty(100, device="meta")
+    assert sf.state_bytes((t, t[:10], torch.empty(100, device="meta"))) == 800
+
+
+def gpt2_small_meta() -> dict:
+    """GPT-2 small's parameter shapes (124.4M parameters; linear weights as (out, in)) on the
+    meta device: nothing is allocated."""
+    d, f, vocab, ctx = 768, 3072, 50257, 1024
+    shapes = {"wte": (vocab, d), "wpe": (ctx, d), "ln_f.weight": (d,), "ln_f.bias": (d,)}
+    for i in range(12):
+        for name, (o, n) in {"attn.c_attn": (3 * d, d), "attn.c_proj": (d, d), "mlp.c_fc": (f, d),
+                             "mlp.c_proj": (d, f)}.items():
+            shapes[f"h{i}.{name}.weight"], shapes[f"h{i}.{name}.bias"] = (o, n), (o,)
+        for ln in ("ln_1", "ln_2"):
+            shapes[f"h{i}.{ln}.weight"], shapes[f"h{i}.{ln}.bias"] = (d,), (d,)
+    return {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+
+
+# bytes/param measured by memory_report on GPT-2 small's shapes (see docs/performance.md, "Memory")
+GPT2_SMALL_BYTES_PER_PARAM = {
+    "default": ({}, 11.59),
+    "default, moments=int8": (dict(moments="int8"), 5.72),
+    "max_precond_dim=1024": (dict(max_precond_dim=1024), 8.54),
+    "max_precond_dim=1024, moments=int8": (dict(max_precond_dim=1024, moments="int8"), 2.67),
+    "sketch r128 bf16": (dict(curvature="sketch"), 8.67),
+    "sketch r64 int8, moments=int8": (dict(curvature="sketch", sketch_rank=64, sketch_storage="int8",
+                                           moments="int8"), 2.39),
+}
+
+
+@pytest.mark.parametrize("config", list(GPT2_SMALL_BYTES_PER_PARAM))
+def test_gpt2_small_bytes_per_param(config):
+    """The issue's targets: <= 9.0 bytes/param with fp32 moments, <= 2.5 with 8-bit moments. The
+    default (full int8 factors) misses the first (11.59); max_precond_dim=1024 and the bf16
+    sketch meet it; only the int8 sketch of rank 64 with moments="int8" meets the second."""
+    kw, want = GPT2_SMALL_BYTES_PER_PARAM[config]
+    params = gpt2_small_meta()
+    rep = sf.memory_report(sf.scao(**kw).init(params), params)
+    assert rep["num_params"] == 124_439_808
+    assert rep["bytes_per_param"] == pytest.approx(want, abs=0.005)
+    target = 2.5 if kw.get("moments") == "int8" else 9.0
+    meets = {"max_precond_dim=1024", "sketch r128 bf16", "sketch r64 int8, moments=int8"}
+    assert (rep["bytes_per_param"] <= target) == (config in meets)
+
+
+def test_memory_table_formulas_match_memory_report():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "docs" / "examples"))
+    import memory_table
+
+    memory_table.check_formulas()
+    rows = {(r["model"], r["regime"], r["method"]): r for r in memory_table.rows()}
+    assert len(rows) == 3 * 2 * len(memory_table.METHODS)
+    adamw = rows[("Llama-3.2-1B", "full", "AdamW (fp32 moments)")]
+    assert adamw["params"] == 1_235_814_400 and adamw["bytes_per_param"] == 8.0
+    assert rows[("GPT-2 small", "full", "scao sketch r64 int8, moments=int8")]["bytes_per_param"] <= 2.5

@@ -6,6 +6,7 @@ import copy
 import io
 from typing import NamedTuple
 
+import optree
 import pytest
 import torch
 import torchopt
@@ -1162,8 +1163,8 @@ def test_unfreezing_into_an_existing_shape_group_restarts_that_group():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("form", ["seed", "eigenbasis"])
-def test_scao_step_never_writes_into_grads(form):
+@pytest.mark.parametrize("form,moments", [("seed", "float32"), ("eigenbasis", "float32"), ("seed", "int8")])
+def test_scao_step_never_writes_into_grads(form, moments):
     """SCAO hands p.grad to its transforms without a copy (``_copy_grads = False``): every step
     (warmup, ramp, preconditioned, a skipped NaN step, a plain-AdamW group) leaves each gradient
     bit for bit as autograd wrote it."""
@@ -1172,7 +1173,8 @@ def test_scao_step_never_writes_into_grads(form):
     kw = dict(warmup_steps=2, blend_steps=3, min_precond_updates=1) if form == "seed" else {}
     groups = [{"params": [model[0].weight, model[1].weight, model[1].bias]},
               {"params": [model[0].bias, model[2].weight, model[2].bias], "preconditioner_enabled": False}]
-    opt = SCAO(groups, lr=1e-2, weight_decay=0.1, precond_freq=2, k_min=1, k_max=4, form=form, **kw)
+    opt = SCAO(groups, lr=1e-2, weight_decay=0.1, precond_freq=2, k_min=1, k_max=4, form=form,
+                moments=moments, **kw)
     assert not opt._copy_grads and TransformOptimizer._copy_grads
     x = torch.randn(5, 6)
     for step in range(9):
@@ -1195,3 +1197,87 @@ def test_transform_optimizer_copies_grads_for_links_that_reuse_them():
     p.grad = torch.full((3,), 2.0)
     opt.step()
     assert torch.equal(p.grad, torch.full((3,), 2.0)) and torch.equal(p.detach(), torch.zeros(3))
+
+
+# ---------------------------------------------------------------------------------------------
+# SCAO(moments="int8"): 8-bit Adam moments through the facade
+
+
+def _wide_model(seed=0):
+    """Leaves of at least 4096 entries, so that quantize_state encodes their moments."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Tanh(), torch.nn.Linear(96, 48))
+
+
+def _wide_data():
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(32, 64, generator=g), torch.randn(32, 48, generator=g)
+
+
+def test_scao_moments_keyword_is_validated_with_its_values():
+    ps = [torch.nn.Parameter(torch.zeros(3, 2))]
+    for bad in ("int4", "fp32", None):
+        with pytest.raises(ValueError, match=r"moments must be one of \('float32', 'int8'\)"):
+            SCAO(ps, moments=bad)
+        with pytest.raises(ValueError, match="moments must be one of"):
+            sf.scao(moments=bad)
+    with pytest.raises(ValueError, match="form='eigenbasis'"):
+        sf.scao(moments="int8", form="eigenbasis")
+    with pytest.raises(ValueError, match="moment_dtype"):
+        sf.scao(moments="int8", moment_dtype=torch.bfloat16)
+    assert SCAO(ps).defaults["moments"] == "float32"
+
+
+def test_scao_int8_moments_store_int8_and_train():
+    x, y = _wide_data()
+    losses = {}
+    for moments in ("float32", "int8"):
+        model = _wide_model()
+        opt = SCAO(model.named_parameters(), lr=1e-2, moments=moments, **FAST)
+        first = train_step(model, opt, x, y)
+        for _ in range(30):
+            last = train_step(model, opt, x, y)
+        losses[moments] = float(last)
+        assert float(last) < 0.7 * float(first)
+        codes = [t for t in optree.tree_leaves(opt.functional_state(0)) if t.dtype == torch.int8]
+        if moments == "int8":
+            # two 8-bit moments per large leaf (64 x 96 and 96 x 48), besides the int8 curvature
+            shapes = sorted(tuple(t.shape) for t in codes if t.ndim == 2 and t.shape in ((96, 64), (48, 96)))
+            assert shapes == [(48, 96), (48, 96), (96, 64), (96, 64)]
+            diag = opt.diagnostics()  # one record per parameter, read through the encoded moments
+            assert sorted(diag) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+            assert diag["0.weight"]["phase"] == "precond" and diag["0.weight"]["step"] == 31
+    assert losses["int8"] < 1.2 * losses["float32"]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_scao_int8_moments_resume_bit_identical(enabled):
+    x, y = _wide_data()
+    kw = dict(lr=1e-2, moments="int8", preconditioner_enabled=enabled, **FAST)
+    total, cut = 14, 6  # the cut sits in the ramp, two steps before a refresh
+    ref = _wide_model()
+    ref_opt = SCAO(ref.named_parameters(), **kw)
+    _scao_run(ref, ref_opt, total, x, y)
+
+    a = _wide_model()
+    a_opt = SCAO(a.named_parameters(), **kw)
+    _scao_run(a, a_opt, cut, x, y)
+    ckpt = save_load({"model": a.state_dict(), "opt": a_opt.state_dict()})
+    assert ckpt["opt"]["param_groups"][0]["moments"] == "int8"
+
+    b = _wide_model(seed=99)
+    b.load_state_dict(ckpt["model"])
+    b_opt = SCAO(b.named_parameters(), **kw)
+    b_opt.load_state_dict(ckpt["opt"])
+    _scao_run(b, b_opt, total - cut, x, y)
+    for p, q in zip(ref.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_scao_int8_moments_cost_a_quarter_of_the_adam_state():
+    params = {"w": torch.zeros(256, 64), "b": torch.zeros(64)}
+    fp32 = sf.memory_report(sf.scao(max_precond_dim=32).init(params), params)["total_bytes"]
+    int8 = sf.memory_report(sf.scao(max_precond_dim=32, moments="int8").init(params), params)["total_bytes"]
+    # 16384 entries: 8 bytes -> 2 bytes + 2 x 4 bytes of scale per 64 entries (the bias stays
+    # fp32), and quantize_state's int64 step seed
+    assert fp32 - int8 == 16384 * 8 - (2 * 16384 + 2 * 4 * 16384 // 64) - 8

@@ -238,14 +238,14 @@ def test_narrow_storage_bytes():
 def test_gpt2_small_targets():
     """The issue's targets on GPT-2-small shapes, measured with memory_report (124.4M parameters):
     sketch rank 128, bf16 frame and basis, fp32 Adam: 8.67 bytes/param (<= 9.0);
-    sketch rank 64, int8 frame, bf16 basis, 8-bit Adam: 2.39 bytes/param (<= 2.5)."""
+    sketch rank 64, int8 frame, bf16 basis, 8-bit Adam (moments="int8"): 2.39 bytes/param (<= 2.5)."""
     from memory_table import gpt2_small_shapes, make_params, optimizers
 
     params = make_params(gpt2_small_shapes())
     opts = optimizers()
     fp32 = sf.memory_report(opts["scao sketch r128 bf16"]().init(params), params)["bytes_per_param"]
     assert fp32 <= 9.0, fp32
-    eight = sf.memory_report(opts["scao sketch r64 int8 + 8-bit Adam"]().init(params), params)["bytes_per_param"]
+    eight = sf.memory_report(opts["scao sketch r64 int8, moments=int8"]().init(params), params)["bytes_per_param"]
     assert eight <= 2.5, eight
 
 

@@ -48,8 +48,14 @@ class Config:
         return self.hidden // self.heads
 
 
+# The published config.json values: hidden size, intermediate (MLP) size, layers, attention heads,
+# key/value heads, vocabulary, tied input/output embeddings.
+# GPT-2 small (n_embd 768, n_inner None = 4 x 768, n_layer 12, n_head 12, vocab 50257, n_positions 1024):
 GPT2_SMALL = Config("GPT-2 small", 768, 3072, 12, 12, 12, 50257, True, "gpt2", positions=1024)
+# Qwen2.5-0.5B (hidden 896, intermediate 4864, 24 layers, 14 heads, 2 kv heads, vocab 151936, tied,
+# biases on q/k/v):
 QWEN25_05B = Config("Qwen2.5-0.5B", 896, 4864, 24, 14, 2, 151936, True, "llama", qkv_bias=True)
+# Llama-3.2-1B (hidden 2048, intermediate 8192, 16 layers, 32 heads, 8 kv heads, vocab 128256, tied):
 LLAMA32_1B = Config("Llama-3.2-1B", 2048, 8192, 16, 32, 8, 128256, True, "llama")
 MODELS = (GPT2_SMALL, QWEN25_05B, LLAMA32_1B)
 
@@ -98,9 +104,10 @@ def gpt2_small_shapes() -> dict[str, tuple[int, ...]]:
     return {k: s for k, (s, _) in model_shapes(GPT2_SMALL).items()}
 
 
-def make_params(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """Uninitialised float32 tensors of these shapes (``torch.empty``: nothing is written)."""
-    return {k: torch.empty(s) for k, s in shapes.items()}
+def make_params(shapes: dict[str, tuple[int, ...]], device: str = "meta") -> dict[str, torch.Tensor]:
+    """Float32 tensors of these shapes; on the ``meta`` device by default (no memory: an optimizer
+    state built from them is counted by ``sf.memory_report`` as the bytes it would take)."""
+    return {k: torch.empty(s, device=device) for k, s in shapes.items()}
 
 
 # --------------------------------------------------------------------------- the optimizers
@@ -110,26 +117,32 @@ def _adam8():
     return sf.quantize_state(sf.scale_by_adam(), sf.int8_adam_codecs())
 
 
-def _sketch(rank: int, storage: str, **kw):
-    return sf.scao_precondition(curvature="sketch", sketch_rank=rank, sketch_storage=storage, **kw)
+SKETCH_FP32 = dict(curvature="sketch", sketch_rank=128, sketch_storage="bfloat16")
+SKETCH_INT8 = dict(curvature="sketch", sketch_rank=64, sketch_storage="int8")
 
 
 def optimizers() -> dict:
-    """The library's optimizers of the table (factories): AdamW, 8-bit AdamW and SCAO's forms."""
+    """The library's optimizers of the table (factories): AdamW, 8-bit AdamW and SCAO's configurations."""
     tail = lambda: (sf.add_decayed_weights(0.01), sf.scale_by_learning_rate(1e-3))  # noqa: E731
     return {
         "AdamW (fp32 moments)": lambda: sf.adamw(),
-        "8-bit AdamW": lambda: sf.chain(_adam8(), *tail()),
+        "8-bit AdamW (64-entry blocks)": lambda: sf.chain(_adam8(), *tail()),
         "scao default (int8 full factors)": lambda: sf.scao(),
-        "scao sketch r128 bf16": lambda: sf.chain(_sketch(128, "bfloat16"), sf.adamw()),
-        "scao sketch r64 int8 + 8-bit Adam": lambda: sf.chain(_sketch(64, "int8"), _adam8(), *tail()),
+        "scao moments=int8": lambda: sf.scao(moments="int8"),
+        "scao max_precond_dim=1024": lambda: sf.scao(max_precond_dim=1024),
+        "scao max_precond_dim=1024, moments=int8": lambda: sf.scao(max_precond_dim=1024, moments="int8"),
+        "scao sketch r128 bf16": lambda: sf.scao(**SKETCH_FP32),
+        "scao sketch r64 int8, moments=int8": lambda: sf.scao(moments="int8", **SKETCH_INT8),
     }
 
 
 # --------------------------------------------------------------------------- exact formulas
 
 MAX_PRECOND_DIM = 4096  # SCAO's default
-SOAP_MAX_PRECOND_DIM = 10000  # the SOAP reference implementation's default
+# SOAP: the rule used here is "a side is preconditioned if it is at most max_precond_dim long"
+# (longer sides, e.g. the vocabulary, are left one-sided), with two limits: 10000 (the SOAP
+# paper's reference code and sf.soap) and 2048 (a tighter limit some implementations default to).
+SOAP_MAX_PRECOND_DIMS = (10000, 2048)
 
 
 def _sides(shape, max_dim):
@@ -145,6 +158,8 @@ def adam_bytes(numel: int) -> int:
 
 
 def adam8_bytes(numel: int, block: int = 64, min_size: int = 4096) -> int:
+    """Two int8 moments with one float32 scale per ``block`` entries each; tensors under
+    ``min_size`` entries keep float32 moments (as ``quantize_state`` and common 8-bit AdamWs do)."""
     return 2 * (numel + 4 * math.ceil(numel / block)) if numel >= min_size else 8 * numel
 
 
@@ -161,63 +176,76 @@ def scao_sketch_side(d: int, rank: int, storage: str, k_max: int = 128, block: i
     return frame + 4 * p * p + 8 + basis + 4 * cap + 4 + 8 + 8
 
 
+def _scao(numel, shape, *, moments="float32", max_dim=MAX_PRECOND_DIM, sketch=None):
+    adam = adam8_bytes(numel) if moments == "int8" else adam_bytes(numel)
+    if sketch is None:
+        return adam + sum(scao_full_side(d) for d in _sides(shape, max_dim))
+    return adam + sum(scao_sketch_side(d, sketch["sketch_rank"], sketch["sketch_storage"]) for d in _sides(shape, max_dim))
+
+
+#: method -> bytes of one trained leaf ``(shape, hidden_matrix) -> int`` (step counters and the
+#: blend weight, a few bytes per optimizer, are left out).
+FORMULAS = {
+    "AdamW (fp32 moments)": lambda shape, hidden: adam_bytes(math.prod(shape)),
+    "8-bit AdamW (64-entry blocks)": lambda shape, hidden: adam8_bytes(math.prod(shape)),
+    "8-bit AdamW (256-entry blocks)": lambda shape, hidden: adam8_bytes(math.prod(shape), block=256),
+    "SOAP, sides <= 10000 (fp32 factors + eigenbases + Adam)": lambda shape, hidden: adam_bytes(math.prod(shape))
+    + sum(8 * d * d for d in _sides(shape, SOAP_MAX_PRECOND_DIMS[0])),
+    "SOAP, sides <= 2048": lambda shape, hidden: adam_bytes(math.prod(shape))
+    + sum(8 * d * d for d in _sides(shape, SOAP_MAX_PRECOND_DIMS[1])),
+    "Muon (fp32 momentum; AdamW on the rest)": lambda shape, hidden: 4 * math.prod(shape)
+    if hidden and len(shape) == 2 else adam_bytes(math.prod(shape)),
+    "scao default (int8 full factors)": lambda shape, hidden: _scao(math.prod(shape), shape),
+    "scao moments=int8": lambda shape, hidden: _scao(math.prod(shape), shape, moments="int8"),
+    "scao max_precond_dim=1024": lambda shape, hidden: _scao(math.prod(shape), shape, max_dim=1024),
+    "scao max_precond_dim=1024, moments=int8": lambda shape, hidden: _scao(math.prod(shape), shape, moments="int8",
+                                                                           max_dim=1024),
+    "scao sketch r128 bf16": lambda shape, hidden: _scao(math.prod(shape), shape, sketch=SKETCH_FP32),
+    "scao sketch r64 int8, moments=int8": lambda shape, hidden: _scao(math.prod(shape), shape, moments="int8",
+                                                                      sketch=SKETCH_INT8),
+}
+METHODS = tuple(FORMULAS)
+
+
 def method_bytes(method: str, shape: tuple[int, ...], hidden_matrix: bool) -> int:
-    """State bytes of one trained leaf (step counters and the blend weight, a few bytes per
-    optimizer, are left out)."""
-    numel = math.prod(shape)
-    if method == "AdamW (fp32 moments)":
-        return adam_bytes(numel)
-    if method == "8-bit AdamW":
-        return adam8_bytes(numel)
-    if method == "SOAP (fp32 factors + eigenbases + Adam)":
-        return adam_bytes(numel) + sum(8 * d * d for d in _sides(shape, SOAP_MAX_PRECOND_DIM))
-    if method == "Muon (fp32 momentum; AdamW on the rest)":
-        return 4 * numel if hidden_matrix and len(shape) == 2 else adam_bytes(numel)
-    if method == "scao default (int8 full factors)":
-        return adam_bytes(numel) + sum(scao_full_side(d) for d in _sides(shape, MAX_PRECOND_DIM))
-    if method == "scao sketch r128 bf16":
-        return adam_bytes(numel) + sum(scao_sketch_side(d, 128, "bfloat16") for d in _sides(shape, MAX_PRECOND_DIM))
-    if method == "scao sketch r64 int8 + 8-bit Adam":
-        return adam8_bytes(numel) + sum(scao_sketch_side(d, 64, "int8") for d in _sides(shape, MAX_PRECOND_DIM))
-    raise ValueError(method)
-
-
-METHODS = (
-    "AdamW (fp32 moments)",
-    "8-bit AdamW",
-    "SOAP (fp32 factors + eigenbases + Adam)",
-    "Muon (fp32 momentum; AdamW on the rest)",
-    "scao default (int8 full factors)",
-    "scao sketch r128 bf16",
-    "scao sketch r64 int8 + 8-bit Adam",
-)
+    """State bytes of one trained leaf under ``method`` (a key of :data:`FORMULAS`)."""
+    return FORMULAS[method](tuple(shape), hidden_matrix)
 
 
 def check_formulas() -> None:
-    """Every library method's formula equals ``memory_report`` on real small states: per leaf where
-    the report attributes the bytes to leaves, and in total (up to the step counters)."""
+    """Every library method's formula equals ``memory_report`` on real states, up to the step
+    counters (8 bytes each): per leaf on small CPU tensors where the report attributes the bytes
+    to leaves, and in total there and on GPT-2 small's shapes (meta tensors)."""
     shapes = {"a": (300, 40), "b": (300, 40), "c": (40, 300), "vec": (300,), "tall": (5000, 16), "sq": (96, 96),
-              "small": (7, 5), "lora_A": (16, 200), "lora_B": (200, 16)}
-    params = make_params(shapes)
+              "small": (7, 5), "lora_A": (16, 200), "lora_B": (200, 16), "wide": (1100, 30)}
+    gpt2 = gpt2_small_shapes()
     for name, make in optimizers().items():
-        rep = sf.memory_report(make().init(params), params)
-        per_leaf = {leaf: method_bytes(name, shape, True) for leaf, shape in shapes.items()}
-        counters = rep["total_bytes"] - sum(per_leaf.values())
-        if not 0 <= counters < 256:  # step counters, the blend weight, the guard's flags
-            raise AssertionError(f"{name}: formulas {sum(per_leaf.values())} bytes, memory_report {rep['total_bytes']}")
-        if rep["unattributed_bytes"] >= 256:  # an encoded (8-bit) Adam state is not attributed to leaves
-            continue
-        for leaf, want in per_leaf.items():
-            got = rep["per_leaf"][leaf]
-            if got != want:
-                raise AssertionError(f"{name}, leaf {leaf} {shapes[leaf]}: formula {want} bytes, memory_report {got}")
+        for which, leaf_shapes, device in (("small shapes", shapes, "cpu"), ("GPT-2 small", gpt2, "meta")):
+            params = make_params(leaf_shapes, device)
+            rep = sf.memory_report(make().init(params), params)
+            per_leaf = {leaf: method_bytes(name, shape, True) for leaf, shape in leaf_shapes.items()}
+            counters = rep["total_bytes"] - sum(per_leaf.values())
+            limit = 256 if device == "cpu" else 24 * len(leaf_shapes) + 256  # a step count per leaf at most
+            if not 0 <= counters < limit:  # step counters, the blend weight, the guard's flags
+                raise AssertionError(f"{name} on {which}: formulas {sum(per_leaf.values())} bytes, memory_report "
+                                     f"{rep['total_bytes']}")
+            if device != "cpu" or rep["unattributed_bytes"] >= 256:  # encoded (8-bit) Adam states are not per leaf
+                continue
+            for leaf, want in per_leaf.items():
+                got = rep["per_leaf"][leaf]
+                if not 0 <= got - want <= 16:  # the leaf's own step counters (int64) on top
+                    raise AssertionError(f"{name}, leaf {leaf} {shapes[leaf]}: formula {want} bytes, memory_report {got}")
 
 
 # --------------------------------------------------------------------------- the table
 
+GB = 1e9
+
 
 def rows():
-    """One row per (model, regime, method): trained params, state bytes/param, state GB, total GB."""
+    """One row per (model, regime, method): trained params, state bytes/param, state GB, and the
+    weights + gradients + state in GB two ways: bf16 weights and gradients (2 + 2 bytes per
+    parameter), or float32 trained weights and gradients (4 + 4; a LoRA's frozen base stays bf16)."""
     out = []
     for cfg in MODELS:
         full = model_shapes(cfg)
@@ -231,9 +259,24 @@ def rows():
             frozen = 0 if regime == "full" else n_model
             for method in METHODS:
                 state = sum(method_bytes(method, s, lin) for s, lin in leaves)
-                total = 2 * (n_model if regime == "full" else frozen + n_train) + 2 * n_train + state
+                bf16 = 2 * frozen + 4 * n_train + state
+                fp32 = 2 * frozen + 8 * n_train + state
                 out.append(dict(model=cfg.name, regime=regime, method=method, params=n_model, trained=n_train,
-                                bytes_per_param=state / n_train, state_gb=state / 1e9, total_gb=total / 1e9))
+                                bytes_per_param=state / n_train, state_gb=state / GB, total_gb=bf16 / GB,
+                                total_fp32_gb=fp32 / GB))
+    return out
+
+
+def fits_16gb(table=None) -> dict[tuple[str, str], dict[str, list[str]]]:
+    """``{(model, regime): {"bf16": [methods], "fp32": [methods]}}``: which methods' weights +
+    gradients + state fit in 16 GB (10^9 bytes; activations and the rest not counted)."""
+    out: dict[tuple[str, str], dict[str, list[str]]] = {}
+    for r in table or rows():
+        slot = out.setdefault((r["model"], r["regime"]), {"bf16": [], "fp32": []})
+        if r["total_gb"] <= 16.0:
+            slot["bf16"].append(r["method"])
+        if r["total_fp32_gb"] <= 16.0:
+            slot["fp32"].append(r["method"])
     return out
 
 
@@ -242,18 +285,33 @@ def main(argv=None) -> None:
     ap.add_argument("--check-only", action="store_true")
     args = ap.parse_args(argv)
     check_formulas()
-    print("formulas checked against sf.memory_report on small shapes: exact")
+    print("formulas checked against sf.memory_report (small CPU states per leaf, GPT-2 small meta states in total): exact")
     if args.check_only:
         return
     for cfg in MODELS:
+        n = sum(math.prod(s) for s, _ in model_shapes(cfg).values())
         print(f"{cfg.name}: hidden {cfg.hidden}, intermediate {cfg.intermediate}, layers {cfg.layers}, "
-              f"heads {cfg.heads}, kv heads {cfg.kv_heads}, vocab {cfg.vocab}, tied embeddings {cfg.tied}")
-    print("\n| model | regime | method | trained params | state bytes/param | state GB | weights+grads+state GB | fits 16 GB |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows():
-        fits = "yes" if r["total_gb"] <= 16.0 else "no"
-        print(f"| {r['model']} | {r['regime']} | {r['method']} | {r['trained'] / 1e6:.1f}M | {r['bytes_per_param']:.2f} "
-              f"| {r['state_gb']:.2f} | {r['total_gb']:.2f} | {fits} |")
+              f"heads {cfg.heads}, kv heads {cfg.kv_heads}, vocab {cfg.vocab}, tied embeddings {cfg.tied}; "
+              f"{n / 1e6:.1f}M parameters, LoRA r=16 {sum(math.prod(s) for s in lora_shapes(cfg).values()) / 1e6:.2f}M")
+    table = rows()
+    for cfg in MODELS:
+        mine = {(r["regime"], r["method"]): r for r in table if r["model"] == cfg.name}
+        print(f"\n{cfg.name}: optimizer state in bytes per trained parameter and GB; weights + gradients + state in GB "
+              "(bf16 weights and gradients / fp32 trained weights and gradients)\n")
+        print("| method | full: B/param | full: state GB | full: total GB bf16 / fp32 | LoRA r=16: B/param | "
+              "LoRA: state GB | LoRA: total GB bf16 / fp32 |")
+        print("|---|---|---|---|---|---|---|")
+        for method in METHODS:
+            f, lo = mine[("full", method)], mine[("LoRA r=16", method)]
+            print(f"| {method} | {f['bytes_per_param']:.2f} | {f['state_gb']:.2f} | {f['total_gb']:.2f} / "
+                  f"{f['total_fp32_gb']:.2f} | {lo['bytes_per_param']:.2f} | {lo['state_gb']:.3f} | "
+                  f"{lo['total_gb']:.2f} / {lo['total_fp32_gb']:.2f} |")
+    print("\nWhat fits in 16 GB (weights + gradients + optimizer state <= 16e9 bytes; activations not counted):\n")
+    for (model, regime), slot in fits_16gb(table).items():
+        for prec in ("bf16", "fp32"):
+            missing = [m for m in METHODS if m not in slot[prec]]
+            verdict = "every method" if not missing else ("none" if not slot[prec] else "all but " + "; ".join(missing))
+            print(f"- {model}, {regime}, {prec} weights and gradients: {verdict}")
 
 
 if __name__ == "__main__":

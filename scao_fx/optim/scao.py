@@ -13,7 +13,7 @@ import torch
 from .._validation import check_int
 from ..base import GradientTransformation
 from ..parallel import check_process_group
-from ..presets import SCAO_DEFAULTS, SCAO_GUARD_KEYS, SCAO_PRECONDITION_KEYS
+from ..presets import SCAO_ADAM_KEYS, SCAO_DEFAULTS, SCAO_GUARD_KEYS, SCAO_PRECONDITION_KEYS
 from ..transforms.finite import apply_if_finite
 from .adapter import TransformOptimizer
 
@@ -154,6 +154,10 @@ PRECONDITION_EXTRAS: Mapping[str, Any] = MappingProxyType(
     {k: SCAO_DEFAULTS[k] for k in SCAO_PRECONDITION_KEYS if k not in _SCAO_CORE}
 )
 
+#: Extra keywords of the Adam part (``moments``: the storage of Adam's moments, see
+#: :func:`scao_fx.scao`), with their defaults (from :data:`scao_fx.alias.SCAO_DEFAULTS`).
+ADAM_EXTRAS: Mapping[str, Any] = MappingProxyType({k: SCAO_DEFAULTS[k] for k in SCAO_ADAM_KEYS if k not in _SCAO_CORE})
+
 #: Keywords of the non-finite guard (:func:`scao_fx.apply_if_finite`) and their defaults; the
 #: guard wraps every group's chain, plain-AdamW groups included.
 GUARD_KEYWORDS: Mapping[str, Any] = MappingProxyType({k: SCAO_DEFAULTS[k] for k in SCAO_GUARD_KEYS})
@@ -219,7 +223,7 @@ def _split_compat(values: Mapping[str, Any]) -> dict[str, Any]:
 
 def _scao_factory(**hp: Any) -> GradientTransformation:
     """Build one param group's transform from its hyperparameters."""
-    from ..alias import adamw
+    from ..alias import _adamw_stored
 
     enabled = _check_bool("preconditioner_enabled", hp["preconditioner_enabled"])
     factor_mode = hp["factor_mode"]
@@ -232,7 +236,7 @@ def _scao_factory(**hp: Any) -> GradientTransformation:
     skip = _check_bool("skip_nonfinite", hp["skip_nonfinite"])
     max_skips = check_int("max_consecutive_skips", hp["max_consecutive_skips"], low=1)
     if not enabled:
-        tx = adamw(hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"])
+        tx = _adamw_stored(hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"], None, None, hp["moments"])
     else:
         tx = _scao_chain(hp)
     return apply_if_finite(tx, max_skips, host_sync=hp["host_sync"], skip_overflow=True) if skip else tx
@@ -259,6 +263,7 @@ def _scao_chain(hp: Mapping[str, Any]) -> GradientTransformation:
         min_precond_updates=hp["min_precond_updates"],
         max_precond_dim=hp["max_precond_dim"],
         use_int8_ema=hp["use_int8_ema"],
+        moments=hp["moments"],
         process_group=hp.get("process_group"),  # SCAO(process_group=...): not a hyperparameter
         skip_nonfinite=False,
         **extras,
@@ -300,7 +305,10 @@ class SCAO(TransformOptimizer):
             ``state_dict()``, and an optimizer holding one cannot be pickled.
         **compat: the other keywords of the original ``scao`` package's ``SCAO`` (see
             :data:`COMPAT_KEYWORDS`, :data:`INERT_KEYWORDS`), each accepted at its neutral value
-            and rejected with a ``ValueError`` explaining why otherwise; and the extra
+            and rejected with a ``ValueError`` explaining why otherwise; ``moments``: the storage
+            of Adam's moments, ``"float32"`` (default) or ``"int8"`` (8-bit Adam, about 2.1
+            instead of 8 bytes per parameter; see :func:`~scao_fx.scao`), per param group too
+            (a group with ``preconditioner_enabled=False`` then runs 8-bit AdamW); and the extra
             ``scao_precondition`` keywords ``block_size``, ``complement``, ``graft``,
             ``blend_shape``, ``tikhonov``, ``grouped``, ``sides``; and the non-finite guard's
             ``skip_nonfinite`` (default True: a step with a NaN/Inf gradient is skipped, leaving
@@ -348,7 +356,7 @@ class SCAO(TransformOptimizer):
         process_group: Any = None,
         **compat: Any,
     ) -> None:
-        known = {**PRECONDITION_EXTRAS, **GUARD_KEYWORDS}
+        known = {**PRECONDITION_EXTRAS, **ADAM_EXTRAS, **GUARD_KEYWORDS}
         unknown = sorted(set(compat) - set(known) - _COMPAT_NAMES)
         if unknown:
             raise TypeError(
