@@ -28,20 +28,37 @@ or a fixed rank at least the side's length) has no complement and no complement 
 :class:`~scao_fx.ScaleByAdamState` in the inner state is re-expressed in the new bases
 (:func:`~scao_fx.precond.eigenbasis.change_basis`), which with full bases is exactly SOAP's
 choice of keeping the first moment in the original coordinates and projecting it at every step;
-the second moment ``nu`` is carried over as it is, position by position (eigenvalues are sorted
-in decreasing order at every refresh, so position ``i`` is the ``i``-th largest direction of the
-old and of the new basis), as SOAP does. ``"keep"`` carries every inner state tensor unchanged
+the second moment ``nu`` is carried over as it is, position by position, as SOAP does (with
+``eigensolver="power"`` position ``i`` is the continuation of the old basis's column ``i``;
+with ``eigh`` eigenvalues are sorted at every refresh, so position ``i`` is the ``i``-th
+largest direction of the old and of the new basis). ``"keep"`` carries every inner state tensor unchanged
 (an ablation). Other inner states (e.g. :func:`~scao_fx.quantize_state`'s encoded moments) are
 always carried unchanged.
 
 **Schedule**: the statistics are updated at every step; a step's gradient is rotated with the
 bases of the last refresh, and the bases are refreshed *after* the rotation at step 1 and then
-every ``precond_freq`` steps (``count % precond_freq == 0``), SOAP's order. Step 1 therefore
+every ``precond_freq`` steps (``count % precond_freq == 0``), SOAP's order. By default step 1
 runs the inner transform in the original coordinates (a side never refreshed uses the identity
-basis: plain Adam) and preconditioning starts at step 2. Refreshing before the rotation would
-rotate :math:`G_1` into its own singular bases at step 1: the core is then diagonal up to
-rounding, and Adam's first step (:math:`m/\sqrt{v} = \mathrm{sign}`) turns the rounding noise of
-the off-diagonal entries into updates of size 1.
+basis: plain Adam) and preconditioning starts at step 2; its second moment, a function of the
+original coordinates, is then carried into the eigenbasis by position, where it means
+something else. With ``skip_first=True`` (what :func:`~scao_fx.soap` uses, and SOAP's choice)
+step 1 only accumulates the statistics and computes the first bases: every update of the step
+is zero and the inner transform's first step is step 2, in the eigenbasis. Refreshing before
+the rotation would rotate :math:`G_1` into its own singular bases at step 1: the core is then
+diagonal up to rounding, and Adam's first step (:math:`m/\sqrt{v} = \mathrm{sign}`) turns the
+rounding noise of the off-diagonal entries into updates of size 1.
+
+**Refresh by power iteration** (``eigensolver="power"``, full-width bases): the first refresh
+is an exact ``eigh`` (eigenvalues decreasing); every later one is a single step of orthogonal
+iteration warm-started from the current basis, :math:`Q \leftarrow \mathrm{qr}((F + \epsilon I
++ \delta I) Q)`, with the columns orthonormalised in the order of their Rayleigh quotients and
+each put back at its own position, signs kept (:math:`\delta` a small multiple of the largest
+Rayleigh quotient so that directions of a null space are not rebuilt from rounding noise).
+Column ``i`` then keeps tracking the same, slowly turning direction, and the second moment
+carried by position stays attached to it. An exact ``eigh`` at every refresh sorts by
+eigenvalue instead: directions whose eigenvalues cross or are close (most of the spectrum of
+a short EMA) change position or turn arbitrarily inside their cluster, and the carried second
+moment no longer belongs to the direction at its position.
 
 Sides longer than ``max_precond_dim`` (or of length 1) are not rotated (one-sided); leaves with
 no rotated side (vectors, scalars, empty tensors) go through the inner transform in their own
