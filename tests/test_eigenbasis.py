@@ -395,6 +395,12 @@ def test_bad_arguments():
         sf.scao_precondition(form="eigenbasis")
     with pytest.raises(ValueError, match="shampoo_beta"):
         sf.soap(shampoo_beta=1.0)
+    with pytest.raises(ValueError, match="full_rank"):
+        sf.kronecker_eigenbasis(eigensolver="power", rank=sf.fixed_rank(2))
+    with pytest.raises(ValueError, match="eigensolver"):
+        sf.soap(eigensolver="subspace")
+    with pytest.raises(TypeError, match="skip_first"):
+        sf.soap(skip_first=1)
 
 
 def test_soap_final_loss_is_comparable_to_heavyball_soap():
@@ -448,3 +454,23 @@ def test_soap_steps_agree_with_heavyball_soap_on_a_square_matrix(monkeypatch):
             assert theirs.abs().max() == 0 and u["w"].abs().max() == 0
             continue
         assert (u["w"] - theirs).norm() <= 1e-3 * theirs.norm(), t
+
+
+def test_skip_first_only_initialises_the_bases_at_step_1():
+    params, grads = problem(steps=2, shapes={"w": (5, 4), "b": (3,)})
+    params = {k: v.float() for k, v in params.items()}
+    tx = sf.kronecker_eigenbasis(sf.scale_by_adam(0.9, 0.95), curvature=sf.curvature_ema(0.95, sf.fp32_codec()),
+                                 rank=sf.full_rank(), precond_freq=3, skip_first=True)
+    state = tx.init(params)
+    g1 = {k: v.float() for k, v in grads[0].items()}
+    u, state = tx.update(clone(g1), state)
+    assert all(torch.equal(v, torch.zeros_like(v)) for v in u.values())
+    counts = [c for c in torch.utils._pytree.tree_leaves(adam_state(state).count) if c is not None]
+    assert counts and all(int(c) == 0 for c in counts) and int(state.refreshes) == 1
+    assert_tree_close(adam_state(state).mu, adam_state(tx.init(params)).mu)
+    # step 2 is Adam's first step (a sign) in the eigenbasis of step 1's factors
+    g2 = {k: v.float() for k, v in grads[1].items()}
+    u, state = tx.update(clone(g2), state)
+    ql, qr = (kept_basis(s)[0] for s in (state.groups[0].left, state.groups[0].right))
+    torch.testing.assert_close(ql.T @ u["w"] @ qr, torch.sign(ql.T @ g2["w"] @ qr), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(u["b"], torch.sign(g2["b"]), rtol=1e-4, atol=1e-4)
