@@ -314,8 +314,9 @@ def kronecker_eigenbasis(
         if skip is not None and not torch.compiler.is_compiling() and bool(skip):
             out_tree, inner_state = optree.tree_map(torch.zeros_like, tree), state.inner_state
         else:
-            out_tree, inner_state = inner.update(tree, state.inner_state, params=None, inplace=False if skip is not None else inplace)
-            if skip is not None:  # compiled: select instead of branching
+            select = skip is not None and torch.compiler.is_compiling()  # compiled: select, not branch
+            out_tree, inner_state = inner.update(tree, state.inner_state, params=None, inplace=inplace and not select)
+            if select:
                 out_tree = optree.tree_map(lambda x: torch.where(skip.to(x.device), torch.zeros_like(x), x), out_tree)
                 inner_state = optree.tree_map(
                     lambda new, old: torch.where(skip.to(new.device), old, new)
