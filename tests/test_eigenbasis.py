@@ -170,7 +170,7 @@ def test_identity_basis_gives_exactly_the_inner_transform():
 
 
 @pytest.mark.parametrize("variant", [dict(), dict(skip_first=False, solver="eigh"), dict(skip_first=False),
-                                     dict(solver="eigh")], ids=["default", "eigh-adam-first", "power-adam-first",
+                                     dict(solver="eigh")], ids=["power-skip", "eigh-adam-first", "power-adam-first",
                                                                 "eigh-skip"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_soap_matches_the_float64_reference(dtype, variant):
