@@ -410,26 +410,34 @@ def soap(
     mask: Any = None,
     moment_dtype: torch.dtype | None = None,
     grouped: bool = True,
+    eigensolver: str = "power",
+    skip_first: bool = True,
 ) -> GradientTransformation:
     r"""SOAP: Adam in the eigenbases of full-rank, float32 Kronecker factors, with decoupled weight decay.
 
     ``chain(kronecker_eigenbasis(scale_by_adam(b1, b2, eps), curvature=curvature_ema(shampoo_beta,
-    fp32_codec()), rank=full_rank(), precond_freq=precond_freq, max_precond_dim=max_precond_dim),
-    add_decayed_weights(weight_decay, mask), scale_by_learning_rate(lr))``: for a matrix leaf,
+    fp32_codec()), rank=full_rank(), precond_freq=precond_freq, max_precond_dim=max_precond_dim,
+    eigensolver=eigensolver, skip_first=skip_first), add_decayed_weights(weight_decay, mask),
+    scale_by_learning_rate(lr))``: for a matrix leaf,
 
     .. math::
-        L \leftarrow eta_s L + (1-eta_s) G G^	op,\quad R \leftarrow eta_s R + (1-eta_s) G^	op G,\quad
-        Q_L, Q_R = \mathrm{eigvecs}(L), \mathrm{eigvecs}(R)\ 	ext{(at step 1, then every precond\_freq steps)},\
-        u = Q_L\,\mathrm{Adam}(Q_L^	op G Q_R)\,Q_R^	op,\qquad 	heta \leftarrow 	heta - \eta\,(u + \lambda	heta),
+        L \leftarrow \beta_s L + (1-\beta_s) G G^\top,\quad R \leftarrow \beta_s R + (1-\beta_s) G^\top G,\qquad
+        u = Q_L\,\mathrm{Adam}(Q_L^\top G Q_R)\,Q_R^\top,\qquad \theta \leftarrow \theta - \eta\,(u + \lambda\theta),
 
-    with Adam's first moment following the basis at a refresh (the same as keeping it in the
-    original coordinates) and the second carried over (SOAP, Vyas et al. 2024). Vectors and
-    scalars get plain Adam; sides longer than ``max_precond_dim`` are not rotated. Differences
-    from the reference implementation: the bases come from an exact ``eigh`` (the reference
-    uses one QR power iteration per refresh after the first), the first step is a
-    preconditioned update (the reference only initialises the factors at step 1), leaves of
-    more than two dimensions are viewed as ``(shape[0], prod(shape[1:]))`` (the reference keeps
-    one factor per dimension), and Adam's bias correction and ``eps`` are :func:`scale_by_adam`'s.
+    where :math:`Q_L, Q_R` are the eigenbases of :math:`L, R`: exact (``eigh``) after step 1,
+    then refreshed every ``precond_freq`` steps by one power iteration warm-started from the
+    previous basis, each column keeping its position (``eigensolver="power"``; ``"eigh"``
+    recomputes them exactly, sorted by eigenvalue). Step 1 only initialises the factors and
+    bases: its update is zero (``skip_first=True``) and Adam's first step is step 2, in the
+    eigenbasis. Adam's first moment follows the basis at a refresh (the same as keeping it in
+    the original coordinates), the second is carried position by position (SOAP, Vyas et al.
+    2024). Vectors and scalars get plain Adam (from step 2 with ``skip_first``); sides longer
+    than ``max_precond_dim`` are not rotated. Known differences from the reference
+    implementation: leaves of more than two dimensions are viewed as ``(shape[0],
+    prod(shape[1:]))`` (the reference keeps one factor per dimension), the refresh adds a
+    relative Tikhonov term of ``1e-4`` of the mean eigenvalue (eigenvectors unchanged), Adam's
+    denominator is :math:`\sqrt{\hat v} + \epsilon` (:func:`scale_by_adam`), and step 1 still
+    applies the decoupled weight decay.
 
     Args:
         lr: learning rate: float >= 0, 0-d tensor, or schedule ``count -> lr``.
@@ -442,6 +450,8 @@ def soap(
         mask: weight-decay mask (tree of bools or callable).
         moment_dtype: dtype of Adam's moments (default: at least float32).
         grouped: stack same-shape leaves (False: per-leaf loop).
+        eigensolver: ``"power"`` (default) or ``"eigh"`` (see :func:`kronecker_eigenbasis`).
+        skip_first: zero update at step 1 (default), or plain Adam at step 1 (False).
 
     Returns:
         The chain ``(kronecker_eigenbasis, add_decayed_weights, scale_by_learning_rate)``.
@@ -463,6 +473,8 @@ def soap(
             precond_freq=precond_freq,
             max_precond_dim=max_precond_dim,
             grouped=grouped,
+            eigensolver=check_choice("eigensolver", eigensolver, ("power", "eigh")),
+            skip_first=skip_first,
         )
 
     return _adam_in_eigenbasis(eigenbasis, lr, betas, eps, weight_decay, mask, moment_dtype)

@@ -138,13 +138,13 @@ OPTIMIZERS: list[OptimizerEntry] = [
         links=lambda lr: [
             sf.kronecker_eigenbasis(
                 sf.scale_by_adam(0.9, 0.999), curvature=sf.curvature_ema(0.95, codec=sf.fp32_codec()),
-                rank=sf.full_rank(), precond_freq=2, max_precond_dim=10000,
+                rank=sf.full_rank(), precond_freq=2, max_precond_dim=10000, eigensolver="power", skip_first=True,
             ),
             sf.add_decayed_weights(1e-4),
             sf.scale_by_learning_rate(lr),
         ],
         compile_tol=(1e-4, 1e-6),
-        note="Adam in the eigenbases of full-rank fp32 factors, refreshed every 2 steps",
+        note="Adam in the eigenbases of full-rank fp32 factors, power-iteration refresh every 2 steps, step 1 zero",
     ),
     OptimizerEntry(
         name="scao-eigenbasis",

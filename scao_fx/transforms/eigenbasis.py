@@ -28,20 +28,37 @@ or a fixed rank at least the side's length) has no complement and no complement 
 :class:`~scao_fx.ScaleByAdamState` in the inner state is re-expressed in the new bases
 (:func:`~scao_fx.precond.eigenbasis.change_basis`), which with full bases is exactly SOAP's
 choice of keeping the first moment in the original coordinates and projecting it at every step;
-the second moment ``nu`` is carried over as it is, position by position (eigenvalues are sorted
-in decreasing order at every refresh, so position ``i`` is the ``i``-th largest direction of the
-old and of the new basis), as SOAP does. ``"keep"`` carries every inner state tensor unchanged
+the second moment ``nu`` is carried over as it is, position by position, as SOAP does (with
+``eigensolver="power"`` position ``i`` is the continuation of the old basis's column ``i``;
+with ``eigh`` eigenvalues are sorted at every refresh, so position ``i`` is the ``i``-th
+largest direction of the old and of the new basis). ``"keep"`` carries every inner state tensor unchanged
 (an ablation). Other inner states (e.g. :func:`~scao_fx.quantize_state`'s encoded moments) are
 always carried unchanged.
 
 **Schedule**: the statistics are updated at every step; a step's gradient is rotated with the
 bases of the last refresh, and the bases are refreshed *after* the rotation at step 1 and then
-every ``precond_freq`` steps (``count % precond_freq == 0``), SOAP's order. Step 1 therefore
+every ``precond_freq`` steps (``count % precond_freq == 0``), SOAP's order. By default step 1
 runs the inner transform in the original coordinates (a side never refreshed uses the identity
-basis: plain Adam) and preconditioning starts at step 2. Refreshing before the rotation would
-rotate :math:`G_1` into its own singular bases at step 1: the core is then diagonal up to
-rounding, and Adam's first step (:math:`m/\sqrt{v} = \mathrm{sign}`) turns the rounding noise of
-the off-diagonal entries into updates of size 1.
+basis: plain Adam) and preconditioning starts at step 2; its second moment, a function of the
+original coordinates, is then carried into the eigenbasis by position, where it means
+something else. With ``skip_first=True`` (what :func:`~scao_fx.soap` uses, and SOAP's choice)
+step 1 only accumulates the statistics and computes the first bases: every update of the step
+is zero and the inner transform's first step is step 2, in the eigenbasis. Refreshing before
+the rotation would rotate :math:`G_1` into its own singular bases at step 1: the core is then
+diagonal up to rounding, and Adam's first step (:math:`m/\sqrt{v} = \mathrm{sign}`) turns the
+rounding noise of the off-diagonal entries into updates of size 1.
+
+**Refresh by power iteration** (``eigensolver="power"``, full-width bases): the first refresh
+is an exact ``eigh`` (eigenvalues decreasing); every later one is a single step of orthogonal
+iteration warm-started from the current basis, :math:`Q \leftarrow \mathrm{qr}((F + \epsilon I
++ \delta I) Q)`, with the columns orthonormalised in the order of their Rayleigh quotients and
+each put back at its own position, signs kept (:math:`\delta` a small multiple of the largest
+Rayleigh quotient so that directions of a null space are not rebuilt from rounding noise).
+Column ``i`` then keeps tracking the same, slowly turning direction, and the second moment
+carried by position stays attached to it. An exact ``eigh`` at every refresh sorts by
+eigenvalue instead: directions whose eigenvalues cross or are close (most of the spectrum of
+a short EMA) change position or turn arbitrarily inside their cluster, and the carried second
+moment no longer belongs to the direction at its position.
 
 Sides longer than ``max_precond_dim`` (or of length 1) are not rotated (one-sided); leaves with
 no rotated side (vectors, scalars, empty tensors) go through the inner transform in their own
@@ -65,7 +82,7 @@ from .._tree import flatten, unflatten
 from .._validation import check_bool, check_choice, check_dense_leaves, check_float, check_int
 from ..base import GradientTransformation, check_transform, increment, register_state, step_count
 from ..precond.curvature import CurvatureEMA
-from ..precond.eigen import branch
+from ..precond.eigen import branch, regularize, robust_eigh
 from ..precond.eigenbasis import change_basis, kept_basis, project_complement, rotate, rotate_back
 from ..precond.kron import init_side, normalize, saturate, side_from_eigenpairs
 from ..precond.rank import RankRule, full_rank
@@ -121,6 +138,7 @@ def kronecker_eigenbasis(
     sides: str = "both",
     eigensolver: str = "auto",
     gram_precision: str = "float32",
+    skip_first: bool = False,
 ) -> GradientTransformation:
     r"""Run ``inner`` (Adam by default) in the eigenbases of each matrix's Kronecker factors.
 
@@ -140,8 +158,15 @@ def kronecker_eigenbasis(
             it only matters for the rank rule).
         grouped: stack leaves of equal matrix shape, dtype and device (False: one group per leaf).
         sides: ``"both"`` or ``"wide"`` (only the longer side of non-square matrices).
-        eigensolver: ``"auto"``, ``"eigh"`` or ``"subspace"`` (see :func:`kronecker_precondition`).
+        eigensolver: ``"auto"``, ``"eigh"`` or ``"subspace"`` (see :func:`kronecker_precondition`),
+            or ``"power"``: a full ``eigh`` at the first refresh, then one warm-started power
+            iteration per refresh whose columns keep their positions (see the module
+            documentation; full-width bases only, i.e. ``full_rank()``).
         gram_precision: ``"float32"`` or ``"bfloat16"`` inputs of the Gram products.
+        skip_first: step 1 only accumulates the statistics and computes the first bases; every
+            leaf's update is zero and the inner transform neither runs nor counts the step (its
+            first step is step 2, in the eigenbasis). False: step 1 runs the inner transform in
+            the original coordinates.
 
     Returns:
         A ``GradientTransformation`` with state :class:`KroneckerEigenbasisState`. Its input
@@ -164,8 +189,12 @@ def kronecker_eigenbasis(
     tikhonov = check_float("tikhonov", tikhonov, low=0.0)
     grouped = check_bool("grouped", grouped)
     side_mode = check_choice("sides", sides, ("both", "wide"))
-    check_choice("eigensolver", eigensolver, ("auto", "eigh", "subspace"))
+    check_choice("eigensolver", eigensolver, ("auto", "eigh", "subspace", "power"))
     check_choice("gram_precision", gram_precision, ("float32", "bfloat16"))
+    skip_first = check_bool("skip_first", skip_first)
+    if eigensolver == "power" and (rank.adaptive or rank.k_max is not None or not isinstance(curvature, CurvatureEMA)):
+        raise ValueError("eigensolver='power' keeps every direction of a curvature_ema: use rank=full_rank() "
+                         "and curvature=curvature_ema(...)")
 
     def cap(dim: int) -> int:
         return min(rank.capacity(dim), curvature.directions(dim))
@@ -203,8 +232,13 @@ def kronecker_eigenbasis(
         return KroneckerEigenbasisState(step_count(), step_count(), tuple(groups), inner_state)
 
     def refresh(side, count, first):
-        pairs = curvature.top_eigenpairs(side.stat, count, side.basis, first, tikhonov=tikhonov,
-                                         eigensolver=eigensolver)
+        if eigensolver == "power":
+            factor, eps = regularize(curvature.factor(side.stat, count, side.basis.shape[-2]), tikhonov)
+            vals, vecs, ok = branch(first, _exact_full, _power_step, (factor, side.basis))
+            pairs = (vals, vecs, ok, vals.new_zeros(vals.shape[0], 0), eps)
+        else:
+            pairs = curvature.top_eigenpairs(side.stat, count, side.basis, first, tikhonov=tikhonov,
+                                             eigensolver=eigensolver)
         return side_from_eigenpairs(side, *pairs, rank=rank)
 
     def rotate_moments(inner_state, changes):
@@ -273,9 +307,23 @@ def kronecker_eigenbasis(
                 comps.append(comp[j] if (comp is not None and present[j]) else None)
             work.append((stats, bases, present, like, has_comp, dtype))
 
-        # 2. the inner transform in the rotated coordinates
+        # 2. the inner transform in the rotated coordinates (not at step 1 with skip_first: the
+        # step's update is zero and the inner state stays as it was)
         tree = (unflatten(spec, passthrough), tuple(cores), tuple(comps))
-        out_tree, inner_state = inner.update(tree, state.inner_state, params=None, inplace=inplace)
+        skip = (count == 1) if skip_first else None
+        if skip is not None and not torch.compiler.is_compiling() and bool(skip):
+            out_tree, inner_state = optree.tree_map(torch.zeros_like, tree), state.inner_state
+        else:
+            select = skip is not None and torch.compiler.is_compiling()  # compiled: select, not branch
+            out_tree, inner_state = inner.update(tree, state.inner_state, params=None, inplace=inplace and not select)
+            if select:
+                out_tree = optree.tree_map(lambda x: torch.where(skip.to(x.device), torch.zeros_like(x), x), out_tree)
+                inner_state = optree.tree_map(
+                    lambda new, old: torch.where(skip.to(new.device), old, new)
+                    if isinstance(new, torch.Tensor) and isinstance(old, torch.Tensor) and new.shape == old.shape
+                    else new,
+                    inner_state, state.inner_state,
+                )
         out_pass, out_cores, out_comps = out_tree
         out, _ = flatten(out_pass)
 
@@ -319,6 +367,41 @@ def kronecker_eigenbasis(
         return unflatten(spec, out), KroneckerEigenbasisState(count, refreshes, tuple(new_groups), inner_state)
 
     return GradientTransformation(init, update)
+
+
+def _exact_full(factor: torch.Tensor, basis: torch.Tensor) -> tuple:
+    """Every eigenpair of ``factor`` by a full ``eigh``, eigenvalues decreasing: ``(vals, vecs, ok)``."""
+    vals, vecs, ok = robust_eigh(factor)
+    return vals.contiguous(), vecs.to(factor.dtype).contiguous(), ok.contiguous()
+
+
+def _power_step(factor: torch.Tensor, basis: torch.Tensor) -> tuple:
+    r"""One step of orthogonal (power) iteration from ``basis`` whose columns keep their positions.
+
+    The columns of :math:`F Q` are orthonormalised by a QR in the order of their Rayleigh
+    quotients :math:`q_i^\top F q_i` (largest first, so the leading directions are the least
+    disturbed by the Gram-Schmidt) and put back at their own positions, with the signs of the
+    previous columns: column ``i`` of the new basis continues column ``i`` of the old one, which
+    is what lets the inner transform's second moment be carried position by position. The
+    factor is shifted by a small multiple of its largest Rayleigh quotient (eigenvectors
+    unchanged) so that columns in a (numerical) null space are not rebuilt from rounding noise.
+    Returns ``(Rayleigh quotients of the new columns (B, d), new basis (B, d, d), ok (B,))``.
+    """
+    q0 = basis.to(factor.dtype)
+    fq = torch.matmul(factor, q0)
+    ray = (q0 * fq).sum(-2)  # (B, d)
+    top = ray.abs().amax(-1).clamp(min=torch.finfo(factor.dtype).tiny)
+    shift = min(32 * factor.shape[-1] * torch.finfo(factor.dtype).eps, 0.1) * top
+    work = fq + shift[:, None, None] * q0
+    index = torch.argsort(ray, dim=-1, descending=True)[:, None, :].expand_as(work)
+    q, r = torch.linalg.qr(torch.gather(work, -1, index))
+    sign = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
+    q = q * torch.where(sign == 0, torch.ones_like(sign), sign)[:, None, :]
+    new = torch.empty_like(q).scatter_(-1, index, q)
+    vals = (new * torch.matmul(factor, new)).sum(-2)
+    ok = torch.isfinite(new).flatten(1).all(-1) & torch.isfinite(vals).all(-1)
+    new = torch.where(ok[:, None, None], new, q0)
+    return vals.contiguous(), new.contiguous(), ok.contiguous()
 
 
 def _any(rows: list) -> torch.Tensor:
