@@ -370,6 +370,7 @@ class FinetuneWorkload(Workload):
         ids, mask, y = batch
         return F.cross_entropy(model(ids, mask), y)
 
+    @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         total, correct = 0.0, 0
         for ids, mask, y in self.eval_batches:
