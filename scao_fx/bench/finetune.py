@@ -91,7 +91,7 @@ FINETUNE_OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw-b95", "scao", "muon")
 #: not listed use 0.1 x their GPT default (full) or their GPT default (lora).
 FINETUNE_LRS: dict[str, dict[str, float]] = {
     "full": {"adamw": 2e-4, "adamw-b95": 2e-4, "scao": 2e-4, "muon": 5e-3, "muon-adamw": 1e-4},
-    "lora": {"adamw": 2e-3, "adamw-b95": 2e-3, "scao": 2e-3, "muon": 2e-2, "muon-adamw": 1e-3},
+    "lora": {"adamw": 2e-3, "adamw-b95": 2e-3, "scao": 2e-3, "muon": 1e-2, "muon-adamw": 1e-3},
 }
 
 #: SCAO schedule of the fine-tuning runs unless ``--scao-opt`` is given: the runs are short, so
