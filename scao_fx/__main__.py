@@ -8,7 +8,6 @@ Sub-commands:
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 
@@ -35,10 +34,12 @@ def _bench_kernels(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run the chosen sub-command; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="scao-fx", description="scao-fx command-line tools")
+    from .bench import cli as bench_cli
+
+    # argparse's own errors (a bad flag or value) are one line and exit status 2, like the benchmark's
+    parser = bench_cli.OneLineParser(prog="scao-fx", description="scao-fx command-line tools")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="{bench,bench-kernels}")
-    from .bench import cli as bench_cli
 
     bench = sub.add_parser(
         "bench", help="train a small GPT on standard-library text with each optimizer and compare them",
@@ -49,7 +50,11 @@ def main(argv: list[str] | None = None) -> int:
                    add_help=False)
     if argv and argv[0] == "bench-kernels":  # pass everything after it through untouched
         return _bench_kernels(argv[1:])
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except bench_cli.UsageError as exc:
+        print(exc, file=sys.stderr)
+        return bench_cli.EXIT_USAGE
     if args.version or args.command is None:
         from . import __version__
 

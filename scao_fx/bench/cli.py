@@ -18,8 +18,12 @@ from pathlib import Path
 from . import optimizers as optreg
 from .corpus import DEFAULT_CORPUS_BYTES
 from .model import PRESETS
+from .workload import WORKLOADS
 
-__all__ = ["add_arguments", "config_from_args", "main", "run_from_args", "QUICK", "EXIT_USAGE", "EXIT_INTERRUPTED"]
+__all__ = [
+    "add_arguments", "config_from_args", "configs_from_args", "main", "run_from_args", "QUICK", "EXIT_USAGE",
+    "EXIT_INTERRUPTED", "OneLineParser", "UsageError",
+]
 
 #: Exit status of bad input (argparse's own), and of an interrupted run (128 + SIGINT).
 EXIT_USAGE = 2
@@ -30,6 +34,18 @@ QUICK = dict(preset="tiny", steps=40, eval_every=10, eval_batches=2, corpus_char
 #: SCAO options under ``--quick`` (unless --scao-opt is given): short warmup and ramp, so the
 #: smoke run exercises the preconditioned phase, not only SCAO's Adam warmup.
 QUICK_SCAO = dict(warmup_steps=10, blend_steps=10, precond_freq=5, min_precond_updates=2)
+
+
+class UsageError(Exception):
+    """A command-line error found by argparse (a bad flag or value); :func:`main` prints it as one line."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (``PROG: error: MESSAGE``, exit status 2)
+    instead of the usage text followed by the message; sub-parsers inherit it."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{self.prog}: error: {message}")
 
 
 def _value(text: str):
@@ -84,16 +100,25 @@ def _lr_overrides(items: list[str]) -> dict[str, float]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the ``bench`` options to ``p``."""
     names = ", ".join(optreg.REGISTRY)
-    p.add_argument("--optimizers", "-O", default=",".join(optreg.DEFAULT_OPTIMIZERS),
-                   help=f"comma-separated optimizers (unavailable ones are reported and skipped); registered: {names}")
-    p.add_argument("--steps", type=int, default=None, help="training steps per run (default 500; --quick 40)")
-    p.add_argument("--eval-every", type=int, default=None, help="evaluate every K steps (default 50)")
+    p.add_argument("--workload", choices=WORKLOADS, default="gpt",
+                   help="what is trained: gpt (default: a small GPT from scratch on standard-library text) or finetune "
+                        "(the pretrained MiniLM-L6 classifying standard-library docstrings by package, full and LoRA)")
+    p.add_argument("--finetune-mode", choices=("both", "full", "lora"), default="both",
+                   help="with --workload finetune: full fine-tuning, LoRA (PEFT), or both one after the other into "
+                        "--out/full and --out/lora (the default)")
+    p.add_argument("--optimizers", "-O", default=None,
+                   help=f"comma-separated optimizers (unavailable ones are reported and skipped; default: all for gpt, "
+                        f"{','.join(_finetune_optimizers())} for finetune); registered: {names}")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps per run (default 500, --quick 40; finetune 150, --quick 6)")
+    p.add_argument("--eval-every", type=int, default=None, help="evaluate every K steps (default 50; finetune 25)")
     p.add_argument("--eval-batches", type=int, default=None, help="validation batches per evaluation (default 8)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="model size: tiny (--quick), small (default: 4 layers, d=128, 4 heads, ctx 128, batch 16), "
                         "medium / large (for a GPU)")
-    p.add_argument("--batch-size", type=int, default=None, help="override the preset's batch size")
-    p.add_argument("--block-size", type=int, default=None, help="override the preset's context length")
+    p.add_argument("--batch-size", type=int, default=None, help="override the preset's batch size (finetune: 16)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="override the preset's context length (finetune: the docstrings' token length, 32)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--data", default=None, metavar="PATH", help="train on this text file instead of the stdlib corpus")
     p.add_argument("--corpus-chars", type=int, default=None, help=f"corpus size cap in characters (default {DEFAULT_CORPUS_BYTES:,})")
@@ -127,17 +152,47 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--list", action="store_true", help="list the registered optimizers and whether they run here, then exit")
 
 
+def _finetune_optimizers() -> tuple[str, ...]:
+    from .finetune import FINETUNE_OPTIMIZERS
+
+    return FINETUNE_OPTIMIZERS
+
+
+def configs_from_args(args: argparse.Namespace) -> list[tuple[object, str]]:
+    """The runs one command makes: ``[(BenchConfig, output directory)]``. One for ``gpt`` and for
+    ``finetune`` in one mode; ``--finetune-mode both`` gives full then LoRA, in ``--out/full`` and
+    ``--out/lora``."""
+    import dataclasses
+
+    cfg = config_from_args(args)
+    if cfg.workload != "finetune":
+        return [(cfg, args.out)]
+    modes = ("full", "lora") if getattr(args, "finetune_mode", "both") == "both" else (args.finetune_mode,)
+    if len(modes) == 1:
+        return [(dataclasses.replace(cfg, finetune_mode=modes[0]), args.out)]
+    return [(dataclasses.replace(cfg, finetune_mode=m), str(Path(args.out) / m)) for m in modes]
+
+
 def config_from_args(args: argparse.Namespace):
     from .runner import BenchConfig
 
+    workload = getattr(args, "workload", "gpt")
     base = dict(QUICK) if args.quick else {}
+    if workload == "finetune":
+        from . import finetune
+
+        shape = finetune.QUICK if args.quick else finetune.DEFAULTS
+        base = dict(steps=shape["steps"], eval_every=shape["eval_every"], sweep_steps=None)
     def pick(name, default):
         value = getattr(args, name)
         return value if value is not None else base.get(name, default)
 
     from .runner import check_device
 
-    names = tuple(n.strip() for n in args.optimizers.split(",") if n.strip())
+    if args.optimizers is None:
+        names = _finetune_optimizers() if workload == "finetune" else optreg.DEFAULT_OPTIMIZERS
+    else:
+        names = tuple(n.strip() for n in args.optimizers.split(",") if n.strip())
     if not names:
         raise ValueError(f"--optimizers: no optimizer named; registered: {', '.join(optreg.REGISTRY)}")
     for n in names:
@@ -156,6 +211,12 @@ def config_from_args(args: argparse.Namespace):
             raise ValueError(f"--lr: unknown optimizer {n!r}; registered: {', '.join(optreg.REGISTRY)}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if workload == "finetune":
+        from .finetune import FINETUNE_SCAO
+
+        default_scao = dict(FINETUNE_SCAO)
+    else:
+        default_scao = dict(QUICK_SCAO) if args.quick else {}
     return BenchConfig(
         preset=pick("preset", "small"),
         steps=pick("steps", 500),
@@ -172,7 +233,7 @@ def config_from_args(args: argparse.Namespace):
         optimizers=names,
         lrs=lrs,
         weight_decay=args.weight_decay,
-        scao_options=scao_options if args.scao_opt else (dict(QUICK_SCAO) if args.quick else {}),
+        scao_options=scao_options if args.scao_opt else default_scao,
         muon_adamw_lr=args.muon_adamw_lr,
         lr_sweep=args.lr_sweep or args.sweep_only,
         sweep_only=args.sweep_only,
@@ -183,6 +244,8 @@ def config_from_args(args: argparse.Namespace):
         threads=args.threads,
         progress=not args.no_progress,
         quick=args.quick,
+        workload=workload,
+        finetune_mode="full" if getattr(args, "finetune_mode", "both") == "both" else args.finetune_mode,
     )
 
 
@@ -196,9 +259,13 @@ def _list(device: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``scao-fx bench``; returns the process exit code."""
-    parser = argparse.ArgumentParser(prog="scao-fx bench", description=__doc__)
+    parser = OneLineParser(prog="scao-fx bench", description=__doc__)
     add_arguments(parser)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
     return run_from_args(args)
 
 
@@ -242,40 +309,59 @@ def run_from_args(args: argparse.Namespace) -> int:
             return _error(str(exc))
         return _list(args.device)
     try:
-        cfg = config_from_args(args)
+        jobs = configs_from_args(args)
     except ValueError as exc:  # BenchError is one
         return _error(str(exc))
-    from .report import headline, summary_table, sweep_table, write_results
-    from .runner import BenchError, run_benchmark
+    from .runner import BenchError
 
     t0 = time.perf_counter()
-    warning = _load_warning(cfg.interleave)
+    warning = _load_warning(jobs[0][0].interleave)
     if warning:
         print(warning, file=sys.stderr)
-    written: dict = {}
-
-    def save(results: dict) -> None:
-        paths = write_results(results, args.out)
-        written["runs"] = len(results["runs"]) + len(results["sweep"])
-        written["paths"] = paths
-        if not args.no_plots and (results["runs"] or results["sweep"]):
-            paths.update(_plots(results, args.out))
-
+    written: dict = {"runs": 0}
+    status = 0
     try:
-        results = run_benchmark(cfg, log=lambda msg: print(msg, flush=True), on_update=save)
-        save(results)
+        for cfg, out in jobs:
+            if len(jobs) > 1:
+                print(f"== {cfg.workload} ({cfg.finetune_mode}) -> {out}", flush=True)
+            status = max(status, _run_one(cfg, out, args, t0, written))
     except BenchError as exc:
         return _error(str(exc))
     except KeyboardInterrupt:
-        n = written.get("runs", 0)
-        where = f"the files of the {n} finished run(s) are in {args.out}" if n else "no run had finished, nothing written"
+        n = written["runs"]
+        where = (f"the files of the {n} finished run(s) are in {', '.join(written['outs'])}" if n
+                 else "no run had finished, nothing written")
         print(f"\nscao-fx bench: interrupted after {time.perf_counter() - t0:.0f} s; {where}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    paths = written["paths"]
+    return status
+
+
+def _run_one(cfg, out: str, args: argparse.Namespace, t0: float, written: dict) -> int:
+    """One benchmark (one workload and mode) written to ``out``; returns its exit status."""
+    from .report import headline, summary_table, sweep_table, write_results
+    from .runner import run_benchmark
+
+    mine = {"runs": 0}
+
+    def save(results: dict) -> None:
+        paths = write_results(results, out)
+        n = len(results["runs"]) + len(results["sweep"])
+        written["runs"] += n - mine["runs"]
+        mine["runs"] = n
+        written.setdefault("outs", [])
+        if out not in written["outs"]:
+            written["outs"].append(out)
+        mine["paths"] = paths
+        if not args.no_plots and (results["runs"] or results["sweep"]):
+            paths.update(_plots(results, out))
+
+    results = run_benchmark(cfg, log=lambda msg: print(msg, flush=True), on_update=save)
+    save(results)
+    paths = mine["paths"]
     if cfg.sweep_only:
         print()
         print(sweep_table(results))
-        print(f"wrote {', '.join(sorted(paths))} to {args.out} ({time.perf_counter() - t0:.0f} s)")
+        print(f"wrote {', '.join(sorted(paths))} to {out} ({time.perf_counter() - t0:.0f} s)")
         return 0 if results["sweep"] else 1
     if not results["runs"]:
         print("scao-fx bench: no optimizer could run", file=sys.stderr)
@@ -289,7 +375,7 @@ def run_from_args(args: argparse.Namespace) -> int:
           f"validation loss")
     if results["skipped"]:
         print("skipped: " + "; ".join(f"{k} ({v})" for k, v in results["skipped"].items()))
-    print(f"wrote {', '.join(sorted(paths))} to {args.out} ({time.perf_counter() - t0:.0f} s)")
+    print(f"wrote {', '.join(sorted(paths))} to {out} ({time.perf_counter() - t0:.0f} s)")
     failed = [r for r in results["runs"] if r["status"] == "error" and r["kind"] in ("baseline", "ours")]
     return 1 if failed else 0
 

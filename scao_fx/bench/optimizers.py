@@ -255,7 +255,9 @@ def muon_split(named_params: Iterable[tuple[str, torch.Tensor]]) -> tuple[list[t
     """Split the benchmark GPT's parameters for Muon: ``(muon_params, adamw_params)``.
 
     Muon takes the 2-D weight matrices of the transformer blocks (parameters named
-    ``blocks.*`` with two dimensions: attention ``qkv``/``proj`` and the MLP's ``fc``/``out``);
+    ``blocks.*`` with two dimensions: attention ``qkv``/``proj`` and the MLP's ``fc``/``out``;
+    in the fine-tuning workload, the 2-D matrices of the encoder's layers, ``*.layer.N.*``, LoRA
+    factors included);
     AdamW takes the rest: token and position embeddings, the output head, LayerNorm weights and
     every bias (the usual Muon recipe: hidden matrices only).
 
@@ -268,9 +270,11 @@ def muon_split(named_params: Iterable[tuple[str, torch.Tensor]]) -> tuple[list[t
         if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
             raise TypeError("muon_split needs (name, parameter) pairs, e.g. model.named_parameters()")
         name, p = item
-        (muon if p.ndim == 2 and name.startswith("blocks.") else rest).append(p)
+        hidden = name.startswith("blocks.") or ".layer." in name  # the GPT's blocks, a BERT encoder's layers
+        (muon if p.ndim == 2 and hidden else rest).append(p)
     if not muon:
-        raise ValueError("muon: no 2-D weight matrix under 'blocks.' (Muon's split is written for the benchmark GPT)")
+        raise ValueError("muon: no 2-D weight matrix under 'blocks.' or '*.layer.N.' (Muon's split is written for the "
+                         "benchmark's models)")
     return muon, rest
 
 

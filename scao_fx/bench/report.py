@@ -14,6 +14,7 @@ SUMMARY_COLUMNS: list[tuple[str, str, str]] = [
     ("name", "optimizer", "{}"),
     ("lr", "lr", "{:.3g}"),
     ("final_val", "val loss", "{:.4f}"),
+    ("final_acc", "val acc", "{:.3f}"),  # shown only for workloads that report accuracy (finetune)
     ("val_diff_mean", "Δ vs baseline", "{:+.4f}"),
     ("val_diff_std", "± (paired std)", "{:.4f}"),
     ("best_diff_mean", "Δ vs best", "{:+.4f}"),
@@ -47,10 +48,12 @@ def summary_table(results: dict, markdown: bool = False) -> str:
     ``reached`` count is appended as ``k/n``); "Δ vs best" = the gap to the optimizer with the
     lowest final validation loss.
     """
+    columns = [c for c in SUMMARY_COLUMNS
+               if c[0] != "final_acc" or any(row.get("final_acc") is not None for row in results["summary"])]
     rows = []
     for row in results["summary"]:
         cells = []
-        for key, _, fmt in SUMMARY_COLUMNS:
+        for key, _, fmt in columns:
             text = _fmt(row.get(key), fmt)
             if key == "steps_ratio":
                 text = f"{text} ({row['reached']}/{row['seeds']})"
@@ -58,7 +61,7 @@ def summary_table(results: dict, markdown: bool = False) -> str:
                 text = f"{text} [{row['status']}]"
             cells.append(text)
         rows.append(cells)
-    headers = [title for _, title, _ in SUMMARY_COLUMNS]
+    headers = [title for _, title, _ in columns]
     if markdown:
         lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -170,10 +173,11 @@ def write_results(results: dict, out_dir: str | Path) -> dict[str, Path]:
             curve_rows.append(dict(optimizer=run["name"], lr=run["lr"], seed=run["seed"], **point))
     paths["curves.csv"] = out / "curves.csv"
     curve_fields = ["optimizer", "lr", "seed", "step", "tokens", "seconds", "val_loss", "train_loss"]
+    curve_fields += sorted({k for row in curve_rows for k in row} - set(curve_fields))  # e.g. val_acc
     _replace(paths["curves.csv"], lambda tmp: _write_csv(tmp, curve_rows, curve_fields))
 
     run_fields = [
-        "name", "kind", "lr", "seed", "status", "error", "steps_done", "final_val", "best_val", "baseline", "val_diff",
+        "name", "kind", "lr", "seed", "status", "error", "steps_done", "final_val", "final_acc", "best_val", "baseline", "val_diff",
         "best_diff", "target",
         "steps_to_target", "seconds_to_target", "steps_ratio", "seconds_ratio", "step_time_ratio_mean",
         "step_time_ratio_median", "step_time_mean", "step_time_median", "opt_time_mean", "opt_time_median",

@@ -34,11 +34,11 @@ from typing import Any
 import torch
 
 from . import optimizers as optreg
-from .corpus import DEFAULT_CORPUS_BYTES, BatchStream, Corpus, build_corpus, sample_batch
+from .corpus import DEFAULT_CORPUS_BYTES
 from .metrics import PeakMemory, summarize_times
-from .model import GPT, GPTConfig, preset
 from .progress import Progress, synchronize
 from .summary import BASELINE, TARGET_TOL, RunResult, _baseline_info, best_optimizer, choose_baseline, summarize  # noqa: F401
+from .workload import EVAL_SEED, Workload, make_workload  # noqa: F401 - EVAL_SEED kept importable here
 
 __all__ = [
     "BenchConfig", "BenchError", "Trainer", "RunResult", "run_benchmark", "summarize", "environment", "BASELINE",
@@ -48,8 +48,6 @@ __all__ = [
 class BenchError(ValueError):
     """A problem with the benchmark's input (device, data, an optimizer that cannot be built),
     found before training; its message is one line naming the argument and what is accepted."""
-#: Seed of the fixed validation windows (the same for every run).
-EVAL_SEED = 1_000_003
 
 
 @dataclass
@@ -82,6 +80,8 @@ class BenchConfig:
     threads: int | None = None
     progress: bool = True
     quick: bool = False
+    workload: str = "gpt"  # what is trained: gpt | finetune (scao_fx.bench.workload)
+    finetune_mode: str = "full"  # the finetune workload's mode: full | lora
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -112,31 +112,22 @@ class BenchConfig:
 
 
 class Trainer:
-    """One optimizer training one freshly initialised model on one seed's batch stream."""
+    """One optimizer training one freshly initialised model of ``workload`` on one seed's batches."""
 
-    def __init__(
-        self,
-        spec: optreg.OptimizerSpec,
-        lr: float,
-        seed: int,
-        corpus: Corpus,
-        model_cfg: GPTConfig,
-        cfg: BenchConfig,
-        val_batches: list[tuple[torch.Tensor, torch.Tensor]],
-    ) -> None:
+    def __init__(self, spec: optreg.OptimizerSpec, lr: float, seed: int, workload: Workload, cfg: BenchConfig) -> None:
         self.spec = spec
         self.cfg = cfg
+        self.workload = workload
         self.device = torch.device(cfg.device)
-        self.val_batches = val_batches
-        self.tokens_per_step = model_cfg.batch_size * model_cfg.block_size
+        self.tokens_per_step = workload.tokens_per_step
         self.result = RunResult(name=spec.name, kind=spec.kind, lr=float(lr), seed=int(seed))
         self.memory = PeakMemory(self.device)
         torch.manual_seed(seed)  # for optimizers that draw from the global RNG (stochastic rounding)
-        self.model = GPT(model_cfg, seed=seed).to(self.device)
-        self.result.n_params = self.model.num_params()
-        self.stream = BatchStream(corpus.train, model_cfg.batch_size, model_cfg.block_size, seed, self.device)
+        self.model = workload.build_model(seed)
+        self.result.n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.stream = workload.batches(seed)
         self.memory.start()
-        params = self.model.named_parameters() if spec.named_params else self.model.parameters()
+        params = workload.trainable(self.model, spec.named_params)
         self.optimizer = spec.make(params, lr, cfg.weight_decay, cfg.options_for(spec))
         self.step = 0
         self.elapsed = 0.0
@@ -146,23 +137,22 @@ class Trainer:
         self.done = False
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean validation loss over the fixed validation batches."""
+    def evaluate(self) -> dict[str, float]:
+        """The workload's held-out metrics (``val_loss``, and e.g. ``val_acc``), in eval mode."""
         was_training = self.model.training
         self.model.eval()
-        total = 0.0
-        for x, y in self.val_batches:
-            _, loss = self.model(x, y)
-            total += float(loss)
+        metrics = self.workload.evaluate(self.model)
         self.model.train(was_training)
-        return total / len(self.val_batches)
+        return metrics
 
     def record(self) -> None:
         """Append a curve point (validation and last training loss) at the current step."""
-        val = self.evaluate()
+        metrics = self.evaluate()
+        val = metrics["val_loss"]
         train = float(self._last_loss) if self._last_loss is not None else math.nan
         self.result.curve.append(
-            dict(step=self.step, tokens=self.step * self.tokens_per_step, seconds=self.elapsed, val_loss=val, train_loss=train)
+            dict(step=self.step, tokens=self.step * self.tokens_per_step, seconds=self.elapsed, val_loss=val, train_loss=train,
+                 **{k: v for k, v in metrics.items() if k != "val_loss"})
         )
         if not math.isfinite(val) or (self._last_loss is not None and not math.isfinite(train)):
             self.result.status = "diverged"
@@ -170,11 +160,11 @@ class Trainer:
 
     def train_step(self) -> None:
         """One timed training step (forward, backward, optimizer step); evaluates when due."""
-        x, y = next(self.stream)
+        batch = next(self.stream)
         synchronize(self.device)
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        _, loss = self.model(x, y)
+        loss = self.workload.loss(self.model, batch)
         loss.backward()
         synchronize(self.device)
         t1 = time.perf_counter()
@@ -222,14 +212,13 @@ class Trainer:
         vals = [p["val_loss"] for p in r.curve if math.isfinite(p["val_loss"])]
         if r.curve:
             r.final_val = r.curve[-1]["val_loss"]
+            r.final_acc = r.curve[-1].get("val_acc")
         if vals:
             r.best_val = min(vals)
         # free the model and optimizer before the next run
         self.model = None  # type: ignore[assignment]
         self.optimizer = None
         return r
-
-
 
 
 def _start(trainer: Trainer) -> None:
@@ -396,20 +385,8 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
-def _check_corpus(corpus: Corpus, model_cfg: GPTConfig, cfg: BenchConfig) -> None:
-    need = model_cfg.block_size + 2
-    n_train, n_val = corpus.train.numel(), corpus.val.numel()
-    if n_train < need or n_val < need:
-        where = f"--data {cfg.data}" if cfg.data else "the corpus"
-        raise BenchError(
-            f"{where}: {n_train:,} training and {n_val:,} validation tokens (the last 10 %), too few for the "
-            f"context of {model_cfg.block_size} tokens; each split needs at least {need} "
-            f"(use a longer text, a larger --corpus-chars, or a smaller --block-size / --preset)"
-        )
-
-
-def preflight(specs: list[optreg.OptimizerSpec], model_cfg: GPTConfig, cfg: BenchConfig) -> None:
-    """Build every optimizer of ``specs`` once on a throwaway model, before any training.
+def preflight(specs: list[optreg.OptimizerSpec], workload: Workload, cfg: BenchConfig) -> None:
+    """Build every optimizer of ``specs`` once on a throwaway model of ``workload``, before any training.
 
     ``--scao-opt`` keys are checked first (:func:`optimizers.check_scao_options`); an optimizer
     whose factory raises is a :class:`BenchError` naming it, with the factory's error.
@@ -419,9 +396,9 @@ def preflight(specs: list[optreg.OptimizerSpec], model_cfg: GPTConfig, cfg: Benc
             optreg.check_scao_options(cfg.scao_options)
         except ValueError as exc:
             raise BenchError(str(exc)) from None
-    model = GPT(model_cfg, seed=0)
+    model = workload.build_model(0)
     for spec in specs:
-        params = model.named_parameters() if spec.named_params else model.parameters()
+        params = workload.trainable(model, spec.named_params)
         try:
             spec.make(params, spec.default_lr, cfg.weight_decay, cfg.options_for(spec))
         except Exception as exc:  # noqa: BLE001 - reported as an input error, before training
@@ -454,28 +431,12 @@ def run_benchmark(cfg: BenchConfig, log=print, on_update=None) -> dict:
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     env = environment(cfg.device)
-    try:
-        corpus = build_corpus(cfg.data, max_chars=cfg.corpus_chars, tokenizer=cfg.tokenizer)
-    except OSError as exc:
-        raise BenchError(f"--data {cfg.data}: cannot read it ({exc.strerror or exc}); give a text file") from None
-    except ValueError as exc:
-        raise BenchError(f"{'--data ' + str(cfg.data) if cfg.data else 'corpus'}: {exc}") from None
-    model_cfg = preset(cfg.preset, corpus.vocab_size, batch_size=cfg.batch_size, block_size=cfg.block_size)
-    _check_corpus(corpus, model_cfg, cfg)
+    workload = make_workload(cfg, device)  # data, model builder, loss and evaluation (BenchError on bad input)
     specs, skipped = _resolve(cfg, log)
-    preflight(specs, model_cfg, cfg)
-    gen = torch.Generator(device="cpu").manual_seed(EVAL_SEED)
-    val_batches = []
-    for _ in range(cfg.eval_batches):
-        x, y = sample_batch(corpus.val, model_cfg.batch_size, model_cfg.block_size, gen)
-        val_batches.append((x.to(device), y.to(device)))
-    _warm_up(model_cfg, corpus, device)
-    log(
-        f"corpus: {corpus.n_chars:,} chars, vocab {corpus.vocab_size} ({corpus.tokenizer}); "
-        f"model: {cfg.preset} {model_cfg.n_layer}x{model_cfg.d_model}, "
-        f"{GPT(model_cfg).num_params():,} params; {cfg.steps} steps x batch {model_cfg.batch_size}x{model_cfg.block_size} "
-        f"on {cfg.device} ({torch.get_num_threads()} threads)"
-    )
+    specs = [workload.tune_spec(s) for s in specs]
+    preflight(specs, workload, cfg)
+    workload.warm_up()
+    log(f"{workload.summary_line()} on {cfg.device} ({torch.get_num_threads()} threads)")
 
     lrs: dict[str, float] = {}
     sweep: list[dict] = []
@@ -488,8 +449,8 @@ def run_benchmark(cfg: BenchConfig, log=print, on_update=None) -> dict:
         return dict(
             config=cfg.to_dict(),
             environment=env,
-            corpus=corpus.describe(),
-            model=dict(model_cfg.to_dict(), n_params=GPT(model_cfg).num_params()),
+            corpus=workload.describe_data(),
+            model=workload.describe_model(),
             skipped=skipped,
             lrs=dict(lrs),
             sweep=list(sweep),
@@ -506,7 +467,7 @@ def run_benchmark(cfg: BenchConfig, log=print, on_update=None) -> dict:
             on_update(assemble(False))
 
     def trainer_factory(spec, lr, seed, steps_cfg):
-        return lambda: Trainer(spec, lr, seed, corpus, model_cfg, steps_cfg, val_batches)
+        return lambda: Trainer(spec, lr, seed, workload, steps_cfg)
 
     # learning rates: explicit --lr, else the sweep, else the registry default; ablations
     # follow SCAO's learning rate
@@ -535,7 +496,7 @@ def run_benchmark(cfg: BenchConfig, log=print, on_update=None) -> dict:
             lrs[spec.name] = float(cfg.lrs[spec.name])
         elif spec.name not in lrs:
             if spec.kind == "ablation":
-                lrs[spec.name] = float(cfg.lrs.get("scao", lrs.get("scao", optreg.get("scao").default_lr)))
+                lrs[spec.name] = float(cfg.lrs.get("scao", lrs.get("scao", workload.tune_spec(optreg.get("scao")).default_lr)))
             else:
                 lrs[spec.name] = spec.default_lr
 
@@ -551,21 +512,3 @@ def run_benchmark(cfg: BenchConfig, log=print, on_update=None) -> dict:
 
     env["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return assemble(True)
-
-
-def _warm_up(model_cfg: GPTConfig, corpus: Corpus, device: torch.device, steps: int = 3) -> None:
-    """A few untimed forward/backward passes of a throwaway model before the first measured run,
-    so that one-time costs (thread pools, allocator arenas, kernel selection, CUDA context) do not
-    land in the timings and peak memory of whichever optimizer happens to run first."""
-    model = GPT(model_cfg, seed=0).to(device)
-    stream = BatchStream(corpus.train, model_cfg.batch_size, model_cfg.block_size, seed=0, device=device)
-    for _ in range(steps):
-        x, y = next(stream)
-        _, loss = model(x, y)
-        loss.backward()
-    with torch.no_grad():
-        model(x, y)
-    synchronize(device)
-    del model, stream
-
-

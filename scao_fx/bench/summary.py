@@ -49,6 +49,7 @@ class RunResult:
     peak_mem_bytes: int | None = None
     peak_mem_delta_bytes: int | None = None  # peak minus the level before the optimizer existed
     mem_kind: str = "rss"
+    final_acc: float | None = None  # held-out accuracy at the end (workloads that report val_acc)
     # filled by summarize(): comparisons with the baseline of the same seed
     target: float | None = None
     steps_to_target: float | None = None
@@ -183,6 +184,7 @@ def summarize(runs: list[RunResult], baseline: str | None = None) -> list[dict]:
             baseline=baseline,
             final_val=_mean(r.final_val for r in ok),
             best_val=_mean(r.best_val for r in ok),
+            final_acc=_mean(r.final_acc for r in ok if r.final_acc is not None),
             val_diff_mean=None if d_n == 0 else d_mean,
             val_diff_std=None if d_n < 2 else d_std,  # no spread from a single pair
             val_diff_n=d_n,
