@@ -58,15 +58,23 @@ def _adamw_stored(lr, betas, eps, weight_decay, mask, moment_dtype, moments: str
     state, as ``adamw`` for ``"float32"``)."""
     if check_choice("moments", moments, SCAO_MOMENTS) == "float32":
         return adamw(lr, betas, eps, weight_decay, mask=mask, moment_dtype=moment_dtype)
+    return _decayed_adam_chain(
+        lambda b1, b2: _scale_by_adam_stored(b1, b2, eps, moments, moment_dtype), lr, betas, eps, weight_decay, mask
+    )
+
+
+def _decayed_adam_chain(
+    adam_link: Callable[[float, float], GradientTransformation],
+    lr: Any, betas: Any, eps: float, weight_decay: float, mask: Any,
+) -> GradientTransformation:
+    """``chain(adam_link(b1, b2), add_decayed_weights(weight_decay, mask), scale_by_learning_rate(lr))``
+    after checking the Adam arguments (betas, lr, eps, weight decay): the one body of
+    :func:`adam`, :func:`adamw`, 8-bit moments and the eigenbasis forms."""
     b1, b2 = check_betas("betas", betas)
     check_scalar_or_schedule("lr", lr)
     check_float("eps", eps, low=0.0)
     check_float("weight_decay", weight_decay, low=0.0)
-    return chain(
-        _scale_by_adam_stored(b1, b2, eps, moments, moment_dtype),
-        add_decayed_weights(weight_decay, mask),
-        scale_by_learning_rate(lr),
-    )
+    return chain(adam_link(b1, b2), add_decayed_weights(weight_decay, mask), scale_by_learning_rate(lr))
 
 
 def adam(
@@ -101,14 +109,8 @@ def adam(
         >>> import scao_fx as sf
         >>> tx = sf.adam(lr=1e-3)
     """
-    b1, b2 = check_betas("betas", betas)
-    check_scalar_or_schedule("lr", lr)
-    check_float("eps", eps, low=0.0)
-    check_float("weight_decay", weight_decay, low=0.0)
-    return chain(
-        scale_by_adam(b1, b2, eps, eps_root, moment_dtype=moment_dtype),
-        add_decayed_weights(weight_decay, mask),
-        scale_by_learning_rate(lr),
+    return _decayed_adam_chain(
+        lambda b1, b2: scale_by_adam(b1, b2, eps, eps_root, moment_dtype=moment_dtype), lr, betas, eps, weight_decay, mask
     )
 
 
@@ -487,12 +489,6 @@ def _adam_in_eigenbasis(
     """``chain(eigenbasis(scale_by_adam(b1, b2, eps), b2), add_decayed_weights(weight_decay, mask),
     scale_by_learning_rate(lr))`` after checking the Adam arguments (the eigenbasis forms of
     :func:`scao` and :func:`soap`)."""
-    b1, b2 = check_betas("betas", betas)
-    check_scalar_or_schedule("lr", lr)
-    check_float("eps", eps, low=0.0)
-    check_float("weight_decay", weight_decay, low=0.0)
-    return chain(
-        eigenbasis(scale_by_adam(b1, b2, eps, moment_dtype=moment_dtype), b2),
-        add_decayed_weights(weight_decay, mask),
-        scale_by_learning_rate(lr),
+    return _decayed_adam_chain(
+        lambda b1, b2: eigenbasis(scale_by_adam(b1, b2, eps, moment_dtype=moment_dtype), b2), lr, betas, eps, weight_decay, mask
     )
