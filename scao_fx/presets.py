@@ -17,7 +17,7 @@ from ._validation import check_choice, check_float
 from .base import GradientTransformation
 from .codecs import bf16_codec, fp32_codec, int8_blockwise
 from .precond.curvature import curvature_ema
-from .precond.rank import spectral_mass_rank
+from .precond.rank import RankRule, full_rank, spectral_mass_rank
 from .precond.sketch import curvature_sketch
 from .transforms.blend import blend_ramp
 from .transforms.eigenbasis import kronecker_eigenbasis
@@ -67,6 +67,7 @@ SCAO_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "sketch_rank": 128,
         "sketch_storage": "bfloat16",
         "form": "seed",
+        "skip_first": False,
         # the non-finite guard (apply_if_finite around the chain)
         "skip_nonfinite": True,
         "max_consecutive_skips": 10,
@@ -102,6 +103,14 @@ def _statistic(curvature: str, rho: float, use_int8_ema: bool, block_size: int, 
         return curvature_sketch(sketch_rank, rho, frame, basis_dtype=basis_dtype)
     return curvature_ema(rho, codec=int8_blockwise(block_size) if use_int8_ema else fp32_codec())
 
+def _rank_rule(epsilon_sparse: float, k_min: int, k_max: int | None) -> RankRule:
+    """SCAO's rank rule: :func:`spectral_mass_rank`, or :func:`full_rank` (every direction, no
+    truncation) for ``epsilon_sparse=0`` with ``k_max=None``."""
+    if epsilon_sparse == 0 and k_max is None:
+        return full_rank()
+    return spectral_mass_rank(epsilon_sparse, k_min, k_max)
+
+
 def scao_precondition(
     rho: float = SCAO_DEFAULTS["rho"],
     precond_freq: int = SCAO_DEFAULTS["precond_freq"],
@@ -130,6 +139,7 @@ def scao_precondition(
     sketch_rank: int = SCAO_DEFAULTS["sketch_rank"],
     sketch_storage: str = SCAO_DEFAULTS["sketch_storage"],
     form: str = SCAO_DEFAULTS["form"],
+    skip_first: bool = SCAO_DEFAULTS["skip_first"],
 ) -> GradientTransformation:
     r"""SCAO's preconditioner, built from its five named parts.
 
@@ -156,7 +166,8 @@ def scao_precondition(
         min_precond_updates: curvature updates required before the ramp, >= 0.
         epsilon_sparse: spectral mass that may be discarded, in [0, 1) (alias ``rank_eps``).
         k_min: smallest rank, >= 1.
-        k_max: largest rank, >= k_min.
+        k_max: largest rank, >= k_min; ``None``: no cap. ``epsilon_sparse=0`` with ``k_max=None``
+            keeps every direction (:func:`full_rank`).
         max_precond_dim: longest preconditioned side, >= 2.
         tau: optional cap on :math:`\lVert P(G)\rVert / \lVert G\rVert` (with ``graft="none"``).
         use_int8_ema: store curvature in block-wise int8 (False: float32).
@@ -167,7 +178,9 @@ def scao_precondition(
         tikhonov: relative Tikhonov factor, >= 0.
         grouped: stack same-shape leaves (False: per-leaf loop).
         sides: ``"both"``, or ``"wide"`` (only the longer side of non-square matrices: LoRA).
-        eigensolver: ``"auto"``, ``"eigh"`` or ``"subspace"`` (see :func:`kronecker_precondition`).
+        eigensolver: ``"auto"``, ``"eigh"`` or ``"subspace"`` (see :func:`kronecker_precondition`);
+            the eigenbasis form with every direction kept also takes ``"power"`` (see
+            :func:`~scao_fx.kronecker_eigenbasis`).
         gram_precision: ``"float32"`` or ``"bfloat16"`` inputs of the curvature's Gram products
             (see :func:`kronecker_precondition`).
         process_group: spread basis refreshes over this ``torch.distributed`` group (see
@@ -183,6 +196,8 @@ def scao_precondition(
         form: ``"seed"`` (this preconditioner, followed by Adam). ``"eigenbasis"`` runs Adam
             *inside* the preconditioner (:func:`~scao_fx.kronecker_eigenbasis`), so it is a form
             of the whole optimizer: ask :func:`scao` for it; here it is a ``ValueError``.
+        skip_first: the eigenbasis form's step-1 rule (see :func:`~scao_fx.kronecker_eigenbasis`);
+            the seed form has no such step: it must stay at its default.
 
     Returns:
         A ``GradientTransformation`` with state ``BlendRampState(KroneckerPreconditionState, count)``.
@@ -208,11 +223,14 @@ def scao_precondition(
             "form='eigenbasis' runs Adam inside the preconditioner: build the whole optimizer with "
             "sf.scao(..., form='eigenbasis') (or sf.kronecker_eigenbasis(...)), not scao_precondition"
         )
+    if skip_first != SCAO_DEFAULTS["skip_first"]:
+        raise ValueError(f"skip_first applies to form='eigenbasis' only; with form='seed' leave it at its default "
+                         f"{SCAO_DEFAULTS['skip_first']!r}, got {skip_first!r}")
     statistic = _statistic(curvature, rho, use_int8_ema, block_size, sketch_rank, sketch_storage)
     return blend_ramp(
         kronecker_precondition(
             curvature=statistic,
-            rank=spectral_mass_rank(epsilon_sparse, k_min, k_max),
+            rank=_rank_rule(epsilon_sparse, k_min, k_max),
             precond_freq=precond_freq,
             max_precond_dim=max_precond_dim,
             complement=complement,
@@ -264,7 +282,7 @@ def scao_eigenbasis_precondition(inner: GradientTransformation, kw: dict[str, An
     return kronecker_eigenbasis(
         inner,
         curvature=statistic,
-        rank=spectral_mass_rank(hp["epsilon_sparse"], hp["k_min"], hp["k_max"]),
+        rank=_rank_rule(hp["epsilon_sparse"], hp["k_min"], hp["k_max"]),
         precond_freq=hp["precond_freq"],
         max_precond_dim=hp["max_precond_dim"],
         tikhonov=hp["tikhonov"],
@@ -272,4 +290,5 @@ def scao_eigenbasis_precondition(inner: GradientTransformation, kw: dict[str, An
         sides=hp["sides"],
         eigensolver=hp["eigensolver"],
         gram_precision=hp["gram_precision"],
+        skip_first=hp["skip_first"],
     )

@@ -474,3 +474,35 @@ def test_skip_first_only_initialises_the_bases_at_step_1():
     ql, qr = (kept_basis(s)[0] for s in (state.groups[0].left, state.groups[0].right))
     torch.testing.assert_close(ql.T @ u["w"] @ qr, torch.sign(ql.T @ g2["w"] @ qr), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(u["b"], torch.sign(g2["b"]), rtol=1e-4, atol=1e-4)
+
+
+def test_scao_full_rank_eigenbasis_is_soap_with_its_statistics():
+    # epsilon_sparse=0 with k_max=None is full_rank(): with float32 statistics, the power refresh
+    # and skip_first, sf.scao's eigenbasis form is sf.soap step for step (same chain, same parts).
+    kw = dict(lr=3e-3, betas=(0.9, 0.95), weight_decay=0.01, precond_freq=3)
+    scao = sf.scao(form="eigenbasis", rho=0.95, epsilon_sparse=0.0, k_max=None, eigensolver="power",
+                   skip_first=True, use_int8_ema=False, skip_nonfinite=False, **kw)
+    soap = sf.soap(shampoo_beta=0.95, max_precond_dim=4096, **kw)
+    params, grads = problem(steps=12)
+    params = {k: v.float() for k, v in params.items()}
+    grads = [{k: v.float() for k, v in g.items()} for g in grads]
+    outs = []
+    for tx in (scao, soap):
+        p, state = clone(params), tx.init(params)
+        for g in grads:
+            u, state = tx.update(clone(g), state, params=p)
+            p = sf.apply_updates(p, u)
+        outs.append(p)
+    assert_tree_close(outs[0], outs[1], rtol=0, atol=0)
+    group = scao.init(params)[0].groups[0]
+    assert group.left.basis.shape[-1] == 5  # every direction kept, no complement
+
+
+def test_scao_rank_keywords():
+    assert sf.spectral_mass_rank(0.1, 2, None).capacity(300) == 300
+    with pytest.raises(ValueError, match="skip_first applies to form='eigenbasis' only"):
+        sf.scao(skip_first=True)
+    with pytest.raises(ValueError, match="full_rank"):  # power needs every direction
+        sf.scao(form="eigenbasis", eigensolver="power")
+    with pytest.raises(ValueError, match="eigensolver"):  # the seed form has no power refresh
+        sf.scao(eigensolver="power", epsilon_sparse=0.0, k_max=None)

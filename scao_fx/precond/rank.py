@@ -74,7 +74,7 @@ class RankRule:
         return k.clamp(min=min(self.k_min, cap), max=cap)
 
 
-def spectral_mass_rank(epsilon: float = 0.05, k_min: int = 8, k_max: int = 128) -> RankRule:
+def spectral_mass_rank(epsilon: float = 0.05, k_min: int = 8, k_max: int | None = 128) -> RankRule:
     r"""SCAO's adaptive rank: keep the top-``k`` eigen-directions holding ``>= 1 - epsilon`` of the mass.
 
     :math:`k = \mathrm{clamp}(\min\{j : \sum_{i \le j}\lambda_i \ge (1-\epsilon)\,\mathrm{tr}\},\ k_{min},\ k_{max})`.
@@ -82,7 +82,8 @@ def spectral_mass_rank(epsilon: float = 0.05, k_min: int = 8, k_max: int = 128) 
     Args:
         epsilon: discarded spectral mass, in [0, 1).
         k_min: smallest rank, >= 1.
-        k_max: largest rank and basis width, >= k_min.
+        k_max: largest rank and basis width, >= k_min; ``None``: no cap (the basis is as wide
+            as the factor).
 
     Returns:
         A :class:`RankRule` (adaptive).
@@ -95,7 +96,7 @@ def spectral_mass_rank(epsilon: float = 0.05, k_min: int = 8, k_max: int = 128) 
     """
     epsilon = check_float("epsilon", epsilon, low=0.0, high=1.0, high_inclusive=False)
     k_min = check_int("k_min", k_min, low=1)
-    k_max = check_int("k_max", k_max, low=k_min)
+    k_max = None if k_max is None else check_int("k_max", k_max, low=k_min)
     return RankRule(epsilon=epsilon, k_min=k_min, k_max=k_max, adaptive=True)
 
 
