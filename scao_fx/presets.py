@@ -66,6 +66,7 @@ SCAO_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "curvature": "ema",
         "sketch_rank": 128,
         "sketch_storage": "bfloat16",
+        "basis_storage": "float32",
         "form": "seed",
         "skip_first": False,
         # the non-finite guard (apply_if_finite around the chain)
@@ -91,17 +92,24 @@ class _NotGiven(float):
         return float.__repr__(self)
 
 
-def _statistic(curvature: str, rho: float, use_int8_ema: bool, block_size: int, sketch_rank: int, sketch_storage: str):
+def _statistic(curvature: str, rho: float, use_int8_ema: bool, block_size: int, sketch_rank: int, sketch_storage: str,
+               basis_storage: str):
     """The curvature statistic SCAO's keywords describe (``curvature``, ``use_int8_ema``, ...)."""
     if not isinstance(use_int8_ema, bool):
         raise TypeError(f"use_int8_ema must be a bool, got {use_int8_ema!r}")
     check_choice("curvature", curvature, ("ema", "sketch"))
     check_choice("sketch_storage", sketch_storage, ("bfloat16", "int8", "float32"))
+    check_choice("basis_storage", basis_storage, ("float32", "bfloat16"))
     if curvature == "sketch":
+        if basis_storage != SCAO_DEFAULTS["basis_storage"]:
+            raise ValueError("basis_storage applies to curvature='ema'; with curvature='sketch' the basis is stored "
+                             f"as sketch_storage says (got basis_storage={basis_storage!r})")
         frame = {"bfloat16": bf16_codec(), "int8": int8_blockwise(block_size), "float32": fp32_codec()}[sketch_storage]
         basis_dtype = torch.float32 if sketch_storage == "float32" else torch.bfloat16
         return curvature_sketch(sketch_rank, rho, frame, basis_dtype=basis_dtype)
-    return curvature_ema(rho, codec=int8_blockwise(block_size) if use_int8_ema else fp32_codec())
+    return curvature_ema(rho, codec=int8_blockwise(block_size) if use_int8_ema else fp32_codec(),
+                         basis_dtype=getattr(torch, basis_storage))
+
 
 def _rank_rule(epsilon_sparse: float, k_min: int, k_max: int | None) -> RankRule:
     """SCAO's rank rule: :func:`spectral_mass_rank`, or :func:`full_rank` (every direction, no
@@ -138,6 +146,7 @@ def scao_precondition(
     curvature: str = SCAO_DEFAULTS["curvature"],
     sketch_rank: int = SCAO_DEFAULTS["sketch_rank"],
     sketch_storage: str = SCAO_DEFAULTS["sketch_storage"],
+    basis_storage: str = SCAO_DEFAULTS["basis_storage"],
     form: str = SCAO_DEFAULTS["form"],
     skip_first: bool = SCAO_DEFAULTS["skip_first"],
 ) -> GradientTransformation:
@@ -193,6 +202,8 @@ def scao_precondition(
         sketch_storage: storage of the sketch's frame and of the preconditioner basis
             (``curvature="sketch"``): ``"bfloat16"`` (both bf16), ``"int8"`` (frame int8 with
             ``block_size`` blocks, basis bf16) or ``"float32"``.
+        basis_storage: storage of the eigenbases with ``curvature="ema"``: ``"float32"`` or
+            ``"bfloat16"`` (half the bytes; see :func:`curvature_ema`).
         form: ``"seed"`` (this preconditioner, followed by Adam). ``"eigenbasis"`` runs Adam
             *inside* the preconditioner (:func:`~scao_fx.kronecker_eigenbasis`), so it is a form
             of the whole optimizer: ask :func:`scao` for it; here it is a ``ValueError``.
@@ -226,7 +237,7 @@ def scao_precondition(
     if skip_first != SCAO_DEFAULTS["skip_first"]:
         raise ValueError(f"skip_first applies to form='eigenbasis' only; with form='seed' leave it at its default "
                          f"{SCAO_DEFAULTS['skip_first']!r}, got {skip_first!r}")
-    statistic = _statistic(curvature, rho, use_int8_ema, block_size, sketch_rank, sketch_storage)
+    statistic = _statistic(curvature, rho, use_int8_ema, block_size, sketch_rank, sketch_storage, basis_storage)
     return blend_ramp(
         kronecker_precondition(
             curvature=statistic,
@@ -278,7 +289,7 @@ def scao_eigenbasis_precondition(inner: GradientTransformation, kw: dict[str, An
     check_float("epsilon_sparse" if rank_eps is None else "rank_eps", hp["epsilon_sparse"], low=0.0, high=1.0,
                 high_inclusive=False)
     statistic = _statistic(hp["curvature"], hp["rho"], hp["use_int8_ema"], hp["block_size"], hp["sketch_rank"],
-                           hp["sketch_storage"])
+                           hp["sketch_storage"], hp["basis_storage"])
     return kronecker_eigenbasis(
         inner,
         curvature=statistic,

@@ -506,3 +506,22 @@ def test_scao_rank_keywords():
         sf.scao(form="eigenbasis", eigensolver="power")
     with pytest.raises(ValueError, match="eigensolver"):  # the seed form has no power refresh
         sf.scao(eigensolver="power", epsilon_sparse=0.0, k_max=None)
+
+
+def test_bfloat16_basis_storage_halves_the_bases_and_trains():
+    fp32 = scao_eig(lr=5e-2, epsilon_sparse=0.0, k_max=None, eigensolver="power", skip_first=True)
+    bf16 = scao_eig(lr=5e-2, epsilon_sparse=0.0, k_max=None, eigensolver="power", skip_first=True,
+                    basis_storage="bfloat16")
+    loss, params = regression(rotated=True)
+    start = loss(params).item()
+    (f32_loss, f32_state), (b16_loss, b16_state) = train(fp32, rotated=True), train(bf16, rotated=True)
+    side = b16_state.inner_state[0].groups[0].left
+    assert side.basis.dtype == torch.bfloat16 and f32_state.inner_state[0].groups[0].left.basis.dtype == torch.float32
+    # the stored basis is orthonormal to bfloat16's precision, and training is as good
+    q = side.basis[0].float()
+    assert (q.T @ q - torch.eye(q.shape[1])).abs().max() < 2e-2
+    assert b16_loss < 1e-2 * start and b16_loss < 2 * f32_loss + 1e-6
+    with pytest.raises(ValueError, match="basis_storage"):
+        sf.scao(curvature="sketch", basis_storage="bfloat16")
+    with pytest.raises(ValueError, match="basis_dtype"):
+        sf.curvature_ema(0.9, basis_dtype=torch.float16)

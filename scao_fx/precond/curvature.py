@@ -76,6 +76,7 @@ class CurvatureEMA:
     Attributes:
         rho: EMA decay in [0, 1).
         codec: storage codec of the factors.
+        basis_dtype: storage dtype of the preconditioner basis a refresh fills (float32 or bfloat16).
 
     Example:
         >>> import torch, scao_fx as sf
@@ -88,6 +89,7 @@ class CurvatureEMA:
 
     rho: float = 0.999
     codec: Codec = field(default_factory=int8_blockwise)
+    basis_dtype: torch.dtype = torch.float32
 
     def init(self, batch: int, dim: int, device: Any = None) -> FactorStatistic:
         """Zero statistics for ``batch`` stacked ``dim x dim`` factors."""
@@ -116,9 +118,6 @@ class CurvatureEMA:
         return dim * dim * self.codec.bytes_per_entry + 4.0 * dim
 
     # The interface the Kronecker link talks to (shared with CurvatureSketch).
-
-    #: Storage dtype of the preconditioner basis a refresh fills from these statistics.
-    basis_dtype = torch.float32
 
     def directions(self, dim: int) -> int:
         """How many eigen-directions a refresh can read: every one of the ``dim x dim`` factor."""
@@ -149,13 +148,16 @@ class CurvatureEMA:
         return torch.linalg.matrix_norm(self.factor(stat, count, dim))
 
 
-def curvature_ema(rho: float = 0.999, codec: Codec | None = None) -> CurvatureEMA:
+def curvature_ema(rho: float = 0.999, codec: Codec | None = None, *, basis_dtype: torch.dtype = torch.float32) -> CurvatureEMA:
     r"""The curvature EMA of Kronecker factors (SCAO part 1).
 
     Args:
         rho: EMA decay, in [0, 1). 0.99 was as good or better for runs under ~1k steps.
         codec: how factors are stored; default :func:`int8_blockwise` (block 32, stochastic
             rounding). Pass :func:`fp32_codec` for the full-precision ablation.
+        basis_dtype: storage of the eigenbasis a refresh fills: ``torch.float32`` (default) or
+            ``torch.bfloat16`` (half the bytes; refreshes and rotations compute in float32 and
+            round the stored basis, so its columns are orthonormal to about 4e-3).
 
     Returns:
         A :class:`CurvatureEMA` to pass to :func:`kronecker_precondition`.
@@ -169,4 +171,6 @@ def curvature_ema(rho: float = 0.999, codec: Codec | None = None) -> CurvatureEM
         codec = int8_blockwise()
     if not isinstance(codec, Codec):
         raise TypeError(f"codec must be a Codec (fp32_codec(), bf16_codec(), int8_blockwise()), got {codec!r}")
-    return CurvatureEMA(rho, codec)
+    if basis_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"basis_dtype must be torch.float32 or torch.bfloat16, got {basis_dtype!r}")
+    return CurvatureEMA(rho, codec, basis_dtype)
