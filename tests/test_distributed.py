@@ -390,9 +390,9 @@ def test_process_group_is_not_a_hyperparameter():
 
 def test_dcp_state_dict_creates_the_state_of_a_fresh_optimizer():
     model = torch.nn.Linear(4, 3)
-    opt = sf.SCAO(model.parameters(), warmup_steps=0, precond_freq=1)
+    opt = sf.SCAO(model.parameters(), form="seed", warmup_steps=0, precond_freq=1)
     sd = sf.dcp_state_dict(opt)
-    stepped = sf.SCAO(torch.nn.Linear(4, 3).parameters(), warmup_steps=0, precond_freq=1)
+    stepped = sf.SCAO(torch.nn.Linear(4, 3).parameters(), form="seed", warmup_steps=0, precond_freq=1)
     for p in stepped.param_groups[0]["params"]:
         p.grad = torch.zeros_like(p)
     stepped.step()

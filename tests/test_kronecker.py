@@ -500,7 +500,7 @@ def test_none_update_leaves_its_stacked_state_untouched(codec):
 
 def test_none_update_for_a_whole_group_and_the_chain():
     params = {"w": torch.zeros(5, 3), "b": torch.zeros(3)}
-    tx = sf.scao(1e-2, warmup_steps=0, min_precond_updates=0, blend_steps=0, precond_freq=1)
+    tx = sf.scao(1e-2, form="seed", warmup_steps=0, min_precond_updates=0, blend_steps=0, precond_freq=1)
     state = tx.init(params)
     updates, state = tx.update({"w": None, "b": torch.ones(3)}, state, params=params)
     assert updates["w"] is None and updates["b"] is not None

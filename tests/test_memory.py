@@ -83,7 +83,7 @@ def test_max_precond_dim_bounds_the_factor_cost():
 
 def test_meta_tensors_count_as_the_bytes_they_would_take():
     shapes = {"w": (300, 40), "v": (300, 40), "b": (40,)}
-    for make in (lambda: sf.adamw(), lambda: sf.scao(k_max=16), lambda: sf.scao(moments="int8")):
+    for make in (lambda: sf.adamw(), lambda: sf.scao(k_max=16), lambda: sf.scao(form="seed", moments="int8")):
         reps = {}
         for device in ("cpu", "meta"):
             params = {k: torch.empty(s, device=device) for k, s in shapes.items()}

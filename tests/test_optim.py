@@ -615,7 +615,7 @@ def test_scao_equals_functional_chain():
 def test_scao_in_warmup_equals_adamw():
     m1, m2 = scao_model(), scao_model()
     o1 = make_adamw(m1.parameters(), lr=1e-2, weight_decay=0.01)
-    o2 = SCAO(m2.parameters(), lr=1e-2, warmup_steps=20)
+    o2 = SCAO(m2.parameters(), form="seed", lr=1e-2, warmup_steps=20)
     x, y = torch.randn(32, 8), torch.randn(32, 4)
     for _ in range(20):
         for m, o in ((m1, o1), (m2, o2)):
@@ -933,7 +933,7 @@ def test_step_reads_no_device_value(which, monkeypatch):
     if which == "adamw":
         opt = make_adamw(ps)
     else:
-        opt = SCAO(ps, warmup_steps=2, blend_steps=2, min_precond_updates=0, precond_freq=1000)
+        opt = SCAO(ps, form="seed", warmup_steps=2, blend_steps=2, min_precond_updates=0, precond_freq=1000)
     for _ in range(6):  # warmup, ramp and fully blended steps
         for p in ps:
             p.grad = torch.empty_like(p)
@@ -990,7 +990,7 @@ def test_scao_factor_mode_wide_is_one_sided():
 
 def test_functional_scao_diagnostics_and_errors():
     params = {"w": torch.zeros(6, 5), "b": torch.zeros(5)}
-    tx = sf.scao(warmup_steps=1, blend_steps=2, min_precond_updates=0, precond_freq=1, k_min=1, k_max=4)
+    tx = sf.scao(form="seed", warmup_steps=1, blend_steps=2, min_precond_updates=0, precond_freq=1, k_min=1, k_max=4)
     state = tx.init(params)
     phases = []
     for _ in range(4):
@@ -1006,7 +1006,7 @@ def test_functional_scao_diagnostics_and_errors():
     norms = []
     for int8 in (True, False):
         torch.manual_seed(0)
-        tx2 = sf.scao(warmup_steps=0, min_precond_updates=0, precond_freq=1, use_int8_ema=int8)
+        tx2 = sf.scao(form="seed", warmup_steps=0, min_precond_updates=0, precond_freq=1, use_int8_ema=int8)
         st2 = tx2.init(big)
         for _ in range(3):
             _, st2 = tx2.update([torch.randn(40, 30)], st2, params=big)
@@ -1136,7 +1136,7 @@ def test_unfreezing_into_an_existing_shape_group_restarts_that_group():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 5), torch.nn.Linear(5, 5), torch.nn.Linear(5, 5))
     model[1].weight.requires_grad_(False)
-    opt = SCAO(model.parameters(), lr=1e-2, warmup_steps=1, blend_steps=1, min_precond_updates=1,
+    opt = SCAO(model.parameters(), form="seed", lr=1e-2, warmup_steps=1, blend_steps=1, min_precond_updates=1,
                precond_freq=2, k_min=1, k_max=4, use_int8_ema=False)
     x = torch.randn(8, 5)
     for _ in range(4):
@@ -1218,13 +1218,13 @@ def test_scao_moments_keyword_is_validated_with_its_values():
     ps = [torch.nn.Parameter(torch.zeros(3, 2))]
     for bad in ("int4", "fp32", None):
         with pytest.raises(ValueError, match=r"moments must be one of \('float32', 'int8'\)"):
-            SCAO(ps, moments=bad)
+            SCAO(ps, form="seed", moments=bad)
         with pytest.raises(ValueError, match="moments must be one of"):
-            sf.scao(moments=bad)
+            sf.scao(form="seed", moments=bad)
     with pytest.raises(ValueError, match="form='eigenbasis'"):
         sf.scao(moments="int8", form="eigenbasis")
     with pytest.raises(ValueError, match="moment_dtype"):
-        sf.scao(moments="int8", moment_dtype=torch.bfloat16)
+        sf.scao(form="seed", moments="int8", moment_dtype=torch.bfloat16)
     assert SCAO(ps).defaults["moments"] == "float32"
 
 
@@ -1277,7 +1277,7 @@ def test_scao_int8_moments_resume_bit_identical(enabled):
 def test_scao_int8_moments_cost_a_quarter_of_the_adam_state():
     params = {"w": torch.zeros(256, 64), "b": torch.zeros(64)}
     fp32 = sf.memory_report(sf.scao(max_precond_dim=32).init(params), params)["total_bytes"]
-    int8 = sf.memory_report(sf.scao(max_precond_dim=32, moments="int8").init(params), params)["total_bytes"]
+    int8 = sf.memory_report(sf.scao(form="seed", max_precond_dim=32, moments="int8").init(params), params)["total_bytes"]
     # 16384 entries: 8 bytes -> 2 bytes + 2 x 4 bytes of scale per 64 entries (the bias stays
     # fp32), and quantize_state's int64 step seed
     assert fp32 - int8 == 16384 * 8 - (2 * 16384 + 2 * 4 * 16384 // 64) - 8

@@ -77,7 +77,7 @@ def test_cuda_step_has_no_host_sync(which):
     if which == "adamw":
         opt = sf.TransformOptimizer(params, lambda lr: sf.adamw(lr), {"lr": 1e-3})
     else:  # refreshes kept out of range: they are the only place allowed to synchronise
-        opt = sf.SCAO(params, lr=1e-3, warmup_steps=2, blend_steps=2, min_precond_updates=0, precond_freq=1000)
+        opt = sf.SCAO(params, form="seed", lr=1e-3, warmup_steps=2, blend_steps=2, min_precond_updates=0, precond_freq=1000)
     grads = [[torch.randn_like(p) for p in params] for _ in range(6)]
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -637,7 +637,7 @@ WRONG_TREES = {
 TREE_AWARE = {
     "adam": lambda: sf.adam(1e-3),
     "adamw": lambda: sf.adamw(1e-3),
-    "scao": lambda: sf.scao(1e-3, warmup_steps=0, precond_freq=1),
+    "scao": lambda: sf.scao(1e-3, form="seed", warmup_steps=0, precond_freq=1),
     "scale_by_adam": lambda: sf.scale_by_adam(),
     "quantize_state(scale_by_adam)": lambda: sf.quantize_state(sf.scale_by_adam(), sf.int8_adam_codecs(), min_size=1),
     "chain(clip, adamw)": lambda: sf.chain(sf.clip_by_global_norm(1.0), sf.adamw(1e-3)),
@@ -832,7 +832,7 @@ def test_no_state_growth_over_2000_steps_functional():
     def loss(p):
         return ((torch.tanh(x @ p["w"].T + p["b"]) - y) ** 2).mean() + (p["v"] ** 2).sum()
 
-    tx = sf.scao(lr=1e-2, rho=0.9, warmup_steps=10, blend_steps=10, min_precond_updates=0, precond_freq=5, k_min=1,
+    tx = sf.scao(form="seed", lr=1e-2, rho=0.9, warmup_steps=10, blend_steps=10, min_precond_updates=0, precond_freq=5, k_min=1,
                  k_max=4)
     state = tx.init(params)
     grad = torch.func.grad(loss)
@@ -850,7 +850,7 @@ def test_no_state_growth_over_2000_steps_functional():
 def test_no_state_growth_over_2000_steps_facade():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
-    opt = sf.SCAO(model.parameters(), lr=1e-2, rho=0.9, warmup_steps=10, blend_steps=10, min_precond_updates=0,
+    opt = sf.SCAO(model.parameters(), form="seed", lr=1e-2, rho=0.9, warmup_steps=10, blend_steps=10, min_precond_updates=0,
                   precond_freq=5, k_min=1, k_max=4)
     x, y = torch.randn(8, 5), torch.randn(8, 3)
     sizes = []

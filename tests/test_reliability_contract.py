@@ -159,7 +159,7 @@ def test_stride_zero_gradients_pass_the_blend_ramp():
     """Item 8: torch.func.grad of a parameter used through a scaled ``.sum()`` is an expanded
     (stride-0) tensor; the ramp's in-place write into it crashed at the first ramp step."""
     params = {"w": torch.zeros(4, 3), "b": torch.zeros(3)}
-    tx = sf.scao(lr=1e-2, warmup_steps=1, blend_steps=4, min_precond_updates=0, precond_freq=1)
+    tx = sf.scao(form="seed", lr=1e-2, warmup_steps=1, blend_steps=4, min_precond_updates=0, precond_freq=1)
     state = tx.init(params)
 
     def loss(p):
@@ -414,7 +414,7 @@ def test_checkpoints_migrate_between_scao_and_adamw():
     saved = roundtrip(ref.state_dict())
     warm_model = _layers(6, 5, 4)
     warm_model.load_state_dict(ref_model.state_dict())
-    warm = sf.SCAO(warm_model.parameters(), lr=1.0, warmup_steps=100)
+    warm = sf.SCAO(warm_model.parameters(), form="seed", lr=1.0, warmup_steps=100)
     warm.load_state_dict(saved)
     assert warm.param_groups[0]["lr"] == 1e-2 and warm.param_groups[0]["weight_decay"] == 0.05
     mine = warm.state_dict()["state"]

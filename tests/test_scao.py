@@ -368,7 +368,7 @@ def test_real_data_classification_not_worse_than_adamw():
         return float(loss(p)), float((logits(p, xva).argmax(1) == yva).float().mean())
 
     adam_loss, adam_acc = best(lambda lr: sf.adamw(lr, weight_decay=0.0))
-    scao_loss, scao_acc = best(lambda lr: sf.scao(lr, weight_decay=0.0, rho=0.99, warmup_steps=20, blend_steps=10,
+    scao_loss, scao_acc = best(lambda lr: sf.scao(lr, form="seed", weight_decay=0.0, rho=0.99, warmup_steps=20, blend_steps=10,
                                                   precond_freq=10, min_precond_updates=0))
     assert scao_loss <= 1.01 * adam_loss, (scao_loss, adam_loss)
     assert scao_acc >= adam_acc - 0.03 and scao_acc > 0.35, (scao_acc, adam_acc)
@@ -455,7 +455,7 @@ def _compile_setup():
     torch.manual_seed(0)
     params = {"w": torch.randn(8, 6), "w2": torch.randn(8, 6), "b": torch.randn(6), "tall": torch.randn(12, 3)}
     # int8 curvature (the default), refresh every 4 steps, ramp from step 2 to 5.
-    tx = sf.scao(1e-2, warmup_steps=2, blend_steps=3, min_precond_updates=0, precond_freq=4, rho=0.9,
+    tx = sf.scao(1e-2, form="seed", warmup_steps=2, blend_steps=3, min_precond_updates=0, precond_freq=4, rho=0.9,
                  k_min=2, k_max=4, max_precond_dim=10)
     grads = [{k: torch.randn_like(v) for k, v in params.items()} for _ in range(9)]
     state = tx.init(params)

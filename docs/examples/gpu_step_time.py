@@ -46,11 +46,11 @@ class GPT(torch.nn.Module):
 def make(name, model):
     if name == "adamw": return torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
     if name == "sf.adamw": return sf.TransformOptimizer(model.parameters(), lambda lr, **kw: sf.adamw(lr), dict(lr=1e-3))
-    if name == "scao": return sf.SCAO(model.parameters(), lr=1e-3, warmup_steps=0, min_precond_updates=0)
-    if name == "scao-fp32": return sf.SCAO(model.parameters(), lr=1e-3, warmup_steps=0, min_precond_updates=0, use_int8_ema=False)
-    if name == "scao-sync": return sf.SCAO(model.parameters(), lr=1e-3, warmup_steps=0, min_precond_updates=0, host_sync=True)
-    if name == "scao-noguard": return sf.SCAO(model.parameters(), lr=1e-3, warmup_steps=0, min_precond_updates=0, skip_nonfinite=False)
-    if name == "scao-bf16gram": return sf.SCAO(model.parameters(), lr=1e-3, warmup_steps=0, min_precond_updates=0, gram_precision="bfloat16")
+    if name == "scao": return sf.SCAO(model.parameters(), form="seed", lr=1e-3, warmup_steps=0, min_precond_updates=0)
+    if name == "scao-fp32": return sf.SCAO(model.parameters(), form="seed", lr=1e-3, warmup_steps=0, min_precond_updates=0, use_int8_ema=False)
+    if name == "scao-sync": return sf.SCAO(model.parameters(), form="seed", lr=1e-3, warmup_steps=0, min_precond_updates=0, host_sync=True)
+    if name == "scao-noguard": return sf.SCAO(model.parameters(), form="seed", lr=1e-3, warmup_steps=0, min_precond_updates=0, skip_nonfinite=False)
+    if name == "scao-bf16gram": return sf.SCAO(model.parameters(), form="seed", lr=1e-3, warmup_steps=0, min_precond_updates=0, gram_precision="bfloat16")
 
 
 def loss_fn(model, x):

@@ -43,11 +43,11 @@ CONFIGS = {
     "scao, fp32 curvature (use_int8_ema=False)": lambda: sf.scao(use_int8_ema=False),
     "scao, max_precond_dim=1024": lambda: sf.scao(max_precond_dim=1024),
     "scao, max_precond_dim=1024, k_max=64": lambda: sf.scao(max_precond_dim=1024, k_max=64),
-    "scao, moments='int8' (8-bit Adam moments)": lambda: sf.scao(moments="int8"),
-    "scao, max_precond_dim=1024, moments='int8'": lambda: sf.scao(max_precond_dim=1024, moments="int8"),
+    "scao, moments='int8' (8-bit Adam moments)": lambda: sf.scao(form="seed", moments="int8"),
+    "scao, max_precond_dim=1024, moments='int8'": lambda: sf.scao(form="seed", max_precond_dim=1024, moments="int8"),
     "scao, curvature='sketch' (rank 128, bf16)": lambda: sf.scao(curvature="sketch"),
     "scao, sketch rank 64 int8, moments='int8'": lambda: sf.scao(
-        curvature="sketch", sketch_rank=64, sketch_storage="int8", moments="int8"
+        form="seed", curvature="sketch", sketch_rank=64, sketch_storage="int8", moments="int8"
     ),
 }
 

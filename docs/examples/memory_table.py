@@ -128,9 +128,9 @@ def optimizers() -> dict:
         "AdamW (fp32 moments)": lambda: sf.adamw(),
         "8-bit AdamW (64-entry blocks)": lambda: sf.chain(_adam8(), *tail()),
         "scao default (int8 full factors)": lambda: sf.scao(),
-        "scao moments=int8": lambda: sf.scao(moments="int8"),
+        "scao moments=int8": lambda: sf.scao(form="seed", moments="int8"),
         "scao max_precond_dim=1024": lambda: sf.scao(max_precond_dim=1024),
-        "scao max_precond_dim=1024, moments=int8": lambda: sf.scao(max_precond_dim=1024, moments="int8"),
+        "scao max_precond_dim=1024, moments=int8": lambda: sf.scao(form="seed", max_precond_dim=1024, moments="int8"),
         "scao sketch r128 bf16": lambda: sf.scao(**SKETCH_FP32),
         "scao sketch r64 int8, moments=int8": lambda: sf.scao(moments="int8", **SKETCH_INT8),
     }
