@@ -1,5 +1,7 @@
 """Distributed SCAO on the CPU: gloo, 2 processes (torch.multiprocessing, spawn).
 
+The tests run over both forms of the Kronecker link: the seed form (``kronecker_precondition``,
+``form="seed"``) and the eigenbasis form (``kronecker_eigenbasis``, ``form="eigenbasis"``).
 Every test compares against a single-process reference computed here, in the test process:
 
 * DDP: the facade and the functional API give identical parameters on both ranks, equal bit for
@@ -33,6 +35,23 @@ WORLD = 2
 TIMEOUT_S = 120  # a hang fails the test instead of blocking CI
 GLOBAL_BATCH = 16
 CFG = dict(lr=2e-2, warmup_steps=2, blend_steps=2, min_precond_updates=0, precond_freq=2, k_min=2, k_max=8, rho=0.9)
+# The eigenbasis form has no warmup or ramp (it refreshes at step 1): the seed form's keywords stay at their defaults.
+EIGEN_CFG = dict(lr=2e-2, precond_freq=2, k_min=2, k_max=8, rho=0.9, form="eigenbasis")
+FORMS = {"seed": CFG, "eigenbasis": EIGEN_CFG}
+
+
+def link_state(state, cfg: dict):
+    """The Kronecker link's state in an optimizer state (``KroneckerPreconditionState`` or
+    ``KroneckerEigenbasisState``)."""
+    kind = sf.KroneckerEigenbasisState if cfg.get("form") == "eigenbasis" else sf.KroneckerPreconditionState
+    (found,) = find_nodes(state, kind)
+    return found
+
+
+def refreshes_after(steps: int, cfg: dict) -> int:
+    """Refreshes in ``steps`` steps: every ``precond_freq`` steps, and at step 1 in the eigenbasis form."""
+    first = cfg.get("form") == "eigenbasis" and cfg["precond_freq"] > 1
+    return steps // cfg["precond_freq"] + int(first)
 
 
 # --------------------------------------------------------------------------- harness
@@ -115,17 +134,17 @@ def assert_trees_equal(a, b, msg: str) -> None:
 DDP_STEPS = 8
 
 
-def _ddp_worker(rank: int, tmp: str) -> dict:
+def _ddp_worker(rank: int, tmp: str, cfg: dict) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     # The facade, refreshes spread over the ranks.
     model = mlp()
     ddp = DDP(model)
-    opt = sf.SCAO(ddp.parameters(), process_group=dist.group.WORLD, **CFG)
+    opt = sf.SCAO(ddp.parameters(), process_group=dist.group.WORLD, **cfg)
     # The functional API on a second DDP model: gradients come averaged, nothing else changes.
     fmodel = mlp()
     fddp = DDP(fmodel)
-    tx = sf.scao(**CFG)
+    tx = sf.scao(**cfg)
     params = list(fmodel.parameters())
     state = tx.init(params)
     for step in range(DDP_STEPS):
@@ -145,9 +164,9 @@ def _ddp_worker(rank: int, tmp: str) -> dict:
     }
 
 
-def _reference_ddp() -> dict:
+def _reference_ddp(cfg: dict) -> dict:
     model = mlp()
-    opt = sf.SCAO(model.parameters(), **CFG)
+    opt = sf.SCAO(model.parameters(), **cfg)
     for step in range(DDP_STEPS):
         grads = averaged_grads(model, step)
         for p, g in zip(model.parameters(), grads):
@@ -156,17 +175,18 @@ def _reference_ddp() -> dict:
     return {"facade": [p.detach().clone() for p in model.parameters()], "state": opt.functional_state()}
 
 
-def test_ddp_matches_single_process_on_the_global_batch(tmp_path):
-    ranks = launch(_ddp_worker, tmp_path)
-    ref = _reference_ddp()
+@pytest.mark.parametrize("form", FORMS)
+def test_ddp_matches_single_process_on_the_global_batch(tmp_path, form):
+    cfg = FORMS[form]
+    ranks = launch(_ddp_worker, tmp_path, cfg)
+    ref = _reference_ddp(cfg)
     for r, out in enumerate(ranks):
         assert_trees_equal(out["facade"], ref["facade"], f"rank {r}: SCAO under DDP vs one process")
         assert_trees_equal(out["functional"], ref["facade"], f"rank {r}: functional sf.scao under DDP vs one process")
         assert_trees_equal(out["state"], ref["state"], f"rank {r}: optimizer state")
     # The run really moved and really refreshed (a no-op optimizer would pass the above too).
     assert not torch.equal(ref["facade"][2], mlp()[2].weight.detach())
-    (kron,) = find_nodes(ref["state"], sf.KroneckerPreconditionState)
-    assert int(kron.refreshes) == DDP_STEPS // CFG["precond_freq"]
+    assert int(link_state(ref["state"], cfg).refreshes) == refreshes_after(DDP_STEPS, cfg)
 
 
 # --------------------------------------------------------------------------- distributed refresh
@@ -184,15 +204,36 @@ def refresh_problem() -> tuple[dict, list[dict]]:
     return params, grads
 
 
-def refresh_transform(eigensolver: str, process_group=None) -> sf.GradientTransformation:
-    return sf.kronecker_precondition(
+REFRESH_CASES = [("seed", "eigh"), ("seed", "subspace"), ("eigenbasis", "eigh"), ("eigenbasis", "subspace"),
+                 ("eigenbasis", "power")]
+
+
+def refresh_transform(form: str, eigensolver: str, process_group=None) -> sf.GradientTransformation:
+    kw = dict(
         curvature=sf.curvature_ema(0.9),  # int8 statistics (stochastic rounding replays exactly)
-        rank=sf.spectral_mass_rank(0.05, 2, 8),
+        rank=sf.full_rank() if eigensolver == "power" else sf.spectral_mass_rank(0.05, 2, 8),
         precond_freq=2,
         max_precond_dim=32,  # "tall" is one-sided
         eigensolver=eigensolver,
         process_group=process_group,
     )
+    return sf.kronecker_precondition(**kw) if form == "seed" else sf.kronecker_eigenbasis(**kw)
+
+
+def count_decompositions(setattr) -> list[int]:
+    """Record the rows of every decomposition (``eigh``, and the eigenbasis form's power step):
+    ``setattr(module, name, wrapper)`` installs the counters; returns the list they append to."""
+    import scao_fx.precond.eigen as eigen
+    import scao_fx.transforms.eigenbasis as eigenbasis
+
+    rows: list[int] = []
+    for module, name in ((eigen, "robust_eigh"), (eigenbasis, "robust_eigh"), (eigenbasis, "_power_step")):
+        def counting(factors, *args, _fn=getattr(module, name), **kw):
+            rows.append(factors.shape[0])
+            return _fn(factors, *args, **kw)
+
+        setattr(module, name, counting)
+    return rows
 
 
 def run_refresh(tx) -> tuple[list, object]:
@@ -205,31 +246,19 @@ def run_refresh(tx) -> tuple[list, object]:
     return outs, state
 
 
-def _refresh_worker(rank: int, tmp: str, eigensolver: str) -> dict:
-    import scao_fx.precond.eigen as kron
-
-    decomposed = []  # rows handed to eigh on this rank
-    eigh = kron.robust_eigh
-
-    def counting_eigh(factors, **kw):
-        decomposed.append(factors.shape[0])
-        return eigh(factors, **kw)
-
-    kron.robust_eigh = counting_eigh
-    outs, state = run_refresh(refresh_transform(eigensolver, dist.group.WORLD))
+def _refresh_worker(rank: int, tmp: str, form: str, eigensolver: str) -> dict:
+    decomposed = count_decompositions(setattr)  # rows decomposed on this rank
+    outs, state = run_refresh(refresh_transform(form, eigensolver, dist.group.WORLD))
     return {"updates": outs, "state": state, "rows": sum(decomposed)}
 
 
-@pytest.mark.parametrize("eigensolver", ["eigh", "subspace"])
-def test_distributed_refresh_equals_local_refresh(tmp_path, eigensolver, monkeypatch):
-    ranks = launch(_refresh_worker, tmp_path, eigensolver)
-    import scao_fx.precond.eigen as kron
-
-    decomposed = []
-    eigh = kron.robust_eigh
-    monkeypatch.setattr(kron, "robust_eigh", lambda f, **kw: (decomposed.append(f.shape[0]), eigh(f, **kw))[1])
-    ref_updates, ref_state = run_refresh(refresh_transform(eigensolver))
-    assert int(ref_state.refreshes) == 2 and sum(decomposed) > 0
+@pytest.mark.parametrize("form, eigensolver", REFRESH_CASES)
+def test_distributed_refresh_equals_local_refresh(tmp_path, form, eigensolver, monkeypatch):
+    ranks = launch(_refresh_worker, tmp_path, form, eigensolver)
+    decomposed = count_decompositions(monkeypatch.setattr)
+    ref_updates, ref_state = run_refresh(refresh_transform(form, eigensolver))
+    expected = refreshes_after(REFRESH_STEPS, {"form": form, "precond_freq": 2})
+    assert int(ref_state.refreshes) == expected and sum(decomposed) > 0
     for r, out in enumerate(ranks):
         assert_trees_equal(out["updates"], ref_updates, f"rank {r}: updates")
         assert_trees_equal(out["state"], ref_state, f"rank {r}: state")
