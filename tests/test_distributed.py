@@ -227,12 +227,16 @@ def count_decompositions(setattr) -> list[int]:
     import scao_fx.transforms.eigenbasis as eigenbasis
 
     rows: list[int] = []
-    for module, name in ((eigen, "robust_eigh"), (eigenbasis, "robust_eigh"), (eigenbasis, "_power_step")):
-        def counting(factors, *args, _fn=getattr(module, name), **kw):
-            rows.append(factors.shape[0])
-            return _fn(factors, *args, **kw)
 
-        setattr(module, name, counting)
+    def counting(fn):
+        def wrapper(factors, *args, **kw):
+            rows.append(factors.shape[0])
+            return fn(factors, *args, **kw)
+
+        return wrapper
+
+    for module, name in ((eigen, "robust_eigh"), (eigenbasis, "robust_eigh"), (eigenbasis, "_power_step")):
+        setattr(module, name, counting(getattr(module, name)))
     return rows
 
 
