@@ -317,19 +317,21 @@ def full_params(model) -> list[torch.Tensor]:
     return [sf.gather_full(p.detach()).clone() for p in model.parameters()]
 
 
-def _fsdp_worker(rank: int, tmp: str) -> dict:
+def _fsdp_worker(rank: int, tmp: str, cfg: dict) -> dict:
     model = sharded_mlp()
-    opt = sf.SCAO(model.parameters(), process_group=dist.group.WORLD, **CFG)
+    opt = sf.SCAO(model.parameters(), process_group=dist.group.WORLD, **cfg)
     assert all(type(p).__name__ == "DTensor" for p in model.parameters())
     losses = train_steps(model, opt, FSDP_STEPS, rank, nan_step=NAN_STEP)
     return {"losses": losses, "params": full_params(model), "skipped": sf.skipped_steps(opt.functional_state())}
 
 
 @pytest.mark.slow
-def test_fsdp2_trains_and_matches_single_process(tmp_path):
-    ranks = launch(_fsdp_worker, tmp_path)
+@pytest.mark.parametrize("form", FORMS)
+def test_fsdp2_trains_and_matches_single_process(tmp_path, form):
+    cfg = FORMS[form]
+    ranks = launch(_fsdp_worker, tmp_path, cfg)
     model = mlp()
-    opt = sf.SCAO(model.parameters(), **CFG)
+    opt = sf.SCAO(model.parameters(), **cfg)
     ref_losses = train_steps(model, opt, FSDP_STEPS, None, nan_step=NAN_STEP)
     ref = full_params(model)
     assert sf.skipped_steps(opt.functional_state()) == 1
@@ -346,20 +348,20 @@ def test_fsdp2_trains_and_matches_single_process(tmp_path):
 SAVE_AT, AFTER = 3, 4  # refreshes at steps 4 and 6: both after the save
 
 
-def _dcp_worker(rank: int, tmp: str) -> dict:
+def _dcp_worker(rank: int, tmp: str, cfg: dict) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     path = os.path.join(tmp, "ckpt")
     model = sharded_mlp()
-    opt = sf.SCAO(model.parameters(), process_group=dist.group.WORLD, **CFG)
+    opt = sf.SCAO(model.parameters(), process_group=dist.group.WORLD, **cfg)
     train_steps(model, opt, SAVE_AT, rank)
     dcp.save({"model": get_model_state_dict(model), "optim": sf.dcp_state_dict(opt)}, checkpoint_id=path)
     train_steps(model, opt, AFTER, rank, start=SAVE_AT)
     uninterrupted = full_params(model)
 
     model = sharded_mlp()  # a fresh model and optimizer, loaded from the checkpoint
-    opt = sf.SCAO(model.parameters(), process_group=dist.group.WORLD, **CFG)
+    opt = sf.SCAO(model.parameters(), process_group=dist.group.WORLD, **cfg)
     sd = {"model": get_model_state_dict(model), "optim": sf.dcp_state_dict(opt)}
     dcp.load(sd, checkpoint_id=path)
     set_model_state_dict(model, sd["model"])
@@ -368,8 +370,9 @@ def _dcp_worker(rank: int, tmp: str) -> dict:
     return {"uninterrupted": uninterrupted, "resumed": full_params(model)}
 
 
-def test_distributed_checkpoint_round_trip_is_bit_identical(tmp_path):
-    ranks = launch(_dcp_worker, tmp_path)
+@pytest.mark.parametrize("form", FORMS)
+def test_distributed_checkpoint_round_trip_is_bit_identical(tmp_path, form):
+    ranks = launch(_dcp_worker, tmp_path, FORMS[form])
     fresh = [p.detach() for p in mlp().parameters()]
     for r, out in enumerate(ranks):
         assert_trees_equal(out["resumed"], out["uninterrupted"], f"rank {r}: resumed vs uninterrupted")
@@ -409,6 +412,10 @@ def test_assign_owners_rejects_bad_arguments(call, match):
         lambda g: sf.scao_precondition(process_group=g),
         lambda g: sf.scao(process_group=g),
         lambda g: sf.SCAO(torch.nn.Linear(3, 2).parameters(), process_group=g),
+        lambda g: sf.kronecker_eigenbasis(process_group=g),
+        lambda g: sf.scao(form="eigenbasis", process_group=g),
+        lambda g: sf.SCAO(torch.nn.Linear(3, 2).parameters(), form="eigenbasis", process_group=g),
+        lambda g: sf.soap(process_group=g),
     ],
 )
 def test_process_group_must_be_a_process_group(build):
