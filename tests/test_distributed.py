@@ -26,6 +26,7 @@ import torch.multiprocessing as mp
 
 import scao_fx as sf
 from scao_fx._tree import find_nodes
+from scao_fx.parallel import is_dtensor
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
@@ -322,7 +323,10 @@ def _fsdp_worker(rank: int, tmp: str, cfg: dict) -> dict:
     opt = sf.SCAO(model.parameters(), process_group=dist.group.WORLD, **cfg)
     assert all(type(p).__name__ == "DTensor" for p in model.parameters())
     losses = train_steps(model, opt, FSDP_STEPS, rank, nan_step=NAN_STEP)
-    return {"losses": losses, "params": full_params(model), "skipped": sf.skipped_steps(opt.functional_state())}
+    (adam,) = find_nodes(opt.functional_state(), sf.ScaleByAdamState)
+    sharded = sum(is_dtensor(m) for m in sf._tree.flatten(adam.mu)[0])
+    return {"losses": losses, "params": full_params(model), "skipped": sf.skipped_steps(opt.functional_state()),
+            "sharded_moments": sharded}
 
 
 @pytest.mark.slow
@@ -337,6 +341,10 @@ def test_fsdp2_trains_and_matches_single_process(tmp_path, form):
     assert sf.skipped_steps(opt.functional_state()) == 1
     for r, out in enumerate(ranks):
         assert out["skipped"] == 1, f"rank {r} did not skip the step with a NaN on rank 1's shard"
+        # Adam's first moment is sharded where Adam sees shards: every parameter in the seed form
+        # (Adam runs after the preconditioner), the 4 biases in the eigenbasis form (the matrices'
+        # cores and complements are whole, replicated).
+        assert out["sharded_moments"] == (8 if form == "seed" else 4), out["sharded_moments"]
         assert out["losses"][-1] < 0.2 * out["losses"][0], out["losses"]
         assert out["losses"] == ref_losses
         assert_trees_equal(out["params"], ref, f"rank {r} vs one process")
