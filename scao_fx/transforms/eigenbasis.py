@@ -68,6 +68,12 @@ cores (one per rotated leaf, ``(k_L, k_R)``, float32, or float64 for float64 lea
 of the complements (``(m, n)``, or ``None`` without complement). It must be elementwise or
 per-leaf (Adam, sign, clipping per leaf, ...) and must not need ``params`` (put weight decay
 after this link).
+
+**Distributed** (as :func:`~scao_fx.kronecker_precondition`, ``docs/distributed.md``): with
+``process_group`` each stacked factor's refresh (any eigensolver, ``"power"`` included) runs on
+one owner rank and the new bases are broadcast, bit-identical to the local refresh; FSDP2's
+DTensor updates of the rotated matrices are all-gathered, processed whole and returned as this
+rank's shard, the other leaves reach the inner transform as DTensors.
 """
 
 from __future__ import annotations
