@@ -340,7 +340,8 @@ def scao(
     (see :func:`~scao_fx.kronecker_eigenbasis`). There is no warmup or ramp: the bases are
     refreshed at step 1. The keywords of the seed form only (``warmup_steps``, ``blend_steps``,
     ``min_precond_updates``, ``tau``, ``complement``, ``graft``, ``blend_shape``) must then stay
-    at their defaults (``ValueError`` otherwise).
+    at their defaults (``ValueError`` otherwise). Both forms take ``process_group`` (refreshes
+    spread over its ranks) and FSDP2's DTensor updates (see ``docs/distributed.md``).
     Published guidance: start from about 1.17x your AdamW learning rate. A step whose gradients
     hold a NaN or Inf, or an entry so large its square would overflow the statistics, is skipped
     for the whole tree, leaving parameters and state exactly as they were
@@ -414,6 +415,7 @@ def soap(
     grouped: bool = True,
     eigensolver: str = "power",
     skip_first: bool = True,
+    process_group: Any = None,
 ) -> GradientTransformation:
     r"""SOAP: Adam in the eigenbases of full-rank, float32 Kronecker factors, with decoupled weight decay.
 
@@ -454,6 +456,11 @@ def soap(
         grouped: stack same-shape leaves (False: per-leaf loop).
         eigensolver: ``"power"`` (default) or ``"eigh"`` (see :func:`kronecker_eigenbasis`).
         skip_first: zero update at step 1 (default), or plain Adam at step 1 (False).
+        process_group: a ``torch.distributed`` process group over which the basis refreshes
+            are spread (each factor refreshed by one owner rank, the bases broadcast; same result
+            as ``None``); ``None``: every process refreshes everything itself. FSDP2's DTensor
+            updates are supported with or without it (see :func:`kronecker_eigenbasis` and
+            ``docs/distributed.md``).
 
     Returns:
         The chain ``(kronecker_eigenbasis, add_decayed_weights, scale_by_learning_rate)``.
@@ -477,6 +484,7 @@ def soap(
             grouped=grouped,
             eigensolver=check_choice("eigensolver", eigensolver, ("power", "eigh")),
             skip_first=skip_first,
+            process_group=process_group,
         )
 
     return _adam_in_eigenbasis(eigenbasis, lr, betas, eps, weight_decay, mask, moment_dtype)

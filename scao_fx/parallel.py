@@ -1,10 +1,13 @@
 r"""Beyond one GPU: distributed basis refreshes and FSDP2 (DTensor) parameters.
 
 Knows no optimizer: owner assignment, the owner refresh and DTensor helpers, used by the
-Kronecker link and the non-finite guard (the guide is ``docs/distributed.md``):
+Kronecker links (both forms: :func:`~scao_fx.kronecker_precondition` and
+:func:`~scao_fx.kronecker_eigenbasis`) and the non-finite guard (the guide is
+``docs/distributed.md``):
 
 * **Distributed refresh.** ``kronecker_precondition(process_group=group)`` (and ``scao``,
-  ``scao_precondition``, ``SCAO(..., process_group=group)``) spreads the eigendecompositions of a
+  ``scao_precondition``, ``SCAO(..., process_group=group)``; in the eigenbasis form
+  ``kronecker_eigenbasis``, ``scao(form="eigenbasis")`` and ``soap``) spreads the eigendecompositions of a
   refresh over the ranks of ``group``: every stacked factor (one side of one matrix) gets one
   owner rank, chosen by :func:`assign_owners` (greedy longest-processing-time on a cost of
   :math:`d^3` per ``d x d`` factor); each rank decomposes only the factors it owns and then
@@ -17,6 +20,8 @@ Kronecker link and the non-finite guard (the guide is ``docs/distributed.md``):
   matrix's gradient (:func:`gather_full`), preconditions the full matrix on every rank, and
   returns this rank's shard (:func:`shard_like`: a local slice, no communication). The other
   links (blend, Adam, weight decay) are element-wise and run on the shards.
+  :func:`~scao_fx.kronecker_eigenbasis` does the same with the rotation and its inner Adam
+  (whose moments of the gathered matrices are then whole, replicated tensors).
 """
 
 from __future__ import annotations

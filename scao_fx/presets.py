@@ -193,7 +193,8 @@ def scao_precondition(
         gram_precision: ``"float32"`` or ``"bfloat16"`` inputs of the curvature's Gram products
             (see :func:`kronecker_precondition`).
         process_group: spread basis refreshes over this ``torch.distributed`` group (see
-            :func:`kronecker_precondition` and ``docs/distributed.md``); ``None``: local.
+            :func:`kronecker_precondition` and ``docs/distributed.md``; the eigenbasis form of
+            :func:`scao` takes it too); ``None``: local.
         rank_eps: alternative name of ``epsilon_sparse``.
         curvature: ``"ema"`` (full factors, :func:`curvature_ema`) or ``"sketch"`` (low-rank
             frequent-directions sketches, :func:`curvature_sketch`: :math:`O((m+n)\ell)` memory per
@@ -271,9 +272,7 @@ def scao_eigenbasis_precondition(inner: GradientTransformation, kw: dict[str, An
     unknown = sorted(set(kw) - set(SCAO_PRECONDITION_KEYS) - {"rank_eps", "process_group"})
     if unknown:
         raise TypeError(f"scao got unexpected keyword argument(s) {unknown}")
-    if kw.get("process_group") is not None:
-        raise ValueError("form='eigenbasis' does not support process_group yet: pass process_group=None")
-    kw.pop("process_group", None)
+    process_group = kw.pop("process_group", None)
     rank_eps = kw.pop("rank_eps", None)
     if rank_eps is not None:
         if "epsilon_sparse" in kw and kw["epsilon_sparse"] != rank_eps:
@@ -302,4 +301,5 @@ def scao_eigenbasis_precondition(inner: GradientTransformation, kw: dict[str, An
         eigensolver=hp["eigensolver"],
         gram_precision=hp["gram_precision"],
         skip_first=hp["skip_first"],
+        process_group=process_group,
     )

@@ -1,5 +1,7 @@
 """Distributed SCAO on the CPU: gloo, 2 processes (torch.multiprocessing, spawn).
 
+The tests run over both forms of the Kronecker link: the seed form (``kronecker_precondition``,
+``form="seed"``) and the eigenbasis form (``kronecker_eigenbasis``, ``form="eigenbasis"``).
 Every test compares against a single-process reference computed here, in the test process:
 
 * DDP: the facade and the functional API give identical parameters on both ranks, equal bit for
@@ -24,6 +26,7 @@ import torch.multiprocessing as mp
 
 import scao_fx as sf
 from scao_fx._tree import find_nodes
+from scao_fx.parallel import is_dtensor
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
@@ -33,6 +36,23 @@ WORLD = 2
 TIMEOUT_S = 120  # a hang fails the test instead of blocking CI
 GLOBAL_BATCH = 16
 CFG = dict(lr=2e-2, warmup_steps=2, blend_steps=2, min_precond_updates=0, precond_freq=2, k_min=2, k_max=8, rho=0.9)
+# The eigenbasis form has no warmup or ramp (it refreshes at step 1): the seed form's keywords stay at their defaults.
+EIGEN_CFG = dict(lr=2e-2, precond_freq=2, k_min=2, k_max=8, rho=0.9, form="eigenbasis")
+FORMS = {"seed": CFG, "eigenbasis": EIGEN_CFG}
+
+
+def link_state(state, cfg: dict):
+    """The Kronecker link's state in an optimizer state (``KroneckerPreconditionState`` or
+    ``KroneckerEigenbasisState``)."""
+    kind = sf.KroneckerEigenbasisState if cfg.get("form") == "eigenbasis" else sf.KroneckerPreconditionState
+    (found,) = find_nodes(state, kind)
+    return found
+
+
+def refreshes_after(steps: int, cfg: dict) -> int:
+    """Refreshes in ``steps`` steps: every ``precond_freq`` steps, and at step 1 in the eigenbasis form."""
+    first = cfg.get("form") == "eigenbasis" and cfg["precond_freq"] > 1
+    return steps // cfg["precond_freq"] + int(first)
 
 
 # --------------------------------------------------------------------------- harness
@@ -115,17 +135,17 @@ def assert_trees_equal(a, b, msg: str) -> None:
 DDP_STEPS = 8
 
 
-def _ddp_worker(rank: int, tmp: str) -> dict:
+def _ddp_worker(rank: int, tmp: str, cfg: dict) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     # The facade, refreshes spread over the ranks.
     model = mlp()
     ddp = DDP(model)
-    opt = sf.SCAO(ddp.parameters(), process_group=dist.group.WORLD, **CFG)
+    opt = sf.SCAO(ddp.parameters(), process_group=dist.group.WORLD, **cfg)
     # The functional API on a second DDP model: gradients come averaged, nothing else changes.
     fmodel = mlp()
     fddp = DDP(fmodel)
-    tx = sf.scao(**CFG)
+    tx = sf.scao(**cfg)
     params = list(fmodel.parameters())
     state = tx.init(params)
     for step in range(DDP_STEPS):
@@ -145,9 +165,9 @@ def _ddp_worker(rank: int, tmp: str) -> dict:
     }
 
 
-def _reference_ddp() -> dict:
+def _reference_ddp(cfg: dict) -> dict:
     model = mlp()
-    opt = sf.SCAO(model.parameters(), **CFG)
+    opt = sf.SCAO(model.parameters(), **cfg)
     for step in range(DDP_STEPS):
         grads = averaged_grads(model, step)
         for p, g in zip(model.parameters(), grads):
@@ -156,17 +176,18 @@ def _reference_ddp() -> dict:
     return {"facade": [p.detach().clone() for p in model.parameters()], "state": opt.functional_state()}
 
 
-def test_ddp_matches_single_process_on_the_global_batch(tmp_path):
-    ranks = launch(_ddp_worker, tmp_path)
-    ref = _reference_ddp()
+@pytest.mark.parametrize("form", FORMS)
+def test_ddp_matches_single_process_on_the_global_batch(tmp_path, form):
+    cfg = FORMS[form]
+    ranks = launch(_ddp_worker, tmp_path, cfg)
+    ref = _reference_ddp(cfg)
     for r, out in enumerate(ranks):
         assert_trees_equal(out["facade"], ref["facade"], f"rank {r}: SCAO under DDP vs one process")
         assert_trees_equal(out["functional"], ref["facade"], f"rank {r}: functional sf.scao under DDP vs one process")
         assert_trees_equal(out["state"], ref["state"], f"rank {r}: optimizer state")
     # The run really moved and really refreshed (a no-op optimizer would pass the above too).
     assert not torch.equal(ref["facade"][2], mlp()[2].weight.detach())
-    (kron,) = find_nodes(ref["state"], sf.KroneckerPreconditionState)
-    assert int(kron.refreshes) == DDP_STEPS // CFG["precond_freq"]
+    assert int(link_state(ref["state"], cfg).refreshes) == refreshes_after(DDP_STEPS, cfg)
 
 
 # --------------------------------------------------------------------------- distributed refresh
@@ -184,15 +205,40 @@ def refresh_problem() -> tuple[dict, list[dict]]:
     return params, grads
 
 
-def refresh_transform(eigensolver: str, process_group=None) -> sf.GradientTransformation:
-    return sf.kronecker_precondition(
+REFRESH_CASES = [("seed", "eigh"), ("seed", "subspace"), ("eigenbasis", "eigh"), ("eigenbasis", "subspace"),
+                 ("eigenbasis", "power")]
+
+
+def refresh_transform(form: str, eigensolver: str, process_group=None) -> sf.GradientTransformation:
+    kw = dict(
         curvature=sf.curvature_ema(0.9),  # int8 statistics (stochastic rounding replays exactly)
-        rank=sf.spectral_mass_rank(0.05, 2, 8),
+        rank=sf.full_rank() if eigensolver == "power" else sf.spectral_mass_rank(0.05, 2, 8),
         precond_freq=2,
         max_precond_dim=32,  # "tall" is one-sided
         eigensolver=eigensolver,
         process_group=process_group,
     )
+    return sf.kronecker_precondition(**kw) if form == "seed" else sf.kronecker_eigenbasis(**kw)
+
+
+def count_decompositions(setattr) -> list[int]:
+    """Record the rows of every decomposition (``eigh``, and the eigenbasis form's power step):
+    ``setattr(module, name, wrapper)`` installs the counters; returns the list they append to."""
+    import scao_fx.precond.eigen as eigen
+    import scao_fx.transforms.eigenbasis as eigenbasis
+
+    rows: list[int] = []
+
+    def counting(fn):
+        def wrapper(factors, *args, **kw):
+            rows.append(factors.shape[0])
+            return fn(factors, *args, **kw)
+
+        return wrapper
+
+    for module, name in ((eigen, "robust_eigh"), (eigenbasis, "robust_eigh"), (eigenbasis, "_power_step")):
+        setattr(module, name, counting(getattr(module, name)))
+    return rows
 
 
 def run_refresh(tx) -> tuple[list, object]:
@@ -205,31 +251,19 @@ def run_refresh(tx) -> tuple[list, object]:
     return outs, state
 
 
-def _refresh_worker(rank: int, tmp: str, eigensolver: str) -> dict:
-    import scao_fx.precond.eigen as kron
-
-    decomposed = []  # rows handed to eigh on this rank
-    eigh = kron.robust_eigh
-
-    def counting_eigh(factors, **kw):
-        decomposed.append(factors.shape[0])
-        return eigh(factors, **kw)
-
-    kron.robust_eigh = counting_eigh
-    outs, state = run_refresh(refresh_transform(eigensolver, dist.group.WORLD))
+def _refresh_worker(rank: int, tmp: str, form: str, eigensolver: str) -> dict:
+    decomposed = count_decompositions(setattr)  # rows decomposed on this rank
+    outs, state = run_refresh(refresh_transform(form, eigensolver, dist.group.WORLD))
     return {"updates": outs, "state": state, "rows": sum(decomposed)}
 
 
-@pytest.mark.parametrize("eigensolver", ["eigh", "subspace"])
-def test_distributed_refresh_equals_local_refresh(tmp_path, eigensolver, monkeypatch):
-    ranks = launch(_refresh_worker, tmp_path, eigensolver)
-    import scao_fx.precond.eigen as kron
-
-    decomposed = []
-    eigh = kron.robust_eigh
-    monkeypatch.setattr(kron, "robust_eigh", lambda f, **kw: (decomposed.append(f.shape[0]), eigh(f, **kw))[1])
-    ref_updates, ref_state = run_refresh(refresh_transform(eigensolver))
-    assert int(ref_state.refreshes) == 2 and sum(decomposed) > 0
+@pytest.mark.parametrize("form, eigensolver", REFRESH_CASES)
+def test_distributed_refresh_equals_local_refresh(tmp_path, form, eigensolver, monkeypatch):
+    ranks = launch(_refresh_worker, tmp_path, form, eigensolver)
+    decomposed = count_decompositions(monkeypatch.setattr)
+    ref_updates, ref_state = run_refresh(refresh_transform(form, eigensolver))
+    expected = refreshes_after(REFRESH_STEPS, {"form": form, "precond_freq": 2})
+    assert int(ref_state.refreshes) == expected and sum(decomposed) > 0
     for r, out in enumerate(ranks):
         assert_trees_equal(out["updates"], ref_updates, f"rank {r}: updates")
         assert_trees_equal(out["state"], ref_state, f"rank {r}: state")
@@ -284,24 +318,33 @@ def full_params(model) -> list[torch.Tensor]:
     return [sf.gather_full(p.detach()).clone() for p in model.parameters()]
 
 
-def _fsdp_worker(rank: int, tmp: str) -> dict:
+def _fsdp_worker(rank: int, tmp: str, cfg: dict) -> dict:
     model = sharded_mlp()
-    opt = sf.SCAO(model.parameters(), process_group=dist.group.WORLD, **CFG)
+    opt = sf.SCAO(model.parameters(), process_group=dist.group.WORLD, **cfg)
     assert all(type(p).__name__ == "DTensor" for p in model.parameters())
     losses = train_steps(model, opt, FSDP_STEPS, rank, nan_step=NAN_STEP)
-    return {"losses": losses, "params": full_params(model), "skipped": sf.skipped_steps(opt.functional_state())}
+    (adam,) = find_nodes(opt.functional_state(), sf.ScaleByAdamState)
+    sharded = sum(is_dtensor(m) for m in sf._tree.flatten(adam.mu)[0])
+    return {"losses": losses, "params": full_params(model), "skipped": sf.skipped_steps(opt.functional_state()),
+            "sharded_moments": sharded}
 
 
 @pytest.mark.slow
-def test_fsdp2_trains_and_matches_single_process(tmp_path):
-    ranks = launch(_fsdp_worker, tmp_path)
+@pytest.mark.parametrize("form", FORMS)
+def test_fsdp2_trains_and_matches_single_process(tmp_path, form):
+    cfg = FORMS[form]
+    ranks = launch(_fsdp_worker, tmp_path, cfg)
     model = mlp()
-    opt = sf.SCAO(model.parameters(), **CFG)
+    opt = sf.SCAO(model.parameters(), **cfg)
     ref_losses = train_steps(model, opt, FSDP_STEPS, None, nan_step=NAN_STEP)
     ref = full_params(model)
     assert sf.skipped_steps(opt.functional_state()) == 1
     for r, out in enumerate(ranks):
         assert out["skipped"] == 1, f"rank {r} did not skip the step with a NaN on rank 1's shard"
+        # Adam's first moment is sharded where Adam sees shards: every parameter in the seed form
+        # (Adam runs after the preconditioner), the 4 biases in the eigenbasis form (the matrices'
+        # cores and complements are whole, replicated).
+        assert out["sharded_moments"] == (8 if form == "seed" else 4), out["sharded_moments"]
         assert out["losses"][-1] < 0.2 * out["losses"][0], out["losses"]
         assert out["losses"] == ref_losses
         assert_trees_equal(out["params"], ref, f"rank {r} vs one process")
@@ -313,20 +356,20 @@ def test_fsdp2_trains_and_matches_single_process(tmp_path):
 SAVE_AT, AFTER = 3, 4  # refreshes at steps 4 and 6: both after the save
 
 
-def _dcp_worker(rank: int, tmp: str) -> dict:
+def _dcp_worker(rank: int, tmp: str, cfg: dict) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     path = os.path.join(tmp, "ckpt")
     model = sharded_mlp()
-    opt = sf.SCAO(model.parameters(), process_group=dist.group.WORLD, **CFG)
+    opt = sf.SCAO(model.parameters(), process_group=dist.group.WORLD, **cfg)
     train_steps(model, opt, SAVE_AT, rank)
     dcp.save({"model": get_model_state_dict(model), "optim": sf.dcp_state_dict(opt)}, checkpoint_id=path)
     train_steps(model, opt, AFTER, rank, start=SAVE_AT)
     uninterrupted = full_params(model)
 
     model = sharded_mlp()  # a fresh model and optimizer, loaded from the checkpoint
-    opt = sf.SCAO(model.parameters(), process_group=dist.group.WORLD, **CFG)
+    opt = sf.SCAO(model.parameters(), process_group=dist.group.WORLD, **cfg)
     sd = {"model": get_model_state_dict(model), "optim": sf.dcp_state_dict(opt)}
     dcp.load(sd, checkpoint_id=path)
     set_model_state_dict(model, sd["model"])
@@ -335,8 +378,9 @@ def _dcp_worker(rank: int, tmp: str) -> dict:
     return {"uninterrupted": uninterrupted, "resumed": full_params(model)}
 
 
-def test_distributed_checkpoint_round_trip_is_bit_identical(tmp_path):
-    ranks = launch(_dcp_worker, tmp_path)
+@pytest.mark.parametrize("form", FORMS)
+def test_distributed_checkpoint_round_trip_is_bit_identical(tmp_path, form):
+    ranks = launch(_dcp_worker, tmp_path, FORMS[form])
     fresh = [p.detach() for p in mlp().parameters()]
     for r, out in enumerate(ranks):
         assert_trees_equal(out["resumed"], out["uninterrupted"], f"rank {r}: resumed vs uninterrupted")
@@ -376,6 +420,10 @@ def test_assign_owners_rejects_bad_arguments(call, match):
         lambda g: sf.scao_precondition(process_group=g),
         lambda g: sf.scao(process_group=g),
         lambda g: sf.SCAO(torch.nn.Linear(3, 2).parameters(), process_group=g),
+        lambda g: sf.kronecker_eigenbasis(process_group=g),
+        lambda g: sf.scao(form="eigenbasis", process_group=g),
+        lambda g: sf.SCAO(torch.nn.Linear(3, 2).parameters(), form="eigenbasis", process_group=g),
+        lambda g: sf.soap(process_group=g),
     ],
 )
 def test_process_group_must_be_a_process_group(build):

@@ -16,6 +16,7 @@ from .. import _treemath
 from .._tree import check_same_structure, flatten, unflatten
 from .._validation import check_dense_leaves, check_dtype, check_float
 from ..base import EmptyState, GradientTransformation, increment, multi_tensor_ok, register_state, step_count
+from ..parallel import is_dtensor
 from .combinators import masked
 
 __all__ = ["scale_by_adam", "ScaleByAdamState", "add_decayed_weights", "moment_dtype_for"]
@@ -63,6 +64,13 @@ def _bias_corrections(count: torch.Tensor, b1: float, b2: float):
         return 1 - b1**t, 1 - b2**t
     t = int(count)
     return 1 - b1**t, 1 - b2**t
+
+
+def _same_kind(tensors: list) -> list[list[int]]:
+    """The positions of the plain tensors and of the DTensors of ``tensors`` (the non-empty ones)."""
+    plain = [j for j, t in enumerate(tensors) if not is_dtensor(t)]
+    dtensors = [j for j, t in enumerate(tensors) if is_dtensor(t)]
+    return [part for part in (plain, dtensors) if part]
 
 
 def _sqrt(x):
@@ -130,6 +138,32 @@ def scale_by_adam(
         counts = [None if p is None else step_count() for p in leaves]
         return ScaleByAdamState(unflatten(spec, mu), unflatten(spec, nu), unflatten(spec, counts))
 
+    def fused(grads, mus, nus, bc1s, bc2s, inplace):
+        """Adam's step on lists of tensors by multi-tensor kernels: ``(directions, mus, nus)``.
+        Out of place (new moment tensors) when not ``inplace``, e.g. under apply_if_finite's
+        deferred path."""
+        if inplace:
+            torch._foreach_lerp_(mus, grads, 1 - b1)
+            torch._foreach_mul_(nus, b2)
+        else:
+            mus = torch._foreach_lerp(mus, grads, 1 - b1)
+            nus = torch._foreach_mul(nus, b2)
+        torch._foreach_addcmul_(nus, grads, grads, value=1 - b2)
+        if eps_root:
+            denom = torch._foreach_div(nus, bc2s)
+            torch._foreach_add_(denom, eps_root)
+            torch._foreach_sqrt_(denom)
+        else:
+            denom = torch._foreach_sqrt(nus)
+            torch._foreach_div_(denom, [_sqrt(bc2) for bc2 in bc2s])
+        torch._foreach_add_(denom, eps)
+        if floor_denominator:  # one multi-tensor clamp per moment dtype
+            for dtype in {d.dtype for d in denom}:
+                torch._foreach_clamp_min_([d for d in denom if d.dtype == dtype], torch.finfo(dtype).tiny)
+        us = torch._foreach_div(mus, bc1s)
+        torch._foreach_div_(us, denom)
+        return us, mus, nus
+
     def update(updates, state, *, params=None, inplace=True):
         g_leaves, spec = flatten(updates)
         check_dense_leaves(g_leaves)
@@ -159,28 +193,15 @@ def scale_by_adam(
         mus = [mu_leaves[i] for i in live]
         nus = [nu_leaves[i] for i in live]
         if live and multi_tensor_ok(grads + mus + nus):
-            # Fast path: one multi-tensor kernel per operation (same arithmetic as below); out of
-            # place (new moment tensors) when not inplace, e.g. under apply_if_finite's deferred path.
-            if inplace:
-                torch._foreach_lerp_(mus, grads, 1 - b1)
-                torch._foreach_mul_(nus, b2)
-            else:
-                mus = torch._foreach_lerp(mus, grads, 1 - b1)
-                nus = torch._foreach_mul(nus, b2)
-            torch._foreach_addcmul_(nus, grads, grads, value=1 - b2)
-            if eps_root:
-                denom = torch._foreach_div(nus, bc2s)
-                torch._foreach_add_(denom, eps_root)
-                torch._foreach_sqrt_(denom)
-            else:
-                denom = torch._foreach_sqrt(nus)
-                torch._foreach_div_(denom, [_sqrt(bc2) for bc2 in bc2s])
-            torch._foreach_add_(denom, eps)
-            if floor_denominator:  # one multi-tensor clamp per moment dtype
-                for dtype in {d.dtype for d in denom}:
-                    torch._foreach_clamp_min_([d for d in denom if d.dtype == dtype], torch.finfo(dtype).tiny)
-            us = torch._foreach_div(mus, bc1s)
-            torch._foreach_div_(us, denom)
+            # Fast path: multi-tensor kernels (same arithmetic as below), one call per operation
+            # for the plain tensors and one for the DTensors (foreach kernels do not mix them: the
+            # eigenbasis form under FSDP2 hands Adam plain cores and DTensor vectors together).
+            us = [None] * len(live)
+            for part in _same_kind(grads):
+                u, m, v = fused([grads[j] for j in part], [mus[j] for j in part], [nus[j] for j in part],
+                                [bc1s[j] for j in part], [bc2s[j] for j in part], inplace)
+                for k, j in enumerate(part):
+                    us[j], mus[j], nus[j] = u[k], m[k], v[k]
         else:
             us = []
             for j, (g, m, v, bc1, bc2) in enumerate(zip(grads, mus, nus, bc1s, bc2s)):

@@ -68,6 +68,12 @@ cores (one per rotated leaf, ``(k_L, k_R)``, float32, or float64 for float64 lea
 of the complements (``(m, n)``, or ``None`` without complement). It must be elementwise or
 per-leaf (Adam, sign, clipping per leaf, ...) and must not need ``params`` (put weight decay
 after this link).
+
+**Distributed** (as :func:`~scao_fx.kronecker_precondition`, ``docs/distributed.md``): with
+``process_group`` each stacked factor's refresh (any eigensolver, ``"power"`` included) runs on
+one owner rank and the new bases are broadcast, bit-identical to the local refresh; FSDP2's
+DTensor updates of the rotated matrices are all-gathered, processed whole and returned as this
+rank's shard, the other leaves reach the inner transform as DTensors.
 """
 
 from __future__ import annotations
@@ -81,13 +87,24 @@ import torch
 from .._tree import flatten, unflatten
 from .._validation import check_bool, check_choice, check_dense_leaves, check_float, check_int
 from ..base import GradientTransformation, check_transform, increment, register_state, step_count
+from ..parallel import check_process_group
 from ..precond.curvature import CurvatureEMA
 from ..precond.eigen import branch, regularize, robust_eigh
 from ..precond.eigenbasis import change_basis, kept_basis, project_complement, rotate, rotate_back
 from ..precond.kron import init_side, normalize, saturate, side_from_eigenpairs
 from ..precond.rank import RankRule, full_rank
 from .adam import ScaleByAdamState, scale_by_adam
-from .kronecker import KroneckerGroupState, _keep_absent, _maybe_refresh, _plan, _resolve_plan, _statistics_parts
+from .kronecker import (
+    KroneckerGroupState,
+    _gather_matrices,
+    _keep_absent,
+    _local_refreshes,
+    _maybe_refresh,
+    _owner_refreshes,
+    _plan,
+    _resolve_plan,
+    _statistics_parts,
+)
 
 __all__ = ["kronecker_eigenbasis", "KroneckerEigenbasisState"]
 
@@ -139,6 +156,7 @@ def kronecker_eigenbasis(
     eigensolver: str = "auto",
     gram_precision: str = "float32",
     skip_first: bool = False,
+    process_group: Any = None,
 ) -> GradientTransformation:
     r"""Run ``inner`` (Adam by default) in the eigenbases of each matrix's Kronecker factors.
 
@@ -167,6 +185,18 @@ def kronecker_eigenbasis(
             leaf's update is zero and the inner transform neither runs nor counts the step (its
             first step is step 2, in the eigenbasis). False: step 1 runs the inner transform in
             the original coordinates.
+        process_group: a ``torch.distributed`` process group over which the refreshes are
+            spread, as in :func:`kronecker_precondition`: each stacked factor is refreshed
+            (``eigh``, subspace or power step) by one owner rank and the new bases are broadcast
+            (same result as ``None``, bit for bit; every rank must call ``update`` with the same
+            leaves present; eager only). ``None``: every process refreshes everything itself.
+            See ``docs/distributed.md``.
+
+    DTensor updates (FSDP2's sharded gradients) of the rotated matrices are all-gathered,
+    processed whole (rotation, inner transform, rotation back) and returned as this rank's
+    shard; their inner state (the cores and complements) is then a plain tensor, the same on
+    every rank. The other leaves (vectors, matrices with no rotated side) reach the inner
+    transform as DTensors, so their inner state is sharded (see ``docs/distributed.md``).
 
     Returns:
         A ``GradientTransformation`` with state :class:`KroneckerEigenbasisState`. Its input
@@ -192,6 +222,9 @@ def kronecker_eigenbasis(
     check_choice("eigensolver", eigensolver, ("auto", "eigh", "subspace", "power"))
     check_choice("gram_precision", gram_precision, ("float32", "bfloat16"))
     skip_first = check_bool("skip_first", skip_first)
+    process_group = check_process_group("process_group", process_group)
+    executor = (_local_refreshes if process_group is None
+                else _owner_refreshes(process_group, "kronecker_eigenbasis"))
     if eigensolver == "power" and (rank.adaptive or rank.k_max is not None or not isinstance(curvature, CurvatureEMA)):
         raise ValueError("eigensolver='power' keeps every direction of a curvature_ema: use rank=full_rank() "
                          "and curvature=curvature_ema(...)")
@@ -268,6 +301,7 @@ def kronecker_eigenbasis(
         count = increment(state.count)
         due = ((count % precond_freq) == 0) | (count == 1)
         first = state.refreshes == 0
+        run_refresh = executor(state.groups, due)
         rotated = {i for g in plan for i in g.indices}
         passthrough = [None if i in rotated else leaf for i, leaf in enumerate(leaves)]
         # 1. accumulate the statistics and rotate with the bases of the last refresh
@@ -330,7 +364,7 @@ def kronecker_eigenbasis(
         # 3. rotate back, refresh the bases when due, and let the inner state follow them
         refresh_now = torch.compiler.is_compiling() or bool(due)
         new_groups, changes, position = [], [], 0
-        for g, gs, w in zip(plan, state.groups, work):
+        for gi, (g, gs, w) in enumerate(zip(plan, state.groups, work)):
             start, position = position, position + len(g.indices)
             if w is None:
                 new_groups.append(gs)
@@ -351,11 +385,12 @@ def kronecker_eigenbasis(
             partial = not all(present)
             present_rows = torch.tensor(present, device=like.device) if partial else None
             sides_new = []
-            for side, stat in zip((gs.left, gs.right), stats):
+            for s, (side, stat) in enumerate(zip((gs.left, gs.right), stats)):
                 if side is None:
                     sides_new.append(None)
                     continue
-                new = _maybe_refresh(due, side._replace(stat=stat), functools.partial(refresh, count=count, first=first))
+                local = functools.partial(refresh, count=count, first=first)
+                new = _maybe_refresh(due, side._replace(stat=stat), run_refresh(gi, s, local))
                 sides_new.append(_keep_absent(present_rows, new, side) if partial else new)
             new_gs = KroneckerGroupState(gs.leaves, *sides_new)
             new_groups.append(new_gs)
@@ -366,7 +401,7 @@ def kronecker_eigenbasis(
         refreshes = state.refreshes + due.to(torch.int64)
         return unflatten(spec, out), KroneckerEigenbasisState(count, refreshes, tuple(new_groups), inner_state)
 
-    return GradientTransformation(init, update)
+    return _gather_matrices(GradientTransformation(init, update), max_precond_dim, side_mode)
 
 
 def _exact_full(factor: torch.Tensor, basis: torch.Tensor) -> tuple:

@@ -228,13 +228,14 @@ def _local_refreshes(groups: tuple, due: torch.Tensor) -> Callable:
     return lambda gi, s, refresh: refresh
 
 
-def _owner_refreshes(process_group: Any) -> Callable:
+def _owner_refreshes(process_group: Any, name: str = "kronecker_precondition") -> Callable:
     """The refresh executor over ``process_group``: each factor is refreshed by its owner rank
-    and broadcast (:func:`~scao_fx.parallel.owner_refresh`); owners are assigned per due step."""
+    and broadcast (:func:`~scao_fx.parallel.owner_refresh`); owners are assigned per due step.
+    ``name``: the link, for the error under ``torch.compile``."""
 
     def executor(groups: tuple, due: torch.Tensor) -> Callable:
         if torch.compiler.is_compiling():
-            raise NotImplementedError("kronecker_precondition(process_group=...) runs eagerly; do not torch.compile its update")
+            raise NotImplementedError(f"{name}(process_group=...) runs eagerly; do not torch.compile its update")
         if not bool(due):  # a CPU tensor: no device sync
             return _local_refreshes(groups, due)
         owners = _refresh_owners(groups, torch.distributed.get_world_size(process_group))
@@ -446,10 +447,19 @@ def kronecker_precondition(
         refreshes = state.refreshes + due.to(torch.int64)
         return unflatten(spec, out), KroneckerPreconditionState(count, refreshes, tuple(new_groups))
 
-    def preconditioned(leaf: Any) -> bool:  # the leaves whose DTensor updates are gathered whole
+    return _gather_matrices(GradientTransformation(init, update), max_precond_dim, side_mode)
+
+
+def _gather_matrices(tx: GradientTransformation, max_precond_dim: int, side_mode: str) -> GradientTransformation:
+    """``tx`` (a Kronecker link) under FSDP2: the DTensor updates of the leaves it preconditions
+    (a side of at most ``max_precond_dim``) are all-gathered, processed whole and returned as
+    this rank's shard (:func:`~scao_fx.transforms.sharding.full_tensor_updates`); the others
+    (vectors, matrices with no preconditioned side) reach ``tx`` as DTensors."""
+
+    def preconditioned(leaf: Any) -> bool:
         return bool(_plan([leaf], max_precond_dim, False, side_mode))
 
-    return full_tensor_updates(GradientTransformation(init, update), preconditioned)
+    return full_tensor_updates(tx, preconditioned)
 
 
 #: The fields of a side that a refresh writes (its statistics are never changed by a refresh).
