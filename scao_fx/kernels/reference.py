@@ -87,15 +87,23 @@ def _encode(x2: torch.Tensor, block_size: int, stochastic: bool, seedterm):
     Per block: scale = absmax / 127 (NaN if the block holds a NaN, inf if it holds an inf,
     0 for an all-zero block); q = x * (1 / scale) (one division per block; a block whose
     absmax is below 127 / FLT_MAX ~ 3.7e-37 has an infinite reciprocal and encodes as zeros);
-    nearest: code = floor(q) + (frac(q) >= 0.5) (ties upward); stochastic:
-    code = floor(q) + (u < frac(q)) with u the hash uniform of the flat index row * N + col;
-    clamped to [-127, 127]; 0 wherever q is not finite or scale is not > 0. ``x2`` is not
-    modified.
+    q is 0 wherever it is not finite or scale is not > 0. The rounding is done in 24-bit fixed
+    point: ``Q = trunc(q * 2**24)`` (int32; exact whenever q has no bits below 2**-24, e.g.
+    whenever |q| >= 0.5), then
+
+        nearest:     code = (Q + 2**23) >> 24                 (= floor(q) + [frac(q) >= 0.5])
+        stochastic:  code = (Q + (2**24 - 1 - U)) >> 24      (= floor(Q / 2**24) + [U < Q mod 2**24])
+
+    with ``>>`` the arithmetic (flooring) shift and U the 24 hash bits of the flat index
+    row * N + col (:func:`~scao_fx.kernels._common.row_hash_bits`); clamped to [-127, 127].
+    ``x2`` is not modified.
 
     Everything element-wise is done in the (rows, N) layout (per-block values gathered per
     column) rather than on a padded (rows, nb, bs) view: besides saving the padded copies, the
     pad -> reduce -> reshape-back pattern is miscompiled by torch.compile's CPU backend in
-    torch 2.13 (garbage in the partial last block), and this layout is not.
+    torch 2.13 (garbage in the partial last block), and this layout is not. All element-wise
+    steps after ``q`` are in place on one float32 and one int32 buffer (no comparison masks:
+    boolean temporaries cost several times an integer op on the CPU).
     """
     rows, n = x2.shape
     scale = _true_div(_block_absmax(x2, block_size), C.QMAX)
@@ -103,14 +111,13 @@ def _encode(x2: torch.Tensor, block_size: int, stochastic: bool, seedterm):
     inv = torch.where(pos, _true_div(torch.ones_like(scale), scale),
                       torch.zeros((), dtype=scale.dtype, device=scale.device))
     q = _mul_per_block(x2, inv, block_size)
-    q = torch.nan_to_num_(q, nan=0.0, posinf=0.0, neginf=0.0)
-    fl = torch.floor(q)
-    frac = q.sub_(fl)
+    q = torch.nan_to_num_(q, nan=0.0, posinf=0.0, neginf=0.0).mul_(C.FIX_ONE)
+    code = q.to(torch.int32)
     if stochastic:
-        up = C.row_uniforms(rows, n, seedterm, x2.device) < frac
+        code.sub_(C.row_hash_bits(rows, n, seedterm, x2.device)).add_(C.FIX_ONE - 1)
     else:
-        up = frac >= 0.5
-    code = fl.add_(up).clamp_(-C.QMAX, C.QMAX)
+        code.add_(C.FIX_HALF)
+    code.bitwise_right_shift_(C.FIX_BITS).clamp_(-C.QMAX_INT, C.QMAX_INT)
     return code.to(torch.int8), scale
 
 
