@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -180,33 +180,50 @@ def _index_split(rows: int, n: int) -> tuple[int, int]:
     return total // k, k
 
 
-def row_hash_bits(rows: int, n: int, seedterm, device, row_start: int = 0) -> torch.Tensor:
+def row_hash_bits(rows: int, n: int, seedterm, device, row_start: int = 0,
+                  offset: int = 0, scratch: Optional[torch.Tensor] = None,
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The hash's 24 bits ``U = h >> 8`` (int32 in [0, 2**24)) for the (rows, n) elements:
-    element (r, j) gets ``hash((row_start + r) * n + j)``, i.e. ``hash_uniform * 2**24``.
+    element (r, j) gets ``hash((row_start + r) * n + j + offset)``, i.e. ``hash_uniform * 2**24``.
 
     Computed in int32 with wrap-around multiplication (what the CPU and CUDA integer units do)
     and masked arithmetic shifts standing in for logical ones, in place on one buffer: the
     first line ``g * 0x9E3779B1 + seed * 0x85EBCA77`` is linear in the flat index ``g``, so
-    with ``g = row_start * n + a * K + b`` it is one broadcast add of an ``(A, 1)`` row term
+    with ``g = row_start * n + offset + a * K + b`` it is one broadcast add of an ``(A, 1)`` row term
     and a ``(1, K)`` column term (:func:`_index_split`), then three xorshifts and two
     multiplications in place. The tests check that this equals the overflow-free int64
-    formulation of :func:`hash_uniform`, also past 2**31 and 2**32.
+    formulation of :func:`hash_uniform`, also past 2**31 and 2**32. ``scratch``: an optional
+    contiguous int32 tensor of ``rows * n`` elements, overwritten (saves an allocation);
+    ``out``: one for the result.
     """
     if n >= 2**31:
         r = torch.arange(row_start, row_start + rows, device=device, dtype=torch.int64)
-        c = torch.arange(n, device=device, dtype=torch.int64).view(1, n)
+        c = torch.arange(n, device=device, dtype=torch.int64).view(1, n) + offset
         return (hash_uniform(r.view(rows, 1) * n + c, seedterm) * 2.0**24).to(torch.int32)
     a_n, k = _index_split(rows, n)
-    base = row_start * n + torch.arange(a_n, device=device, dtype=torch.int64) * k
-    row_term = (mul32(base & MASK32, HASH_IDX_MUL) + seedterm) & MASK32
-    col_term = mul32(torch.arange(k, device=device, dtype=torch.int64), HASH_IDX_MUL)
-    h = (_to_i32(row_term).to(torch.int32).view(a_n, 1)
-         + _to_i32(col_term).to(torch.int32).view(1, k))
-    h.bitwise_xor_((h >> 15).bitwise_and_(0x1FFFF))
+    # int32 wrap-around arithmetic throughout: the same bits as modulo 2**32
+    row_term = torch.arange(a_n, device=device, dtype=torch.int32).mul_(_to_i32(k * HASH_IDX_MUL))
+    start = _to_i32((row_start * n + offset) * HASH_IDX_MUL)
+    if isinstance(seedterm, torch.Tensor):
+        row_term.add_(_to_i32(seedterm).to(torch.int32)).add_(start)
+    else:
+        row_term.add_(_to_i32(start + seedterm))
+    col_term = torch.arange(k, device=device, dtype=torch.int32).mul_(_to_i32(HASH_IDX_MUL))
+    if out is None:
+        h = row_term.view(a_n, 1) + col_term.view(1, k)
+    else:
+        h = torch.add(row_term.view(a_n, 1), col_term.view(1, k), out=out.view(a_n, k))
+    # one scratch buffer for the three shifted copies
+    t = torch.empty_like(h) if scratch is None else scratch.view(a_n, k)
+
+    def xorshift(s: int) -> None:  # h ^= h >>> s
+        h.bitwise_xor_(torch.bitwise_right_shift(h, s, out=t).bitwise_and_((1 << (32 - s)) - 1))
+
+    xorshift(15)
     h.mul_(_to_i32(HASH_MIX1))
-    h.bitwise_xor_((h >> 12).bitwise_and_(0xFFFFF))
+    xorshift(12)
     h.mul_(_to_i32(HASH_MIX2))
-    h.bitwise_xor_((h >> 15).bitwise_and_(0x1FFFF))
+    xorshift(15)
     return h.bitwise_right_shift_(8).bitwise_and_(0xFFFFFF).view(rows, n)
 
 
