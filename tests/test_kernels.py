@@ -120,6 +120,157 @@ def test_fast_int32_hash_equals_exact_int64_hash(n, row_start, seed):
         assert int(r.max()) + n > 2**31
 
 
+@pytest.mark.parametrize("rows,n,row_start,offset", [(3, 300, 0, 0), (1, 4096, 0, 12288),
+                                                     (2, 2**16, 5, 7), (5, 33, 2**27, 2**31 - 7)])
+def test_row_hash_bits_equal_hash_uniform_with_offsets_and_buffers(rows, n, row_start, offset):
+    """The 24 bits the codec rounds with are hash_uniform * 2**24 of the flat index
+    (row_start + r) * n + j + offset, whatever buffers they are computed in."""
+    for st in (C.seed_term(77, "cpu"), C.seed_term(torch.tensor(2**33 + 5), "cpu")):
+        bits = C.row_hash_bits(rows, n, st, torch.device("cpu"), row_start, offset)
+        assert bits.dtype == torch.int32 and tuple(bits.shape) == (rows, n)
+        idx = (torch.arange(row_start, row_start + rows, dtype=torch.int64).view(rows, 1) * n
+               + torch.arange(n, dtype=torch.int64).view(1, n) + offset)
+        want = (C.hash_uniform(idx, st).double() * 2**24).to(torch.int32)
+        _exact(bits, want)
+        out = torch.full((rows * n,), -1, dtype=torch.int32)
+        scratch = torch.full((rows * n,), -1, dtype=torch.int32)
+        got = C.row_hash_bits(rows, n, st, torch.device("cpu"), row_start, offset,
+                              scratch=scratch, out=out)
+        assert got.data_ptr() == out.data_ptr()
+        _exact(got, want)
+        _exact(C.row_uniforms(rows, n, st, torch.device("cpu"), row_start),
+               C.hash_uniform(idx - offset, st))
+
+
+def _spec_codes(x: torch.Tensor, block_size: int, stochastic: bool, seed: int) -> torch.Tensor:
+    """The documented rounding, written out in float64/int64 from the reference's scales:
+    Q = trunc(q * 2**24); nearest (Q + 2**23) >> 24; stochastic floor(Q / 2**24) + [U < Q mod
+    2**24] with U = hash_uniform(flat index) * 2**24; clamp to +-127."""
+    x2 = x.reshape(-1, x.shape[-1])
+    _, scales = R.quantize_blockwise(x2, block_size)
+    inv = torch.where(scales > 0, 1.0 / scales, torch.zeros(()))
+    q = x2 * inv.repeat_interleave(block_size, dim=-1)[:, : x2.shape[-1]]  # float32, as the codec
+    q = torch.nan_to_num(q, nan=0.0, posinf=0.0, neginf=0.0)
+    big = (q.double() * 2**24).trunc().long()  # exact: q is float32, |q| < 2**7
+    if stochastic:
+        idx = torch.arange(x2.numel(), dtype=torch.int64).view(x2.shape)
+        u = (C.hash_uniform(idx, C.seed_term(seed, "cpu")).double() * 2**24).long()
+        code = torch.div(big, 2**24, rounding_mode="floor") + (u < big % 2**24).long()
+    else:
+        code = torch.div(big + 2**23, 2**24, rounding_mode="floor")
+    return code.clamp(-127, 127).to(torch.int8).view(x.shape)
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+@pytest.mark.parametrize("shape,bs", [((3, 517), 100), ((4, 4096), 32), ((2, 300), 64)])
+def test_reference_codes_follow_the_fixed_point_spec(shape, bs, stochastic):
+    x = _rand(shape, seed=3)
+    x[0, :8] = torch.tensor([0.5, -0.5, 1e-9, -1e-9, 0.0, -0.0, 2.5, -2.5]) * x[0].abs().max()
+    # many seeds on the larger case: a rounding that dropped the uniforms' low 8 bits would
+    # differ from the spec on ~2**-16 of the elements, here a dozen
+    for seed in range(48 if (stochastic and shape == (4, 4096)) else 1):
+        codes, _ = R.quantize_blockwise(x, bs, stochastic=stochastic, seed=41 + seed)
+        _exact(codes, _spec_codes(x, bs, stochastic, 41 + seed), f"seed {41 + seed}")
+
+
+def test_reference_nearest_equals_floor_plus_half_up():
+    """(trunc(q * 2**24) + 2**23) >> 24 is floor(q) + [frac(q) >= 0.5] for float32 q in
+    [-127, 127] (the codec's |q| never exceeds 127 by more than a few ulps; past 127.5 int32
+    would overflow), the fixed point's truncation included (checked densely around the ties)."""
+    g = torch.Generator().manual_seed(0)
+    ties = torch.arange(-127, 127, dtype=torch.float32) + 0.5
+    q = torch.cat([
+        torch.rand(200_000, generator=g) * 254 - 127,
+        (torch.rand(100_000, generator=g) - 0.5) * 2e-6,
+        ties, torch.nextafter(ties, ties + 1), torch.nextafter(ties, ties - 1),
+        torch.tensor([-0.5, 0.5, -1e-30, 1e-30, 0.0]),
+    ])
+    big = (q * 2**24).to(torch.int32)
+    got = (big + 2**23) >> 24
+    fl = torch.floor(q)
+    want = fl + ((q - fl) >= 0.5).float()
+    _exact(got.float(), want)
+
+
+def test_reference_stochastic_rounding_is_unbiased_to_the_fixed_point():
+    """Pooled over 1M roundings of values with exact 24-bit fractions, the mean of
+    code - floor(q) equals the mean fraction within 4 sigma (sigma ~ 4.4e-4): a bias of 2**-8
+    of a step (8-bit uniforms) or a rounding-direction error would show as many sigmas. Also
+    per fraction class (1/3, 1/2 - 2**-20, 0.999): within 5 sigma."""
+    n, seeds, bs = 4096, 256, 64
+    g = torch.Generator().manual_seed(5)
+    # q = k + f with f a multiple of 2**-20 (exact in float32 for |q| < 2**3), scale 127/127
+    k = torch.randint(-7, 7, (1, n), generator=g).float()
+    f = torch.randint(0, 2**20, (1, n), generator=g).float() * 2.0**-20
+    f[0, :1024] = round((1 / 3) * 2**20) * 2.0**-20
+    f[0, 1024:2048] = 0.5 - 2.0**-20
+    f[0, 2048:2560] = round(0.999 * 2**20) * 2.0**-20
+    q = k + f
+    q[0, ::bs] = 127.0  # every block's absmax is 127: scale 1, q = x exactly
+    up = torch.zeros(1, n, dtype=torch.float64)
+    for seed in range(seeds):
+        codes, scales = R.quantize_blockwise(q, bs, stochastic=True, seed=seed)
+        assert bool((scales == 1.0).all())
+        up += (codes.double() - torch.floor(q).double())
+    rate = up / seeds
+    frac = (q - torch.floor(q)).double()
+    assert bool(((rate == 0) | (rate == 1) | ((rate > 0) & (rate < 1))).all())
+    sigma = math.sqrt(float((frac * (1 - frac)).sum())) / (n * math.sqrt(seeds))
+    assert abs(float((rate - frac).mean())) < 4 * sigma
+    for sl in (slice(0, 1024), slice(1024, 2048), slice(2048, 2560)):  # (minus the 127s)
+        fr, rt = frac[0, sl], rate[0, sl]
+        s = math.sqrt(float((fr * (1 - fr)).sum())) / (fr.numel() * math.sqrt(seeds))
+        assert abs(float((rt - fr).mean())) < 5 * s, (float(fr[1]), float(rt.mean()))
+
+
+@pytest.mark.parametrize("piece", [256, 1000, 4096])
+def test_reference_cpu_pieces_give_the_same_bits(monkeypatch, piece):
+    """The CPU encode and EMA run piece by piece in a reused workspace: any piece size gives
+    the bits of one piece, results never alias the workspace, and out= in place is safe."""
+    cases = [((3, 517), 64), ((8, 1024), 32), ((5, 3000), 100), ((1, 70_000), 256),
+             ((7, 1000), 32)]
+    results = {}
+    for size in (1 << 30, piece):
+        monkeypatch.setattr(R, "CPU_PIECE", size)
+        res = []
+        for shape, bs in cases:
+            x = _rand(shape, seed=1)
+            x[0, 3] = float("nan")
+            u = _rand(shape, seed=2, dtype=torch.bfloat16)
+            c0, s0 = R.quantize_blockwise(_rand(shape, seed=3), bs)
+            a = R.quantize_blockwise(x, bs, stochastic=True, seed=9)
+            a_copy = (a[0].clone(), a[1].clone())
+            b = R.quantize_blockwise(x, bs)
+            e = R.int8_ema_update(c0, s0, u, 0.99, block_size=bs, seed=4)
+            oc, os_ = c0.clone(), s0.clone()
+            f = R.int8_ema_update(oc, os_, u, 0.99, block_size=bs, seed=4, out=(oc, os_))
+            assert f[0] is oc and f[1] is os_
+            R.quantize_blockwise(x * 2, bs, stochastic=True, seed=10)  # reuses the workspace
+            _exact(a[0], a_copy[0])
+            _exact(a[1], a_copy[1])
+            res.append((a, b, e, f))
+        results[size] = res
+    for got, want in zip(results[piece], results[1 << 30]):
+        for (cg, sg), (cw, sw) in zip(got, want):
+            _exact(cg, cw)
+            _exact(sg, sw)
+
+
+def test_reference_codes_are_deterministic_across_threads():
+    x = _rand((6, 70_000), seed=8)
+    want = R.quantize_blockwise(x, 32, stochastic=True, seed=3)
+    n_threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            for _ in range(2):
+                got = R.quantize_blockwise(x, 32, stochastic=True, seed=3)
+                _exact(got[0], want[0])
+                _exact(got[1], want[1])
+    finally:
+        torch.set_num_threads(n_threads)
+
+
 # --------------------------------------------------------------------------- reference codec
 
 
