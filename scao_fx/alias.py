@@ -20,6 +20,7 @@ from .precond.rank import full_rank
 from .presets import (  # noqa: F401 - re-exported
     SCAO_ADAM_KEYS,
     SCAO_DEFAULTS,
+    SCAO_FORM_KEYS,
     SCAO_GUARD_KEYS,
     SCAO_PRECONDITION_KEYS,
     scao_eigenbasis_precondition,
@@ -381,6 +382,10 @@ def scao(
     check_int("max_consecutive_skips", max_consecutive_skips, low=1)
     form = check_choice("form", precondition_kwargs.pop("form", SCAO_DEFAULTS["form"]), ("seed", "eigenbasis"))
     check_choice("moments", moments, SCAO_MOMENTS)
+    check_bool("skip_first", precondition_kwargs.get("skip_first", SCAO_DEFAULTS["skip_first"]))
+    if form == "seed" and precondition_kwargs.pop("skip_first", SCAO_DEFAULTS["skip_first"]) != SCAO_DEFAULTS["skip_first"]:
+        raise ValueError(f"skip_first applies to form='eigenbasis' only; with form='seed' leave it at its default "
+                         f"{SCAO_DEFAULTS['skip_first']!r}")
     if form == "eigenbasis":
         if moments != "float32":
             raise ValueError(

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ._validation import check_choice, check_float
+from ._validation import check_choice, check_float, check_int
 from .base import GradientTransformation
 from .codecs import bf16_codec, fp32_codec, int8_blockwise
 from .precond.curvature import curvature_ema
@@ -28,6 +28,7 @@ __all__ = [
     "SCAO_ADAM_KEYS",
     "SCAO_GUARD_KEYS",
     "SCAO_PRECONDITION_KEYS",
+    "SCAO_FORM_KEYS",
     "scao_precondition",
     "scao_eigenbasis_precondition",
 ]
@@ -37,20 +38,20 @@ __all__ = [
 SCAO_DEFAULTS: Mapping[str, Any] = MappingProxyType(
     {
         # the Adam part (sf.adamw(lr, betas, eps, weight_decay) after the preconditioner)
-        "lr": 1e-3,
-        "betas": (0.9, 0.999),
+        "lr": 3e-3,
+        "betas": (0.9, 0.95),
         "eps": 1e-8,
         "weight_decay": 0.01,
         "moments": "float32",
         # the preconditioner (scao_precondition)
-        "rho": 0.999,
-        "precond_freq": 20,
+        "rho": 0.95,
+        "precond_freq": 5,
         "warmup_steps": 100,
         "blend_steps": 50,
         "min_precond_updates": 10,
-        "epsilon_sparse": 0.05,
+        "epsilon_sparse": 0.0,
         "k_min": 8,
-        "k_max": 128,
+        "k_max": None,
         "max_precond_dim": 4096,
         "tau": None,
         "use_int8_ema": True,
@@ -66,9 +67,9 @@ SCAO_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "curvature": "ema",
         "sketch_rank": 128,
         "sketch_storage": "bfloat16",
-        "basis_storage": "float32",
-        "form": "seed",
-        "skip_first": False,
+        "basis_storage": "bfloat16",
+        "form": "eigenbasis",
+        "skip_first": True,
         # the non-finite guard (apply_if_finite around the chain)
         "skip_nonfinite": True,
         "max_consecutive_skips": 10,
@@ -79,7 +80,8 @@ SCAO_DEFAULTS: Mapping[str, Any] = MappingProxyType(
 #: Which keys of :data:`SCAO_DEFAULTS` belong to which part.
 SCAO_ADAM_KEYS = ("lr", "betas", "eps", "weight_decay", "moments")
 SCAO_GUARD_KEYS = ("skip_nonfinite", "max_consecutive_skips", "host_sync")
-SCAO_PRECONDITION_KEYS = tuple(k for k in SCAO_DEFAULTS if k not in SCAO_ADAM_KEYS + SCAO_GUARD_KEYS)
+SCAO_FORM_KEYS = ("form", "skip_first")
+SCAO_PRECONDITION_KEYS = tuple(k for k in SCAO_DEFAULTS if k not in SCAO_ADAM_KEYS + SCAO_GUARD_KEYS + SCAO_FORM_KEYS)
 
 
 class _NotGiven(float):
@@ -114,6 +116,7 @@ def _statistic(curvature: str, rho: float, use_int8_ema: bool, block_size: int, 
 def _rank_rule(epsilon_sparse: float, k_min: int, k_max: int | None) -> RankRule:
     """SCAO's rank rule: :func:`spectral_mass_rank`, or :func:`full_rank` (every direction, no
     truncation) for ``epsilon_sparse=0`` with ``k_max=None``."""
+    check_int("k_min", k_min, low=1)
     if epsilon_sparse == 0 and k_max is None:
         return full_rank()
     return spectral_mass_rank(epsilon_sparse, k_min, k_max)
@@ -147,8 +150,7 @@ def scao_precondition(
     sketch_rank: int = SCAO_DEFAULTS["sketch_rank"],
     sketch_storage: str = SCAO_DEFAULTS["sketch_storage"],
     basis_storage: str = SCAO_DEFAULTS["basis_storage"],
-    form: str = SCAO_DEFAULTS["form"],
-    skip_first: bool = SCAO_DEFAULTS["skip_first"],
+    form: str = "seed",
 ) -> GradientTransformation:
     r"""SCAO's preconditioner, built from its five named parts.
 
@@ -189,7 +191,7 @@ def scao_precondition(
         sides: ``"both"``, or ``"wide"`` (only the longer side of non-square matrices: LoRA).
         eigensolver: ``"auto"``, ``"eigh"`` or ``"subspace"`` (see :func:`kronecker_precondition`);
             the eigenbasis form with every direction kept also takes ``"power"`` (see
-            :func:`~scao_fx.kronecker_eigenbasis`).
+            :func:`~scao_fx.kronecker_eigenbasis`), and there ``"auto"`` means ``"power"``.
         gram_precision: ``"float32"`` or ``"bfloat16"`` inputs of the curvature's Gram products
             (see :func:`kronecker_precondition`).
         process_group: spread basis refreshes over this ``torch.distributed`` group (see
@@ -208,8 +210,6 @@ def scao_precondition(
         form: ``"seed"`` (this preconditioner, followed by Adam). ``"eigenbasis"`` runs Adam
             *inside* the preconditioner (:func:`~scao_fx.kronecker_eigenbasis`), so it is a form
             of the whole optimizer: ask :func:`scao` for it; here it is a ``ValueError``.
-        skip_first: the eigenbasis form's step-1 rule (see :func:`~scao_fx.kronecker_eigenbasis`);
-            the seed form has no such step: it must stay at its default.
 
     Returns:
         A ``GradientTransformation`` with state ``BlendRampState(KroneckerPreconditionState, count)``.
@@ -235,9 +235,6 @@ def scao_precondition(
             "form='eigenbasis' runs Adam inside the preconditioner: build the whole optimizer with "
             "sf.scao(..., form='eigenbasis') (or sf.kronecker_eigenbasis(...)), not scao_precondition"
         )
-    if skip_first != SCAO_DEFAULTS["skip_first"]:
-        raise ValueError(f"skip_first applies to form='eigenbasis' only; with form='seed' leave it at its default "
-                         f"{SCAO_DEFAULTS['skip_first']!r}, got {skip_first!r}")
     statistic = _statistic(curvature, rho, use_int8_ema, block_size, sketch_rank, sketch_storage, basis_storage)
     return blend_ramp(
         kronecker_precondition(
@@ -269,7 +266,7 @@ _SEED_ONLY_KEYS = ("warmup_steps", "blend_steps", "min_precond_updates", "tau", 
 def scao_eigenbasis_precondition(inner: GradientTransformation, kw: dict[str, Any]) -> GradientTransformation:
     """``kronecker_eigenbasis(inner, ...)`` from :func:`scao_precondition`'s keywords (``sf.scao(form="eigenbasis")``)."""
     kw = dict(kw)
-    unknown = sorted(set(kw) - set(SCAO_PRECONDITION_KEYS) - {"rank_eps", "process_group"})
+    unknown = sorted(set(kw) - set(SCAO_PRECONDITION_KEYS) - {"rank_eps", "process_group", "skip_first"})
     if unknown:
         raise TypeError(f"scao got unexpected keyword argument(s) {unknown}")
     process_group = kw.pop("process_group", None)
@@ -282,24 +279,28 @@ def scao_eigenbasis_precondition(inner: GradientTransformation, kw: dict[str, An
     for key in _SEED_ONLY_KEYS:
         if hp[key] != SCAO_DEFAULTS[key]:
             raise ValueError(
-                f"{key} applies to form='seed' only; with form='eigenbasis' leave it at its default "
-                f"{SCAO_DEFAULTS[key]!r}, got {hp[key]!r}"
+                f"{key} applies to form='seed' only (got {hp[key]!r}): pass form='seed' to use it, or leave "
+                f"it at its default {SCAO_DEFAULTS[key]!r} with form='eigenbasis' (the default form)"
             )
     check_float("epsilon_sparse" if rank_eps is None else "rank_eps", hp["epsilon_sparse"], low=0.0, high=1.0,
                 high_inclusive=False)
     statistic = _statistic(hp["curvature"], hp["rho"], hp["use_int8_ema"], hp["block_size"], hp["sketch_rank"],
                            hp["sketch_storage"], hp["basis_storage"])
+    rank = _rank_rule(hp["epsilon_sparse"], hp["k_min"], hp["k_max"])
+    eigensolver = hp["eigensolver"]
+    if eigensolver == "auto" and not rank.adaptive and rank.k_max is None and hp["curvature"] == "ema":
+        eigensolver = "power"  # every direction kept: the position-keeping refresh (as sf.soap)
     return kronecker_eigenbasis(
         inner,
         curvature=statistic,
-        rank=_rank_rule(hp["epsilon_sparse"], hp["k_min"], hp["k_max"]),
+        rank=rank,
         precond_freq=hp["precond_freq"],
         max_precond_dim=hp["max_precond_dim"],
         tikhonov=hp["tikhonov"],
         grouped=hp["grouped"],
         sides=hp["sides"],
-        eigensolver=hp["eigensolver"],
+        eigensolver=eigensolver,
         gram_precision=hp["gram_precision"],
-        skip_first=hp["skip_first"],
+        skip_first=kw.get("skip_first", SCAO_DEFAULTS["skip_first"]),
         process_group=process_group,
     )

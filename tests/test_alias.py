@@ -9,7 +9,7 @@ import torch
 
 import scao_fx as sf
 import scao_fx.presets as presets
-from scao_fx.alias import SCAO_ADAM_KEYS, SCAO_DEFAULTS, SCAO_GUARD_KEYS, SCAO_PRECONDITION_KEYS
+from scao_fx.alias import SCAO_ADAM_KEYS, SCAO_DEFAULTS, SCAO_FORM_KEYS, SCAO_GUARD_KEYS, SCAO_PRECONDITION_KEYS
 from scao_fx.diagnostics import scao_diagnostics
 
 
@@ -27,7 +27,7 @@ def assert_table_default(name: str, param: inspect.Parameter) -> None:
 
 
 def test_the_table_is_split_into_its_three_parts_and_is_read_only():
-    parts = (SCAO_ADAM_KEYS, SCAO_PRECONDITION_KEYS, SCAO_GUARD_KEYS)
+    parts = (SCAO_ADAM_KEYS, SCAO_PRECONDITION_KEYS, SCAO_GUARD_KEYS, SCAO_FORM_KEYS)
     assert sum(len(p) for p in parts) == len(SCAO_DEFAULTS)
     assert set().union(*parts) == set(SCAO_DEFAULTS)
     with pytest.raises(TypeError):
@@ -36,8 +36,10 @@ def test_the_table_is_split_into_its_three_parts_and_is_read_only():
 
 def test_scao_precondition_signature_is_the_table():
     params = named_parameters(sf.scao_precondition)
-    not_hyper = {"rank_eps", "process_group"}  # an alias of epsilon_sparse; not a hyperparameter
+    # an alias of epsilon_sparse; not a hyperparameter; the only form this preconditioner is
+    not_hyper = {"rank_eps", "process_group", "form"}
     assert set(params) - not_hyper == set(SCAO_PRECONDITION_KEYS)
+    assert params["form"].default == "seed"
     for name in SCAO_PRECONDITION_KEYS:
         assert_table_default(name, params[name])
     assert params["rank_eps"].default is None and params["process_group"].default is None
@@ -84,12 +86,12 @@ def test_rank_eps_is_epsilon_sparse(monkeypatch):
         return real(epsilon, *args, **kwargs)
 
     monkeypatch.setattr(presets, "spectral_mass_rank", spy)
-    sf.scao_precondition()
+    sf.scao_precondition(k_max=128)  # (epsilon_sparse=0 with k_max=None is full_rank(): no spy call)
     sf.scao_precondition(rank_eps=0.2)
     sf.scao_precondition(epsilon_sparse=0.3)
     sf.scao_precondition(0.999, 20, 100, 50, 10, 0.25)  # positionally
     sf.scao_precondition(epsilon_sparse=0.2, rank_eps=0.2)  # the same value twice is fine
-    assert seen == [0.05, 0.2, 0.3, 0.25, 0.2]
+    assert seen == [SCAO_DEFAULTS["epsilon_sparse"], 0.2, 0.3, 0.25, 0.2]
     assert type(seen[0]) is float  # the default reaches the rank rule as a plain float
     # conflicting values are an error, also when epsilon_sparse is passed at its default value
     for given in (0.1, SCAO_DEFAULTS["epsilon_sparse"]):

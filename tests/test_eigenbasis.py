@@ -10,6 +10,7 @@ from torch.func import grad
 from treeutil import assert_tree_close, clone, versions
 
 import scao_fx as sf
+from scao_fx.presets import SCAO_DEFAULTS
 from scao_fx.precond.eigenbasis import change_basis, kept_basis, project_complement, rotate, rotate_back
 from scao_fx.precond.kron import init_side
 
@@ -501,11 +502,11 @@ def test_scao_full_rank_eigenbasis_is_soap_with_its_statistics():
 def test_scao_rank_keywords():
     assert sf.spectral_mass_rank(0.1, 2, None).capacity(300) == 300
     with pytest.raises(ValueError, match="skip_first applies to form='eigenbasis' only"):
-        sf.scao(skip_first=True)
+        sf.scao(form="seed", skip_first=not SCAO_DEFAULTS["skip_first"])
     with pytest.raises(ValueError, match="full_rank"):  # power needs every direction
-        sf.scao(form="eigenbasis", eigensolver="power")
+        sf.scao(form="eigenbasis", eigensolver="power", epsilon_sparse=0.05, k_max=8)
     with pytest.raises(ValueError, match="eigensolver"):  # the seed form has no power refresh
-        sf.scao(eigensolver="power", epsilon_sparse=0.0, k_max=None)
+        sf.scao(form="seed", eigensolver="power", epsilon_sparse=0.0, k_max=None)
 
 
 def test_bfloat16_basis_storage_halves_the_bases_and_trains():

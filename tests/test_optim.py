@@ -571,8 +571,9 @@ def test_state_dict_hooks_are_honoured():
 # SCAO facade
 
 from scao_fx.optim import COMPAT_KEYWORDS, INERT_KEYWORDS, SCAO  # noqa: E402
+from scao_fx.presets import SCAO_DEFAULTS  # noqa: E402
 
-FAST = dict(warmup_steps=4, blend_steps=4, precond_freq=3, min_precond_updates=2, k_min=2, k_max=8)
+FAST = dict(form="seed", warmup_steps=4, blend_steps=4, precond_freq=3, min_precond_updates=2, k_min=2, k_max=8)
 
 
 def scao_model(seed=0, dtype=torch.float32):
@@ -586,8 +587,8 @@ def test_scao_is_an_optimizer_with_the_original_core_signature():
 
     assert issubclass(SCAO, torch.optim.Optimizer)
     sig = inspect.signature(SCAO)
-    expected = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, precond_freq=20, epsilon_sparse=0.05,
-                    k_min=8, k_max=128, rho=0.999, tau=None, warmup_steps=100, blend_steps=50,
+    expected = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01, precond_freq=SCAO_DEFAULTS["precond_freq"],
+                    epsilon_sparse=0.0, k_min=8, k_max=None, rho=0.95, tau=None, warmup_steps=100, blend_steps=50,
                     min_precond_updates=10, max_precond_dim=4096, use_int8_ema=True)
     for name, default in expected.items():
         assert sig.parameters[name].default == default, name
@@ -614,7 +615,7 @@ def test_scao_equals_functional_chain():
 
 def test_scao_in_warmup_equals_adamw():
     m1, m2 = scao_model(), scao_model()
-    o1 = make_adamw(m1.parameters(), lr=1e-2, weight_decay=0.01)
+    o1 = make_adamw(m1.parameters(), lr=1e-2, weight_decay=0.01, betas=SCAO_DEFAULTS["betas"])
     o2 = SCAO(m2.parameters(), form="seed", lr=1e-2, warmup_steps=20)
     x, y = torch.randn(32, 8), torch.randn(32, 4)
     for _ in range(20):
@@ -653,7 +654,7 @@ def test_scao_per_group_preconditioner_enabled():
 def test_scao_preconditioner_disabled_equals_adamw():
     m1, m2 = scao_model(), scao_model()
     o1 = SCAO(m1.parameters(), lr=1e-2, preconditioner_enabled=False, **FAST)
-    o2 = make_adamw(m2.parameters(), lr=1e-2)
+    o2 = make_adamw(m2.parameters(), lr=1e-2, betas=SCAO_DEFAULTS["betas"])
     x, y = torch.randn(32, 8), torch.randn(32, 4)
     for _ in range(20):
         for m, o in ((m1, o1), (m2, o2)):
@@ -671,9 +672,12 @@ def test_scao_accepts_every_original_keyword_at_neutral_value():
         curvature_mode="dense", curvature_rank=None, update_rule="adamw", tau=1.0,
     )
     model = scao_model()
-    opt = SCAO(model.parameters(), **original)
+    opt = SCAO(model.parameters(), form="seed", **original)  # tau is the seed form's
     x, y = torch.randn(8, 8), torch.randn(8, 4)
     train_step(model, opt, x, y)
+    # the eigenbasis form (the default) names the keyword that needs the seed form
+    with pytest.raises(ValueError, match="tau applies to form='seed' only"):
+        SCAO(model.parameters(), **original)
 
 
 @pytest.mark.parametrize(
@@ -1056,7 +1060,7 @@ def test_version_1_checkpoint_loads_and_resumes_exactly():
     m = gen.model()
     m.load_state_dict(ckpt["model"])
     params = list(m.parameters())
-    opt = SCAO([{"params": params[:2]}, {"params": params[2:]}], **gen.KW)
+    opt = SCAO([{"params": params[:2]}, {"params": params[2:]}], form="seed", **gen.KW)  # the form of the time
     opt.load_state_dict(ckpt["opt"])
     assert opt.param_groups[1]["use_int8_ema"] is False  # the saved hyperparameters
     gen.run(m, opt, range(8, 13))
@@ -1064,6 +1068,18 @@ def test_version_1_checkpoint_loads_and_resumes_exactly():
         assert torch.equal(v, ckpt["after_5_steps"][k]), k
     sd = opt.state_dict()
     assert sd["version"] == 2 and sorted(sd["state"]) == list(range(len(params)))
+    # groups saved before the form keyword existed ran the seed form: an optimizer built with
+    # today's defaults (the eigenbasis form) loads them as such and resumes the same way
+    m2 = gen.model()
+    m2.load_state_dict(ckpt["model"])
+    params2 = list(m2.parameters())
+    opt2 = SCAO([{"params": params2[:2]}, {"params": params2[2:]}])
+    opt2.load_state_dict(ckpt["opt"])
+    assert [g["form"] for g in opt2.param_groups] == ["seed", "seed"]
+    assert opt2.param_groups[0]["basis_storage"] == "float32"
+    gen.run(m2, opt2, range(8, 13))
+    for k, v in m2.state_dict().items():
+        assert torch.equal(v, ckpt["after_5_steps"][k]), k
 
 
 class _PerLeafAdam(NamedTuple):
@@ -1276,7 +1292,7 @@ def test_scao_int8_moments_resume_bit_identical(enabled):
 
 def test_scao_int8_moments_cost_a_quarter_of_the_adam_state():
     params = {"w": torch.zeros(256, 64), "b": torch.zeros(64)}
-    fp32 = sf.memory_report(sf.scao(max_precond_dim=32).init(params), params)["total_bytes"]
+    fp32 = sf.memory_report(sf.scao(form="seed", max_precond_dim=32).init(params), params)["total_bytes"]
     int8 = sf.memory_report(sf.scao(form="seed", max_precond_dim=32, moments="int8").init(params), params)["total_bytes"]
     # 16384 entries: 8 bytes -> 2 bytes + 2 x 4 bytes of scale per 64 entries (the bias stays
     # fp32), and quantize_state's int64 step seed

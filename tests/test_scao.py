@@ -14,6 +14,7 @@ from scaoref import cosine, rel_err
 from treeutil import assert_tree_close, chain_state, clone, structure, tensor_leaves
 
 import scao_fx as sf
+from scao_fx.presets import SCAO_DEFAULTS
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -90,7 +91,8 @@ def steps_to_reach(losses, target):
 
 def fast_scao_kwargs(**kw):
     """A short schedule: warmup 10, ramp 10, refresh every 5 steps."""
-    base = dict(rho=0.95, warmup_steps=10, blend_steps=10, min_precond_updates=0, precond_freq=5, k_min=2, k_max=8)
+    base = dict(form="seed", rho=0.95, warmup_steps=10, blend_steps=10, min_precond_updates=0, precond_freq=5,
+                epsilon_sparse=0.05, k_min=2, k_max=8)
     base.update(kw)
     return base
 
@@ -102,7 +104,8 @@ def test_scao_is_chain_of_scao_precondition_and_adamw():
     params, loss = mlp_problem()
     kw = fast_scao_kwargs()
     a, sa, _ = train(sf.scao(1e-2, weight_decay=0.05, **kw), params, loss, 30)
-    b, sb, _ = train(sf.chain(sf.scao_precondition(**kw), sf.adamw(1e-2, weight_decay=0.05)), params, loss, 30)
+    adamw = sf.adamw(1e-2, betas=SCAO_DEFAULTS["betas"], weight_decay=0.05)  # sf.scao's betas
+    b, sb, _ = train(sf.chain(sf.scao_precondition(**kw), adamw), params, loss, 30)
     assert_tree_close(a, b)
     assert isinstance(sa, sf.ApplyIfFiniteState) and int(sa.skipped) == 0
     assert_tree_close(sa.inner_state, sb)
@@ -301,7 +304,7 @@ def test_kronecker_ill_conditioned_least_squares_fewer_steps():
         best = None
         for lr in grid:
             pre = sf.scao_precondition(rho=0.99, warmup_steps=20, blend_steps=10, precond_freq=10,
-                                       min_precond_updates=0, use_int8_ema=int8)
+                                       min_precond_updates=0, use_int8_ema=int8, epsilon_sparse=0.05, k_max=128)
             hit = steps_to_reach(train(sf.chain(pre, sf.adam(lr)), params, loss, steps, record=True)[2], adam_final)
             if hit is not None and (best is None or hit < best):
                 best = hit

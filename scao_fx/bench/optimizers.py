@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ..presets import SCAO_DEFAULTS
 from .metrics import optimizer_state_bytes, tensor_bytes
 
 __all__ = [
@@ -418,7 +419,8 @@ register(
 )
 register(
     OptimizerSpec(
-        "scao", _scao_facade, 1e-3, "scao_fx SCAO (int8 curvature, adaptive rank, complement, blend ramp)",
+        "scao", _scao_facade, SCAO_DEFAULTS["lr"],
+        "scao_fx SCAO, its defaults (Adam in the eigenbases of int8 Kronecker factors, bfloat16 bases)",
         kind="ours", requires=("scao_fx",), takes_options=True,
     )
 )

@@ -13,7 +13,7 @@ import torch
 from .._validation import check_int
 from ..base import GradientTransformation
 from ..parallel import check_process_group
-from ..presets import SCAO_ADAM_KEYS, SCAO_DEFAULTS, SCAO_GUARD_KEYS, SCAO_PRECONDITION_KEYS
+from ..presets import SCAO_ADAM_KEYS, SCAO_DEFAULTS, SCAO_FORM_KEYS, SCAO_GUARD_KEYS, SCAO_PRECONDITION_KEYS
 from ..transforms.finite import apply_if_finite
 from .adapter import TransformOptimizer
 
@@ -151,7 +151,7 @@ _SCAO_CORE = (
 #: (``block_size``, ``complement``, ``graft``, ``blend_shape``, ``tikhonov``, ``grouped``, ...),
 #: with their defaults (from :data:`scao_fx.presets.SCAO_DEFAULTS`).
 PRECONDITION_EXTRAS: Mapping[str, Any] = MappingProxyType(
-    {k: SCAO_DEFAULTS[k] for k in SCAO_PRECONDITION_KEYS if k not in _SCAO_CORE}
+    {k: SCAO_DEFAULTS[k] for k in SCAO_PRECONDITION_KEYS + SCAO_FORM_KEYS if k not in _SCAO_CORE}
 )
 
 #: Extra keywords of the Adam part (``moments``: the storage of Adam's moments, see
@@ -268,6 +268,10 @@ def _scao_chain(hp: Mapping[str, Any]) -> GradientTransformation:
         skip_nonfinite=False,
         **extras,
     )
+
+
+#: What a param group saved before a keyword existed ran with (see ``SCAO._saved_group_values``).
+_SAVED_BEFORE: Mapping[str, Any] = MappingProxyType({"form": "seed", "basis_storage": "float32"})
 
 
 class SCAO(TransformOptimizer):
@@ -401,8 +405,13 @@ class SCAO(TransformOptimizer):
 
     def _saved_group_values(self, index: int, saved: Mapping[str, Any]) -> dict[str, Any]:
         # Checkpoints of earlier versions hold the original package's keywords in every group:
-        # validated (they can only be neutral or inert) and left out.
-        return _split_compat(super()._saved_group_values(index, saved))
+        # validated (they can only be neutral or inert) and left out. A group saved before a
+        # keyword existed ran with that keyword's value of the time (_SAVED_BEFORE), not today's
+        # default: the seed form (before ``form``), float32 bases (before ``basis_storage``).
+        values = _split_compat(super()._saved_group_values(index, saved))
+        for key, then in _SAVED_BEFORE.items():
+            values.setdefault(key, then)
+        return values
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)  # a pickle of an earlier version holds the compat keywords too
