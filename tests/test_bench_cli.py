@@ -77,7 +77,7 @@ def test_bench_quick_smoke(tmp_path, capsys):
 def test_bench_list_and_bad_optimizer(capsys):
     assert main(["bench", "--list"]) == 0
     listed = capsys.readouterr().out
-    for name in ("adamw", "adamw-b95", "muon", "soap-pto", "scao-no-complement"):
+    for name in ("adamw", "adamw-b95", "muon", "soap-pto", "scao-seed-form"):
         assert name in listed
     assert "betas (0.9, 0.95)" in listed and "torch.optim.Muon" in listed
     assert main(["bench", "--optimizers", "adamw,nonexistent", "--no-progress"]) == 2
@@ -139,7 +139,7 @@ def test_bench_sigint_keeps_finished_runs(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen(
         [sys.executable, "-m", "scao_fx", "bench", "--quick", "--no-progress", "--no-interleave", "--steps", "60",
-         "-O", "adamw,scao,sf-adamw,scao-no-blend", "--out", str(out)],
+         "-O", "adamw,scao,sf-adamw,scao-no-int8", "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=_child_env(),
     )
     try:

@@ -7,6 +7,7 @@ import torch
 
 import scao_fx as sf
 from scao_fx.bench import optimizers as optreg
+from scao_fx.presets import SCAO_DEFAULTS
 
 
 def _tiny_model():
@@ -103,19 +104,19 @@ def test_register_chain_runs_through_transform_optimizer():
 
 
 def test_ablation_mapping_builds_the_intended_chains():
-    assert set(optreg.ABLATIONS) == {"scao-no-blend", "scao-no-int8", "scao-full-rank", "scao-no-complement",
-                                     "scao-no-precond"}
-    removed = {v["removed"] for v in optreg.ABLATIONS.values()}
-    assert removed == {"blend ramp", "int8 curvature", "adaptive rank", "complement", "preconditioning entirely"}
+    assert set(optreg.ABLATIONS) == {"scao-seed-form", "scao-no-int8", "scao-fp32-basis", "scao-no-skip-first",
+                                     "scao-eigh-refresh", "scao-adaptive-rank", "scao-no-precond"}
     for name, abl in optreg.ABLATIONS.items():
         spec = optreg.get(name)
-        assert spec.kind == "ablation" and spec.takes_options
+        assert spec.kind == "ablation" and spec.takes_options and abl["removed"]
         if abl["kwargs"] is not None:
-            sf.scao_precondition(**abl["kwargs"])  # every mapped argument exists and is valid
-    # the no-precond variant is exactly the chain without the preconditioner: sf.adamw
+            sf.scao(**abl["kwargs"])  # every mapped argument exists and is valid
+            assert any(SCAO_DEFAULTS[k] != v for k, v in abl["kwargs"].items())  # each changes the default
+    # the no-precond variant is exactly the chain without the preconditioner: sf.adamw at SCAO's betas
     m1, m2 = _tiny_model(), _tiny_model()
     a = optreg.get("scao-no-precond").make(m1.parameters(), 1e-3, 0.01)
-    b = optreg.get("sf-adamw").make(m2.parameters(), 1e-3, 0.01)
+    b = sf.TransformOptimizer(m2.parameters(), lambda lr: sf.adamw(lr, betas=SCAO_DEFAULTS["betas"], weight_decay=0.01),
+                              {"lr": 1e-3})
     _train(a, m1)
     _train(b, m2)
     for p, q in zip(m1.parameters(), m2.parameters()):

@@ -10,9 +10,9 @@ from torch.func import grad
 from treeutil import assert_tree_close, clone, versions
 
 import scao_fx as sf
-from scao_fx.presets import SCAO_DEFAULTS
 from scao_fx.precond.eigenbasis import change_basis, kept_basis, project_complement, rotate, rotate_back
 from scao_fx.precond.kron import init_side
+from scao_fx.presets import SCAO_DEFAULTS
 
 
 def power_reference(f, q):
