@@ -117,6 +117,9 @@ def _adam8():
     return sf.quantize_state(sf.scale_by_adam(), sf.int8_adam_codecs())
 
 
+#: The seed form at its earlier defaults (adaptive rank up to 128, float32 bases).
+SEED = dict(form="seed", epsilon_sparse=0.05, k_max=128, basis_storage="float32")
+SEED_SKETCH = dict(form="seed", epsilon_sparse=0.05, k_max=128)  # (a sketch stores its basis as sketch_storage says)
 SKETCH_FP32 = dict(curvature="sketch", sketch_rank=128, sketch_storage="bfloat16")
 SKETCH_INT8 = dict(curvature="sketch", sketch_rank=64, sketch_storage="int8")
 
@@ -127,12 +130,14 @@ def optimizers() -> dict:
     return {
         "AdamW (fp32 moments)": lambda: sf.adamw(),
         "8-bit AdamW (64-entry blocks)": lambda: sf.chain(_adam8(), *tail()),
-        "scao default (int8 full factors)": lambda: sf.scao(),
-        "scao moments=int8": lambda: sf.scao(form="seed", moments="int8"),
-        "scao max_precond_dim=1024": lambda: sf.scao(max_precond_dim=1024),
-        "scao max_precond_dim=1024, moments=int8": lambda: sf.scao(form="seed", max_precond_dim=1024, moments="int8"),
-        "scao sketch r128 bf16": lambda: sf.scao(**SKETCH_FP32),
-        "scao sketch r64 int8, moments=int8": lambda: sf.scao(moments="int8", **SKETCH_INT8),
+        "scao default (eigenbasis, int8 factors, bf16 bases)": lambda: sf.scao(),
+        "scao default, max_precond_dim=1024": lambda: sf.scao(max_precond_dim=1024),
+        "scao seed (int8 full factors)": lambda: sf.scao(**SEED),
+        "scao seed, moments=int8": lambda: sf.scao(**SEED, moments="int8"),
+        "scao seed, max_precond_dim=1024": lambda: sf.scao(**SEED, max_precond_dim=1024),
+        "scao seed, max_precond_dim=1024, moments=int8": lambda: sf.scao(**SEED, max_precond_dim=1024, moments="int8"),
+        "scao seed, sketch r128 bf16": lambda: sf.scao(**SEED_SKETCH, **SKETCH_FP32),
+        "scao seed, sketch r64 int8, moments=int8": lambda: sf.scao(**SEED_SKETCH, moments="int8", **SKETCH_INT8),
     }
 
 
@@ -168,6 +173,12 @@ def scao_full_side(d: int, k_max: int = 128, block: int = 32) -> int:
     return d * d + 4 * math.ceil(d * d / block) + 4 * d + 4 * d * cap + 4 * cap + 4 + 8 + 8
 
 
+def scao_eigen_side(d: int, block: int = 32) -> int:
+    """One side of the default form: int8 factor (codes, block scales, float32 diagonal), a
+    full-width bfloat16 basis and its float32 eigenvalues, tail, rank and fallback count."""
+    return d * d + 4 * math.ceil(d * d / block) + 4 * d + 2 * d * d + 4 * d + 4 + 8 + 8
+
+
 def scao_sketch_side(d: int, rank: int, storage: str, k_max: int = 128, block: int = 32) -> int:
     p = min(rank, d)
     cap = min(p, k_max)
@@ -195,14 +206,18 @@ FORMULAS = {
     + sum(8 * d * d for d in _sides(shape, SOAP_MAX_PRECOND_DIMS[1])),
     "Muon (fp32 momentum; AdamW on the rest)": lambda shape, hidden: 4 * math.prod(shape)
     if hidden and len(shape) == 2 else adam_bytes(math.prod(shape)),
-    "scao default (int8 full factors)": lambda shape, hidden: _scao(math.prod(shape), shape),
-    "scao moments=int8": lambda shape, hidden: _scao(math.prod(shape), shape, moments="int8"),
-    "scao max_precond_dim=1024": lambda shape, hidden: _scao(math.prod(shape), shape, max_dim=1024),
-    "scao max_precond_dim=1024, moments=int8": lambda shape, hidden: _scao(math.prod(shape), shape, moments="int8",
-                                                                           max_dim=1024),
-    "scao sketch r128 bf16": lambda shape, hidden: _scao(math.prod(shape), shape, sketch=SKETCH_FP32),
-    "scao sketch r64 int8, moments=int8": lambda shape, hidden: _scao(math.prod(shape), shape, moments="int8",
-                                                                      sketch=SKETCH_INT8),
+    "scao default (eigenbasis, int8 factors, bf16 bases)": lambda shape, hidden: adam_bytes(math.prod(shape))
+    + sum(scao_eigen_side(d) for d in _sides(shape, MAX_PRECOND_DIM)),
+    "scao default, max_precond_dim=1024": lambda shape, hidden: adam_bytes(math.prod(shape))
+    + sum(scao_eigen_side(d) for d in _sides(shape, 1024)),
+    "scao seed (int8 full factors)": lambda shape, hidden: _scao(math.prod(shape), shape),
+    "scao seed, moments=int8": lambda shape, hidden: _scao(math.prod(shape), shape, moments="int8"),
+    "scao seed, max_precond_dim=1024": lambda shape, hidden: _scao(math.prod(shape), shape, max_dim=1024),
+    "scao seed, max_precond_dim=1024, moments=int8": lambda shape, hidden: _scao(math.prod(shape), shape,
+                                                                                moments="int8", max_dim=1024),
+    "scao seed, sketch r128 bf16": lambda shape, hidden: _scao(math.prod(shape), shape, sketch=SKETCH_FP32),
+    "scao seed, sketch r64 int8, moments=int8": lambda shape, hidden: _scao(math.prod(shape), shape, moments="int8",
+                                                                           sketch=SKETCH_INT8),
 }
 METHODS = tuple(FORMULAS)
 
