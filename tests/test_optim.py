@@ -1334,3 +1334,14 @@ def test_scale_by_adam_fused_kernel_matches_foreach():
             torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-7)
     assert ub[2] is None
     assert [int(c) for c in sb.count[:2]] == [3, 3]
+
+
+def test_scale_by_adam_fused_kernel_falls_back_on_non_contiguous_gradients():
+    torch.manual_seed(0)
+    params = [torch.randn(8, 6)]
+    a, b = sf.scale_by_adam(), sf.scale_by_adam(kernel="fused")
+    sa, sb = a.init(params), b.init(params)
+    g = [torch.randn(6, 8).t()]  # a transposed view
+    ua, sa = a.update(g, sa)
+    ub, sb = b.update(g, sb)
+    assert torch.equal(ua[0], ub[0])  # the foreach path ran, bit for bit

@@ -53,9 +53,11 @@ def adam_kernel(kernel: str) -> Iterator[str]:
 def _fused_directions(grads: list, mus: list, nus: list, counts: list, b1: float, b2: float, eps: float) -> list | None:
     """Adam's directions ``m_hat / (sqrt(v_hat) + eps)`` from ``torch._fused_adam_``, moments
     updated in place, or None where the kernel does not apply (not all on the CPU in float32 or
-    float64). The kernel runs ``p -= lr * m_hat / (sqrt(v_hat) + eps)`` on zeroed buffers with
+    float64, or not all contiguous). The kernel runs ``p -= lr * m_hat / (sqrt(v_hat) + eps)`` on zeroed buffers with
     ``lr = -1``; it reads the (already incremented) counters and leaves the gradients as they are."""
     if any(m.device.type != "cpu" or m.dtype not in (torch.float32, torch.float64) for m in mus):
+        return None
+    if not all(t.is_contiguous() for t in grads + mus + nus):  # the kernel walks flat buffers
         return None
     out = [torch.zeros_like(m) for m in mus]
     for dtype in {m.dtype for m in mus}:
