@@ -13,6 +13,11 @@ How it maps the functional protocol onto ``torch.optim``:
 * the learning rate is a 0-d float64 CPU tensor per group, refilled from ``group["lr"]`` before
   every step (LR schedulers work, the chain is never rebuilt for an LR change, no host sync);
   any other hyperparameter changed in ``group`` rebuilds that group's transform (state kept);
+* ``torch.compile(opt.step, fullgraph=True)`` traces the whole step: a changed ``lr`` is traced
+  as a number filling the lr tensor (no recompilation per value), and a rebuild, which is eager
+  Python, never happens in a traced step: after changing another hyperparameter, call
+  :meth:`TransformOptimizer.transform` for the group eagerly (a compiled step that finds the
+  change raises a ``RuntimeError`` naming it);
 * the state is created lazily at the first ``step()`` (like ``torch.optim``), for the group's
   parameters that require grad at that moment; frozen parameters get no state at all (LoRA:
   only the adapters cost memory); a frozen parameter unfrozen later gets its state at its first
