@@ -1297,3 +1297,67 @@ def test_scao_int8_moments_cost_a_quarter_of_the_adam_state():
     # 16384 entries: 8 bytes -> 2 bytes + 2 x 4 bytes of scale per 64 entries (the bias stays
     # fp32), and quantize_state's int64 step seed
     assert fp32 - int8 == 16384 * 8 - (2 * 16384 + 2 * 4 * 16384 // 64) - 8
+
+
+# --------------------------------------------------------------------------- foreach= / fused=
+
+
+def _kernel_run(steps=4, **kw):
+    model = _wide_model()
+    opt = SCAO(model.named_parameters(), lr=1e-2, **FAST, **kw)
+    x, y = _wide_data()
+    grads = []
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        before = [p.grad.clone() for p in model.parameters()]
+        opt.step()
+        grads.append(all(torch.equal(b, p.grad) for b, p in zip(before, model.parameters())))
+    return [p.detach().clone() for p in model.parameters()], opt, grads
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_scao_foreach_and_fused_select_the_adam_arithmetic(enabled):
+    ref, _, _ = _kernel_run(preconditioner_enabled=enabled)
+    loop, _, _ = _kernel_run(preconditioner_enabled=enabled, foreach=False)
+    for a, b in zip(ref, loop):
+        assert torch.equal(a, b)  # the per-leaf loop is the foreach arithmetic, bit for bit
+    fused, opt, untouched = _kernel_run(preconditioner_enabled=enabled, fused=True)
+    assert all(untouched)  # the fused kernel leaves p.grad as autograd left it
+    for a, b in zip(ref, fused):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # to float32 rounding
+    assert any(not torch.equal(a, b) for a, b in zip(ref, fused))  # it did run the fused kernel
+    # the state is the same layout: a fused optimizer's checkpoint loads into a default one
+    SCAO(_wide_model().named_parameters(), lr=1e-2, preconditioner_enabled=enabled, **FAST).load_state_dict(
+        opt.state_dict())
+
+
+def test_scao_foreach_and_fused_together_are_refused():
+    with pytest.raises(ValueError, match="cannot be given together"):
+        SCAO(torch.nn.Linear(2, 2).parameters(), foreach=True, fused=True)
+
+
+def test_scale_by_adam_fused_kernel_matches_foreach():
+    torch.manual_seed(0)
+    params = [torch.randn(16, 8), torch.randn(8, dtype=torch.float64), None]
+    a, b = sf.scale_by_adam(), sf.scale_by_adam(kernel="fused")
+    sa, sb = a.init(params), b.init(params)
+    for _ in range(3):
+        g = [torch.randn(16, 8), torch.randn(8, dtype=torch.float64), None]
+        ua, sa = a.update(g, sa)
+        ub, sb = b.update(g, sb)
+        for x, y in zip(ua[:2], ub[:2]):
+            torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-7)
+    assert ub[2] is None
+    assert [int(c) for c in sb.count[:2]] == [3, 3]
+
+
+def test_scale_by_adam_fused_kernel_falls_back_on_non_contiguous_gradients():
+    torch.manual_seed(0)
+    params = [torch.randn(8, 6)]
+    a, b = sf.scale_by_adam(), sf.scale_by_adam(kernel="fused")
+    sa, sb = a.init(params), b.init(params)
+    g = [torch.randn(6, 8).t()]  # a transposed view
+    ua, sa = a.update(g, sa)
+    ub, sb = b.update(g, sb)
+    assert torch.equal(ua[0], ub[0])  # the foreach path ran, bit for bit

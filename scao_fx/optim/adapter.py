@@ -13,6 +13,11 @@ How it maps the functional protocol onto ``torch.optim``:
 * the learning rate is a 0-d float64 CPU tensor per group, refilled from ``group["lr"]`` before
   every step (LR schedulers work, the chain is never rebuilt for an LR change, no host sync);
   any other hyperparameter changed in ``group`` rebuilds that group's transform (state kept);
+* ``torch.compile(opt.step, fullgraph=True)`` traces the whole step: a changed ``lr`` is traced
+  as a number filling the lr tensor (no recompilation per value), and a rebuild, which is eager
+  Python, never happens in a traced step: after changing another hyperparameter, call
+  :meth:`TransformOptimizer.transform` for the group eagerly (a compiled step that finds the
+  change raises a ``RuntimeError`` naming it);
 * the state is created lazily at the first ``step()`` (like ``torch.optim``), for the group's
   parameters that require grad at that moment; frozen parameters get no state at all (LoRA:
   only the adapters cost memory); a frozen parameter unfrozen later gets its state at its first
@@ -55,9 +60,19 @@ def _same_value(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return False
     try:
-        return bool(a == b) and type(a) is type(b)
+        return bool(a == b) and _value_type(a) is _value_type(b)
     except Exception:  # pragma: no cover - exotic values without a usable __eq__
         return False
+
+
+def _value_type(x: Any) -> type:
+    """``type(x)``, with a number traced by ``torch.compile`` (a changed float or int becomes a
+    ``SymFloat``/``SymInt``) counted as the Python number it stands for."""
+    if isinstance(x, torch.SymFloat):
+        return float
+    if isinstance(x, torch.SymInt):
+        return int
+    return type(x)
 
 
 class _GroupRuntime:
@@ -154,6 +169,11 @@ class TransformOptimizer(torch.optim.Optimizer):
     def _check_lr(self, index: int, group: dict) -> None:
         if "lr" not in self.defaults:
             return
+        if torch.compiler.is_compiling():
+            # A torch.compile'd step whose lr changed between calls traces it as a symbolic
+            # number (Dynamo's automatic dynamic), whose value only the graph knows: checked by
+            # the eager calls (construction, add_param_group, an eager step, transform()).
+            return
         lr = group["lr"]
         if isinstance(lr, torch.Tensor):
             if lr.numel() != 1:
@@ -185,7 +205,8 @@ class TransformOptimizer(torch.optim.Optimizer):
         try:
             tx = self._transform_factory(**kwargs)
         except Exception as err:
-            err.add_note(f"(raised while building the transform of param_groups[{index}] with {sorted(kwargs)})")
+            if not torch.compiler.is_compiling():  # Dynamo cannot trace add_note
+                err.add_note(f"(raised while building the transform of param_groups[{index}] with {sorted(kwargs)})")
             raise
         check_transform("transform_factory(...)", tx)
         # Snapshot (not references): a list or dict hyperparameter mutated in place is seen.
@@ -196,7 +217,17 @@ class TransformOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _fill_lr(buf: torch.Tensor, lr: Any) -> None:
-        if isinstance(lr, torch.Tensor):
+        if torch.compiler.is_compiling():
+            # Traced: written through a 1-element view (torch 2.13's AOT autograd drops a write
+            # to a 0-d float64 CPU graph input written directly: the compiled step would keep the
+            # first lr); lr may be symbolic (it changed between calls): float() would specialise
+            # the graph on its value.
+            target = buf.view(1)
+            if isinstance(lr, torch.Tensor):
+                target.copy_(lr.detach().reshape(1))
+            else:
+                target.fill_(lr)
+        elif isinstance(lr, torch.Tensor):
             buf.copy_(lr.detach().reshape(()))
         else:
             buf.fill_(float(lr))
@@ -212,6 +243,8 @@ class TransformOptimizer(torch.optim.Optimizer):
         stale = rt.transform is None or any(
             not _same_value(group[k], v) for k, v in rt.built_with.items()  # type: ignore[union-attr]
         )
+        if stale and torch.compiler.is_compiling():
+            self._raise_stale_compiled(index, rt)
         if stale and rt.state is None:
             self._build(index)
         elif stale:
@@ -223,6 +256,21 @@ class TransformOptimizer(torch.optim.Optimizer):
             self._check_lr(index, group)
             self._fill_lr(rt.lr, group["lr"])
         return rt
+
+    def _raise_stale_compiled(self, index: int, rt: _GroupRuntime) -> None:
+        """A traced step found a hyperparameter changed since the group's transform was built.
+
+        Building a transform (validation, closures) is eager Python that a graph cannot hold:
+        under ``torch.compile`` the step only runs the transforms built before it, and a change
+        is rebuilt by the next eager :meth:`transform` (or eager ``step()``)."""
+        old = rt.built_with or {}
+        group = self.param_groups[index]
+        changed = [k for k in old if not _same_value(group[k], old[k])]
+        raise RuntimeError(
+            f"param_groups[{index}]: {changed or 'a hyperparameter'} changed since the group's transform "
+            f"was built, and a torch.compile'd step cannot rebuild it; call opt.transform({index}) "
+            "(eagerly, outside the compiled function) after changing a hyperparameter other than lr"
+        )
 
     def _template(self, index: int, tx: GradientTransformation, active: list[int]) -> Any:
         """A fresh state of ``tx`` over the parameters at ``active``, built on the meta device

@@ -121,7 +121,9 @@ INERT_KEYWORDS: dict[str, Any] = {
     "lazy_delta_threshold": 0.1,
     "lazy_max_skip": 50,
     "gsnr_threshold": 0.5,
-    # torch.optim.AdamW's implementation choices: the library picks its own kernels.
+    # torch.optim.AdamW's implementation choices. Given to SCAO(...) they select the arithmetic
+    # of the Adam link for the whole optimizer (see SCAO and _adam_kernel_for); in a param group
+    # (add_param_group, a checkpoint) they are validated and ignored.
     "foreach": None,
     "fused": None,
 }
@@ -221,8 +223,29 @@ def _split_compat(values: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if k not in _COMPAT_NAMES}
 
 
-def _scao_factory(**hp: Any) -> GradientTransformation:
-    """Build one param group's transform from its hyperparameters."""
+def _adam_kernel_for(foreach: bool | None, fused: bool | None) -> str:
+    """The Adam arithmetic (:data:`scao_fx.transforms.adam.ADAM_KERNELS`) that torch.optim's
+    ``foreach=``/``fused=`` keywords ask for: ``fused=True`` torch's fused Adam kernel,
+    ``foreach=False`` the per-leaf loop, otherwise the multi-tensor (foreach) ops."""
+    if foreach and fused:
+        raise ValueError("foreach=True and fused=True cannot be given together (as in torch.optim.AdamW)")
+    if fused:
+        return "fused"
+    if foreach is False:
+        return "loop"
+    return "foreach"
+
+
+def _scao_factory(adam_kernel: str = "foreach", **hp: Any) -> GradientTransformation:
+    """Build one param group's transform from its hyperparameters; ``adam_kernel`` (not a
+    hyperparameter: ``SCAO(foreach=..., fused=...)``) picks the Adam link's arithmetic."""
+    from ..transforms.adam import adam_kernel as kernel_scope
+
+    with kernel_scope(adam_kernel):
+        return _build_scao(hp)
+
+
+def _build_scao(hp: dict) -> GradientTransformation:
     from ..alias import _adamw_stored
 
     enabled = _check_bool("preconditioner_enabled", hp["preconditioner_enabled"])
@@ -318,7 +341,15 @@ class SCAO(TransformOptimizer):
             ``skip_nonfinite`` (default True: a step with a NaN/Inf gradient is skipped, leaving
             parameters and state exactly as they were), ``max_consecutive_skips`` (default 10,
             then :class:`~scao_fx.NonFiniteGradientError`) and ``host_sync`` (see
-            :func:`~scao_fx.apply_if_finite`).
+            :func:`~scao_fx.apply_if_finite`). ``foreach``/``fused`` (torch.optim.AdamW's
+            keywords) select the arithmetic of the Adam link, for the whole optimizer:
+            ``fused=True`` runs torch's fused Adam kernel (``torch._fused_adam_``) on CPU
+            float32/float64 moments, about 5x faster than the multi-tensor ops there
+            (``docs/examples/adam_kernels.py``) and equal to them to float rounding, not bit
+            for bit (other devices and ``torch.compile`` keep the multi-tensor ops);
+            ``foreach=False`` the per-leaf loop (the same bits as the default); ``None``
+            (default) or ``foreach=True`` the multi-tensor ``torch._foreach_*`` ops (the arithmetic
+            of every other scao_fx Adam). Given in a param group they are ignored.
 
     Raises:
         TypeError: for an unknown keyword (naming it) or a wrongly typed value.
@@ -367,6 +398,7 @@ class SCAO(TransformOptimizer):
                 f"SCAO got unexpected keyword argument(s) {unknown}; accepted extra keywords: "
                 f"{sorted(set(known) | _COMPAT_NAMES)}"
             )
+        kernel = _adam_kernel_for(compat.get("foreach"), compat.get("fused"))
         compat = _split_compat(compat)  # validated once, here: not hyperparameters
         defaults = dict(
             lr=lr,
@@ -389,9 +421,11 @@ class SCAO(TransformOptimizer):
         )
         for k, v in known.items():
             defaults[k] = compat.get(k, v)
-        factory = _scao_factory
+        factory: Any = _scao_factory
         if check_process_group("process_group", process_group) is not None:
             factory = functools.partial(_scao_factory, process_group=process_group)
+        if kernel != "foreach":
+            factory = functools.partial(factory, adam_kernel=kernel)
         super().__init__(params, factory, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

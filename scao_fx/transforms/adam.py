@@ -7,19 +7,68 @@ learning rate, as in AdamW).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 
 from .. import _treemath
 from .._tree import check_same_structure, flatten, unflatten
-from .._validation import check_dense_leaves, check_dtype, check_float
+from .._validation import check_choice, check_dense_leaves, check_dtype, check_float
 from ..base import EmptyState, GradientTransformation, increment, multi_tensor_ok, register_state, step_count
 from ..parallel import is_dtensor
 from .combinators import masked
 
-__all__ = ["scale_by_adam", "ScaleByAdamState", "add_decayed_weights", "moment_dtype_for"]
+__all__ = ["scale_by_adam", "ScaleByAdamState", "add_decayed_weights", "moment_dtype_for", "adam_kernel"]
+
+#: The arithmetic :func:`scale_by_adam` can run: ``"foreach"`` (multi-tensor ``torch._foreach_*``
+#: ops, falling back to the loop where they do not apply: the default), ``"loop"`` (one set of
+#: ops per leaf), ``"fused"`` (torch's fused Adam kernel, ``torch._fused_adam_``, on CPU float32
+#: and float64 moments; the foreach path elsewhere). The three agree to float rounding; the loop
+#: and foreach paths bit for bit.
+ADAM_KERNELS = ("foreach", "loop", "fused")
+
+_default_kernel: contextvars.ContextVar[str] = contextvars.ContextVar("scao_fx_adam_kernel", default="foreach")
+
+
+@contextlib.contextmanager
+def adam_kernel(kernel: str) -> Iterator[str]:
+    """Within the block, :func:`scale_by_adam` transforms *built* without a ``kernel`` argument
+    run ``kernel`` (one of :data:`ADAM_KERNELS`); ``sf.SCAO(fused=True)`` builds its chains so.
+
+    Example:
+        >>> import scao_fx as sf
+        >>> from scao_fx.transforms.adam import adam_kernel
+        >>> with adam_kernel("fused"):
+        ...     tx = sf.adamw(1e-3)
+    """
+    token = _default_kernel.set(check_choice("kernel", kernel, ADAM_KERNELS))
+    try:
+        yield kernel
+    finally:
+        _default_kernel.reset(token)
+
+
+def _fused_directions(grads: list, mus: list, nus: list, counts: list, b1: float, b2: float, eps: float) -> list | None:
+    """Adam's directions ``m_hat / (sqrt(v_hat) + eps)`` from ``torch._fused_adam_``, moments
+    updated in place, or None where the kernel does not apply (not all on the CPU in float32 or
+    float64, or not all contiguous). The kernel runs ``p -= lr * m_hat / (sqrt(v_hat) + eps)`` on zeroed buffers with
+    ``lr = -1``; it reads the (already incremented) counters and leaves the gradients as they are."""
+    if any(m.device.type != "cpu" or m.dtype not in (torch.float32, torch.float64) for m in mus):
+        return None
+    if not all(t.is_contiguous() for t in grads + mus + nus):  # the kernel walks flat buffers
+        return None
+    out = [torch.zeros_like(m) for m in mus]
+    for dtype in {m.dtype for m in mus}:
+        idx = [j for j, m in enumerate(mus) if m.dtype == dtype]
+        torch._fused_adam_(
+            [out[j] for j in idx], [grads[j] for j in idx], [mus[j] for j in idx], [nus[j] for j in idx], [],
+            [counts[j] for j in idx], lr=-1.0, beta1=b1, beta2=b2, weight_decay=0.0, eps=eps, amsgrad=False,
+            maximize=False,
+        )
+    return out
 
 
 @register_state
@@ -91,6 +140,7 @@ def scale_by_adam(
     eps_root: float = 0.0,
     *,
     moment_dtype: torch.dtype | None = None,
+    kernel: str | None = None,
 ) -> GradientTransformation:
     r"""Rescale updates by Adam's bias-corrected moments.
 
@@ -109,6 +159,12 @@ def scale_by_adam(
         eps_root: added inside the square root, >= 0.
         moment_dtype: dtype of the moments; default: the parameter's dtype promoted to at least
             float32 (bf16/fp16 parameters keep fp32 statistics).
+        kernel: the arithmetic (:data:`ADAM_KERNELS`): ``"foreach"`` (multi-tensor ops; the
+            default, or the one :func:`adam_kernel` sets while building), ``"loop"`` (per-leaf
+            ops, the same bits), ``"fused"`` (``torch._fused_adam_``: about 5x faster on the CPU,
+            ``docs/examples/adam_kernels.py``; equal to float rounding, not bit for bit; used
+            for CPU float32/float64 moments with ``eps > 0``, ``eps_root = 0``, in place, outside
+            ``torch.compile``; the foreach path elsewhere). The state is the same for all three.
 
     Returns:
         A ``GradientTransformation`` with state :class:`ScaleByAdamState`.
@@ -122,6 +178,7 @@ def scale_by_adam(
     eps = check_float("eps", eps, low=0.0)
     eps_root = check_float("eps_root", eps_root, low=0.0)
     moment_dtype = check_dtype("moment_dtype", moment_dtype)
+    kernel = check_choice("kernel", _default_kernel.get() if kernel is None else kernel, ADAM_KERNELS)
     # eps = eps_root = 0: a coordinate whose gradients were all zero (or underflowed) would give
     # 0 / 0 = NaN; the denominator is floored at the smallest normal number instead (a no-op
     # wherever it is positive, so still exactly torch.optim.AdamW's arithmetic there).
@@ -138,7 +195,7 @@ def scale_by_adam(
         counts = [None if p is None else step_count() for p in leaves]
         return ScaleByAdamState(unflatten(spec, mu), unflatten(spec, nu), unflatten(spec, counts))
 
-    def fused(grads, mus, nus, bc1s, bc2s, inplace):
+    def multi_tensor(grads, mus, nus, bc1s, bc2s, inplace):
         """Adam's step on lists of tensors by multi-tensor kernels: ``(directions, mus, nus)``.
         Out of place (new moment tensors) when not ``inplace``, e.g. under apply_if_finite's
         deferred path."""
@@ -192,14 +249,20 @@ def scale_by_adam(
         grads = [g_leaves[i].to(mu_leaves[i].dtype) for i in live]
         mus = [mu_leaves[i] for i in live]
         nus = [nu_leaves[i] for i in live]
-        if live and multi_tensor_ok(grads + mus + nus):
+        fast = bool(live) and kernel != "loop" and multi_tensor_ok(grads + mus + nus)
+        fused_us = None
+        if fast and kernel == "fused" and inplace and eps_root == 0.0 and not floor_denominator:
+            fused_us = _fused_directions(grads, mus, nus, [new_counts[i] for i in live], b1, b2, eps)
+        if fused_us is not None:
+            us = fused_us
+        elif fast:
             # Fast path: multi-tensor kernels (same arithmetic as below), one call per operation
             # for the plain tensors and one for the DTensors (foreach kernels do not mix them: the
             # eigenbasis form under FSDP2 hands Adam plain cores and DTensor vectors together).
             us = [None] * len(live)
             for part in _same_kind(grads):
-                u, m, v = fused([grads[j] for j in part], [mus[j] for j in part], [nus[j] for j in part],
-                                [bc1s[j] for j in part], [bc2s[j] for j in part], inplace)
+                u, m, v = multi_tensor([grads[j] for j in part], [mus[j] for j in part], [nus[j] for j in part],
+                                       [bc1s[j] for j in part], [bc2s[j] for j in part], inplace)
                 for k, j in enumerate(part):
                     us[j], mus[j], nus[j] = u[k], m[k], v[k]
         else:
