@@ -313,7 +313,9 @@ def summarize_diagnostics(records: dict[str, dict[str, Any]]) -> dict[str, float
     Returns:
         ``{"preconditioned_leaves", "rank_mean", "blend", "refreshes", "solver_fallbacks",
         "phase_warmup", "phase_ramp", "phase_precond", "curvature_norm_max"}`` (counts of leaves per
-        phase; ``rank_mean`` over preconditioned sides). Empty records give an empty dict.
+        phase; ``rank_mean`` over preconditioned sides). Empty records give an empty dict. In
+        the eigenbasis form the matrices are in phase ``"adam"`` at step 1 (counted in none of
+        the ``phase_*``) and ``"precond"`` afterwards.
     """
     if not records:
         return {}
