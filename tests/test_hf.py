@@ -280,7 +280,8 @@ def _tensorboard_scalars(out):
 
 
 @pytest.mark.slow
-def test_axolotl_plugin_hooks_on_a_trainer_report_to_tensorboard(tmp_path, monkeypatch):
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_axolotl_plugin_hooks_on_a_trainer_report_to_tensorboard(tmp_path, monkeypatch, form):
     """SCAOPlugin's hooks, as axolotl calls them, on a transformers Trainer (axolotl itself is
     not installed): SCAO is built from the arguments and the scao/* metrics reach TensorBoard."""
     pytest.importorskip("tensorboard")
@@ -289,7 +290,8 @@ def test_axolotl_plugin_hooks_on_a_trainer_report_to_tensorboard(tmp_path, monke
     from transformers.integrations import TensorBoardCallback
 
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
-    cfg = axolotl_plugin.SCAOArgs(scao_kwargs=FAST).model_dump()  # how axolotl validates the keys
+    settings = FORMS[form][0]
+    cfg = axolotl_plugin.SCAOArgs(scao_kwargs=settings).model_dump()  # how axolotl validates the keys
     plugin = axolotl_plugin.SCAOPlugin()
     assert plugin.get_input_args() == "scao_fx.integrations.axolotl.SCAOArgs"
     plugin.register({"plugins": ["scao_fx.integrations.axolotl.SCAOPlugin"]})
@@ -308,7 +310,8 @@ def test_axolotl_plugin_hooks_on_a_trainer_report_to_tensorboard(tmp_path, monke
     opt = unwrap_optimizer(trainer.optimizer)
     assert isinstance(opt, scao_fx.SCAO)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
-    assert opt.defaults["precond_freq"] == FAST["precond_freq"] and opt.defaults["betas"] == (0.9, 0.999)
+    assert opt.defaults["precond_freq"] == settings["precond_freq"] and opt.defaults["betas"] == (0.9, 0.999)
+    assert opt.defaults["form"] == form
     logged = [h for h in trainer.state.log_history if "loss" in h]  # (the end-of-training summary has them too)
     assert [h["step"] for h in logged] == [2, 4, 6] and all("scao/blend" in h for h in logged)
     acc = _tensorboard_scalars(out)
