@@ -1092,6 +1092,44 @@ def test_functional_scao_diagnostics_and_errors():
     assert sf.summarize_diagnostics({}) == {}
 
 
+@pytest.mark.parametrize("skip_first", [True, False])
+def test_functional_scao_diagnostics_eigenbasis_form(skip_first):
+    # a dict tree (sorted: "b", "v", "w", "x"), a vector, a matrix rotated on one side only
+    params = {"w": torch.zeros(6, 5), "b": torch.zeros(5), "x": torch.zeros(3, 40), "v": torch.zeros(())}
+    names = ["b", "v", "w", "x"]
+    tx = sf.scao(skip_first=skip_first, precond_freq=2, max_precond_dim=16, use_int8_ema=False)
+    state = tx.init(params)
+    steps = []
+    for _ in range(3):
+        grads = {k: torch.randn(p.shape) for k, p in params.items()}
+        _, state = tx.update(grads, state, params=params)
+        steps.append(sf.scao_diagnostics(state, names=names, codec=sf.fp32_codec()))
+    assert [d["w"]["phase"] for d in steps] == ["adam", "precond", "precond"]
+    assert [d["w"]["blend"] for d in steps] == [0.0, 1.0, 1.0]
+    d = steps[-1]
+    assert set(d) == set(names) and d["w"]["refreshes"] == 2 and d["w"]["step"] == 3  # refreshed at steps 1, 2
+    assert (d["w"]["sides"], d["w"]["rank_left"], d["w"]["rank_right"], d["w"]["shape"]) == ("both", 6, 5, (6, 5))
+    assert d["x"]["sides"] == "left" and d["x"]["rank_left"] == 3 and d["x"]["rank_right"] is None
+    assert d["x"]["phase"] == "precond" and d["x"]["curvature_norm_right"] is None
+    assert d["b"]["phase"] == d["v"]["phase"] == "adam" and d["b"]["sides"] == "none"
+    assert d["w"]["curvature_norm_left"] > 0 and d["w"]["fallbacks_left"] == 0
+    summary = sf.summarize_diagnostics(d)
+    assert summary["preconditioned_leaves"] == 2.0 and summary["phase_precond"] == 2.0
+    assert summary["rank_mean"] == (6 + 5 + 3) / 3
+    # any state holding a KroneckerEigenbasisState: here with a non-Adam inner transform and no guard
+    tx2 = sf.chain(sf.kronecker_eigenbasis(sf.scale_by_momentum(0.9), precond_freq=1, rank=sf.fixed_rank(2)),
+                   sf.scale_by_learning_rate(0.1))
+    p2 = [torch.zeros(4, 3), torch.zeros(3)]
+    st2 = tx2.init(p2)
+    _, st2 = tx2.update([torch.randn(4, 3), torch.randn(3)], st2)
+    _, st2 = tx2.update([torch.randn(4, 3), torch.randn(3)], st2)
+    d2 = sf.scao_diagnostics(st2, names=["w", "b"], curvature_norms=False)
+    assert d2["w"]["phase"] == "precond" and (d2["w"]["rank_left"], d2["w"]["rank_right"]) == (2, 2)
+    assert d2["w"]["curvature_norm_left"] is None and d2["b"]["phase"] == "adam"
+    with pytest.raises(ValueError, match="names must have one entry per leaf"):
+        sf.scao_diagnostics(state, names=["only-one"])
+
+
 def test_scao_never_used_parameter_stays_put_and_finite():
     model = scao_model()
     unused = torch.nn.Linear(12, 12)  # requires grad, never receives one (an unused head)
