@@ -23,7 +23,11 @@ from scao_fx.integrations.hf import (  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
-FAST = dict(warmup_steps=3, blend_steps=3, precond_freq=2, min_precond_updates=2, k_min=2, k_max=16)
+FAST = dict(form="seed", warmup_steps=3, blend_steps=3, precond_freq=2, min_precond_updates=2, k_min=2, k_max=16)
+#: the default (eigenbasis) form: no warmup or ramp, every direction kept
+EIGEN = dict(precond_freq=2)
+#: the settings of each form, and the refreshes of small_scao's 8 steps
+FORMS = {"seed": (FAST, 4), "eigenbasis": (EIGEN, 5)}  # eigenbasis: steps 1, 2, 4, 6, 8
 
 
 class FakeWriter:
@@ -37,26 +41,34 @@ class FakeWriter:
         self.calls.append(("flush", None, None))
 
 
-def small_scao(**kw):
+def small_scao(base=FAST, steps=8, **kw):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
-    opt = scao_fx.SCAO(model.named_parameters(), lr=1e-2, **{**FAST, **kw})
+    opt = scao_fx.SCAO(model.named_parameters(), lr=1e-2, **{**base, **kw})
     x, y = torch.randn(32, 8), torch.randn(32, 4)
-    for _ in range(8):
+    for _ in range(steps):
         opt.zero_grad()
         ((model(x) - y) ** 2).mean().backward()
         opt.step()
     return model, opt
 
 
-def test_diagnostic_scalars_and_fake_writer():
-    _, opt = small_scao()
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_diagnostic_scalars_and_fake_writer(form):
+    base, refreshes = FORMS[form]
+    _, opt = small_scao(base)
     scalars = diagnostic_scalars(opt, per_param=True)
     assert scalars["scao/preconditioned_leaves"] == 2.0
     assert scalars["scao/phase_precond"] == 2.0 and scalars["scao/blend"] == 1.0
-    assert scalars["scao/refreshes"] == 4.0 and scalars["scao/solver_fallbacks"] == 0.0
+    assert scalars["scao/refreshes"] == refreshes and scalars["scao/solver_fallbacks"] == 0.0
     assert scalars["scao/skipped_steps"] == 0.0
     assert scalars["scao/0.weight/rank_left"] >= 2 and scalars["scao/2.weight/curvature_norm_right"] > 0
+    if form == "eigenbasis":  # every direction kept: the widths of the (16, 8) and (4, 16) weights
+        assert (scalars["scao/0.weight/rank_left"], scalars["scao/0.weight/rank_right"]) == (16, 8)
+        assert scalars["scao/rank_mean"] == (16 + 8 + 4 + 16) / 4
+        # step 1 ran plain Adam (skipped, with skip_first): no ramp, the blend is 0 then 1
+        first = diagnostic_scalars(small_scao(base, steps=1)[1])
+        assert first["scao/blend"] == 0.0 and first["scao/phase_precond"] == 0.0 and first["scao/refreshes"] == 1.0
     writer = FakeWriter()
     log_diagnostics(opt, writer, step=8)
     tags = {t for t, _, s in writer.calls if s == 8}
@@ -197,12 +209,13 @@ def test_trainer_optimizer_cls_and_kwargs(tmp_path):
 # report_to backends (TensorBoard) and the axolotl plugin's hooks
 
 
-def test_callback_order_warning_and_add_diagnostics_callback():
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_callback_order_warning_and_add_diagnostics_callback(form):
     from types import SimpleNamespace
 
     from transformers import TrainerControl, TrainerState
 
-    _, opt = small_scao()
+    _, opt = small_scao(FORMS[form][0])
     state = TrainerState()
     state.global_step = 8
     cb = SCAODiagnosticsCallback()
@@ -267,7 +280,8 @@ def _tensorboard_scalars(out):
 
 
 @pytest.mark.slow
-def test_axolotl_plugin_hooks_on_a_trainer_report_to_tensorboard(tmp_path, monkeypatch):
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_axolotl_plugin_hooks_on_a_trainer_report_to_tensorboard(tmp_path, monkeypatch, form):
     """SCAOPlugin's hooks, as axolotl calls them, on a transformers Trainer (axolotl itself is
     not installed): SCAO is built from the arguments and the scao/* metrics reach TensorBoard."""
     pytest.importorskip("tensorboard")
@@ -276,7 +290,8 @@ def test_axolotl_plugin_hooks_on_a_trainer_report_to_tensorboard(tmp_path, monke
     from transformers.integrations import TensorBoardCallback
 
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
-    cfg = axolotl_plugin.SCAOArgs(scao_kwargs=FAST).model_dump()  # how axolotl validates the keys
+    settings = FORMS[form][0]
+    cfg = axolotl_plugin.SCAOArgs(scao_kwargs=settings).model_dump()  # how axolotl validates the keys
     plugin = axolotl_plugin.SCAOPlugin()
     assert plugin.get_input_args() == "scao_fx.integrations.axolotl.SCAOArgs"
     plugin.register({"plugins": ["scao_fx.integrations.axolotl.SCAOPlugin"]})
@@ -295,7 +310,8 @@ def test_axolotl_plugin_hooks_on_a_trainer_report_to_tensorboard(tmp_path, monke
     opt = unwrap_optimizer(trainer.optimizer)
     assert isinstance(opt, scao_fx.SCAO)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
-    assert opt.defaults["precond_freq"] == FAST["precond_freq"] and opt.defaults["betas"] == (0.9, 0.999)
+    assert opt.defaults["precond_freq"] == settings["precond_freq"] and opt.defaults["betas"] == (0.9, 0.999)
+    assert opt.defaults["form"] == form
     logged = [h for h in trainer.state.log_history if "loss" in h]  # (the end-of-training summary has them too)
     assert [h["step"] for h in logged] == [2, 4, 6] and all("scao/blend" in h for h in logged)
     acc = _tensorboard_scalars(out)

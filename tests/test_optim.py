@@ -866,43 +866,71 @@ def test_scao_resume_bit_identical(cut):
         assert torch.equal(p, q)
 
 
-def test_scao_diagnostics_phases_and_keys():
+#: SCAO settings of the diagnostics tests, per form: the seed form's ramp, the eigenbasis form
+#: (the default) with every direction kept, and with adaptive ranks (k_min 2, k_max 8).
+DIAG_FORMS = {
+    "seed": FAST,
+    "eigenbasis": dict(precond_freq=3),
+    "eigenbasis-adaptive": dict(precond_freq=3, epsilon_sparse=0.05, k_min=2, k_max=8),
+}
+
+
+@pytest.mark.parametrize("form", sorted(DIAG_FORMS))
+def test_scao_diagnostics_phases_and_keys(form):
     model = scao_model()
-    opt = SCAO(model.named_parameters(), lr=1e-2, **FAST)
+    opt = SCAO(model.named_parameters(), lr=1e-2, **DIAG_FORMS[form])
     assert opt.diagnostics() == {}
     x, y = torch.randn(32, 8), torch.randn(32, 4)
     phases = []
     for _ in range(12):
         train_step(model, opt, x, y)
-        phases.append(opt.diagnostics()["0.weight"]["phase"])
-    # start = max(warmup 4, min_precond_updates 2) = 4; ramp over 4 steps
-    assert phases == ["warmup"] * 4 + ["ramp"] * 3 + ["precond"] * 5
+        rec = opt.diagnostics()["0.weight"]
+        phases.append((rec["phase"], rec["blend"]))
+    if form == "seed":
+        # start = max(warmup 4, min_precond_updates 2) = 4; ramp over 4 steps
+        assert [p for p, _ in phases] == ["warmup"] * 4 + ["ramp"] * 3 + ["precond"] * 5
+    else:  # no ramp: step 1 is Adam (skipped: skip_first), the bases refreshed after it are used from step 2
+        assert phases == [("adam", 0.0)] + [("precond", 1.0)] * 11
     d = opt.diagnostics()
     rec = d["2.weight"]
     from scao_fx.diagnostics import DIAGNOSTIC_KEYS
 
     assert set(rec) == set(DIAGNOSTIC_KEYS)
-    assert rec["shape"] == (12, 12) and rec["sides"] == "both"
-    assert 2 <= rec["rank_left"] <= 8 and rec["refreshes"] == 4 and rec["step"] == 12
-    assert rec["curvature_norm_left"] > 0 and rec["fallbacks_left"] == 0
-    assert d["0.bias"]["phase"] == "adam" and d["0.bias"]["rank_left"] is None
+    assert rec["shape"] == (12, 12) and rec["sides"] == "both" and rec["step"] == 12
+    # refreshes every 3 steps, and (eigenbasis form) at step 1 too
+    assert rec["refreshes"] == (4 if form == "seed" else 5)
+    if form == "eigenbasis":  # every direction kept
+        assert (rec["rank_left"], rec["rank_right"]) == (12, 12) and d["0.weight"]["rank_right"] == 8
+        assert (d["4.weight"]["rank_left"], d["4.weight"]["rank_right"]) == (4, 12)
+    else:
+        assert 2 <= rec["rank_left"] <= 8 and 2 <= rec["rank_right"] <= 8
+    assert rec["curvature_norm_left"] > 0 and rec["fallbacks_left"] == 0 and rec["fallbacks_right"] == 0
+    assert d["0.bias"]["phase"] == "adam" and d["0.bias"]["rank_left"] is None and d["0.bias"]["sides"] == "none"
     t = opt.diagnostics(as_tensors=True)["2.weight"]
-    assert isinstance(t["rank_left"], torch.Tensor)
+    assert isinstance(t["rank_left"], torch.Tensor) and isinstance(t["blend"], torch.Tensor)
+    assert t["phase"] == rec["phase"] and float(t["blend"]) == rec["blend"]
     # the reported curvature norm is the debiased factor's Frobenius norm: compare with fp32
     m2 = scao_model()
-    o2 = SCAO(m2.named_parameters(), lr=1e-2, use_int8_ema=False, **FAST)
+    o2 = SCAO(m2.named_parameters(), lr=1e-2, use_int8_ema=False, **DIAG_FORMS[form])
     _run(m2, o2, 12, x, y)
     ref = o2.diagnostics()["2.weight"]["curvature_norm_left"]
     assert abs(rec["curvature_norm_left"] - ref) / ref < 0.1
 
 
-def test_scao_diagnostics_counts_solver_fallbacks():
+@pytest.mark.parametrize("form", sorted(DIAG_FORMS))
+def test_scao_diagnostics_counts_solver_fallbacks(form):
+    from scao_fx._tree import find_nodes
+
     model = scao_model()
-    opt = SCAO(model.named_parameters(), lr=1e-2, use_int8_ema=False, **FAST)
+    opt = SCAO(model.named_parameters(), lr=1e-2, use_int8_ema=False, **DIAG_FORMS[form])
     x, y = torch.randn(32, 8), torch.randn(32, 4)
     _run(model, opt, 5, x, y)
+    assert opt.diagnostics()["2.weight"]["fallbacks_left"] == 0
     # poison one curvature factor: the next refresh fails and keeps the last good basis
-    kron = chain_state(opt.functional_state(0))[0].inner_state
+    if form == "seed":
+        kron = chain_state(opt.functional_state(0))[0].inner_state
+    else:  # the groups and sides have the same types in both forms
+        (kron,) = find_nodes(opt.functional_state(0), sf.KroneckerEigenbasisState)
     kron.groups[1].left.stat.diag.fill_(float("nan"))
     _run(model, opt, 1, x, y)
     d = opt.diagnostics()
@@ -910,15 +938,54 @@ def test_scao_diagnostics_counts_solver_fallbacks():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_scao_compat_methods():
+@pytest.mark.parametrize("form", sorted(DIAG_FORMS))
+def test_scao_compat_methods(form):
     model = scao_model()
-    opt = SCAO(model.named_parameters(), lr=1e-2, **FAST)
+    opt = SCAO(model.named_parameters(), lr=1e-2, **DIAG_FORMS[form])
     x, y = torch.randn(32, 8), torch.randn(32, 4)
     _run(model, opt, 7, x, y)
     assert opt.synchronize_precond() is None
     ranks = opt.current_ranks()
     assert set(ranks) == {"0.weight", "2.weight", "4.weight"}
-    assert all(2 <= k <= 8 for pair in ranks.values() for k in pair)
+    if form == "eigenbasis":  # the kept widths: every direction of each side
+        assert ranks == {"0.weight": (12, 8), "2.weight": (12, 12), "4.weight": (4, 12)}
+    else:
+        assert all(2 <= k <= 8 for pair in ranks.values() for k in pair)
+
+
+def test_default_scao_diagnostics_after_a_few_steps():
+    """The default SCAO() (the eigenbasis form) reports its diagnostics: the records of the
+    seed form, with no ramp (phase adam at step 1, precond afterwards)."""
+    model = scao_model()
+    opt = SCAO(model.named_parameters())
+    assert opt.param_groups[0]["form"] == "eigenbasis"
+    x, y = torch.randn(32, 8), torch.randn(32, 4)
+    _run(model, opt, 1, x, y)
+    first = opt.diagnostics()
+    assert {r["phase"] for r in first.values()} == {"adam"} and first["2.weight"]["blend"] == 0.0
+    assert first["2.weight"]["rank_left"] == 12 and first["2.weight"]["refreshes"] == 1  # refreshed after step 1
+    _run(model, opt, 3, x, y)
+    d = opt.diagnostics()
+    assert sorted(d) == sorted(n for n, _ in model.named_parameters())
+    assert {n: r["phase"] for n, r in d.items()} == {
+        "0.weight": "precond", "0.bias": "adam", "2.weight": "precond", "2.bias": "adam",
+        "4.weight": "precond", "4.bias": "adam",
+    }
+    rec = d["0.weight"]
+    assert rec["shape"] == (12, 8) and rec["sides"] == "both" and (rec["rank_left"], rec["rank_right"]) == (12, 8)
+    assert rec["blend"] == 1.0 and rec["step"] == 4 and rec["refreshes"] == 1  # precond_freq 5: steps 1, 5, ...
+    assert rec["curvature_norm_left"] > 0 and rec["fallbacks_left"] == rec["fallbacks_right"] == 0
+    summary = sf.summarize_diagnostics(d)
+    assert summary["phase_precond"] == 3.0 and summary["blend"] == 1.0 and summary["solver_fallbacks"] == 0.0
+    # groups are read per their own form; a plain AdamW group is "adam"
+    m2 = scao_model()
+    ps = list(m2.parameters())
+    o2 = SCAO([{"params": ps[:2]}, {"params": ps[2:4], "form": "seed", **{k: v for k, v in FAST.items() if k != "form"}},
+               {"params": ps[4:], "preconditioner_enabled": False}])
+    _run(m2, o2, 6, x, y)
+    d2 = o2.diagnostics()
+    assert d2["0"]["phase"] == "precond" and d2["2"]["phase"] == "ramp" and d2["4"]["phase"] == "adam"
+    assert (d2["0"]["rank_left"], d2["0"]["rank_right"]) == (12, 8) and 2 <= d2["2"]["rank_left"] <= 8
 
 
 @pytest.mark.parametrize("which", ["adamw", "scao"])
@@ -1023,6 +1090,44 @@ def test_functional_scao_diagnostics_and_errors():
     with pytest.raises(ValueError, match="no SCAO preconditioner"):
         sf.scao_diagnostics(sf.adamw().init(params))
     assert sf.summarize_diagnostics({}) == {}
+
+
+@pytest.mark.parametrize("skip_first", [True, False])
+def test_functional_scao_diagnostics_eigenbasis_form(skip_first):
+    # a dict tree (sorted: "b", "v", "w", "x"), a vector, a matrix rotated on one side only
+    params = {"w": torch.zeros(6, 5), "b": torch.zeros(5), "x": torch.zeros(3, 40), "v": torch.zeros(())}
+    names = ["b", "v", "w", "x"]
+    tx = sf.scao(skip_first=skip_first, precond_freq=2, max_precond_dim=16, use_int8_ema=False)
+    state = tx.init(params)
+    steps = []
+    for _ in range(3):
+        grads = {k: torch.randn(p.shape) for k, p in params.items()}
+        _, state = tx.update(grads, state, params=params)
+        steps.append(sf.scao_diagnostics(state, names=names, codec=sf.fp32_codec()))
+    assert [d["w"]["phase"] for d in steps] == ["adam", "precond", "precond"]
+    assert [d["w"]["blend"] for d in steps] == [0.0, 1.0, 1.0]
+    d = steps[-1]
+    assert set(d) == set(names) and d["w"]["refreshes"] == 2 and d["w"]["step"] == 3  # refreshed at steps 1, 2
+    assert (d["w"]["sides"], d["w"]["rank_left"], d["w"]["rank_right"], d["w"]["shape"]) == ("both", 6, 5, (6, 5))
+    assert d["x"]["sides"] == "left" and d["x"]["rank_left"] == 3 and d["x"]["rank_right"] is None
+    assert d["x"]["phase"] == "precond" and d["x"]["curvature_norm_right"] is None
+    assert d["b"]["phase"] == d["v"]["phase"] == "adam" and d["b"]["sides"] == "none"
+    assert d["w"]["curvature_norm_left"] > 0 and d["w"]["fallbacks_left"] == 0
+    summary = sf.summarize_diagnostics(d)
+    assert summary["preconditioned_leaves"] == 2.0 and summary["phase_precond"] == 2.0
+    assert summary["rank_mean"] == (6 + 5 + 3) / 3
+    # any state holding a KroneckerEigenbasisState: here with a non-Adam inner transform and no guard
+    tx2 = sf.chain(sf.kronecker_eigenbasis(sf.scale_by_momentum(0.9), precond_freq=1, rank=sf.fixed_rank(2)),
+                   sf.scale_by_learning_rate(0.1))
+    p2 = [torch.zeros(4, 3), torch.zeros(3)]
+    st2 = tx2.init(p2)
+    _, st2 = tx2.update([torch.randn(4, 3), torch.randn(3)], st2)
+    _, st2 = tx2.update([torch.randn(4, 3), torch.randn(3)], st2)
+    d2 = sf.scao_diagnostics(st2, names=["w", "b"], curvature_norms=False)
+    assert d2["w"]["phase"] == "precond" and (d2["w"]["rank_left"], d2["w"]["rank_right"]) == (2, 2)
+    assert d2["w"]["curvature_norm_left"] is None and d2["b"]["phase"] == "adam"
+    with pytest.raises(ValueError, match="names must have one entry per leaf"):
+        sf.scao_diagnostics(state, names=["only-one"])
 
 
 def test_scao_never_used_parameter_stays_put_and_finite():

@@ -128,7 +128,10 @@ class SCAODiagnosticsCallback(_CallbackBase):  # type: ignore[misc,valid-type]
     adds the summary scalars (``scao/rank_mean``, ``scao/blend``, ``scao/refreshes``,
     ``scao/solver_fallbacks``, ``scao/phase_*``, ``scao/curvature_norm_max``, ...) to the logged
     dict and to ``state.log_history``, keeps them in :attr:`history`, and writes them to
-    ``writer`` (a ``SummaryWriter``) if one is given.
+    ``writer`` (a ``SummaryWriter``) if one is given. Both forms of SCAO are read: with the
+    eigenbasis form (the default) ``scao/blend`` is 0 at step 1 and 1 afterwards (no ramp) and
+    ``scao/phase_precond`` counts the rotated matrices from step 2 on (see
+    :mod:`scao_fx.diagnostics`).
 
     The Trainer calls its callbacks in order, and its ``report_to`` callbacks (TensorBoard, W&B,
     MLflow, ...) come before those passed as ``callbacks=[...]``: added that way, the scalars

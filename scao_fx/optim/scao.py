@@ -464,6 +464,23 @@ class SCAO(TransformOptimizer):
         their group's first step, or frozen) are left out. See :mod:`scao_fx.diagnostics` for
         the record's keys. Nothing is computed during ``step()``; this call reads the state
         (and synchronises with the device once, unless ``as_tensors=True``).
+
+        Both forms are read (each group's own ``form``). In the eigenbasis form (the default)
+        ``rank_left``/``rank_right`` are the kept widths of the rotation (every direction with
+        the default full rank, fewer when ``epsilon_sparse``/``k_max`` truncate), there is no
+        warmup or ramp: ``phase`` is ``"adam"`` after the first step (``blend`` 0.0) and
+        ``"precond"`` from the second on (``blend`` 1.0).
+
+        Example:
+            >>> import torch, scao_fx as sf
+            >>> model = torch.nn.Linear(6, 4)
+            >>> opt = sf.SCAO(model.named_parameters())
+            >>> for _ in range(2):
+            ...     model(torch.randn(8, 6)).square().mean().backward()
+            ...     opt.step()
+            >>> d = opt.diagnostics()
+            >>> d["weight"]["phase"], d["weight"]["rank_left"], d["weight"]["rank_right"], d["bias"]["phase"]
+            ('precond', 4, 6, 'adam')
         """
         from ..codecs import fp32_codec, int8_blockwise
         from ..diagnostics import adam_record, scao_diagnostics
@@ -508,7 +525,8 @@ class SCAO(TransformOptimizer):
 
     def current_ranks(self) -> dict[str, tuple[int | None, int | None]]:
         """``{param: (rank_left, rank_right)}`` of the preconditioned parameters (``None`` for a
-        side that is not preconditioned; 0 before the first refresh)."""
+        side that is not preconditioned; 0 before the first refresh; in the eigenbasis form, the
+        kept widths of the rotation)."""
         return {
             name: (rec["rank_left"], rec["rank_right"])
             for name, rec in self.diagnostics(curvature_norms=False).items()
