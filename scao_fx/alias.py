@@ -329,21 +329,28 @@ def scao(
     host_sync: bool | None = SCAO_DEFAULTS["host_sync"],
     **precondition_kwargs: Any,
 ) -> GradientTransformation:
-    r"""SCAO: ``apply_if_finite(chain(scao_precondition(**kw), adamw(lr, betas, eps, weight_decay)))``.
+    r"""SCAO: Adam in the eigenbases of int8 Kronecker factors, guarded against non-finite steps.
 
-    Adam's moments track the blended, preconditioned gradient; weight decay is decoupled.
+    The default form (``form="eigenbasis"``) is ``apply_if_finite(chain(kronecker_eigenbasis(
+    scale_by_adam(b1, b2, eps), curvature=curvature_ema(rho, int8_blockwise(block_size),
+    basis_dtype=bfloat16), rank=full_rank(), precond_freq=5, eigensolver="power",
+    skip_first=True), add_decayed_weights(weight_decay, mask), scale_by_learning_rate(lr)))``:
+    for every matrix, Adam runs in the eigenbases of its two factors (SOAP's form), with the
+    factors' statistics in block-wise int8 and the bases in bfloat16; step 1 only builds the first
+    bases. ``epsilon_sparse > 0`` or an integer ``k_max`` truncate the bases adaptively (Adam in the
+    original coordinates on the complement; see :func:`~scao_fx.kronecker_eigenbasis`). The seed
+    form's keywords (``warmup_steps``, ``blend_steps``, ``min_precond_updates``, ``tau``,
+    ``complement``, ``graft``, ``blend_shape``) and ``moments="int8"`` must then stay at their
+    defaults (``ValueError`` otherwise).
 
-    ``form="eigenbasis"`` builds instead ``apply_if_finite(chain(kronecker_eigenbasis(
-    scale_by_adam(b1, b2, eps), curvature=<SCAO's statistic>, rank=spectral_mass_rank(
-    epsilon_sparse, k_min, k_max), precond_freq=..., ...), add_decayed_weights(weight_decay, mask),
-    scale_by_learning_rate(lr)))``: Adam runs in the eigenbases of SCAO's (int8, adaptive-rank)
-    factors, Adam in the original coordinates on the complement of the kept subspace
-    (see :func:`~scao_fx.kronecker_eigenbasis`). There is no warmup or ramp: the bases are
-    refreshed at step 1. The keywords of the seed form only (``warmup_steps``, ``blend_steps``,
-    ``min_precond_updates``, ``tau``, ``complement``, ``graft``, ``blend_shape``) must then stay
-    at their defaults (``ValueError`` otherwise). Both forms take ``process_group`` (refreshes
-    spread over its ranks) and FSDP2's DTensor updates (see ``docs/distributed.md``).
-    Published guidance: start from about 1.17x your AdamW learning rate. A step whose gradients
+    ``form="seed"`` builds the original SCAO formula instead:
+    ``apply_if_finite(chain(scao_precondition(**kw), adamw(lr, betas, eps, weight_decay)))``,
+    Adam's moments tracking the blended, low-rank preconditioned gradient.
+
+    Both forms take ``process_group`` (refreshes spread over its ranks) and FSDP2's DTensor
+    updates (see ``docs/distributed.md``). The defaults (``scao_fx.presets.SCAO_DEFAULTS``) were
+    chosen on the project's GPT benchmark (``docs/scao.md``, "The default, how it was chosen").
+    A step whose gradients
     hold a NaN or Inf, or an entry so large its square would overflow the statistics, is skipped
     for the whole tree, leaving parameters and state exactly as they were
     (:func:`~scao_fx.apply_if_finite` with ``skip_overflow=True``); ``skip_nonfinite=False``
@@ -366,16 +373,19 @@ def scao(
         max_consecutive_skips: consecutive non-finite steps tolerated before
             :class:`~scao_fx.NonFiniteGradientError`, >= 1.
         host_sync: how the finite flag reaches the host (see :func:`~scao_fx.apply_if_finite`).
-        **precondition_kwargs: any argument of :func:`scao_precondition`, and ``form``:
-            ``"seed"`` (default) or ``"eigenbasis"``.
+        **precondition_kwargs: any argument of :func:`scao_precondition`, ``form``:
+            ``"eigenbasis"`` (default) or ``"seed"``, and ``skip_first`` (the eigenbasis form's
+            step-1 rule, default True; see :func:`~scao_fx.kronecker_eigenbasis`).
 
     Returns:
-        ``ApplyIfFiniteState`` around the two-link chain state ``(scao_precondition state,
-        adamw state)``; with ``skip_nonfinite=False``, the chain state itself.
+        ``ApplyIfFiniteState`` around the chain state (eigenbasis form: ``(kronecker_eigenbasis
+        state, decay state, learning-rate state)``; seed form: ``(scao_precondition state, adamw
+        state)``); with ``skip_nonfinite=False``, the chain state itself.
 
     Example:
         >>> import scao_fx as sf
-        >>> tx = sf.scao(lr=1e-3, warmup_steps=50, precond_freq=10)
+        >>> tx = sf.scao(lr=3e-3, precond_freq=10)
+        >>> seed = sf.scao(lr=1e-3, form="seed", warmup_steps=50, precond_freq=10)
     """
     if not isinstance(skip_nonfinite, bool):
         raise TypeError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}")

@@ -125,7 +125,7 @@ def test_ablation_mapping_builds_the_intended_chains():
 
 def test_scao_options_reach_the_chain():
     model = _tiny_model()
-    opts = dict(warmup_steps=1, blend_steps=1, precond_freq=1, min_precond_updates=1)
+    opts = dict(form="seed", warmup_steps=1, blend_steps=1, precond_freq=1, min_precond_updates=1)
     opt = optreg.get("scao").make(model.parameters(), 1e-2, 0.0, opts)
     assert _train(opt, model, steps=4)
     with pytest.raises(TypeError):

@@ -35,7 +35,7 @@ pytestmark = pytest.mark.skipif(
 WORLD = 2
 TIMEOUT_S = 120  # a hang fails the test instead of blocking CI
 GLOBAL_BATCH = 16
-CFG = dict(lr=2e-2, warmup_steps=2, blend_steps=2, min_precond_updates=0, precond_freq=2, k_min=2, k_max=8, rho=0.9)
+CFG = dict(form="seed", lr=2e-2, warmup_steps=2, blend_steps=2, min_precond_updates=0, precond_freq=2, k_min=2, k_max=8, rho=0.9)
 # The eigenbasis form has no warmup or ramp (it refreshes at step 1): the seed form's keywords stay at their defaults.
 EIGEN_CFG = dict(lr=2e-2, precond_freq=2, k_min=2, k_max=8, rho=0.9, form="eigenbasis")
 FORMS = {"seed": CFG, "eigenbasis": EIGEN_CFG}

@@ -12,7 +12,7 @@ import scao_fx as sf
 from scao_fx.transforms import finite as finite_mod
 
 NAN, INF = float("nan"), float("inf")
-FAST = dict(warmup_steps=2, blend_steps=2, min_precond_updates=0, precond_freq=2, k_min=1, k_max=4)
+FAST = dict(form="seed", warmup_steps=2, blend_steps=2, min_precond_updates=0, precond_freq=2, k_min=1, k_max=4)
 
 
 def params0():
@@ -361,7 +361,7 @@ def test_no_verdict_is_shared_between_optimizers_running_in_threads():
     steps = 2000
     gen = torch.Generator().manual_seed(0)
     clean = [torch.randn(4, 4, generator=gen) for _ in range(64)]
-    fast = dict(lr=1e-3, warmup_steps=2, blend_steps=2, min_precond_updates=0, precond_freq=4, k_min=1, k_max=4)
+    fast = dict(form="seed", lr=1e-3, warmup_steps=2, blend_steps=2, min_precond_updates=0, precond_freq=4, k_min=1, k_max=4)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
     opt = sf.SCAO(

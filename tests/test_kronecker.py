@@ -519,7 +519,7 @@ def test_solver_failing_from_the_start_keeps_identity_and_never_poisons(monkeypa
 
     monkeypatch.setattr(torch.linalg, "eigh", failing)
     gs = _grads((6, 5), 12, seed=3)
-    fast = dict(warmup_steps=2, blend_steps=3, min_precond_updates=0, precond_freq=2, k_min=1, k_max=4)
+    fast = dict(form="seed", warmup_steps=2, blend_steps=3, min_precond_updates=0, precond_freq=2, k_min=1, k_max=4)
     scao, adamw = sf.scao(1e-2, **fast), sf.adamw(1e-2)
     p_s = p_a = {"w": torch.ones(6, 5)}
     s_s, s_a = scao.init(p_s), adamw.init(p_a)

@@ -12,7 +12,7 @@ import scao_fx as sf
 from scao_fx.optim import TransformOptimizer
 
 # short schedules: precondition from step 2, a refresh every 2 steps (seed form)
-FAST_SEED = dict(warmup_steps=1, blend_steps=2, min_precond_updates=0, precond_freq=2, k_min=2, k_max=4)
+FAST_SEED = dict(form="seed", warmup_steps=1, blend_steps=2, min_precond_updates=0, precond_freq=2, k_min=2, k_max=4)
 
 
 def _model(seed=0):

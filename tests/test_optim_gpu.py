@@ -15,7 +15,7 @@ import scao_fx as sf
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-FAST = dict(warmup_steps=3, blend_steps=3, precond_freq=3, min_precond_updates=2, k_min=2, k_max=16)
+FAST = dict(form="seed", warmup_steps=3, blend_steps=3, precond_freq=3, min_precond_updates=2, k_min=2, k_max=16)
 
 
 def model_on(dtype=torch.float32, seed=0):

@@ -66,7 +66,7 @@ SHAPES = {
 }
 #: A short schedule that reaches the preconditioned phase: refresh every 2 steps, ramp over 3.
 FAST = dict(
-    lr=1e-2, rho=0.9, warmup_steps=2, blend_steps=3, min_precond_updates=0, precond_freq=2, k_min=1, k_max=4,
+    form="seed", lr=1e-2, rho=0.9, warmup_steps=2, blend_steps=3, min_precond_updates=0, precond_freq=2, k_min=1, k_max=4,
     max_precond_dim=8,
 )
 ADV_STEPS = 12
@@ -686,7 +686,7 @@ def test_wrong_matrix_leaves_raise_clearly_in_the_preconditioner(name, wrong):
 #: Warmup 4 (ramp after >= 2 updates), ramp over 6 (steps 5-10), refresh every 3 steps, the
 #: subspace solver (its warm start is part of the state) and int8 curvature (stochastic rounding
 #: seeded by the step counter).
-RESUME_KW = dict(lr=1e-2, rho=0.9, warmup_steps=4, blend_steps=6, min_precond_updates=2, precond_freq=3, k_min=1,
+RESUME_KW = dict(form="seed", lr=1e-2, rho=0.9, warmup_steps=4, blend_steps=6, min_precond_updates=2, precond_freq=3, k_min=1,
                  k_max=4, eigensolver="subspace")
 RESUME_STEPS = 20
 #: In warmup, first ramp step, mid-ramp, last ramp step, and right before / at / after refreshes.

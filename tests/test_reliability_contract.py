@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import scao_fx as sf
 
-EAGER = dict(warmup_steps=0, blend_steps=0, min_precond_updates=0)
+EAGER = dict(form="seed", warmup_steps=0, blend_steps=0, min_precond_updates=0)
 
 
 def _flat(tree):
@@ -176,7 +176,7 @@ def test_stride_zero_gradients_pass_the_blend_ramp():
 
 # ---------------------------------------------------------------- the torch.optim facade (issue 14)
 
-FACADE = {"lr": 1e-2, "warmup_steps": 1, "blend_steps": 1, "min_precond_updates": 1, "precond_freq": 2, "k_min": 1, "k_max": 4}
+FACADE = {"form": "seed", "lr": 1e-2, "warmup_steps": 1, "blend_steps": 1, "min_precond_updates": 1, "precond_freq": 2, "k_min": 1, "k_max": 4}
 
 
 def _layers(*sizes: int) -> torch.nn.Sequential:

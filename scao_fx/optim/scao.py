@@ -300,27 +300,29 @@ _SAVED_BEFORE: Mapping[str, Any] = MappingProxyType({"form": "seed", "basis_stor
 class SCAO(TransformOptimizer):
     r"""SCAO as a drop-in ``torch.optim`` optimizer (replaces ``torch.optim.AdamW`` in one line).
 
-    Each param group runs ``sf.scao(...)``: the gradient of every matrix parameter is
-    preconditioned by low-rank Kronecker factors (plain Adam during ``warmup_steps``, then a
-    ``blend_steps`` ramp), and Adam with decoupled weight decay runs on top. Vectors and scalars
-    (biases, norms) get plain AdamW. Every hyperparameter can be set per param group; a group
+    Each param group runs ``sf.scao(...)``: by default Adam runs in the eigenbases of each
+    matrix parameter's Kronecker factors (int8 statistics, bfloat16 bases, refreshed every 5
+    steps; ``form="seed"``: the original formula, low-rank preconditioning with an Adam warmup and
+    a blend ramp, then AdamW), with decoupled weight decay. Vectors and scalars (biases, norms)
+    get plain AdamW. Every hyperparameter can be set per param group; a group
     with ``preconditioner_enabled=False`` runs plain AdamW (e.g. for huge embeddings). The
     defaults are ``scao_fx.presets.SCAO_DEFAULTS`` (the same as :func:`~scao_fx.scao`'s).
 
     Args:
         params: parameters, ``(name, parameter)`` pairs or param-group dicts (as ``torch.optim``).
-        lr: learning rate (start from about 1.17x your AdamW learning rate).
+        lr: learning rate (SOAP-family optimizers usually take a larger one than AdamW; see
+            ``docs/switch-from-adamw.md``).
         betas: Adam's ``(beta1, beta2)``.
         eps: Adam's epsilon.
         weight_decay: decoupled weight decay.
         precond_freq: steps between eigenbasis refreshes.
-        epsilon_sparse: spectral mass the adaptive rank may discard, in [0, 1).
-        k_min, k_max: clamp of the adaptive rank.
+        epsilon_sparse: spectral mass the adaptive rank may discard, in [0, 1) (0 with ``k_max=None``: every direction).
+        k_min, k_max: clamp of the adaptive rank (``k_max=None``: no cap).
         rho: curvature EMA decay.
         tau: optional cap of the preconditioned gradient's norm relative to the raw one's (only
             with ``graft="none"``).
-        warmup_steps: steps of plain AdamW before the ramp.
-        blend_steps: length of the linear (or cosine) ramp into the preconditioned gradient.
+        warmup_steps: steps of plain AdamW before the ramp (``form="seed"`` only).
+        blend_steps: length of the ramp into the preconditioned gradient (``form="seed"`` only).
         min_precond_updates: curvature updates required before the ramp.
         max_precond_dim: sides longer than this are not preconditioned (one-sided or AdamW).
         use_int8_ema: keep curvature factors in block-wise int8 (False: float32).
