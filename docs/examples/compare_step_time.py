@@ -33,7 +33,7 @@ for _ in range(layers):
     shapes += [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d), (d,), (d,)]
 params = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in shapes]
 grads = [torch.randn(s) * 1e-2 for s in shapes]
-opt = sf.SCAO(params, lr=1e-3, warmup_steps=0, blend_steps=0, min_precond_updates=0,
+opt = sf.SCAO(params, lr=1e-3, form="seed", warmup_steps=0, blend_steps=0, min_precond_updates=0,
               precond_freq=int(sys.argv[2]))
 def steps(n):
     for _ in range(n):

@@ -34,7 +34,7 @@ def where(frames, n=3):
 
 
 def make(name, model):
-    kw = dict(lr=1e-3, warmup_steps=0, blend_steps=1, min_precond_updates=0, precond_freq=10**6)
+    kw = dict(lr=1e-3, form="seed", warmup_steps=0, blend_steps=1, min_precond_updates=0, precond_freq=10**6)
     if name == "adamw":
         return sf.TransformOptimizer(model.parameters(), lambda lr: sf.adamw(lr), {"lr": 1e-3})
     if name == "scao-sync":

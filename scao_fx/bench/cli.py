@@ -31,9 +31,9 @@ EXIT_INTERRUPTED = 130
 
 #: What ``--quick`` changes (the CI smoke run: under a minute on 2 CPU cores).
 QUICK = dict(preset="tiny", steps=40, eval_every=10, eval_batches=2, corpus_chars=200_000, sweep_steps=20)
-#: SCAO options under ``--quick`` (unless --scao-opt is given): short warmup and ramp, so the
-#: smoke run exercises the preconditioned phase, not only SCAO's Adam warmup.
-QUICK_SCAO = dict(warmup_steps=10, blend_steps=10, precond_freq=5, min_precond_updates=2)
+#: SCAO options under ``--quick`` (unless --scao-opt is given): none, since SCAO's default form
+#: preconditions from step 2 (``--scao-opt form=seed`` needs its own short warmup and ramp).
+QUICK_SCAO: dict = {}
 
 
 class UsageError(Exception):

@@ -94,10 +94,10 @@ FINETUNE_LRS: dict[str, dict[str, float]] = {
     "lora": {"adamw": 2e-3, "adamw-b95": 2e-3, "scao": 2e-3, "muon": 1e-2, "muon-adamw": 1e-3},
 }
 
-#: SCAO schedule of the fine-tuning runs unless ``--scao-opt`` is given: the runs are short, so
-#: the Adam warmup and the ramp are too (the library's defaults, 100 + 50 steps, would leave a
-#: 150-step run almost entirely in its Adam phase).
-FINETUNE_SCAO: dict = dict(warmup_steps=20, blend_steps=20, precond_freq=10, min_precond_updates=2)
+#: SCAO options of the fine-tuning runs unless ``--scao-opt`` is given: none (SCAO's default form
+#: preconditions from step 2; the seed form's short schedule was ``warmup_steps=20,
+#: blend_steps=20, precond_freq=10, min_precond_updates=2`` with ``form=seed``).
+FINETUNE_SCAO: dict = {}
 
 #: Default run shape (about 15 minutes on two CPU cores, both modes, four optimizers).
 DEFAULTS = dict(steps=150, eval_every=25, batch_size=16, max_length=32, max_train_per_class=150, max_eval_per_class=40)

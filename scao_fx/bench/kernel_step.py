@@ -25,11 +25,11 @@ STEP_ROWS = ("scao step (non-refresh)", "scao step (refresh)", "scao step (windo
 def scao_stepper(params, grads, *, grouped: bool, precond_freq: int,
                  **scao_kwargs) -> Callable[[], None]:
     """A closure doing one optimizer step per call on ``params`` (in place): ``tx.update`` with
-    ``grads`` and ``sf.apply_updates``, for ``sf.scao(1e-4, warmup_steps=0, blend_steps=0,
+    ``grads`` and ``sf.apply_updates``, for ``sf.scao(1e-4, form="seed", warmup_steps=0, blend_steps=0,
     min_precond_updates=0, precond_freq=precond_freq, grouped=grouped, **scao_kwargs)``."""
     import scao_fx as sf  # not at the top: the package imports its kernels
 
-    tx = sf.scao(1e-4, warmup_steps=0, blend_steps=0, min_precond_updates=0,
+    tx = sf.scao(1e-4, form="seed", warmup_steps=0, blend_steps=0, min_precond_updates=0,
                  precond_freq=precond_freq, grouped=grouped, **scao_kwargs)
     state = tx.init(params)
 

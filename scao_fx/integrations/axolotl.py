@@ -16,8 +16,6 @@ over its own parameter groups (decay, no decay, embeddings, ``lr_groups``, LoRA+
     weight_decay: 0.0
     scao_kwargs:            # any keyword of scao_fx.SCAO
       precond_freq: 10
-      warmup_steps: 20
-      blend_steps: 20
     scao_diagnostics: true  # scao/* metrics to every report_to backend (the default)
 
 Leave ``optimizer:`` unset (or at any ``transformers`` name): the plugin replaces it. This

@@ -6,7 +6,7 @@
     trainer = Trainer(model, args, train_dataset=ds, optimizers=(opt, None))
     # or let the Trainer build it (its two weight-decay groups included):
     trainer = Trainer(model, args, train_dataset=ds,
-                      optimizer_cls_and_kwargs=(scao_fx.SCAO, {"lr": 3e-4, "warmup_steps": 100}))
+                      optimizer_cls_and_kwargs=(scao_fx.SCAO, {"lr": 1e-3}))
 
     # or from the TrainingArguments (learning rate, weight decay, Adam betas and epsilon):
     trainer = Trainer(model, args, train_dataset=ds,
@@ -257,7 +257,7 @@ def scao_optimizer_cls_and_kwargs(args: Any, **scao_kwargs: Any) -> tuple[type, 
     ``(args.adam_beta1, args.adam_beta2)`` and ``eps`` is ``args.adam_epsilon`` (each taken only
     where ``args`` has it); ``scao_kwargs`` (SCAO's own keywords: ``precond_freq``,
     ``warmup_steps``, ``k_max``, ...) are added and win. ``args.warmup_steps`` is the learning-rate
-    schedule's warmup and is not passed on: SCAO's ``warmup_steps`` (its AdamW phase) is another
+    schedule's warmup and is not passed on: SCAO's ``warmup_steps`` (the seed form's AdamW phase) is another
     setting. The keywords are checked here, by building an SCAO over a one-element tensor, so a
     misspelt name or a bad value fails before the model trains.
 
