@@ -71,9 +71,12 @@ def test_docstring_conversion_for_the_docs_build():
 
 def test_table_defaults_are_rendered_as_values():
     resolve = load_extension().resolve_default
-    assert resolve('SCAO_DEFAULTS["rho"]', "scao_fx.alias") == "0.999"
-    assert resolve("_NotGiven(SCAO_DEFAULTS['epsilon_sparse'])", "scao_fx.presets") == "0.05"
-    assert resolve("SCAO_DEFAULTS['betas']", "scao_fx.optim.scao") == "(0.9, 0.999)"
+    from scao_fx.presets import SCAO_DEFAULTS
+
+    assert resolve('SCAO_DEFAULTS["rho"]', "scao_fx.alias") == repr(SCAO_DEFAULTS["rho"])
+    assert resolve("_NotGiven(SCAO_DEFAULTS['epsilon_sparse'])", "scao_fx.presets") == repr(SCAO_DEFAULTS["epsilon_sparse"])
+    assert resolve("SCAO_DEFAULTS['betas']", "scao_fx.optim.scao") == repr(SCAO_DEFAULTS["betas"])
+    assert resolve("SCAO_DEFAULTS['k_max']", "scao_fx.optim.scao") == "None"
     assert resolve("'mean_tail'", "scao_fx.alias") == "'mean_tail'"  # a literal stays as written
 
 

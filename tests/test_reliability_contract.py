@@ -62,7 +62,7 @@ def test_fp16_leaf_stays_finite_when_the_preconditioned_gradient_exceeds_fp16():
 def test_empty_leaves_step_like_adamw(shape):
     """Item 6: empty matrices pass through every link (the inf-norm over an empty dim raised)."""
     params = {"w": torch.zeros(shape), "b": torch.ones(3)}
-    tx = sf.scao(lr=1e-2, **EAGER, precond_freq=1)
+    tx = sf.scao(lr=1e-2, betas=(0.9, 0.999), **EAGER, precond_freq=1)  # torch.optim.AdamW's betas
     state = tx.init(params)
     w = torch.nn.Parameter(torch.zeros(shape))
     b = torch.nn.Parameter(torch.ones(3))
@@ -176,7 +176,7 @@ def test_stride_zero_gradients_pass_the_blend_ramp():
 
 # ---------------------------------------------------------------- the torch.optim facade (issue 14)
 
-FACADE = {"form": "seed", "lr": 1e-2, "warmup_steps": 1, "blend_steps": 1, "min_precond_updates": 1, "precond_freq": 2, "k_min": 1, "k_max": 4}
+FACADE = {"form": "seed", "betas": (0.9, 0.999), "lr": 1e-2, "warmup_steps": 1, "blend_steps": 1, "min_precond_updates": 1, "precond_freq": 2, "k_min": 1, "k_max": 4}
 
 
 def _layers(*sizes: int) -> torch.nn.Sequential:

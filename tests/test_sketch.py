@@ -243,9 +243,9 @@ def test_gpt2_small_targets():
 
     params = make_params(gpt2_small_shapes())
     opts = optimizers()
-    fp32 = sf.memory_report(opts["scao sketch r128 bf16"]().init(params), params)["bytes_per_param"]
+    fp32 = sf.memory_report(opts["scao seed, sketch r128 bf16"]().init(params), params)["bytes_per_param"]
     assert fp32 <= 9.0, fp32
-    eight = sf.memory_report(opts["scao sketch r64 int8, moments=int8"]().init(params), params)["bytes_per_param"]
+    eight = sf.memory_report(opts["scao seed, sketch r64 int8, moments=int8"]().init(params), params)["bytes_per_param"]
     assert eight <= 2.5, eight
 
 
@@ -253,7 +253,7 @@ def test_gpt2_small_targets():
 
 
 def _sketch_scao(**kw):
-    return sf.scao(1e-2, curvature="sketch", sketch_rank=6, warmup_steps=2, blend_steps=3, min_precond_updates=0,
+    return sf.scao(1e-2, form="seed", curvature="sketch", sketch_rank=6, warmup_steps=2, blend_steps=3, min_precond_updates=0,
                    precond_freq=3, k_min=1, k_max=6, rho=0.9, **kw)
 
 
@@ -268,7 +268,7 @@ def test_scao_with_the_sketch_trains_and_the_facade_passes_it():
             torch.nn.init.normal_(p, std=0.3)
         if name == "sketch":
             opt = sf.TransformOptimizer(model.parameters(), sf.scao, dict(
-                lr=1e-2, curvature="sketch", sketch_rank=6, warmup_steps=2, blend_steps=3, min_precond_updates=0,
+                lr=1e-2, form="seed", curvature="sketch", sketch_rank=6, warmup_steps=2, blend_steps=3, min_precond_updates=0,
                 precond_freq=3, k_min=1, k_max=6))
         else:
             opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
