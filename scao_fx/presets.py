@@ -158,16 +158,21 @@ def scao_precondition(
 
         blend_ramp(
             kronecker_precondition(
-                curvature=curvature_ema(rho, codec=int8_blockwise(block_size)),   # 1 + 2
+                curvature=curvature_ema(rho, codec=int8_blockwise(block_size),
+                                        basis_dtype=basis_storage),             # 1 + 2
                 rank=spectral_mass_rank(epsilon_sparse, k_min, k_max),          # 3
                 precond_freq=precond_freq, max_precond_dim=max_precond_dim,
                 complement=complement, graft=graft, tau=tau),                   # 4
             warmup_steps=warmup_steps, blend_steps=blend_steps,
             min_precond_updates=min_precond_updates, shape=blend_shape)         # 5
 
-    Follow it with :func:`adamw` (part 6), or use :func:`scao`. Each part is one edit away from
-    its ablation (see the docs' ablation table). The defaults are SCAO's, from
-    ``scao_fx.presets.SCAO_DEFAULTS`` (shared with :func:`scao` and :class:`~scao_fx.SCAO`).
+    with ``rank=full_rank()`` when ``epsilon_sparse=0`` and ``k_max=None``. Follow it with
+    :func:`adamw` (part 6), or use :func:`scao`. Each part is one edit away from its ablation (see
+    the docs' ablation table). The defaults are SCAO's, from ``scao_fx.presets.SCAO_DEFAULTS``
+    (shared with :func:`scao` and :class:`~scao_fx.SCAO`, whose default is the eigenbasis form):
+    this seed form then keeps every direction with bfloat16 bases; its earlier defaults were
+    ``rho=0.999, precond_freq=20, epsilon_sparse=0.05, k_max=128, basis_storage="float32"``
+    (Adam's ``betas=(0.9, 0.999)``).
 
     Args:
         rho: curvature EMA decay, in [0, 1).
