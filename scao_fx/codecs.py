@@ -166,8 +166,8 @@ def _bf16_stochastic(x: torch.Tensor, seed: Any) -> torch.Tensor:
     x = x.to(torch.float32).contiguous()
     rows = x.numel() // x.shape[-1] if x.dim() else 1
     n = x.shape[-1] if x.dim() else 1
-    bits = C.row_hash_bits(rows, n, C.seed_term(_seed_arg(seed), x.device), x.device)
-    noise = bits.bitwise_right_shift_(8).view(x.shape)  # 16 random low bits (the uniform's top 16)
+    u = C.row_uniforms(rows, n, C.seed_term(_seed_arg(seed), x.device), x.device).view(x.shape)
+    noise = (u * 65536.0).to(torch.int32)  # 16 random low bits
     bits = (x.view(torch.int32) + noise) & -65536
     rounded = bits.view(torch.float32)
     return torch.where(torch.isnan(x), x, rounded).to(torch.bfloat16)

@@ -58,13 +58,9 @@ def quantize_blockwise(
         c_i = \mathrm{clamp}(\lfloor q_i \rfloor + r_i, -127, 127)
 
     with ``r_i = [frac(q_i) >= 0.5]`` (nearest, ties upward) or, with ``stochastic=True``,
-    ``r_i = [U_i < R_i]`` where ``U_i`` in [0, 2**24) are 24 bits of a deterministic hash of the
-    element's global flat index in ``x`` and ``seed`` (see ``scao_fx.kernels._common.hash_uniform``)
-    and ``R_i = trunc(q_i * 2**24) mod 2**24`` the fraction in 24-bit fixed point, so
-    ``E[c_i s] = x_i`` (unbiased rounding) exactly wherever ``q_i`` has no bits below 2**-24 (any
-    ``|q_i| >= 0.5``), and to within 2**-24 of a step otherwise. Integer arithmetic:
-    ``c_i = (trunc(q_i * 2**24) + 2**24 - 1 - U_i) >> 24`` (nearest: ``+ 2**23``), see
-    ``docs/kernels.md``. An all-zero block has ``s = 0`` and codes 0; a block
+    ``r_i = [u_i < frac(q_i)]`` where ``u_i`` in [0, 1) is a deterministic hash of the element's
+    global flat index in ``x`` and ``seed`` (see ``scao_fx.kernels._common.hash_uniform``), so
+    ``E[c_i s] = x_i`` (unbiased rounding). An all-zero block has ``s = 0`` and codes 0; a block
     whose absmax is below ``127 / FLT_MAX`` (~3.7e-37, where ``1 / s`` overflows) encodes as
     zeros. All arithmetic is float32 with correctly rounded operations, so the reference and
     the Triton kernel produce bit-identical codes and scales.

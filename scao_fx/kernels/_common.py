@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Optional, Union
+from typing import Union
 
 import torch
 
@@ -22,11 +22,6 @@ HASH_SEED_MUL = 0x85EBCA77
 HASH_MIX1 = 0x2C1B3C6D
 HASH_MIX2 = 0x297A2D39
 QMAX = 127.0
-QMAX_INT = 127
-#: Fixed point of the rounding: ``Q = trunc(q * FIX_ONE)``, code ``= (Q + offset) >> FIX_BITS``.
-FIX_BITS = 24
-FIX_ONE = 1 << FIX_BITS
-FIX_HALF = 1 << (FIX_BITS - 1)
 #: Xor-ed into the seed term for the second-moment stream of the 8-bit Adam epilogue.
 ADAM8_V_STREAM = 0x68E31DA4
 
@@ -160,79 +155,30 @@ def _to_i32(v):
     return v - (1 << 32) if v >= 1 << 31 else v
 
 
-#: Widest column block of the hash's index decomposition (see :func:`row_hash_bits`).
-_HASH_COLS = 4096
-
-
-def _index_split(rows: int, n: int) -> tuple[int, int]:
-    """``(A, K)`` with ``A * K == rows * n``: the flat index ``g`` is ``a * K + b``.
-
-    ``K`` is the largest power of two up to ``_HASH_COLS`` dividing ``rows * n`` when that is
-    at least 64, else ``n``: then the per-row and per-column terms of the hash's first line are
-    small vectors and only one full-size add builds it.
-    """
-    total = rows * n
-    k = _HASH_COLS
-    while k >= 64 and total % k:
-        k //= 2
-    if k < 64 or k > total:
-        return rows, n
-    return total // k, k
-
-
-def row_hash_bits(rows: int, n: int, seedterm, device, row_start: int = 0,
-                  offset: int = 0, scratch: Optional[torch.Tensor] = None,
-                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The hash's 24 bits ``U = h >> 8`` (int32 in [0, 2**24)) for the (rows, n) elements:
-    element (r, j) gets ``hash((row_start + r) * n + j + offset)``, i.e. ``hash_uniform * 2**24``.
-
-    Computed in int32 with wrap-around multiplication (what the CPU and CUDA integer units do)
-    and masked arithmetic shifts standing in for logical ones, in place on one buffer: the
-    first line ``g * 0x9E3779B1 + seed * 0x85EBCA77`` is linear in the flat index ``g``, so
-    with ``g = row_start * n + offset + a * K + b`` it is one broadcast add of an ``(A, 1)`` row term
-    and a ``(1, K)`` column term (:func:`_index_split`), then three xorshifts and two
-    multiplications in place. The tests check that this equals the overflow-free int64
-    formulation of :func:`hash_uniform`, also past 2**31 and 2**32. ``scratch``: an optional
-    contiguous int32 tensor of ``rows * n`` elements, overwritten (saves an allocation);
-    ``out``: one for the result.
-    """
-    if n >= 2**31:
-        r = torch.arange(row_start, row_start + rows, device=device, dtype=torch.int64)
-        c = torch.arange(n, device=device, dtype=torch.int64).view(1, n) + offset
-        return (hash_uniform(r.view(rows, 1) * n + c, seedterm) * 2.0**24).to(torch.int32)
-    a_n, k = _index_split(rows, n)
-    # int32 wrap-around arithmetic throughout: the same bits as modulo 2**32
-    row_term = torch.arange(a_n, device=device, dtype=torch.int32).mul_(_to_i32(k * HASH_IDX_MUL))
-    start = _to_i32((row_start * n + offset) * HASH_IDX_MUL)
-    if isinstance(seedterm, torch.Tensor):
-        row_term.add_(_to_i32(seedterm).to(torch.int32)).add_(start)
-    else:
-        row_term.add_(_to_i32(start + seedterm))
-    col_term = torch.arange(k, device=device, dtype=torch.int32).mul_(_to_i32(HASH_IDX_MUL))
-    if out is None:
-        h = row_term.view(a_n, 1) + col_term.view(1, k)
-    else:
-        h = torch.add(row_term.view(a_n, 1), col_term.view(1, k), out=out.view(a_n, k))
-    # one scratch buffer for the three shifted copies
-    t = torch.empty_like(h) if scratch is None else scratch.view(a_n, k)
-
-    def xorshift(s: int) -> None:  # h ^= h >>> s
-        h.bitwise_xor_(torch.bitwise_right_shift(h, s, out=t).bitwise_and_((1 << (32 - s)) - 1))
-
-    xorshift(15)
-    h.mul_(_to_i32(HASH_MIX1))
-    xorshift(12)
-    h.mul_(_to_i32(HASH_MIX2))
-    xorshift(15)
-    return h.bitwise_right_shift_(8).bitwise_and_(0xFFFFFF).view(rows, n)
-
-
 def row_uniforms(rows: int, n: int, seedterm, device, row_start: int = 0) -> torch.Tensor:
     """Hash uniforms of shape (rows, n): element (r, j) gets ``hash((row_start + r) * n + j)``.
 
-    The same bits as :func:`hash_uniform`: :func:`row_hash_bits` times ``2**-24`` in float32.
+    The same bits as :func:`hash_uniform`, computed in int32 with wrap-around multiplication
+    (what the CPU and CUDA integer units do) and masked arithmetic shifts standing in for
+    logical ones: 3-4x cheaper than the overflow-free int64 formulation; the tests check that
+    the two agree, also past 2**31 and 2**32.
     """
-    return row_hash_bits(rows, n, seedterm, device, row_start).to(torch.float32).mul_(2.0**-24)
+    r = torch.arange(row_start, row_start + rows, device=device, dtype=torch.int64)
+    if n >= 2**31:
+        c = torch.arange(n, device=device, dtype=torch.int64).view(1, n)
+        return hash_uniform(r.view(rows, 1) * n + c, seedterm)
+    base = _to_i32(r * n)
+    h = base.to(torch.int32).view(rows, 1) + torch.arange(n, device=device,
+                                                         dtype=torch.int32).view(1, n)
+    h.mul_(_to_i32(HASH_IDX_MUL))
+    st = _to_i32(seedterm)
+    h.add_(st.to(torch.int32) if isinstance(st, torch.Tensor) else st)
+    h.bitwise_xor_((h >> 15).bitwise_and_(0x1FFFF))
+    h.mul_(_to_i32(HASH_MIX1))
+    h.bitwise_xor_((h >> 12).bitwise_and_(0xFFFFF))
+    h.mul_(_to_i32(HASH_MIX2))
+    h.bitwise_xor_((h >> 15).bitwise_and_(0x1FFFF))
+    return (h >> 8).bitwise_and_(0xFFFFFF).to(torch.float32).mul_(2.0**-24)
 
 
 def as_scalar(x: Scalar, device: torch.device, name: str) -> Union[float, torch.Tensor]:

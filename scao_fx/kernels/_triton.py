@@ -39,16 +39,15 @@ _INT32_LIMIT = 2**31 - 1
 
 
 @triton.jit
-def _hash_bits(idx, seedterm):
-    """Same mixing hash as ``_common.hash_uniform``, in uint32 arithmetic: its 24 bits
-    ``h >> 8`` (``_common.row_hash_bits``), as int32 in [0, 2**24)."""
+def _hash_uniform(idx, seedterm):
+    """Same mixing hash as ``_common.hash_uniform``, in uint32 arithmetic."""
     h = idx.to(tl.uint32) * 0x9E3779B1 + seedterm
     h = h ^ (h >> 15)
     h = h * 0x2C1B3C6D
     h = h ^ (h >> 12)
     h = h * 0x297A2D39
     h = h ^ (h >> 15)
-    return (h >> 8).to(tl.int32)
+    return (h >> 8).to(tl.float32) * 5.9604644775390625e-08
 
 
 @triton.jit
@@ -97,14 +96,17 @@ def _encode(x, emask, offs, seedterm, STOCH: tl.constexpr):
     pos = scale > 0
     inv = tl.math.div_rn(1.0, tl.where(pos, scale, 1.0))
     q = x * inv[:, None]
-    ok = pos[:, None] & (q == q) & (tl.abs(q) < float("inf"))
-    # 24-bit fixed point, as reference._encode: Q = trunc(q * 2**24), arithmetic shifts
-    qi = tl.where(ok, q * 16777216.0, 0.0).to(tl.int32)
+    fl = tl.floor(q)
+    frac = q - fl
     if STOCH:
-        code = (qi + (16777215 - _hash_bits(offs, seedterm))) >> 24
+        u = _hash_uniform(offs, seedterm)
+        up = u < frac
     else:
-        code = (qi + 8388608) >> 24
-    code = tl.minimum(tl.maximum(code, -127), 127)
+        up = frac >= 0.5
+    code = fl + tl.where(up, 1.0, 0.0)
+    code = tl.minimum(tl.maximum(code, -127.0), 127.0)
+    ok = pos[:, None] & (q == q) & (tl.abs(q) < float("inf"))
+    code = tl.where(ok, code, 0.0)
     return code.to(tl.int8), scale
 
 
