@@ -459,7 +459,7 @@ def _compile_setup():
     params = {"w": torch.randn(8, 6), "w2": torch.randn(8, 6), "b": torch.randn(6), "tall": torch.randn(12, 3)}
     # int8 curvature (the default), refresh every 4 steps, ramp from step 2 to 5.
     tx = sf.scao(1e-2, form="seed", warmup_steps=2, blend_steps=3, min_precond_updates=0, precond_freq=4, rho=0.9,
-                 k_min=2, k_max=4, max_precond_dim=10)
+                 epsilon_sparse=0.05, k_min=2, k_max=4, max_precond_dim=10, basis_storage="float32")
     grads = [{k: torch.randn_like(v) for k, v in params.items()} for _ in range(9)]
     state = tx.init(params)
     for g in grads[:2]:
