@@ -420,8 +420,7 @@ def _power_step(factor: torch.Tensor, basis: torch.Tensor) -> tuple:
     is what lets the inner transform's second moment be carried position by position. The
     factor is shifted by a small multiple of its largest Rayleigh quotient (eigenvectors
     unchanged) so that columns in a (numerical) null space are not rebuilt from rounding noise.
-    Returns ``(Rayleigh quotients of the previous columns (B, d): the eigenvalue estimates,
-    new basis (B, d, d), ok (B,))``.
+    Returns ``(Rayleigh quotients of the new columns (B, d), new basis (B, d, d), ok (B,))``.
     """
     q0 = basis.to(factor.dtype)
     fq = torch.matmul(factor, q0)
@@ -434,10 +433,7 @@ def _power_step(factor: torch.Tensor, basis: torch.Tensor) -> tuple:
     sign = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
     q = q * torch.where(sign == 0, torch.ones_like(sign), sign)[:, None, :]
     new = torch.empty_like(q).scatter_(-1, index, q)
-    # The eigenvalue estimates are the Rayleigh quotients of the previous columns, which the new
-    # ones continue: they only feed the side's rank rule and diagnostics (with every direction
-    # kept no rotation reads them), so a second d^3 product for the new columns' is not spent.
-    vals = ray
+    vals = (new * torch.matmul(factor, new)).sum(-2)
     ok = torch.isfinite(new).flatten(1).all(-1) & torch.isfinite(vals).all(-1)
     new = torch.where(ok[:, None, None], new, q0)
     return vals.contiguous(), new.contiguous(), ok.contiguous()
