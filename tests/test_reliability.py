@@ -270,7 +270,7 @@ _EDGE_CHOICES = {
 
 @st.composite
 def adversarial_case(draw):
-    kw = {}
+    kw = {"form": "seed"}  # the seed form: the edges below include its own keywords
     for key, values in _EDGE_CHOICES.items():
         value = draw(st.sampled_from(values))
         kw.update(zip(key.split(","), value) if "," in key else [(key, value)])

@@ -92,7 +92,7 @@ def steps_to_reach(losses, target):
 def fast_scao_kwargs(**kw):
     """A short schedule: warmup 10, ramp 10, refresh every 5 steps."""
     base = dict(form="seed", rho=0.95, warmup_steps=10, blend_steps=10, min_precond_updates=0, precond_freq=5,
-                epsilon_sparse=0.05, k_min=2, k_max=8)
+                epsilon_sparse=0.05, k_min=2, k_max=8, basis_storage="float32")
     base.update(kw)
     return base
 
