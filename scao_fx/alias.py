@@ -333,7 +333,7 @@ def scao(
 
     The default form (``form="eigenbasis"``) is ``apply_if_finite(chain(kronecker_eigenbasis(
     scale_by_adam(b1, b2, eps), curvature=curvature_ema(rho, int8_blockwise(block_size),
-    basis_dtype=bfloat16), rank=full_rank(), precond_freq=5, eigensolver="power",
+    basis_dtype=bfloat16), rank=full_rank(), precond_freq, eigensolver="power",
     skip_first=True), add_decayed_weights(weight_decay, mask), scale_by_learning_rate(lr)))``:
     for every matrix, Adam runs in the eigenbases of its two factors (SOAP's form), with the
     factors' statistics in block-wise int8 and the bases in bfloat16; step 1 only builds the first
@@ -350,8 +350,8 @@ def scao(
     Both forms take ``process_group`` (refreshes spread over its ranks) and FSDP2's DTensor
     updates (see ``docs/distributed.md``). The defaults (``scao_fx.presets.SCAO_DEFAULTS``) were
     chosen on the project's GPT benchmark (``docs/scao.md``, "The default, how it was chosen").
-    A step whose gradients
-    hold a NaN or Inf, or an entry so large its square would overflow the statistics, is skipped
+
+    A step whose gradients hold a NaN or Inf, or an entry so large its square would overflow the statistics, is skipped
     for the whole tree, leaving parameters and state exactly as they were
     (:func:`~scao_fx.apply_if_finite` with ``skip_overflow=True``); ``skip_nonfinite=False``
     drops that guard and returns the bare chain.
