@@ -28,7 +28,7 @@ from .presets import (  # noqa: F401 - re-exported
 )
 from .transforms.adam import add_decayed_weights, scale_by_adam
 from .transforms.combinators import chain, partition
-from .transforms.eigenbasis import kronecker_eigenbasis
+from .transforms.eigenbasis import KroneckerEigenbasisState, kronecker_eigenbasis
 from .transforms.finite import apply_if_finite
 from .transforms.momentum import scale_by_momentum
 from .transforms.orthogonal import check_coefficients, scale_by_newton_schulz
@@ -38,20 +38,32 @@ from .transforms.scale import scale_by_learning_rate
 __all__ = ["adam", "adamw", "muon", "scao_precondition", "scao", "soap", "SCAO_DEFAULTS"]
 
 
-#: Accepted values of SCAO's ``moments`` keyword (the storage of Adam's two moments).
-SCAO_MOMENTS = ("float32", "int8")
+#: Accepted values of SCAO's ``moments`` keyword (the storage of Adam's two moments): float32
+#: (8 bytes per parameter), bfloat16 (4: the moments and Adam's arithmetic in bfloat16) or
+#: block-wise int8 (about 2.1).
+SCAO_MOMENTS = ("float32", "bfloat16", "int8")
 
 
 def _scale_by_adam_stored(b1: float, b2: float, eps: float, moments: str, moment_dtype: torch.dtype | None):
     """``scale_by_adam`` with its moments stored as ``moments`` says: ``"float32"`` (the plain
-    transform) or ``"int8"`` (``quantize_state(scale_by_adam(), int8_adam_codecs())``: block-wise
-    int8, the second moment as its square root; tensors under 4096 entries stay float32)."""
+    transform), ``"bfloat16"`` (``moment_dtype=torch.bfloat16``) or ``"int8"``
+    (``quantize_state(scale_by_adam(), int8_adam_codecs())``: block-wise int8, the second moment
+    as its square root; tensors under 4096 entries stay float32)."""
+    moment_dtype = _stored_moment_dtype(moments, moment_dtype)
+    if moments == "int8":
+        return quantize_state(scale_by_adam(b1, b2, eps), int8_adam_codecs())
+    return scale_by_adam(b1, b2, eps, moment_dtype=moment_dtype)
+
+
+def _stored_moment_dtype(moments: str, moment_dtype: torch.dtype | None) -> torch.dtype | None:
+    """The ``moment_dtype`` of the Adam link for ``moments`` (checked): ``moments`` other than
+    ``"float32"`` fix the storage, so ``moment_dtype`` must then be left at ``None``."""
     check_choice("moments", moments, SCAO_MOMENTS)
     if moments == "float32":
-        return scale_by_adam(b1, b2, eps, moment_dtype=moment_dtype)
-    if moment_dtype not in (None, torch.float32):
-        raise ValueError(f"moments='int8' stores float32 moments in int8; moment_dtype must be None, got {moment_dtype!r}")
-    return quantize_state(scale_by_adam(b1, b2, eps), int8_adam_codecs())
+        return moment_dtype
+    if moment_dtype is not None:
+        raise ValueError(f"moments={moments!r} sets the moments' storage; moment_dtype must be None, got {moment_dtype!r}")
+    return torch.bfloat16 if moments == "bfloat16" else None
 
 
 def _adamw_stored(lr, betas, eps, weight_decay, mask, moment_dtype, moments: str) -> GradientTransformation:
@@ -340,8 +352,8 @@ def scao(
     bases. ``epsilon_sparse > 0`` or an integer ``k_max`` truncate the bases adaptively (Adam in the
     original coordinates on the complement; see :func:`~scao_fx.kronecker_eigenbasis`). The seed
     form's keywords (``warmup_steps``, ``blend_steps``, ``min_precond_updates``, ``tau``,
-    ``complement``, ``graft``, ``blend_shape``) and ``moments="int8"`` must then stay at their
-    defaults (``ValueError`` otherwise).
+    ``complement``, ``graft``, ``blend_shape``) must then stay at their defaults (``ValueError``
+    otherwise).
 
     ``form="seed"`` builds the original SCAO formula instead:
     ``apply_if_finite(chain(scao_precondition(**kw), adamw(lr, betas, eps, weight_decay)))``,
@@ -361,12 +373,15 @@ def scao(
         betas: Adam betas, each in [0, 1).
         eps: Adam epsilon, >= 0.
         weight_decay: decoupled weight decay, >= 0.
-        moments: storage of Adam's two moments: ``"float32"`` (8 bytes per parameter) or
-            ``"int8"`` (8-bit Adam: ``quantize_state(scale_by_adam(...), int8_adam_codecs())``,
-            block-wise int8 with one float32 scale per 64 entries, the second moment stored as
-            its square root; about 2.1 bytes per parameter; tensors under 4096 entries stay
-            float32). With ``"int8"``, ``moment_dtype`` must be ``None``, and
-            ``form="eigenbasis"`` is not supported (its first moment must turn with the bases).
+        moments: storage of Adam's two moments: ``"float32"`` (8 bytes per parameter),
+            ``"bfloat16"`` (4 bytes: ``moment_dtype=torch.bfloat16``, Adam's arithmetic in
+            bfloat16 too) or ``"int8"`` (8-bit Adam: block-wise int8 with one float32 scale per
+            64 entries, the second moment stored as its square root; about 2.1 bytes per
+            parameter; tensors under 4096 entries stay float32). Seed form:
+            ``quantize_state(scale_by_adam(...), int8_adam_codecs())``; eigenbasis form: the
+            whole ``kronecker_eigenbasis`` link inside ``quantize_state``, so that a refresh turns
+            the decoded first moment. With ``"bfloat16"`` or ``"int8"``, ``moment_dtype`` must be
+            ``None``.
         mask: weight-decay mask (tree of bools or callable).
         moment_dtype: dtype of Adam's moments (default: at least float32).
         skip_nonfinite: wrap the chain in :func:`~scao_fx.apply_if_finite` (default True).
@@ -397,15 +412,15 @@ def scao(
         raise ValueError(f"skip_first applies to form='eigenbasis' only; with form='seed' leave it at its default "
                          f"{SCAO_DEFAULTS['skip_first']!r}")
     if form == "eigenbasis":
-        if moments != "float32":
-            raise ValueError(
-                f"moments={moments!r} is not supported with form='eigenbasis' (Adam's first moment turns with "
-                "the bases at every refresh, which encoded moments do not): use moments='float32'"
-            )
-        tx = _adam_in_eigenbasis(
-            lambda inner, b2: scao_eigenbasis_precondition(inner, precondition_kwargs),
-            lr, betas, eps, weight_decay, mask, moment_dtype,
-        )
+        def eigenbasis(inner: GradientTransformation, b2: float) -> GradientTransformation:
+            link = scao_eigenbasis_precondition(inner, precondition_kwargs)
+            if moments != "int8":
+                return link
+            # the whole link runs on decoded moments, so a refresh turns the float32 first moment
+            return quantize_state(link, KroneckerEigenbasisState(None, None, None, int8_adam_codecs()))
+
+        tx = _adam_in_eigenbasis(eigenbasis, lr, betas, eps, weight_decay, mask,
+                                 _stored_moment_dtype(moments, moment_dtype))
     else:
         tx = chain(
             scao_precondition(**precondition_kwargs),

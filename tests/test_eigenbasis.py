@@ -526,3 +526,27 @@ def test_bfloat16_basis_storage_halves_the_bases_and_trains():
         sf.scao(curvature="sketch", basis_storage="float32")
     with pytest.raises(ValueError, match="basis_dtype"):
         sf.curvature_ema(0.9, basis_dtype=torch.float16)
+
+
+def test_quantized_moments_are_turned_decoded_at_a_refresh():
+    """sf.scao(moments="int8") wraps the whole link in quantize_state, so a refresh turns the
+    decoded first moment: with a lossless codec the run equals the plain link bit for bit,
+    refreshes included, while the state between steps holds the encoded moments."""
+    params, grads = problem(steps=8, shapes={"w": (72, 64), "b": (64,)})
+    params = {k: v.float() for k, v in params.items()}
+    grads = [{k: v.float() for k, v in g.items()} for g in grads]
+
+    def link():
+        return sf.kronecker_eigenbasis(sf.scale_by_adam(0.9, 0.95), curvature=sf.curvature_ema(0.95, sf.fp32_codec()),
+                                       rank=sf.full_rank(), precond_freq=3)
+
+    codecs = sf.KroneckerEigenbasisState(None, None, None, sf.ScaleByAdamState(sf.fp32_codec(), sf.fp32_codec(), None))
+    plain, wrapped = link(), sf.quantize_state(link(), codecs)
+    sp, sw = plain.init(params), wrapped.init(params)
+    for g in grads:
+        up, sp = plain.update(clone(g), sp)
+        uw, sw = wrapped.update(clone(g), sw)
+        assert_tree_close(uw, up, rtol=0, atol=0)
+    mu = sw.inner_state.inner_state.mu
+    assert isinstance(mu[1][0], sf.EncodedTensor) and isinstance(mu[0]["b"], torch.Tensor)  # the core; b is small
+    torch.testing.assert_close(sf.fp32_codec().decode(mu[1][0]).view(72, 64), adam_state(sp).mu[1][0], rtol=0, atol=0)

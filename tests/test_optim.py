@@ -1339,14 +1339,15 @@ def _wide_data():
 def test_scao_moments_keyword_is_validated_with_its_values():
     ps = [torch.nn.Parameter(torch.zeros(3, 2))]
     for bad in ("int4", "fp32", None):
-        with pytest.raises(ValueError, match=r"moments must be one of \('float32', 'int8'\)"):
+        with pytest.raises(ValueError, match=r"moments must be one of \('float32', 'bfloat16', 'int8'\)"):
             SCAO(ps, form="seed", moments=bad)
-        with pytest.raises(ValueError, match="moments must be one of"):
-            sf.scao(form="seed", moments=bad)
-    with pytest.raises(ValueError, match="form='eigenbasis'"):
-        sf.scao(moments="int8", form="eigenbasis")
-    with pytest.raises(ValueError, match="moment_dtype"):
-        sf.scao(form="seed", moments="int8", moment_dtype=torch.bfloat16)
+        for form in ("seed", "eigenbasis"):
+            with pytest.raises(ValueError, match="moments must be one of"):
+                sf.scao(form=form, moments=bad)
+    for form in ("seed", "eigenbasis"):
+        for moments in ("int8", "bfloat16"):
+            with pytest.raises(ValueError, match="moment_dtype must be None"):
+                sf.scao(form=form, moments=moments, moment_dtype=torch.float32)
     assert SCAO(ps).defaults["moments"] == "float32"
 
 
@@ -1403,6 +1404,49 @@ def test_scao_int8_moments_cost_a_quarter_of_the_adam_state():
     # 16384 entries: 8 bytes -> 2 bytes + 2 x 4 bytes of scale per 64 entries (the bias stays
     # fp32), and quantize_state's int64 step seed
     assert fp32 - int8 == 16384 * 8 - (2 * 16384 + 2 * 4 * 16384 // 64) - 8
+
+
+
+@pytest.mark.parametrize("moments", ["bfloat16", "int8"])
+def test_scao_eigenbasis_stored_moments_train_and_resume_bit_identical(moments):
+    """The default (eigenbasis) form with bfloat16 or 8-bit Adam moments: the moments of the
+    rotated cores are stored as asked, training is as good as with float32 moments, and a run
+    cut before, at and after refreshes resumes bit for bit."""
+    x, y = _wide_data()
+    kw = dict(lr=3e-3, precond_freq=3)
+    losses = {}
+    for m in ("float32", moments):
+        model = _wide_model()
+        opt = SCAO(model.named_parameters(), moments=m, **kw)
+        first = train_step(model, opt, x, y)
+        for _ in range(30):
+            last = train_step(model, opt, x, y)
+        losses[m] = float(last)
+        assert float(last) < 0.7 * float(first)
+    assert losses[moments] < 1.2 * losses["float32"]
+    leaves = optree.tree_leaves(opt.functional_state(0))
+    big = sorted(tuple(t.shape) for t in leaves if t.shape in ((96, 64), (48, 96)))
+    assert big == [(48, 96), (48, 96), (96, 64), (96, 64)]  # the two moments of the two matrices' cores
+    want = torch.bfloat16 if moments == "bfloat16" else torch.int8
+    assert all(t.dtype == want for t in leaves if t.shape in ((96, 64), (48, 96)))
+    assert sorted(opt.diagnostics()) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+
+    total = 10
+    ref = _wide_model()
+    ref_opt = SCAO(ref.named_parameters(), moments=moments, **kw)
+    _scao_run(ref, ref_opt, total, x, y)
+    for cut in (3, 4, 6):  # refreshes after steps 1, 3, 6, 9
+        a = _wide_model()
+        a_opt = SCAO(a.named_parameters(), moments=moments, **kw)
+        _scao_run(a, a_opt, cut, x, y)
+        ckpt = save_load({"model": a.state_dict(), "opt": a_opt.state_dict()})
+        b = _wide_model(seed=99)
+        b.load_state_dict(ckpt["model"])
+        b_opt = SCAO(b.named_parameters(), moments=moments, **kw)
+        b_opt.load_state_dict(ckpt["opt"])
+        _scao_run(b, b_opt, total - cut, x, y)
+        for p, q in zip(ref.parameters(), b.parameters()):
+            assert torch.equal(p, q)
 
 
 # --------------------------------------------------------------------------- foreach= / fused=

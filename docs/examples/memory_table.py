@@ -132,6 +132,9 @@ def optimizers() -> dict:
         "8-bit AdamW (64-entry blocks)": lambda: sf.chain(_adam8(), *tail()),
         "scao default (eigenbasis, int8 factors, bf16 bases)": lambda: sf.scao(),
         "scao default, max_precond_dim=1024": lambda: sf.scao(max_precond_dim=1024),
+        "scao default, moments=bfloat16": lambda: sf.scao(moments="bfloat16"),
+        "scao default, moments=int8": lambda: sf.scao(moments="int8"),
+        "scao default, max_precond_dim=1024, moments=int8": lambda: sf.scao(max_precond_dim=1024, moments="int8"),
         "scao seed (int8 full factors)": lambda: sf.scao(**SEED),
         "scao seed, moments=int8": lambda: sf.scao(**SEED, moments="int8"),
         "scao seed, max_precond_dim=1024": lambda: sf.scao(**SEED, max_precond_dim=1024),
@@ -187,8 +190,18 @@ def scao_sketch_side(d: int, rank: int, storage: str, k_max: int = 128, block: i
     return frame + 4 * p * p + 8 + basis + 4 * cap + 4 + 8 + 8
 
 
+def _moments(numel, moments):
+    """Adam's two moments stored as SCAO's ``moments`` keyword says."""
+    return {"float32": adam_bytes(numel), "bfloat16": 4 * numel, "int8": adam8_bytes(numel)}[moments]
+
+
+def _eigen(numel, shape, *, moments="float32", max_dim=MAX_PRECOND_DIM):
+    """The default (eigenbasis) form: the moments of the rotated core, which has the leaf's size."""
+    return _moments(numel, moments) + sum(scao_eigen_side(d) for d in _sides(shape, max_dim))
+
+
 def _scao(numel, shape, *, moments="float32", max_dim=MAX_PRECOND_DIM, sketch=None):
-    adam = adam8_bytes(numel) if moments == "int8" else adam_bytes(numel)
+    adam = _moments(numel, moments)
     if sketch is None:
         return adam + sum(scao_full_side(d) for d in _sides(shape, max_dim))
     return adam + sum(scao_sketch_side(d, sketch["sketch_rank"], sketch["sketch_storage"]) for d in _sides(shape, max_dim))
@@ -206,10 +219,12 @@ FORMULAS = {
     + sum(8 * d * d for d in _sides(shape, SOAP_MAX_PRECOND_DIMS[1])),
     "Muon (fp32 momentum; AdamW on the rest)": lambda shape, hidden: 4 * math.prod(shape)
     if hidden and len(shape) == 2 else adam_bytes(math.prod(shape)),
-    "scao default (eigenbasis, int8 factors, bf16 bases)": lambda shape, hidden: adam_bytes(math.prod(shape))
-    + sum(scao_eigen_side(d) for d in _sides(shape, MAX_PRECOND_DIM)),
-    "scao default, max_precond_dim=1024": lambda shape, hidden: adam_bytes(math.prod(shape))
-    + sum(scao_eigen_side(d) for d in _sides(shape, 1024)),
+    "scao default (eigenbasis, int8 factors, bf16 bases)": lambda shape, hidden: _eigen(math.prod(shape), shape),
+    "scao default, max_precond_dim=1024": lambda shape, hidden: _eigen(math.prod(shape), shape, max_dim=1024),
+    "scao default, moments=bfloat16": lambda shape, hidden: _eigen(math.prod(shape), shape, moments="bfloat16"),
+    "scao default, moments=int8": lambda shape, hidden: _eigen(math.prod(shape), shape, moments="int8"),
+    "scao default, max_precond_dim=1024, moments=int8": lambda shape, hidden: _eigen(math.prod(shape), shape,
+                                                                                    moments="int8", max_dim=1024),
     "scao seed (int8 full factors)": lambda shape, hidden: _scao(math.prod(shape), shape),
     "scao seed, moments=int8": lambda shape, hidden: _scao(math.prod(shape), shape, moments="int8"),
     "scao seed, max_precond_dim=1024": lambda shape, hidden: _scao(math.prod(shape), shape, max_dim=1024),

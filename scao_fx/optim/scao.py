@@ -335,9 +335,10 @@ class SCAO(TransformOptimizer):
         **compat: the other keywords of the original ``scao`` package's ``SCAO`` (see
             :data:`COMPAT_KEYWORDS`, :data:`INERT_KEYWORDS`), each accepted at its neutral value
             and rejected with a ``ValueError`` explaining why otherwise; ``moments``: the storage
-            of Adam's moments, ``"float32"`` (default) or ``"int8"`` (8-bit Adam, about 2.1
-            instead of 8 bytes per parameter; see :func:`~scao_fx.scao`), per param group too
-            (a group with ``preconditioner_enabled=False`` then runs 8-bit AdamW); and the extra
+            of Adam's moments, ``"float32"`` (default), ``"bfloat16"`` (4 bytes per parameter)
+            or ``"int8"`` (8-bit Adam, about 2.1 instead of 8 bytes per parameter; see
+            :func:`~scao_fx.scao`), per param group too (a group with
+            ``preconditioner_enabled=False`` then runs bf16 or 8-bit AdamW); and the extra
             ``scao_precondition`` keywords ``block_size``, ``complement``, ``graft``,
             ``blend_shape``, ``tikhonov``, ``grouped``, ``sides``; and the non-finite guard's
             ``skip_nonfinite`` (default True: a step with a NaN/Inf gradient is skipped, leaving

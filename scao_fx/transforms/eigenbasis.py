@@ -286,8 +286,9 @@ def kronecker_eigenbasis(
                 return node  # not the tree this link hands its inner transform
             cores = list(mu[1])
             for positions, old, new in changes:
-                stack = torch.stack([cores[p] for p in positions])
-                stack = change_basis(stack, *old, *new).to(stack.dtype)
+                stack = torch.stack([cores[p] for p in positions])  # bf16 moments turn in float32
+                work = stack.to(torch.promote_types(stack.dtype, torch.float32))
+                stack = change_basis(work, *old, *new).to(stack.dtype)
                 for j, p in enumerate(positions):
                     cores[p] = stack[j]
             return node._replace(mu=(mu[0], tuple(cores), mu[2]))
