@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import torch
+
+# docs/examples' scripts are importable by the tests that check them (memory_table, least_squares)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "docs" / "examples"))
 
 if not torch.cuda.is_available():
     # On CPU-only machines the Triton kernels run in Triton's interpreter. The switch must be set

@@ -158,11 +158,7 @@ def test_gpt2_small_bytes_per_param(config):
 
 
 def test_memory_table_formulas_match_memory_report():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "docs" / "examples"))
-    import memory_table
+    import memory_table  # docs/examples (on the path: tests/conftest.py)
 
     memory_table.check_formulas()
     rows = {(r["model"], r["regime"], r["method"]): r for r in memory_table.rows()}

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import io
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +12,6 @@ from scaoref import F64, cosine, left_factor, precond_matrix, rel_err, right_fac
 from treeutil import clone, tensor_leaves
 
 import scao_fx as sf
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "docs" / "examples"))
 
 
 def _decaying(m, n, steps, *, decay=-3.0, seed=0, scale=1.0):
