@@ -33,7 +33,10 @@ the second moment ``nu`` is carried over as it is, position by position, as SOAP
 with ``eigh`` eigenvalues are sorted at every refresh, so position ``i`` is the ``i``-th
 largest direction of the old and of the new basis). ``"keep"`` carries every inner state tensor unchanged
 (an ablation). Other inner states (e.g. :func:`~scao_fx.quantize_state`'s encoded moments) are
-always carried unchanged.
+always carried unchanged: to store the moments encoded, wrap this whole link in
+``quantize_state`` instead (its codecs a prefix of :class:`KroneckerEigenbasisState`, as
+``sf.scao(moments="int8")`` does), so that the link sees them decoded. A first moment in
+bfloat16 is turned in float32 and stored back in bfloat16.
 
 **Schedule**: the statistics are updated at every step; a step's gradient is rotated with the
 bases of the last refresh, and the bases are refreshed *after* the rotation at step 1 and then
