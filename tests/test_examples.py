@@ -32,3 +32,19 @@ def test_compare_step_time_runs_two_checkouts_interleaved():
     assert re.search(r"old: [0-9.]+ ms/step", result.stdout) and re.search(r"new: [0-9.]+ ms/step", result.stdout)
     ratio = float(re.search(r"new / old: ([0-9.]+)", result.stdout).group(1))
     assert 0.2 < ratio < 5.0, result.stdout  # the same code: only noise separates the two
+
+
+def test_least_squares_example_prints_every_optimizer_and_the_preconditioners_win(capsys):
+    import least_squares  # docs/examples (on the path: tests/conftest.py)
+
+    least_squares.main(["--seeds", "1", "--steps", "100", "--lrs", "0.03"])
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines() if line.startswith("| ")}
+    assert set(least_squares.OPTIMIZERS) <= set(rows)
+    # 200 steps at lr 0.03 (measured: AdamW 0.0254; sf.soap 7.1e-4, at AdamW's final by step 154;
+    # SCAO's default 2.5e-3, by step 124)
+    res = least_squares.measure(1, 200, (0.03,), names=("adamw", "sf.soap", "scao (default)"))
+    adamw = res["adamw"][0]["final"]
+    for name in ("sf.soap", "scao (default)"):
+        assert res[name][0]["final"] < 0.2 * adamw, (name, res[name])
+        assert res[name][0]["steps"] is not None and res[name][0]["steps"] < 0.85 * 200, (name, res[name])
