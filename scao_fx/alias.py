@@ -345,7 +345,7 @@ def scao(
 
     The default form (``form="eigenbasis"``) is ``apply_if_finite(chain(kronecker_eigenbasis(
     scale_by_adam(b1, b2, eps), curvature=curvature_ema(rho, int8_blockwise(block_size),
-    basis_dtype=bfloat16), rank=full_rank(), precond_freq, eigensolver="power",
+    basis_dtype=bfloat16), rank=full_rank(), precond_freq, eigensolver="eigh",
     skip_first=True), add_decayed_weights(weight_decay, mask), scale_by_learning_rate(lr)))``:
     for every matrix, Adam runs in the eigenbases of its two factors (SOAP's form), with the
     factors' statistics in block-wise int8 and the bases in bfloat16; step 1 only builds the first

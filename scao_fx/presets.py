@@ -196,7 +196,7 @@ def scao_precondition(
         sides: ``"both"``, or ``"wide"`` (only the longer side of non-square matrices: LoRA).
         eigensolver: ``"auto"``, ``"eigh"`` or ``"subspace"`` (see :func:`kronecker_precondition`);
             the eigenbasis form with every direction kept also takes ``"power"`` (see
-            :func:`~scao_fx.kronecker_eigenbasis`), and there ``"auto"`` means ``"power"``.
+            :func:`~scao_fx.kronecker_eigenbasis`); there ``"auto"`` is an exact ``eigh``.
         gram_precision: ``"float32"`` or ``"bfloat16"`` inputs of the curvature's Gram products
             (see :func:`kronecker_precondition`).
         process_group: spread basis refreshes over this ``torch.distributed`` group (see
@@ -292,9 +292,8 @@ def scao_eigenbasis_precondition(inner: GradientTransformation, kw: dict[str, An
     statistic = _statistic(hp["curvature"], hp["rho"], hp["use_int8_ema"], hp["block_size"], hp["sketch_rank"],
                            hp["sketch_storage"], hp["basis_storage"])
     rank = _rank_rule(hp["epsilon_sparse"], hp["k_min"], hp["k_max"])
-    eigensolver = hp["eigensolver"]
-    if eigensolver == "auto" and not rank.adaptive and rank.k_max is None and hp["curvature"] == "ema":
-        eigensolver = "power"  # every direction kept: the position-keeping refresh (as sf.soap)
+    eigensolver = hp["eigensolver"]  # "auto": an exact eigh for full-width bases (measured better than
+    # the power refresh on the GPT benchmark: docs/scao.md, "The default, how it was chosen")
     return kronecker_eigenbasis(
         inner,
         curvature=statistic,

@@ -155,7 +155,7 @@ OPTIMIZERS: list[OptimizerEntry] = [
         links=lambda lr: [
             sf.kronecker_eigenbasis(
                 sf.scale_by_adam(*SCAO_DEFAULTS["betas"]), curvature=sf.curvature_ema(0.9, basis_dtype=torch.bfloat16),
-                rank=sf.full_rank(), precond_freq=2, eigensolver="power", skip_first=True,
+                rank=sf.full_rank(), precond_freq=2, eigensolver="eigh", skip_first=True,
             ),
             sf.add_decayed_weights(1e-4),
             sf.scale_by_learning_rate(lr),

@@ -19,6 +19,7 @@ import datetime
 import os
 import time
 
+import optree
 import pytest
 import torch
 import torch.distributed as dist
@@ -221,6 +222,22 @@ def refresh_transform(form: str, eigensolver: str, process_group=None) -> sf.Gra
     return sf.kronecker_precondition(**kw) if form == "seed" else sf.kronecker_eigenbasis(**kw)
 
 
+def split_coefs(state):
+    """``(state with every KroneckerSide's coef zeroed, [the coefs])``."""
+    from scao_fx.precond.kron import KroneckerSide
+
+    coefs = []
+
+    def strip(node):
+        if isinstance(node, KroneckerSide):
+            coefs.append(node.coef)
+            return node._replace(coef=torch.zeros_like(node.coef))
+        return node
+
+    out = optree.tree_map(strip, state, is_leaf=lambda x: isinstance(x, KroneckerSide), none_is_leaf=True)
+    return out, coefs
+
+
 def count_decompositions(setattr) -> list[int]:
     """Record the rows of every decomposition (``eigh``, and the eigenbasis form's power step):
     ``setattr(module, name, wrapper)`` installs the counters; returns the list they append to."""
@@ -266,7 +283,19 @@ def test_distributed_refresh_equals_local_refresh(tmp_path, form, eigensolver, m
     assert int(ref_state.refreshes) == expected and sum(decomposed) > 0
     for r, out in enumerate(ranks):
         assert_trees_equal(out["updates"], ref_updates, f"rank {r}: updates")
-        assert_trees_equal(out["state"], ref_state, f"rank {r}: state")
+        if eigensolver != "power":
+            assert_trees_equal(out["state"], ref_state, f"rank {r}: state")
+            continue
+        # The power step's eigenvalue estimates (the sides' ``coef``; no update reads them in this
+        # form) come out of a batched Rayleigh product whose last bit can depend on how many
+        # factors the call holds (one per owner here, all of them locally): measured 6e-8 apart
+        # on an AMD EPYC (AVX2) box. Everything else is bit for bit, and the ranks agree exactly.
+        without, coefs = split_coefs(out["state"])
+        ref_without, ref_coefs = split_coefs(ref_state)
+        assert_trees_equal(without, ref_without, f"rank {r}: state")
+        for c, ref_c in zip(coefs, ref_coefs):
+            torch.testing.assert_close(c, ref_c, rtol=1e-6, atol=0)
+        assert_trees_equal(out["state"], ranks[0]["state"], f"rank {r} vs rank 0: state")
     # The work is split: every rank decomposed some factors, none all of them, none twice.
     rows = [out["rows"] for out in ranks]
     assert sum(rows) == sum(decomposed) and all(0 < n < sum(decomposed) for n in rows), rows

@@ -526,9 +526,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
         removed="step-1 skip", kwargs=dict(skip_first=False),
         note="plain Adam at step 1, its second moment carried into the eigenbasis",
     ),
-    "scao-eigh-refresh": dict(
-        removed="power refresh", kwargs=dict(eigensolver="eigh"),
-        note="an exact eigh at every refresh (directions re-sorted by eigenvalue)",
+    "scao-power-refresh": dict(
+        removed="exact eigh refresh", kwargs=dict(eigensolver="power"),
+        note="one warm-started power iteration per refresh, each direction kept at its position (sf.soap's)",
     ),
     "scao-adaptive-rank": dict(
         removed="full rank", kwargs=dict(epsilon_sparse=0.05, k_max=128),
