@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import sys
 from pathlib import Path
 
@@ -82,9 +83,22 @@ def _functional(int8: bool) -> dict:
     return {"params": _digest(params.values()), "state": _digest(leaves)}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere): two CPUs of
+    the same instruction set (e.g. an Intel Xeon and an AMD EPYC, both AVX512) round differently."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def environment() -> dict:
     return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "threads": torch.get_num_threads()}
+            "cpu": cpu_model(), "threads": torch.get_num_threads()}
 
 
 def record() -> dict:

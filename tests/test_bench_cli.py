@@ -133,6 +133,26 @@ def test_bench_bad_input_subprocess_has_no_traceback(tmp_path):
         assert proc.stdout == ""
 
 
+def test_interrupt_during_a_save_lands_after_it():
+    """A Ctrl-C that arrives while a run's files are being written is held until they are all
+    written (the race the SIGINT test below once lost on a fast machine), then raised."""
+    import os
+
+    from scao_fx.bench.cli import _interrupt_deferred
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with _interrupt_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            done.append("written")
+    assert done == ["written"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+    with _interrupt_deferred():  # no interrupt: nothing raised
+        done.append("again")
+    assert done == ["written", "again"]
+
+
 @pytest.mark.slow
 def test_bench_sigint_keeps_finished_runs(tmp_path):
     """Ctrl-C midway: the finished runs' files stay, one line, exit status 130, no traceback."""

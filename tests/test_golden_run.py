@@ -11,7 +11,7 @@ def test_recorded_run_is_bit_identical():
     golden = json.loads(golden_run.GOLDEN.read_text())
     env = golden["environment"]
     here = golden_run.environment()
-    if (here["torch"], here["cpu_capability"]) != (env["torch"], env["cpu_capability"]):
+    if (here["torch"], here["cpu_capability"], here["cpu"]) != (env["torch"], env["cpu_capability"], env.get("cpu")):
         pytest.skip(f"recorded on {env}, this machine is {here}: float bits are not comparable")
     assert golden_run.record() == golden["runs"]
     assert torch.get_num_threads() == here["threads"]  # record() restores the thread count

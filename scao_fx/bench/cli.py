@@ -10,8 +10,11 @@ runs and exits with status 130 after one line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -336,6 +339,24 @@ def run_from_args(args: argparse.Namespace) -> int:
     return status
 
 
+@contextlib.contextmanager
+def _interrupt_deferred():
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block until the block has finished, then
+    raise it: a finished run's files are written whole and counted before the interrupt lands.
+    Outside the main thread (where no handler can be set) the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            raise KeyboardInterrupt
+
+
 def _run_one(cfg, out: str, args: argparse.Namespace, t0: float, written: dict) -> int:
     """One benchmark (one workload and mode) written to ``out``; returns its exit status."""
     from .report import headline, summary_table, sweep_table, write_results
@@ -344,16 +365,17 @@ def _run_one(cfg, out: str, args: argparse.Namespace, t0: float, written: dict) 
     mine = {"runs": 0}
 
     def save(results: dict) -> None:
-        paths = write_results(results, out)
-        n = len(results["runs"]) + len(results["sweep"])
-        written["runs"] += n - mine["runs"]
-        mine["runs"] = n
-        written.setdefault("outs", [])
-        if out not in written["outs"]:
-            written["outs"].append(out)
-        mine["paths"] = paths
-        if not args.no_plots and (results["runs"] or results["sweep"]):
-            paths.update(_plots(results, out))
+        with _interrupt_deferred():  # a Ctrl-C now lands after the files are written and counted
+            paths = write_results(results, out)
+            n = len(results["runs"]) + len(results["sweep"])
+            written["runs"] += n - mine["runs"]
+            mine["runs"] = n
+            written.setdefault("outs", [])
+            if out not in written["outs"]:
+                written["outs"].append(out)
+            mine["paths"] = paths
+            if not args.no_plots and (results["runs"] or results["sweep"]):
+                paths.update(_plots(results, out))
 
     results = run_benchmark(cfg, log=lambda msg: print(msg, flush=True), on_update=save)
     save(results)
