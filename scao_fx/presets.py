@@ -292,8 +292,6 @@ def scao_eigenbasis_precondition(inner: GradientTransformation, kw: dict[str, An
     statistic = _statistic(hp["curvature"], hp["rho"], hp["use_int8_ema"], hp["block_size"], hp["sketch_rank"],
                            hp["sketch_storage"], hp["basis_storage"])
     rank = _rank_rule(hp["epsilon_sparse"], hp["k_min"], hp["k_max"])
-    eigensolver = hp["eigensolver"]  # "auto": an exact eigh for full-width bases (measured better than
-    # the power refresh on the GPT benchmark: docs/scao.md, "The default, how it was chosen")
     return kronecker_eigenbasis(
         inner,
         curvature=statistic,
@@ -303,7 +301,9 @@ def scao_eigenbasis_precondition(inner: GradientTransformation, kw: dict[str, An
         tikhonov=hp["tikhonov"],
         grouped=hp["grouped"],
         sides=hp["sides"],
-        eigensolver=eigensolver,
+        # "auto": an exact eigh for full-width bases, measured better than the power refresh on
+        # the GPT benchmark (docs/scao.md, "The default, how it was chosen")
+        eigensolver=hp["eigensolver"],
         gram_precision=hp["gram_precision"],
         skip_first=kw.get("skip_first", SCAO_DEFAULTS["skip_first"]),
         process_group=process_group,
