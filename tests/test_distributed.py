@@ -70,32 +70,34 @@ def _entry(rank: int, fn, tmp: str, args: tuple) -> None:
         dist.destroy_process_group()
 
 
+def _run_workers(fn, tmp, args: tuple) -> list:
+    """Run ``fn(rank, tmp, *args)`` on 2 gloo ranks in the folder ``tmp``; what each returned."""
+    tmp.mkdir()
+    ctx = mp.start_processes(_entry, args=(fn, str(tmp), args), nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
 def launch(fn, tmp_path, *args) -> list:
     """Run ``fn(rank, tmp, *args)`` on 2 gloo ranks; return what each rank returned.
 
-    A worker killed by a signal is retried once, in a fresh folder: on the project's AMD EPYC
-    box gloo aborts a worker now and then ("terminate called without an active exception",
-    SIGABRT, about one launch in four of the FSDP2 test) before any result is written. An error
-    raised by the code under test (an exception, a failed assertion) is never retried, and a
-    second abort fails the test."""
-    for attempt in range(2):
-        tmp = tmp_path / f"launch{attempt}"
-        tmp.mkdir()
-        ctx = mp.start_processes(_entry, args=(fn, str(tmp), args), nprocs=WORLD, join=False, start_method="spawn")
-        deadline = time.monotonic() + TIMEOUT_S
-        try:
-            while not ctx.join(timeout=1.0):
-                if time.monotonic() > deadline:
-                    for p in ctx.processes:
-                        if p.is_alive():
-                            p.kill()
-                    pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
-        except mp.ProcessExitedException as exc:
-            if exc.signal_name is None or attempt == 1:
-                raise
-            continue
-        return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    raise AssertionError("unreachable")
+    A worker killed by a signal is relaunched once, in a fresh folder: on the project's AMD EPYC
+    box gloo now and then aborts a worker from its C++ side ("terminate called without an active
+    exception", SIGABRT; about one launch in four of the FSDP2 test). An error raised by the
+    code under test (an exception, a failed assertion) is never retried, and a second abort
+    fails the test."""
+    try:
+        return _run_workers(fn, tmp_path / "launch0", args)
+    except mp.ProcessExitedException as exc:
+        if exc.signal_name is None:
+            raise
+        return _run_workers(fn, tmp_path / "launch1", args)
 
 
 def mlp() -> torch.nn.Module:

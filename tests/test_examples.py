@@ -42,7 +42,7 @@ def test_least_squares_example_prints_every_optimizer_and_the_preconditioners_wi
     rows = {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines() if line.startswith("| ")}
     assert set(least_squares.OPTIMIZERS) <= set(rows)
     # 200 steps at lr 0.03 (measured: AdamW 0.0254; sf.soap 7.1e-4, at AdamW's final by step 154;
-    # SCAO's default 2.5e-3, by step 124)
+    # SCAO's default 2.1e-3, by step 124)
     res = least_squares.measure(1, 200, (0.03,), names=("adamw", "sf.soap", "scao (default)"))
     adamw = res["adamw"][0]["final"]
     for name in ("sf.soap", "scao (default)"):
