@@ -49,7 +49,7 @@ import torch
 from ._tree import find_nodes
 from ._validation import check_choice, check_float, check_int
 from .codecs import Codec, EncodedTensor, int8_blockwise
-from .precond.curvature import curvature_ema
+from .precond.curvature import curvature_ema, statistics_schedule
 from .precond.sketch import SketchStatistic, curvature_sketch
 from .presets import SCAO_DEFAULTS
 from .transforms.adam import ScaleByAdamState
@@ -213,6 +213,7 @@ def scao_diagnostics(
     min_precond_updates: int = SCAO_DEFAULTS["min_precond_updates"],
     blend_shape: str = SCAO_DEFAULTS["blend_shape"],
     rho: float = SCAO_DEFAULTS["rho"],
+    stat_freq: int = SCAO_DEFAULTS["stat_freq"],
     codec: Codec | None = None,
     names: Sequence[str] | None = None,
     shapes: Sequence[Sequence[int]] | None = None,
@@ -225,7 +226,7 @@ def scao_diagnostics(
     step; the ramp's settings below are only used for states that do not record it. Eigenbasis
     form: the ramp's settings are not used (it has no ramp: ``phase`` is ``"adam"`` after step 1
     and ``"precond"`` from step 2 on, ``blend`` 0.0 then 1.0; see the module docs). In both,
-    ``rho`` and ``codec`` must be the ones the state was built with (they are not stored in the
+    ``rho``, ``stat_freq`` and ``codec`` must be the ones the state was built with (they are not stored in the
     state); the :class:`scao_fx.SCAO` optimizer passes them for you (``opt.diagnostics()``).
 
     Args:
@@ -234,6 +235,7 @@ def scao_diagnostics(
             settings.
         rho: the curvature EMA decay (for the debiased factor norms; a sketch's norm is that of
             its low-rank part).
+        stat_freq: the steps between accumulations of the statistics (for their debiasing).
         codec: the curvature storage codec (default: int8 with ``scao_precondition``'s default
             ``block_size``; pass ``fp32_codec()`` for ``use_int8_ema=False``).
         names: one name per leaf of the parameter tree (default: ``"0"``, ``"1"``, ...).
@@ -270,6 +272,7 @@ def scao_diagnostics(
     min_precond_updates = check_int("min_precond_updates", min_precond_updates, low=0)
     check_choice("blend_shape", blend_shape, ("linear", "cosine"))
     rho = check_float("rho", rho, low=0.0, high=1.0, high_inclusive=False)
+    stat_freq = check_int("stat_freq", stat_freq, low=1)
     ramp, inner = _preconditioner(state)
     if ramp is not None:
         blend, phase = _ramp_schedule(ramp, warmup_steps, blend_steps, min_precond_updates, blend_shape)
@@ -303,7 +306,8 @@ def scao_diagnostics(
         if shapes is not None and shapes[i] is not None and len(shapes[i]) >= 2:
             shape = (int(shapes[i][0]), int(torch.Size(shapes[i][1:]).numel()))
         records[label] = adam_record(shape, blend=out(blend), refreshes=out(inner.refreshes), step=out(step))
-    _group_records(records, labels, inner.groups, inner.count, phase=phase, readers=readers, out=out)
+    updates = statistics_schedule(inner.count, stat_freq)[1]
+    _group_records(records, labels, inner.groups, updates, phase=phase, readers=readers, out=out)
     return records
 
 

@@ -46,6 +46,7 @@ SCAO_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         # the preconditioner (scao_precondition)
         "rho": 0.95,
         "precond_freq": 5,
+        "stat_freq": 1,
         "warmup_steps": 100,
         "blend_steps": 50,
         "min_precond_updates": 10,
@@ -125,6 +126,7 @@ def _rank_rule(epsilon_sparse: float, k_min: int, k_max: int | None) -> RankRule
 def scao_precondition(
     rho: float = SCAO_DEFAULTS["rho"],
     precond_freq: int = SCAO_DEFAULTS["precond_freq"],
+    stat_freq: int = SCAO_DEFAULTS["stat_freq"],
     warmup_steps: int = SCAO_DEFAULTS["warmup_steps"],
     blend_steps: int = SCAO_DEFAULTS["blend_steps"],
     min_precond_updates: int = SCAO_DEFAULTS["min_precond_updates"],
@@ -177,6 +179,8 @@ def scao_precondition(
     Args:
         rho: curvature EMA decay, in [0, 1).
         precond_freq: steps between basis refreshes, >= 1.
+        stat_freq: steps between accumulations of the curvature statistics (at step 1 and every
+            ``stat_freq``-th step; ``rho`` is a decay per accumulation), >= 1.
         warmup_steps: steps of plain gradient before the ramp, >= 0.
         blend_steps: ramp length, >= 0.
         min_precond_updates: curvature updates required before the ramp, >= 0.
@@ -246,6 +250,7 @@ def scao_precondition(
             curvature=statistic,
             rank=_rank_rule(epsilon_sparse, k_min, k_max),
             precond_freq=precond_freq,
+            stat_freq=stat_freq,
             max_precond_dim=max_precond_dim,
             complement=complement,
             graft=graft,
@@ -297,6 +302,7 @@ def scao_eigenbasis_precondition(inner: GradientTransformation, kw: dict[str, An
         curvature=statistic,
         rank=rank,
         precond_freq=hp["precond_freq"],
+        stat_freq=hp["stat_freq"],
         max_precond_dim=hp["max_precond_dim"],
         tikhonov=hp["tikhonov"],
         grouped=hp["grouped"],

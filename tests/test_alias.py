@@ -73,7 +73,7 @@ def test_scao_facade_signature_and_defaults_are_the_table():
 
 def test_diagnostics_defaults_are_the_table():
     params = named_parameters(scao_diagnostics)
-    for name in ("warmup_steps", "blend_steps", "min_precond_updates", "blend_shape", "rho"):
+    for name in ("warmup_steps", "blend_steps", "min_precond_updates", "blend_shape", "rho", "stat_freq"):
         assert_table_default(name, params[name])
 
 

@@ -97,6 +97,12 @@ def _bad(tmp_path):
         (["--scao-opt", "rho"], "KEY=VALUE"),
         (["--lr", "adamw=fast"], "must be a number"),
         (["--lr", "adamx=1e-3"], "unknown optimizer 'adamx'"),
+        (["-O", "adamw@rho=0.9"], "'adamw' takes no SCAO keys"),
+        (["-O", "scao@rhoo=0.9"], "optimizer variant 'scao@rhoo=0.9': unknown key 'rhoo'"),
+        (["-O", "scao@rho"], "KEY=VALUE"),
+        (["-O", "scao@"], "at least one KEY=VALUE"),
+        (["-O", "scaox@rho=0.9"], "unknown optimizer 'scaox@rho=0.9'"),
+        (["-O", "scao@precond_freq=0"], "precond_freq"),
         (["--muon-adamw-lr", "-1"], "muon_adamw_lr must be a positive"),
         (["--threads", "0"], "--threads must be >= 1"),
     ]

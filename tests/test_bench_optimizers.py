@@ -132,6 +132,25 @@ def test_scao_options_reach_the_chain():
         optreg.get("scao").make(_tiny_model().parameters(), 1e-2, 0.0, {"no_such_option": 1})
 
 
+def test_variant_is_its_base_with_the_keys_set():
+    """``scao@precond_freq=3+stat_freq=3`` trains exactly like ``scao`` given those keys; its own
+    keys override --scao-opt's; it records what it is."""
+    spec = optreg.get("scao@precond_freq=3+stat_freq=3")
+    assert spec.name == "scao@precond_freq=3+stat_freq=3" and spec.kind == "ours"
+    assert spec.extra["variant_of"] == "scao" and spec.extra["variant_options"] == {"precond_freq": 3, "stat_freq": 3}
+    m1, m2 = _tiny_model(), _tiny_model()
+    a = spec.make(m1.parameters(), 1e-2, 0.0, {"stat_freq": 1, "rho": 0.9})
+    b = optreg.get("scao").make(m2.parameters(), 1e-2, 0.0, {"precond_freq": 3, "stat_freq": 3, "rho": 0.9})
+    assert _train(a, m1, steps=6) and _train(b, m2, steps=6)
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+    assert a.param_groups[0]["stat_freq"] == 3 and a.param_groups[0]["rho"] == 0.9
+    with pytest.raises(ValueError, match="takes no SCAO keys"):
+        optreg.get("adamw@lr=1")
+    with pytest.raises(KeyError, match="nope"):
+        optreg.get("nope@rho=0.9")
+
+
 def test_muon_entry_equals_muon_plus_adamw_by_hand():
     """``muon`` = torch.optim.Muon on the blocks' 2-D weights + torch.optim.AdamW on the rest."""
     spec = optreg.get("muon")

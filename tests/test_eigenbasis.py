@@ -32,13 +32,14 @@ def power_reference(f, q):
     return out
 
 
-def soap_reference(params, grads, *, lr, b1, b2, eps, wd, rho, freq, skip_first=True, solver="power"):
+def soap_reference(params, grads, *, lr, b1, b2, eps, wd, rho, freq, skip_first=True, solver="power", stat_freq=1):
     """SOAP in float64, written from the algorithm: factor EMAs, bases from the factors, a step
     rotated with the bases of the last refresh, the bases refreshed after the step at step 1 (a
     full eigh) and every ``freq`` steps (``solver``: one warm-started power iteration with the
     columns kept in place, or a full eigh sorted by eigenvalue), Adam's first moment in the
     original coordinates (projected at every step), the second in the eigenbasis (carried over a
-    refresh, by position), decoupled weight decay. ``skip_first``: step 1 has no Adam step (its
+    refresh, by position), decoupled weight decay; the factors accumulate at step 1 and every
+    ``stat_freq`` steps. ``skip_first``: step 1 has no Adam step (its
     update is the weight decay alone) and Adam's count starts at step 2; otherwise step 1 is
     Adam in the original coordinates (identity bases). Vectors: plain Adam."""
     p = {k: v.double().clone() for k, v in params.items()}
@@ -54,8 +55,9 @@ def soap_reference(params, grads, *, lr, b1, b2, eps, wd, rho, freq, skip_first=
             u = torch.zeros_like(G)
             if G.dim() == 2:
                 m, n = G.shape
-                s["L"] = rho * s.get("L", torch.zeros(m, m, dtype=G.dtype)) + (1 - rho) * G @ G.T
-                s["R"] = rho * s.get("R", torch.zeros(n, n, dtype=G.dtype)) + (1 - rho) * G.T @ G
+                if t == 1 or t % stat_freq == 0:
+                    s["L"] = rho * s.get("L", torch.zeros(m, m, dtype=G.dtype)) + (1 - rho) * G @ G.T
+                    s["R"] = rho * s.get("R", torch.zeros(n, n, dtype=G.dtype)) + (1 - rho) * G.T @ G
                 ql = s.get("QL", torch.eye(m, dtype=G.dtype))
                 qr = s.get("QR", torch.eye(n, dtype=G.dtype))
                 if k_adam > 0:
@@ -186,6 +188,60 @@ def test_soap_matches_the_float64_reference(dtype, variant):
         assert moved > 0.05
         # the bases are float32 eigenvectors: agreement to float32 rounding of the displacement
         assert (got[k].double() - ref[k]).abs().max() <= 2e-5 * moved, k
+
+
+@pytest.mark.parametrize("stat_freq", [2, 3])
+def test_stat_freq_matches_the_float64_reference(stat_freq):
+    params, grads = problem()
+    ref = soap_reference(params, grads, lr=1e-2, b1=0.9, b2=0.95, eps=1e-8, wd=0.0, rho=0.95, freq=6,
+                         solver="eigh", stat_freq=stat_freq)
+    every = soap_reference(params, grads, lr=1e-2, b1=0.9, b2=0.95, eps=1e-8, wd=0.0, rho=0.95, freq=6,
+                           solver="eigh")
+    tx = sf.chain(
+        sf.kronecker_eigenbasis(sf.scale_by_adam(0.9, 0.95), curvature=sf.curvature_ema(0.95, sf.fp32_codec()),
+                                rank=sf.full_rank(), precond_freq=6, stat_freq=stat_freq, eigensolver="eigh",
+                                skip_first=True),
+        sf.scale_by_learning_rate(1e-2),
+    )
+    got, _ = run(tx, params, grads, torch.float64)
+    for k in params:
+        moved = (ref[k] - params[k]).abs().max()
+        # the bases are float32 eigenvectors: agreement to float32 rounding of the displacement
+        assert (got[k] - ref[k]).abs().max() <= 2e-5 * moved, k
+    assert (every["a"] - ref["a"]).abs().max() > 1e-3 * (ref["a"] - params["a"]).abs().max()  # a different schedule
+
+
+def test_stat_freq_skips_the_statistics_and_debiases_by_their_count():
+    """Between accumulations the statistics are left exactly as they were; a constant gradient's
+    factor reads back as G G^T at every step (debiased by the number of accumulations, not steps)."""
+    g = torch.randn(6, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    curv = sf.curvature_ema(0.9, sf.fp32_codec())
+    tx = sf.kronecker_eigenbasis(curvature=curv, precond_freq=4, stat_freq=4)
+    state = tx.init({"w": g})
+    stat = state.groups[0].left.stat
+    for t in range(1, 10):
+        _, state = tx.update({"w": g.clone()}, state, inplace=False)
+        new = state.groups[0].left.stat
+        changed = not torch.equal(new.diag, stat.diag)
+        assert changed == (t == 1 or t % 4 == 0), t
+        stat = new
+        updates = torch.tensor(1 + t // 4)
+        torch.testing.assert_close(curv.factor(stat, updates, 6)[0], (g @ g.T).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_stat_freq_compiled_update_matches_eager():
+    params, grads = problem(steps=5, shapes={"w": (5, 4), "b": (4,)})
+    tx = sf.kronecker_eigenbasis(curvature=sf.curvature_ema(0.9, sf.fp32_codec()), precond_freq=2, stat_freq=2)
+    p = {k: v.float() for k, v in params.items()}
+    eager_state = tx.init(p)
+    compiled_state = tx.init(p)
+    step = torch.compile(lambda g, s: tx.update(g, s, inplace=False), backend="eager", fullgraph=True)
+    for g in grads:
+        g = {k: v.float() for k, v in g.items()}
+        ue, eager_state = tx.update(clone(g), eager_state, inplace=False)
+        uc, compiled_state = step(clone(g), compiled_state)
+        assert_tree_close(uc, ue, rtol=0, atol=0)
+    assert_tree_close(compiled_state, eager_state, rtol=0, atol=0)
 
 
 def test_soap_keep_ablation_departs_from_the_reference():
@@ -402,6 +458,10 @@ def test_bad_arguments():
         sf.soap(eigensolver="subspace")
     with pytest.raises(TypeError, match="skip_first"):
         sf.soap(skip_first=1)
+    with pytest.raises(ValueError, match="stat_freq"):
+        sf.kronecker_eigenbasis(stat_freq=0)
+    with pytest.raises(ValueError, match="stat_freq"):
+        sf.SCAO([torch.nn.Parameter(torch.zeros(2, 2))], stat_freq=0)
 
 
 def test_soap_final_loss_is_comparable_to_heavyball_soap():

@@ -48,3 +48,22 @@ def test_least_squares_example_prints_every_optimizer_and_the_preconditioners_wi
     for name in ("sf.soap", "scao (default)"):
         assert res[name][0]["final"] < 0.2 * adamw, (name, res[name])
         assert res[name][0]["steps"] is not None and res[name][0]["steps"] < 0.85 * 200, (name, res[name])
+
+
+def test_cpu_profile_step_charges_every_op_to_a_part(capsys, monkeypatch):
+    import cpu_profile_step as prof  # docs/examples (on the path: tests/conftest.py)
+
+    assert prof._part_of_frame("scao_fx/precond/curvature.py(43): gram") == "Gram products"
+    assert prof._part_of_frame("scao_fx/precond/curvature.py(98): factor") == "refresh (eigh / QR)"
+    assert prof._part_of_frame("scao_fx/kernels/reference.py(84): _encode") == "int8 codec"
+    assert prof._part_of_frame("scao_fx/precond/eigenbasis.py(30): rotate") == "rotations"
+    assert prof._part_of_frame("scao_fx/transforms/eigenbasis.py(300): update") is None  # plumbing: look further out
+    assert prof._part_of_frame("torch/nn/modules/module.py(1): forward") is None
+    monkeypatch.setattr(sys, "argv", ["cpu_profile_step.py", "--steps", "5"])
+    prof.main()
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines() if line.startswith("| ")}
+    assert set(prof.ORDER) <= set(rows), out
+    shares = [float(rows[p].split(" | ")[2].rstrip(" %|")) for p in prof.ORDER]
+    assert 95 <= sum(shares) <= 105, out  # the parts and Python make up the step (rounded)
+    assert float(rows["refresh (eigh / QR)"].split(" | ")[1]) > 0 and float(rows["int8 codec"].split(" | ")[1]) > 0

@@ -118,6 +118,22 @@ def test_refresh_schedule_every_precond_freq():
     assert int(state.refreshes) == 3
 
 
+def test_statistics_every_stat_freq_steps():
+    """Step 1 and every third step accumulate; the other steps leave the statistics bit for bit
+    as they were, and refreshes still come every precond_freq steps."""
+    gs = _grads((4, 3), 9)
+    tx = sf.kronecker_precondition(precond_freq=3, stat_freq=3, rank=sf.full_rank())
+    state = tx.init({"w": torch.zeros(4, 3)})
+    accumulated = []
+    for t, g in enumerate(gs, 1):
+        before = [x.clone() for x in _stats(state)]
+        _, state = tx.update({"w": g}, state)
+        if any(not torch.equal(a, b) for a, b in zip(before, _stats(state))):
+            accumulated.append(t)
+    assert accumulated == [1, 3, 6, 9]
+    assert int(state.refreshes) == 3
+
+
 def test_input_updates_not_modified():
     gs = _grads((6, 5), 4)
     tx = _tx(freq=2)
@@ -388,6 +404,8 @@ def test_failed_eigh_keeps_last_good_basis():
         ({"curvature": 0.99}, TypeError, "curvature"),
         ({"rank": 8}, TypeError, "rank"),
         ({"gram_precision": "float16"}, ValueError, "gram_precision"),
+        ({"stat_freq": 0}, ValueError, "stat_freq"),
+        ({"stat_freq": 2.0}, TypeError, "stat_freq"),
     ],
 )
 def test_bad_arguments(kwargs, exc, name):

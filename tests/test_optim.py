@@ -954,6 +954,20 @@ def test_scao_compat_methods(form):
         assert all(2 <= k <= 8 for pair in ranks.values() for k in pair)
 
 
+def test_diagnostics_debias_the_factors_by_their_accumulations():
+    """With stat_freq=2 a constant gradient's factor norm still reads ||G G^T|| (debiased by the
+    3 accumulations of 5 steps, not by 5)."""
+    w = torch.nn.Parameter(torch.zeros(6, 4))
+    g = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    opt = SCAO([w], stat_freq=2, use_int8_ema=False)
+    for _ in range(5):
+        w.grad = g.clone()
+        opt.step()
+    rec = opt.diagnostics()["0"]
+    assert rec["curvature_norm_left"] == pytest.approx(float(torch.linalg.matrix_norm(g @ g.T)), rel=1e-5)
+    assert rec["curvature_norm_right"] == pytest.approx(float(torch.linalg.matrix_norm(g.T @ g)), rel=1e-5)
+
+
 def test_default_scao_diagnostics_after_a_few_steps():
     """The default SCAO() (the eigenbasis form) reports its diagnostics: the records of the
     seed form, with no ramp (phase adam at step 1, precond afterwards)."""

@@ -51,30 +51,20 @@ class OneLineParser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: error: {message}")
 
 
-def _value(text: str):
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low == "none":
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text.strip()
-
-
 def _scao_options(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--scao-opt expects KEY=VALUE, got {item!r}")
-        if not item.split("=", 1)[0].strip():
-            raise ValueError(f"--scao-opt: empty key in {item!r}")
-        key, value = item.split("=", 1)
-        out[key.strip()] = _value(value)
-    return out
+    return optreg.parse_options(items, "--scao-opt")
+
+
+def _check_name(flag: str, name: str) -> None:
+    """``ValueError`` naming ``flag`` unless ``name`` is a registered optimizer or a variant of one."""
+    try:
+        optreg.get(name)
+    except KeyError:
+        raise ValueError(f"{flag}: unknown optimizer {name!r}; registered: {', '.join(optreg.REGISTRY)} "
+                         f"(or BASE{optreg.VARIANT_SEPARATOR}KEY=VALUE[+KEY=VALUE...], e.g. "
+                         f"scao{optreg.VARIANT_SEPARATOR}precond_freq=10)") from None
+    except ValueError as exc:
+        raise ValueError(f"{flag}: {exc}") from None
 
 
 def _float_list(text: str) -> tuple[float, ...]:
@@ -199,8 +189,7 @@ def config_from_args(args: argparse.Namespace):
     if not names:
         raise ValueError(f"--optimizers: no optimizer named; registered: {', '.join(optreg.REGISTRY)}")
     for n in names:
-        if n not in optreg.REGISTRY:
-            raise ValueError(f"--optimizers: unknown optimizer {n!r}; registered: {', '.join(optreg.REGISTRY)}")
+        _check_name("--optimizers", n)
     if args.data is not None and not Path(args.data).is_file():
         what = "is a directory" if Path(args.data).is_dir() else "does not exist"
         raise ValueError(f"--data {args.data}: {what}; give a UTF-8 text file")
@@ -210,8 +199,7 @@ def config_from_args(args: argparse.Namespace):
         optreg.check_scao_options(scao_options)
     lrs = _lr_overrides(args.lr)
     for n in lrs:
-        if n not in optreg.REGISTRY:
-            raise ValueError(f"--lr: unknown optimizer {n!r}; registered: {', '.join(optreg.REGISTRY)}")
+        _check_name("--lr", n)
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if workload == "finetune":

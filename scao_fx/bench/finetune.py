@@ -388,7 +388,7 @@ class FinetuneWorkload(Workload):
 
     def tune_spec(self, spec: optreg.OptimizerSpec) -> optreg.OptimizerSpec:
         table = FINETUNE_LRS[self.mode]
-        lr = table.get(spec.name, spec.default_lr * (0.1 if self.mode == "full" else 1.0))
+        lr = table.get(spec.extra.get("variant_of", spec.name), spec.default_lr * (0.1 if self.mode == "full" else 1.0))
         if spec.kind == "ablation":
             lr = table.get("scao", lr)
         changes: dict = dict(default_lr=lr)

@@ -20,6 +20,7 @@ workload over ``default_lr x LR_GRID``.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.metadata
 from collections.abc import Callable, Iterable
@@ -128,11 +129,75 @@ def register(spec: OptimizerSpec, *, overwrite: bool = False) -> OptimizerSpec:
 
 
 def get(name: str) -> OptimizerSpec:
-    """The registered entry ``name`` (``KeyError`` listing the registered names otherwise)."""
+    """The registered entry ``name``, or the variant it names (:func:`variant`); ``KeyError``
+    listing the registered names for an unknown one, ``ValueError`` for a malformed variant."""
+    if VARIANT_SEPARATOR in name:
+        return variant(name)
     try:
         return REGISTRY[name]
     except KeyError:
         raise KeyError(f"unknown optimizer {name!r}; registered: {', '.join(REGISTRY)}") from None
+
+
+#: ``BASE@KEY=VALUE[+KEY=VALUE...]`` names a variant of a registered SCAO entry (:func:`variant`).
+VARIANT_SEPARATOR = "@"
+
+
+def parse_value(text: str) -> Any:
+    """A command-line option value: ``true``/``false``, ``none``, an int, a float, else the text."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low == "none":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def parse_options(items: Iterable[str], flag: str) -> dict:
+    """``KEY=VALUE`` items as a dict of parsed values; ``ValueError`` naming ``flag`` otherwise."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"{flag} expects KEY=VALUE, got {item!r}")
+        if not key.strip():
+            raise ValueError(f"{flag}: empty key in {item!r}")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+def variant(name: str) -> OptimizerSpec:
+    """The entry ``BASE@KEY=VALUE[+KEY=VALUE...]``: the SCAO entry ``BASE`` (one that takes
+    ``--scao-opt`` keys) with these keys set, e.g. ``scao@precond_freq=10+stat_freq=2``. It runs
+    at ``BASE``'s learning rate (unless ``--lr`` names the variant) and its own keys override
+    ``--scao-opt``'s. So several settings of one optimizer run side by side in one interleaved run.
+
+    Raises:
+        KeyError: ``BASE`` is not registered.
+        ValueError: ``BASE`` takes no SCAO keys, or a key is malformed or unknown.
+    """
+    base, _, text = name.partition(VARIANT_SEPARATOR)
+    spec = get(base)
+    if not (spec.takes_options and spec.option_set == "scao"):
+        takes = [n for n, s in REGISTRY.items() if s.takes_options and s.option_set == "scao"]
+        raise ValueError(f"optimizer variant {name!r}: {base!r} takes no SCAO keys; variants exist of {', '.join(takes)}")
+    options = parse_options(text.split("+") if text else [], f"optimizer variant {name!r}")
+    if not options:
+        raise ValueError(f"optimizer variant {name!r}: give at least one KEY=VALUE after {VARIANT_SEPARATOR!r}")
+    check_scao_options(options, f"optimizer variant {name!r}")
+    factory = spec.factory
+
+    def build(params, lr, weight_decay, **given):
+        return factory(params, lr, weight_decay, **{**given, **options})
+
+    settings = ", ".join(f"{k}={v!r}" for k, v in options.items())
+    return dataclasses.replace(spec, name=name, factory=build, description=f"{spec.description}; with {settings}",
+                               extra={**spec.extra, "variant_of": base, "variant_options": options})
 
 
 def available(device: torch.device | str = "cpu") -> dict[str, str | None]:
@@ -493,13 +558,13 @@ def scao_option_keys() -> list[str]:
     return sorted(keys - _SCAO_RESERVED)
 
 
-def check_scao_options(options: dict) -> None:
+def check_scao_options(options: dict, where: str = "--scao-opt") -> None:
     """``ValueError`` naming the first key of ``options`` that ``--scao-opt`` does not accept,
-    with the accepted keys listed."""
+    with the accepted keys listed; ``where`` names what gave the keys."""
     valid = scao_option_keys()
     for key in options:
         if key not in valid:
-            raise ValueError(f"--scao-opt: unknown key {key!r}; valid keys: {', '.join(valid)}")
+            raise ValueError(f"{where}: unknown key {key!r}; valid keys: {', '.join(valid)}")
 
 
 # ------------------------------------------------------------------------ ablations

@@ -495,8 +495,9 @@ def run_benchmark(cfg: BenchConfig, log=print, on_update=None) -> dict:
         if spec.name in cfg.lrs:
             lrs[spec.name] = float(cfg.lrs[spec.name])
         elif spec.name not in lrs:
-            if spec.kind == "ablation":
-                lrs[spec.name] = float(cfg.lrs.get("scao", lrs.get("scao", workload.tune_spec(optreg.get("scao")).default_lr)))
+            base = spec.extra.get("variant_of", "scao" if spec.kind == "ablation" else None)
+            if base is not None:  # ablations and variants run at their base's rate
+                lrs[spec.name] = float(cfg.lrs.get(base, lrs.get(base, workload.tune_spec(optreg.get(base)).default_lr)))
             else:
                 lrs[spec.name] = spec.default_lr
 

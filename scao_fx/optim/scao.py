@@ -340,7 +340,9 @@ class SCAO(TransformOptimizer):
             :func:`~scao_fx.scao`), per param group too (a group with
             ``preconditioner_enabled=False`` then runs bf16 or 8-bit AdamW); and the extra
             ``scao_precondition`` keywords ``block_size``, ``complement``, ``graft``,
-            ``blend_shape``, ``tikhonov``, ``grouped``, ``sides``; and the non-finite guard's
+            ``blend_shape``, ``tikhonov``, ``grouped``, ``sides``, ``stat_freq`` (curvature
+            statistics at step 1 and every ``stat_freq`` steps; see :func:`~scao_fx.scao_precondition`);
+            and the non-finite guard's
             ``skip_nonfinite`` (default True: a step with a NaN/Inf gradient is skipped, leaving
             parameters and state exactly as they were), ``max_consecutive_skips`` (default 10,
             then :class:`~scao_fx.NonFiniteGradientError`) and ``host_sync`` (see
@@ -510,6 +512,7 @@ class SCAO(TransformOptimizer):
                     min_precond_updates=group["min_precond_updates"],
                     blend_shape=group["blend_shape"],
                     rho=group["rho"],
+                    stat_freq=group["stat_freq"],
                     codec=codec,
                     names=labels,
                     shapes=[tuple(params[j].shape) for j in rt.active],

@@ -37,7 +37,7 @@ from ..base import register_state
 from ..codecs import Codec, EncodedTensor, int8_blockwise
 from .eigen import factor_eigenpairs
 
-__all__ = ["CurvatureEMA", "FactorStatistic", "curvature_ema", "gram"]
+__all__ = ["CurvatureEMA", "FactorStatistic", "curvature_ema", "gram", "statistics_schedule"]
 
 
 def gram(x: torch.Tensor, left: bool) -> torch.Tensor:
@@ -174,3 +174,24 @@ def curvature_ema(rho: float = 0.999, codec: Codec | None = None, *, basis_dtype
     if basis_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"basis_dtype must be torch.float32 or torch.bfloat16, got {basis_dtype!r}")
     return CurvatureEMA(rho, codec, basis_dtype)
+
+
+def statistics_schedule(count: torch.Tensor, stat_freq: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    r"""When step ``count`` accumulates the curvature statistics, and how many accumulations steps
+    ``1..count`` hold: ``(due, updates)``.
+
+    The statistics are accumulated at step 1 and at every ``stat_freq``-th step
+    (``count % stat_freq == 0``), so ``updates = count`` for ``stat_freq = 1`` (``due`` is then
+    ``None``: every step) and :math:`1 + \lfloor count / stat\_freq \rfloor` otherwise; the EMA is
+    debiased by ``updates`` (``rho`` is a decay per accumulation). ``count`` is a CPU int64 0-d.
+
+    Example:
+        >>> import torch
+        >>> from scao_fx.precond.curvature import statistics_schedule
+        >>> [(bool(d), int(u)) for d, u in (statistics_schedule(torch.tensor(c), 2) for c in (1, 2, 3, 4))]
+        [(True, 1), (True, 2), (False, 2), (True, 3)]
+    """
+    if stat_freq == 1:
+        return None, count
+    return (count == 1) | ((count % stat_freq) == 0), count // stat_freq + 1
+

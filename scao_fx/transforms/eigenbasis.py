@@ -38,9 +38,10 @@ always carried unchanged: to store the moments encoded, wrap this whole link in
 ``sf.scao(moments="int8")`` does), so that the link sees them decoded. A first moment in
 bfloat16 is turned in float32 and stored back in bfloat16.
 
-**Schedule**: the statistics are updated at every step; a step's gradient is rotated with the
-bases of the last refresh, and the bases are refreshed *after* the rotation at step 1 and then
-every ``precond_freq`` steps (``count % precond_freq == 0``), SOAP's order. By default step 1
+**Schedule**: the statistics are updated at every step (with ``stat_freq > 1``: at step 1 and
+every ``stat_freq``-th step, the other steps skip the Gram products and the statistics' codec);
+a step's gradient is rotated with the bases of the last refresh, and the bases are refreshed
+*after* the rotation at step 1 and then every ``precond_freq`` steps (``count % precond_freq == 0``), SOAP's order. By default step 1
 runs the inner transform in the original coordinates (a side never refreshed uses the identity
 basis: plain Adam) and preconditioning starts at step 2; its second moment, a function of the
 original coordinates, is then carried into the eigenbasis by position, where it means
@@ -91,7 +92,7 @@ from .._tree import flatten, unflatten
 from .._validation import check_bool, check_choice, check_dense_leaves, check_float, check_int
 from ..base import GradientTransformation, check_transform, increment, register_state, step_count
 from ..parallel import check_process_group
-from ..precond.curvature import CurvatureEMA
+from ..precond.curvature import CurvatureEMA, statistics_schedule
 from ..precond.eigen import branch, regularize, robust_eigh
 from ..precond.eigenbasis import change_basis, kept_basis, project_complement, rotate, rotate_back
 from ..precond.kron import init_side, normalize, saturate, side_from_eigenpairs
@@ -99,6 +100,8 @@ from ..precond.rank import RankRule, full_rank
 from .adam import ScaleByAdamState, scale_by_adam
 from .kronecker import (
     KroneckerGroupState,
+    _accumulate_side,
+    _accumulate_when,
     _gather_matrices,
     _keep_absent,
     _local_refreshes,
@@ -151,6 +154,7 @@ def kronecker_eigenbasis(
     curvature: CurvatureEMA | None = None,
     rank: RankRule | None = None,
     precond_freq: int = 10,
+    stat_freq: int = 1,
     max_precond_dim: int = 4096,
     moment_at_refresh: str = "rotate",
     tikhonov: float = 1e-4,
@@ -172,6 +176,11 @@ def kronecker_eigenbasis(
             default :func:`curvature_ema` with its defaults (rho 0.999, int8 storage).
         rank: the rank rule; default :func:`full_rank` (every eigen-direction kept: SOAP).
         precond_freq: refresh the bases at step 1 and then every this many steps, >= 1.
+        stat_freq: accumulate the curvature statistics at step 1 and every this many steps, >= 1
+            (the other steps skip the Gram products and the statistics' codec; ``rho`` is then a
+            decay per accumulation and the EMA is debiased by the number of accumulations). 1:
+            every step (SOAP). Keep ``precond_freq`` a multiple of it, so that every refresh
+            reads a fresh accumulation.
         max_precond_dim: longest side that is rotated, >= 2.
         moment_at_refresh: ``"rotate"`` (Adam's first moment follows the basis, the second is
             carried by position: SOAP) or ``"keep"`` (the inner state is carried unchanged).
@@ -217,6 +226,7 @@ def kronecker_eigenbasis(
     inner = scale_by_adam() if inner is None else check_transform("inner", inner)
     curvature, rank = _statistics_parts(curvature, rank, full_rank)
     precond_freq = check_int("precond_freq", precond_freq, low=1)
+    stat_freq = check_int("stat_freq", stat_freq, low=1)
     max_precond_dim = check_int("max_precond_dim", max_precond_dim, low=2)
     check_choice("moment_at_refresh", moment_at_refresh, ("rotate", "keep"))
     tikhonov = check_float("tikhonov", tikhonov, low=0.0)
@@ -267,6 +277,20 @@ def kronecker_eigenbasis(
         inner_state = inner.init((unflatten(spec, passthrough), cores, comps))
         return KroneckerEigenbasisState(step_count(), step_count(), tuple(groups), inner_state)
 
+    def accumulate_group(gs, x, seed, updates, inplace):
+        """Both sides' statistics after one accumulation of the stacked matrices ``x`` ``(B, m, n)``."""
+        grads, gram_scale, _ = normalize(x.clone())
+        gram_in = grads if gram_precision == "float32" else grads.to(torch.bfloat16)
+        stats = []
+        for side, left in ((gs.left, True), (gs.right, False)):
+            if side is None:
+                stats.append(None)
+                continue
+            data = gram_in if left else gram_in.transpose(-1, -2)
+            stats.append(_accumulate_side(curvature, side.stat, data, gram_scale, seed, updates, inplace))
+            seed = seed + 1
+        return tuple(stats)
+
     def refresh(side, count, first):
         if eigensolver == "power":
             factor, eps = regularize(curvature.factor(side.stat, count, side.basis.shape[-2]), tikhonov)
@@ -304,6 +328,7 @@ def kronecker_eigenbasis(
         plan = _resolve_plan(leaves, state.groups, max_precond_dim, grouped, side_mode)
         count = increment(state.count)
         due = ((count % precond_freq) == 0) | (count == 1)
+        stat_due, updates = statistics_schedule(count, stat_freq)
         first = state.refreshes == 0
         run_refresh = executor(state.groups, due)
         rotated = {i for g in plan for i in g.indices}
@@ -325,18 +350,11 @@ def kronecker_eigenbasis(
                 [(leaves[i] if leaves[i] is not None else torch.zeros_like(like)).reshape(g.m, g.n).to(dtype)
                  for i in g.indices]
             )
-            grads, gram_scale, _ = normalize(x.clone())
-            gram_in = grads if gram_precision == "float32" else grads.to(torch.bfloat16)
-            seed = count * 64 + (2 * gi) % 64
-            stats = []
-            for side, left in ((gs.left, True), (gs.right, False)):
-                if side is None:
-                    stats.append(None)
-                    continue
-                data = gram_in if left else gram_in.transpose(-1, -2)
-                stats.append(curvature.accumulate_outer(side.stat, data, gram_scale, seed, count,
-                                                        inplace=inplace and not partial))
-                seed = seed + 1
+            stats = _accumulate_when(
+                stat_due, tuple(None if side is None else side.stat for side in (gs.left, gs.right)),
+                functools.partial(accumulate_group, gs, x, count * 64 + (2 * gi) % 64, updates),
+                inplace and not partial,
+            )
             bases = _bases(gs, dtype)
             core = rotate(x, *bases)
             comp = x - rotate_back(core, *bases) if has_comp else None
@@ -393,7 +411,7 @@ def kronecker_eigenbasis(
                 if side is None:
                     sides_new.append(None)
                     continue
-                local = functools.partial(refresh, count=count, first=first)
+                local = functools.partial(refresh, count=updates, first=first)
                 new = _maybe_refresh(due, side._replace(stat=stat), run_refresh(gi, s, local))
                 sides_new.append(_keep_absent(present_rows, new, side) if partial else new)
             new_gs = KroneckerGroupState(gs.leaves, *sides_new)

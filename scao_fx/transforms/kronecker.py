@@ -44,7 +44,7 @@ from .._tree import flatten, unflatten
 from .._validation import check_bool, check_choice, check_dense_leaves, check_float, check_int
 from ..base import GradientTransformation, increment, register_state, step_count
 from ..parallel import assign_owners, check_process_group, owner_refresh
-from ..precond.curvature import CurvatureEMA, curvature_ema
+from ..precond.curvature import CurvatureEMA, curvature_ema, statistics_schedule
 from ..precond.kron import (
     KroneckerSide,
     apply_left,
@@ -265,6 +265,27 @@ def _refresh_owners(groups: tuple, world: int) -> dict[tuple[int, int], list[int
     return out
 
 
+def _accumulate_when(due: torch.Tensor | None, old: Any, accumulate: Callable[[bool], Any], inplace: bool) -> Any:
+    """``accumulate(inplace)`` if ``due`` (``None``: always) else ``old``, the statistics unchanged.
+
+    Eager: a Python branch, so a step without statistics costs no Gram product. Under
+    ``torch.compile`` both are computed (out of place) and selected with ``torch.where``.
+    """
+    if due is None:
+        return accumulate(inplace)
+    if not torch.compiler.is_compiling():
+        return accumulate(inplace) if bool(due) else old  # a CPU tensor: no device sync
+    new = accumulate(False)
+    return optree.tree_map(lambda n, o: torch.where(due.to(n.device), n, o), new, old)
+
+
+def _accumulate_side(curvature: Any, stat: Any, data: torch.Tensor, scale: torch.Tensor, seed: Any,
+                     updates: torch.Tensor, inplace: bool) -> Any:
+    """One accumulation of a side's statistics (``curvature.accumulate_outer``), ``inplace`` last
+    (for :func:`_accumulate_when`)."""
+    return curvature.accumulate_outer(stat, data, scale, seed, updates, inplace=inplace)
+
+
 def _statistics_parts(curvature: Any, rank: Any, default_rank: Any) -> tuple:
     """The curvature statistic and rank rule of a Kronecker link (defaults filled in), checked."""
     curvature = curvature_ema() if curvature is None else curvature
@@ -284,6 +305,7 @@ def kronecker_precondition(
     curvature: CurvatureEMA | None = None,
     rank: RankRule | None = None,
     precond_freq: int = 20,
+    stat_freq: int = 1,
     max_precond_dim: int = 4096,
     complement: str = "mean_tail",
     graft: str = "frobenius",
@@ -304,6 +326,10 @@ def kronecker_precondition(
         rank: the rank rule (:func:`spectral_mass_rank` default ``(0.05, 8, 128)``;
             :func:`full_rank` for exact :math:`L^{-1/4}`).
         precond_freq: refresh the bases every this many steps, >= 1.
+        stat_freq: accumulate the curvature statistics at step 1 and every this many steps,
+            >= 1 (the Gram products and the statistics' codec are skipped on the other steps;
+            ``rho`` is then a decay per accumulation, the EMA is debiased by the number of
+            accumulations). 1: every step.
         max_precond_dim: longest side that is preconditioned, >= 2.
         complement: gain of the directions outside the top-``k`` subspace: ``"mean_tail"``
             (:math:`c` from the mean discarded eigenvalue), ``"kth"`` (from the ``k``-th
@@ -347,6 +373,7 @@ def kronecker_precondition(
 
     curvature, rank = _statistics_parts(curvature, rank, spectral_mass_rank)
     precond_freq = check_int("precond_freq", precond_freq, low=1)
+    stat_freq = check_int("stat_freq", stat_freq, low=1)
     max_precond_dim = check_int("max_precond_dim", max_precond_dim, low=2)
     check_choice("complement", complement, ("mean_tail", "kth", "none"))
     check_choice("graft", graft, ("frobenius", "none"))
@@ -387,6 +414,7 @@ def kronecker_precondition(
         plan = _resolve_plan(leaves, state.groups, max_precond_dim, grouped, side_mode)
         count = increment(state.count)
         due = (count % precond_freq) == 0
+        stat_due, updates = statistics_schedule(count, stat_freq)
         first = state.refreshes == 0
         run_refresh = executor(state.groups, due)
         out = list(leaves)
@@ -417,10 +445,13 @@ def kronecker_precondition(
                     continue
                 old = side
                 data = gram_in if left else gram_in.transpose(-1, -2)  # the factor sums data @ data^T
-                stat = curvature.accumulate_outer(side.stat, data, gram_scale, seed, count,
-                                                  inplace=inplace and not partial)
+                stat = _accumulate_when(
+                    stat_due, side.stat,
+                    functools.partial(_accumulate_side, curvature, side.stat, data, gram_scale, seed, updates),
+                    inplace and not partial,
+                )
                 side = side._replace(stat=stat)
-                local = functools.partial(refresh, count=count, dim=dim, first=first)
+                local = functools.partial(refresh, count=updates, dim=dim, first=first)
                 side = _maybe_refresh(due, side, run_refresh(gi, s, local))
                 if partial:
                     side = _keep_absent(present_rows, side, old)
