@@ -126,7 +126,6 @@ def _rank_rule(epsilon_sparse: float, k_min: int, k_max: int | None) -> RankRule
 def scao_precondition(
     rho: float = SCAO_DEFAULTS["rho"],
     precond_freq: int = SCAO_DEFAULTS["precond_freq"],
-    stat_freq: int = SCAO_DEFAULTS["stat_freq"],
     warmup_steps: int = SCAO_DEFAULTS["warmup_steps"],
     blend_steps: int = SCAO_DEFAULTS["blend_steps"],
     min_precond_updates: int = SCAO_DEFAULTS["min_precond_updates"],
@@ -137,6 +136,7 @@ def scao_precondition(
     tau: float | None = SCAO_DEFAULTS["tau"],
     use_int8_ema: bool = SCAO_DEFAULTS["use_int8_ema"],
     *,
+    stat_freq: int = SCAO_DEFAULTS["stat_freq"],
     block_size: int = SCAO_DEFAULTS["block_size"],
     complement: str = SCAO_DEFAULTS["complement"],
     graft: str = SCAO_DEFAULTS["graft"],
