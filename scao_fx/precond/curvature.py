@@ -194,4 +194,3 @@ def statistics_schedule(count: torch.Tensor, stat_freq: int) -> tuple[torch.Tens
     if stat_freq == 1:
         return None, count
     return (count == 1) | ((count % stat_freq) == 0), count // stat_freq + 1
-

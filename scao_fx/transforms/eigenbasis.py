@@ -41,8 +41,8 @@ bfloat16 is turned in float32 and stored back in bfloat16.
 **Schedule**: the statistics are updated at every step (with ``stat_freq > 1``: at step 1 and
 every ``stat_freq``-th step, the other steps skip the Gram products and the statistics' codec);
 a step's gradient is rotated with the bases of the last refresh, and the bases are refreshed
-*after* the rotation at step 1 and then every ``precond_freq`` steps (``count % precond_freq == 0``), SOAP's order. By default step 1
-runs the inner transform in the original coordinates (a side never refreshed uses the identity
+*after* the rotation at step 1 and then every ``precond_freq`` steps
+(``count % precond_freq == 0``), SOAP's order. By default step 1 runs the inner transform in the original coordinates (a side never refreshed uses the identity
 basis: plain Adam) and preconditioning starts at step 2; its second moment, a function of the
 original coordinates, is then carried into the eigenbasis by position, where it means
 something else. With ``skip_first=True`` (what :func:`~scao_fx.soap` uses, and SOAP's choice)
