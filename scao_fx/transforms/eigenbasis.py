@@ -42,10 +42,10 @@ bfloat16 is turned in float32 and stored back in bfloat16.
 every ``stat_freq``-th step, the other steps skip the Gram products and the statistics' codec);
 a step's gradient is rotated with the bases of the last refresh, and the bases are refreshed
 *after* the rotation at step 1 and then every ``precond_freq`` steps
-(``count % precond_freq == 0``), SOAP's order. By default step 1 runs the inner transform in the original coordinates (a side never refreshed uses the identity
-basis: plain Adam) and preconditioning starts at step 2; its second moment, a function of the
-original coordinates, is then carried into the eigenbasis by position, where it means
-something else. With ``skip_first=True`` (what :func:`~scao_fx.soap` uses, and SOAP's choice)
+(``count % precond_freq == 0``), SOAP's order. By default step 1 runs the inner transform in
+the original coordinates (a side never refreshed uses the identity basis: plain Adam) and
+preconditioning starts at step 2; its second moment, a function of the original coordinates,
+is then carried into the eigenbasis by position, where it means something else. With ``skip_first=True`` (what :func:`~scao_fx.soap` uses, and SOAP's choice)
 step 1 only accumulates the statistics and computes the first bases: every update of the step
 is zero and the inner transform's first step is step 2, in the eigenbasis. Refreshing before
 the rotation would rotate :math:`G_1` into its own singular bases at step 1: the core is then
