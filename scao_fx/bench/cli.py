@@ -51,10 +51,6 @@ class OneLineParser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: error: {message}")
 
 
-def _scao_options(items: list[str]) -> dict:
-    return optreg.parse_options(items, "--scao-opt")
-
-
 def _check_name(flag: str, name: str) -> None:
     """``ValueError`` naming ``flag`` unless ``name`` is a registered optimizer or a variant of one."""
     try:
@@ -194,7 +190,7 @@ def config_from_args(args: argparse.Namespace):
         what = "is a directory" if Path(args.data).is_dir() else "does not exist"
         raise ValueError(f"--data {args.data}: {what}; give a UTF-8 text file")
     check_device(args.device)
-    scao_options = _scao_options(args.scao_opt)
+    scao_options = optreg.parse_options(args.scao_opt, "--scao-opt")
     if scao_options:
         optreg.check_scao_options(scao_options)
     lrs = _lr_overrides(args.lr)
