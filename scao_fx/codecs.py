@@ -84,8 +84,17 @@ class Codec:
         """Storage cost of one entry, scales included."""
         return {"fp32": 4.0, "bf16": 2.0}.get(self.kind, 1.0 + 4.0 / self.block_size)
 
-    def encode(self, x: torch.Tensor, seed: Any = 0) -> EncodedTensor:
-        """Store ``x`` (shape ``(..., N)``)."""
+    def encode(self, x: torch.Tensor, seed: Any = 0, *, index_offset: int = 0) -> EncodedTensor:
+        """Store ``x`` (shape ``(..., N)``).
+
+        ``index_offset``: the flat index of ``x``'s first entry in a larger tensor that ``x`` is
+        a part of (a shard); stochastic rounding then draws the same random bits for each entry
+        as encoding the whole tensor would (block scales are still ``x``'s own).
+        """
+        if index_offset:
+            from .kernels import _common
+
+            seed = _common.offset_seed(_seed_arg(seed), index_offset)
         if self.kind == "fp32":
             return EncodedTensor(x.to(torch.float32), _empty(x))
         if self.kind == "bf16":

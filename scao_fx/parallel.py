@@ -22,6 +22,8 @@ Kronecker links (both forms: :func:`~scao_fx.kronecker_precondition` and
   links (blend, Adam, weight decay) are element-wise and run on the shards.
   :func:`~scao_fx.kronecker_eigenbasis` does the same with the rotation and its inner Adam
   (whose moments of the gathered matrices are then whole, replicated tensors).
+  :func:`~scao_fx.quantize_state` (``moments="int8"``) encodes each rank's rows of a sharded
+  moment on their own (:func:`row_shard`, :func:`from_row_shard`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ import optree
 import torch
 import torch.distributed as dist
 
-__all__ = ["assign_owners", "gather_full", "shard_like", "check_process_group", "owner_refresh", "is_dtensor", "all_ranks"]
+__all__ = ["assign_owners", "gather_full", "shard_like", "check_process_group", "owner_refresh", "is_dtensor", "all_ranks",
+           "row_shard", "from_row_shard"]
 
 # The refreshed fields of a KroneckerSide (its statistics are never changed by a refresh), the
 # int64 ones first so that every field starts at a byte offset aligned to its element size.
@@ -206,3 +209,45 @@ def shard_like(full: torch.Tensor, like: Any) -> Any:
     mesh = like.device_mesh
     replicated = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False)
     return replicated.redistribute(mesh, like.placements)
+
+
+def row_shard(x: Any) -> tuple[torch.Tensor, int] | None:
+    """This rank's rows of a DTensor split along dim 0 only, and the index of its first row.
+
+    A DTensor whose placements are each ``Shard(0)`` or ``Replicate()`` (FSDP2's default layout,
+    HSDP's too) holds on every rank a contiguous run of the global tensor's rows: returns
+    ``(x.to_local(), first_row)``, the row offset computed as ``torch.chunk`` splits (mesh
+    dimensions in order). Returns ``None`` for any other layout (a shard along another dimension,
+    a strided shard, a rank outside the mesh) and for tensors with no dimension.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+
+    if not is_dtensor(x) or x.dim() == 0:
+        return None
+    mesh = x.device_mesh
+    coordinate = mesh.get_coordinate()
+    if coordinate is None:
+        return None
+    first, rows = 0, x.shape[0]
+    for d, placement in enumerate(x.placements):
+        if isinstance(placement, Replicate):
+            continue
+        if type(placement) is not Shard or placement.dim != 0:
+            return None
+        chunk = -(-rows // mesh.size(d))
+        start = min(coordinate[d] * chunk, rows)
+        first, rows = first + start, min(chunk, rows - start)
+    local = x.to_local()
+    if tuple(local.shape) != (rows, *x.shape[1:]):
+        return None
+    return local, first
+
+
+def from_row_shard(local: torch.Tensor, like: Any, rows: int) -> Any:
+    """The DTensor laid out as ``like`` (a :func:`row_shard` layout) whose rows on this rank are
+    ``local``: global shape ``(rows, *local.shape[1:])``, contiguous. No communication."""
+    from torch.distributed.tensor import DTensor
+
+    shape = (rows, *local.shape[1:])
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False, shape=shape, stride=stride)

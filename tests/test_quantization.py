@@ -65,6 +65,23 @@ def test_int8_stochastic_rounding_unbiased_and_reproducible():
                        torch.zeros(63))
 
 
+@pytest.mark.parametrize("codec", [sf.int8_blockwise(64), sf.int8_blockwise(64, square_root=True), sf.bf16_codec()])
+@pytest.mark.parametrize("seed", [0, 11, torch.tensor(12)])
+def test_encode_index_offset_rounds_a_shard_as_the_whole_tensor(codec, seed):
+    """A shard encoded on its own with ``index_offset`` = its first flat index gets the whole
+    tensor's stochastic-rounding bits: where the shard starts on a block boundary, its codes
+    and scales are the whole tensor's."""
+    x = torch.randn(6, 128, generator=torch.Generator().manual_seed(3)).abs()
+    whole = codec.encode(x, seed)
+    part = codec.encode(x[2:5], seed, index_offset=2 * 128)
+    assert torch.equal(part.data, whole.data[2:5])
+    if codec.kind == "int8":
+        assert torch.equal(part.scale, whole.scale[2:5])
+        assert not torch.equal(codec.encode(x[2:5], seed).data, part.data)  # the offset matters
+    with pytest.raises(ValueError, match="index_offset must be a non-negative int"):
+        codec.encode(x, seed, index_offset=-1)
+
+
 def test_int8_ema_does_not_freeze_on_tiny_increments():
     """rho = 0.999 moves an entry by far less than a step per update: stochastic rounding keeps it moving."""
     codec = sf.int8_blockwise(64)

@@ -114,6 +114,27 @@ def seed_term(seed: Scalar, device: torch.device) -> Union[int, torch.Tensor]:
     return (seed * HASH_SEED_MUL) & MASK32
 
 
+def offset_seed(seed: Scalar, index_offset: int) -> Scalar:
+    """The seed whose hash uniforms at flat index ``i`` are ``seed``'s at ``index_offset + i``.
+
+    The hash starts from ``i * 0x9E3779B1 + seed * 0x85EBCA77`` (mod 2**32), and ``0x85EBCA77``
+    is odd, so a shift of the index is a shift of the seed by ``index_offset * 0x9E3779B1 *
+    0x85EBCA77**-1`` (mod 2**32): a shard of a tensor, encoded on its own with this seed, rounds
+    exactly as the same entries of the whole tensor do. ``seed`` may be an int or an integer tensor.
+    """
+    if isinstance(index_offset, bool) or not isinstance(index_offset, int) or index_offset < 0:
+        raise ValueError(f"index_offset must be a non-negative int, got {index_offset!r}")
+    shift = (index_offset * HASH_IDX_MUL * _HASH_SEED_MUL_INV) & MASK32
+    if shift == 0:
+        return seed
+    if isinstance(seed, torch.Tensor):
+        return (seed.to(torch.int64) & MASK32) + shift
+    return (seed & MASK32) + shift
+
+
+_HASH_SEED_MUL_INV = pow(HASH_SEED_MUL, -1, 1 << 32)
+
+
 def mul32(a: torch.Tensor, c: int) -> torch.Tensor:
     """``(a * c) mod 2**32`` for int64 ``a`` in [0, 2**32) without int64 overflow.
 

@@ -8,6 +8,7 @@ square root; plain linear int8 of the second moment rounds small entries to zero
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import optree
@@ -16,6 +17,7 @@ import torch
 from .._validation import check_int
 from ..base import GradientTransformation, check_transform, increment, register_state, step_count
 from ..codecs import Codec, EncodedTensor, int8_blockwise
+from ..parallel import from_row_shard, is_dtensor, row_shard
 from .adam import ScaleByAdamState
 
 __all__ = ["quantize_state", "QuantizedState", "int8_adam_codecs"]
@@ -76,7 +78,9 @@ def quantize_state(inner: GradientTransformation, codec: Any, *, min_size: int =
 
     Float32 tensors with at least ``min_size`` entries are encoded as :class:`EncodedTensor`
     (codes keep the tensor's shape; blocks run over its flattened entries); smaller tensors,
-    other dtypes and counters stay as they are. Each step decodes the state, runs ``inner``,
+    other dtypes and counters stay as they are. A DTensor split along dimension 0 (an FSDP2
+    shard) is encoded by each rank on its own rows, blocks running along each row, as an int8
+    DTensor of the same layout; other DTensors stay float32 (docs/distributed.md). Each step decodes the state, runs ``inner``,
     and encodes the new state again with a fresh stochastic-rounding seed.
 
     Args:
@@ -104,16 +108,20 @@ def quantize_state(inner: GradientTransformation, codec: Any, *, min_size: int =
 
     def encode_with(c: Codec, tree: Any, seed: Any) -> Any:
         def enc(x):
-            if isinstance(x, torch.Tensor) and x.dtype == torch.float32 and x.numel() >= min_size:
-                e = c.encode(x.reshape(-1), seed)
-                return EncodedTensor(e.data.view(x.shape), e.scale)
-            return x
+            if not (isinstance(x, torch.Tensor) and x.dtype == torch.float32 and x.numel() >= min_size):
+                return x
+            if is_dtensor(x):
+                return _encode_row_shard(c, x, seed)
+            e = c.encode(x.reshape(-1), seed)
+            return EncodedTensor(e.data.view(x.shape), e.scale)
 
         return optree.tree_map(enc, tree, none_is_leaf=True)
 
     def decode_with(c: Codec, tree: Any) -> Any:
         def dec(x):
             if isinstance(x, EncodedTensor):
+                if is_dtensor(x.data):
+                    return _decode_row_shard(c, x)
                 return c.decode(EncodedTensor(x.data.reshape(-1), x.scale)).view(x.data.shape)
             return x
 
@@ -130,3 +138,27 @@ def quantize_state(inner: GradientTransformation, codec: Any, *, min_size: int =
         return updates, QuantizedState(_map_codecs(inner_state, codec, lambda c, t: encode_with(c, t, count)), count)
 
     return GradientTransformation(init, update)
+
+
+def _encode_row_shard(c: Codec, x: Any, seed: Any) -> Any:
+    """Encode this rank's rows of a DTensor (an FSDP2 shard) on their own, blocks running along
+    each row: codes laid out as ``x``, scales ``(rows, blocks per row)`` laid out the same way.
+
+    Stochastic rounding draws the bits of the rows' global flat indices, so where a row's length
+    is a multiple of the block size the codes and scales are those of encoding the whole tensor.
+    A DTensor split along another dimension stays float32 (nothing lost, no memory saved)."""
+    found = row_shard(x) if x.dim() >= 2 else None
+    if found is None:
+        return x
+    local, first = found
+    row = math.prod(x.shape[1:])
+    e = c.encode(local.reshape(local.shape[0], row), seed, index_offset=first * row)
+    return EncodedTensor(from_row_shard(e.data.view(local.shape), x, x.shape[0]),
+                         from_row_shard(e.scale, x, x.shape[0]))
+
+
+def _decode_row_shard(c: Codec, x: EncodedTensor) -> Any:
+    """Inverse of :func:`_encode_row_shard`: the float32 DTensor laid out as the codes."""
+    codes = x.data.to_local()
+    y = c.decode(EncodedTensor(codes.reshape(codes.shape[0], -1), x.scale.to_local())).view(codes.shape)
+    return from_row_shard(y, x.data, x.data.shape[0])
