@@ -324,10 +324,11 @@ FSDP_STEPS = 30
 NAN_STEP = 12  # a NaN in one rank's shard: both ranks skip the step (sf.SCAO's default guard)
 
 
-def sharded_mlp() -> torch.nn.Module:
+def sharded_mlp(build=mlp) -> torch.nn.Module:
+    """``build()`` with every linear layer, then the whole model, under ``fully_shard``."""
     from torch.distributed.fsdp import fully_shard
 
-    model = mlp()
+    model = build()
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer)
@@ -445,16 +446,6 @@ def wide_mlp() -> torch.nn.Module:
                                torch.nn.Linear(64, 4))
 
 
-def sharded_wide_mlp() -> torch.nn.Module:
-    from torch.distributed.fsdp import fully_shard
-
-    model = wide_mlp()
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer)
-    return fully_shard(model)
-
-
 def int8_leaves(state) -> list[tuple[tuple[int, ...], bool]]:
     """(shape, is a DTensor) of every int8 tensor of a state."""
     return [(tuple(x.shape), is_dtensor(x)) for x in sf._tree.flatten(state)[0]
@@ -467,7 +458,7 @@ def _int8_worker(rank: int, tmp: str, cfg: dict) -> dict:
     from torch.distributed.tensor import Shard, distribute_tensor
 
     path = os.path.join(tmp, "ckpt")
-    model = sharded_wide_mlp()
+    model = sharded_mlp(wide_mlp)
     opt = sf.SCAO(model.parameters(), process_group=dist.group.WORLD, **cfg)
     losses = train_steps(model, opt, INT8_SAVE_AT, rank)
     dcp.save({"model": get_model_state_dict(model), "optim": sf.dcp_state_dict(opt)}, checkpoint_id=path)
@@ -475,7 +466,7 @@ def _int8_worker(rank: int, tmp: str, cfg: dict) -> dict:
     leaves = int8_leaves(opt.functional_state())
     uninterrupted = full_params(model)
 
-    model = sharded_wide_mlp()
+    model = sharded_mlp(wide_mlp)
     opt = sf.SCAO(model.parameters(), process_group=dist.group.WORLD, **cfg)
     sd = {"model": get_model_state_dict(model), "optim": sf.dcp_state_dict(opt)}
     dcp.load(sd, checkpoint_id=path)
