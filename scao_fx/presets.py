@@ -65,6 +65,7 @@ SCAO_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "sides": "both",
         "eigensolver": "auto",
         "gram_precision": "float32",
+        "rotation_precision": "float32",
         "curvature": "ema",
         "sketch_rank": 128,
         "sketch_storage": "bfloat16",
@@ -147,6 +148,7 @@ def scao_precondition(
     sides: str = SCAO_DEFAULTS["sides"],
     eigensolver: str = SCAO_DEFAULTS["eigensolver"],
     gram_precision: str = SCAO_DEFAULTS["gram_precision"],
+    rotation_precision: str = SCAO_DEFAULTS["rotation_precision"],
     process_group: Any = None,
     curvature: str = SCAO_DEFAULTS["curvature"],
     sketch_rank: int = SCAO_DEFAULTS["sketch_rank"],
@@ -203,6 +205,9 @@ def scao_precondition(
             :func:`~scao_fx.kronecker_eigenbasis`); there ``"auto"`` is an exact ``eigh``.
         gram_precision: ``"float32"`` or ``"bfloat16"`` inputs of the curvature's Gram products
             (see :func:`kronecker_precondition`).
+        rotation_precision: ``"float32"`` or ``"bfloat16"`` rotations into and out of the
+            eigenbasis: the eigenbasis form's (:func:`~scao_fx.kronecker_eigenbasis`); this
+            seed form requires the default.
         process_group: spread basis refreshes over this ``torch.distributed`` group (see
             :func:`kronecker_precondition` and ``docs/distributed.md``; the eigenbasis form of
             :func:`scao` takes it too); ``None``: local.
@@ -244,6 +249,9 @@ def scao_precondition(
             "form='eigenbasis' runs Adam inside the preconditioner: build the whole optimizer with "
             "sf.scao(..., form='eigenbasis') (or sf.kronecker_eigenbasis(...)), not scao_precondition"
         )
+    if rotation_precision != SCAO_DEFAULTS["rotation_precision"]:
+        raise ValueError(f"rotation_precision applies to form='eigenbasis' (the default form of sf.scao and sf.SCAO) "
+                         f"only; the seed form requires {SCAO_DEFAULTS['rotation_precision']!r}, got {rotation_precision!r}")
     statistic = _statistic(curvature, rho, use_int8_ema, block_size, sketch_rank, sketch_storage, basis_storage)
     return blend_ramp(
         kronecker_precondition(
@@ -311,6 +319,7 @@ def scao_eigenbasis_precondition(inner: GradientTransformation, kw: dict[str, An
         # the GPT benchmark (docs/scao.md, "The default, how it was chosen")
         eigensolver=hp["eigensolver"],
         gram_precision=hp["gram_precision"],
+        rotation_precision=hp["rotation_precision"],
         skip_first=kw.get("skip_first", SCAO_DEFAULTS["skip_first"]),
         process_group=process_group,
     )

@@ -588,6 +588,61 @@ def test_bfloat16_basis_storage_halves_the_bases_and_trains():
         sf.curvature_ema(0.9, basis_dtype=torch.float16)
 
 
+def _stats_and_bases(state):
+    """Every tensor of the Kronecker groups' sides (statistics, bases, ranks...) of a facade state."""
+    return [x for x in sf._tree.flatten(state.inner_state[0].groups)[0] if isinstance(x, torch.Tensor)]
+
+
+def test_bfloat16_rotations_round_only_the_products_and_train():
+    """``rotation_precision="bfloat16"``: the rotations are bfloat16 products, and nothing else
+    changes: statistics and bases stay bit-identical to the float32 run, the inner state stays
+    float32, each step's update is the float32 one up to the products' rounding, and training is
+    as good. A truncated rank (a complement) rotates in float32: bit-identical."""
+    params, grads = problem(steps=8, shapes={"w": (6, 5), "v": (6, 5), "b": (5,)})
+    full = dict(epsilon_sparse=0.0, k_max=None, lr=1e-2)
+    runs = {}
+    for prec in ("float32", "bfloat16"):
+        tx = scao_eig(**full, rotation_precision=prec)
+        p = {k: v.float() for k, v in params.items()}
+        state, updates = tx.init(p), []
+        for g in grads:
+            u, state = tx.update({k: v.float() for k, v in g.items()}, state, params=p, inplace=False)
+            updates.append(u)
+        runs[prec] = (updates, state)
+    (u32, s32), (u16, s16) = runs["float32"], runs["bfloat16"]
+    for a, b in zip(_stats_and_bases(s32), _stats_and_bases(s16)):
+        assert torch.equal(a, b)
+    assert all(x.dtype == torch.float32 for x in sf._tree.flatten(s16.inner_state[0].inner_state.mu)[0]
+               if isinstance(x, torch.Tensor))
+    assert torch.equal(u32[0]["w"], u16[0]["w"])  # step 1 only accumulates (skip_first): zero
+    for step, (a, b) in enumerate(zip(u32[1:], u16[1:]), 2):
+        x, y = a["w"].flatten(), b["w"].flatten()
+        assert float(torch.nn.functional.cosine_similarity(x, y, dim=0)) > 0.99, step
+        assert torch.equal(a["b"], b["b"])  # a vector is not rotated
+    assert not all(torch.equal(a["w"], b["w"]) for a, b in zip(u32, u16))  # bfloat16 products were used
+
+    # the rotation itself: the bfloat16 product of the rounded operands, accumulated in float32
+    from scao_fx.transforms.eigenbasis import _in_precision
+
+    x = torch.randn(6, 5, generator=torch.Generator().manual_seed(1))[None]
+    q6, q5 = (torch.linalg.qr(torch.randn(d, d))[0][None].bfloat16() for d in (6, 5))
+    assert torch.equal(_in_precision(rotate, x, (q6, q5)), rotate(x.bfloat16(), q6, q5).float())
+
+    truncated = [scao_eig(rotation_precision=prec) for prec in ("float32", "bfloat16")]  # k_max=2: a complement
+    (p32, _), (p16, _) = (run(tx, params, grads, torch.float32) for tx in truncated)
+    assert_tree_close(p16, p32, rtol=0, atol=0)
+
+    loss, params0 = regression(rotated=True)
+    start = loss(params0).item()
+    f32, _ = train(scao_eig(**{**full, "lr": 5e-2}), rotated=True)
+    b16, _ = train(scao_eig(**{**full, "lr": 5e-2}, rotation_precision="bfloat16"), rotated=True)
+    assert b16 < 1e-2 * start and b16 < 2 * f32 + 1e-6
+    with pytest.raises(ValueError, match="rotation_precision must be one of"):
+        sf.scao(rotation_precision="float16")
+    with pytest.raises(ValueError, match="rotation_precision applies to form='eigenbasis'"):
+        sf.scao(form="seed", rotation_precision="bfloat16")
+
+
 def test_quantized_moments_are_turned_decoded_at_a_refresh():
     """sf.scao(moments="int8") wraps the whole link in quantize_state, so a refresh turns the
     decoded first moment: with a lossless codec the run equals the plain link bit for bit,

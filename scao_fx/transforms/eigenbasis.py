@@ -148,6 +148,15 @@ def _bases(gs: KroneckerGroupState, dtype: torch.dtype) -> tuple:
     return tuple(None if s is None else kept_basis(s, dtype) for s in (gs.left, gs.right))
 
 
+def _in_precision(fn, x: torch.Tensor, bases: tuple) -> torch.Tensor:
+    """``fn(x, *bases)`` (:func:`rotate` or :func:`rotate_back`) in the bases' dtype, returned in
+    ``x``'s dtype: bfloat16 bases make it a bfloat16 matrix product with float32 accumulation."""
+    dtype = next((b.dtype for b in bases if b is not None), x.dtype)
+    if dtype == x.dtype:
+        return fn(x, *bases)
+    return fn(x.to(dtype), *bases).to(x.dtype)
+
+
 def kronecker_eigenbasis(
     inner: GradientTransformation | None = None,
     *,
@@ -162,6 +171,7 @@ def kronecker_eigenbasis(
     sides: str = "both",
     eigensolver: str = "auto",
     gram_precision: str = "float32",
+    rotation_precision: str = "float32",
     skip_first: bool = False,
     process_group: Any = None,
 ) -> GradientTransformation:
@@ -193,6 +203,14 @@ def kronecker_eigenbasis(
             iteration per refresh whose columns keep their positions (see the module
             documentation; full-width bases only, i.e. ``full_rank()``).
         gram_precision: ``"float32"`` or ``"bfloat16"`` inputs of the Gram products.
+        rotation_precision: ``"float32"`` or ``"bfloat16"``: the precision of the rotations
+            into and out of the eigenbasis (:math:`U^\top G V` and :math:`U C V^\top`, the
+            per-step matrix products): ``"bfloat16"`` multiplies bfloat16 copies of the matrix
+            and of the bases (a bfloat16 basis as stored) with float32 accumulation, and hands
+            the inner transform a float32 core; the inner state, the moments' change of basis at
+            a refresh and the statistics are unchanged. Groups with a complement (a truncated
+            rank) rotate in float32 whatever this says, so that no rounding of the kept part
+            leaks into the complement.
         skip_first: step 1 only accumulates the statistics and computes the first bases; every
             leaf's update is zero and the inner transform neither runs nor counts the step (its
             first step is step 2, in the eigenbasis). False: step 1 runs the inner transform in
@@ -234,6 +252,7 @@ def kronecker_eigenbasis(
     side_mode = check_choice("sides", sides, ("both", "wide"))
     check_choice("eigensolver", eigensolver, ("auto", "eigh", "subspace", "power"))
     check_choice("gram_precision", gram_precision, ("float32", "bfloat16"))
+    rotation_dtype = getattr(torch, check_choice("rotation_precision", rotation_precision, ("float32", "bfloat16")))
     skip_first = check_bool("skip_first", skip_first)
     process_group = check_process_group("process_group", process_group)
     executor = (_local_refreshes if process_group is None
@@ -356,12 +375,13 @@ def kronecker_eigenbasis(
                 inplace and not partial,
             )
             bases = _bases(gs, dtype)
-            core = rotate(x, *bases)
+            rbases = bases if has_comp or rotation_dtype == torch.float32 else _bases(gs, rotation_dtype)
+            core = _in_precision(rotate, x, rbases)
             comp = x - rotate_back(core, *bases) if has_comp else None
             for j in range(len(g.indices)):
                 cores.append(core[j] if present[j] else None)
                 comps.append(comp[j] if (comp is not None and present[j]) else None)
-            work.append((stats, bases, present, like, has_comp, dtype))
+            work.append((stats, bases, rbases, present, like, has_comp, dtype))
 
         # 2. the inner transform in the rotated coordinates (not at step 1 with skip_first: the
         # step's update is zero and the inner state stays as it was)
@@ -391,10 +411,10 @@ def kronecker_eigenbasis(
             if w is None:
                 new_groups.append(gs)
                 continue
-            stats, bases, present, like, has_comp, dtype = w
+            stats, bases, rbases, present, like, has_comp, dtype = w
             rows = out_cores[start:position]
             core = torch.stack([r if r is not None else torch.zeros_like(_any(rows)) for r in rows])
-            pg = rotate_back(core, *bases)
+            pg = _in_precision(rotate_back, core, rbases)
             if has_comp:
                 crows = out_comps[start:position]
                 pg = pg + project_complement(
