@@ -374,14 +374,14 @@ def kronecker_eigenbasis(
                 functools.partial(accumulate_group, gs, x, count * 64 + (2 * gi) % 64, updates),
                 inplace and not partial,
             )
-            bases = _bases(gs, dtype)
-            rbases = bases if has_comp or rotation_dtype == torch.float32 else _bases(gs, rotation_dtype)
-            core = _in_precision(rotate, x, rbases)
+            # the bases of the last refresh, in the rotations' precision (float32 with a complement)
+            bases = _bases(gs, dtype if has_comp or rotation_dtype == torch.float32 else rotation_dtype)
+            core = _in_precision(rotate, x, bases)
             comp = x - rotate_back(core, *bases) if has_comp else None
             for j in range(len(g.indices)):
                 cores.append(core[j] if present[j] else None)
                 comps.append(comp[j] if (comp is not None and present[j]) else None)
-            work.append((stats, bases, rbases, present, like, has_comp, dtype))
+            work.append((stats, bases, present, like, has_comp, dtype))
 
         # 2. the inner transform in the rotated coordinates (not at step 1 with skip_first: the
         # step's update is zero and the inner state stays as it was)
@@ -411,10 +411,10 @@ def kronecker_eigenbasis(
             if w is None:
                 new_groups.append(gs)
                 continue
-            stats, bases, rbases, present, like, has_comp, dtype = w
+            stats, bases, present, like, has_comp, dtype = w
             rows = out_cores[start:position]
             core = torch.stack([r if r is not None else torch.zeros_like(_any(rows)) for r in rows])
-            pg = _in_precision(rotate_back, core, rbases)
+            pg = _in_precision(rotate_back, core, bases)
             if has_comp:
                 crows = out_comps[start:position]
                 pg = pg + project_complement(
@@ -437,7 +437,8 @@ def kronecker_eigenbasis(
             new_gs = KroneckerGroupState(gs.leaves, *sides_new)
             new_groups.append(new_gs)
             if moment_at_refresh == "rotate" and refresh_now:
-                changes.append((list(range(start, position)), bases, _bases(new_gs, dtype)))
+                old = bases if all(b is None or b.dtype == dtype for b in bases) else _bases(gs, dtype)
+                changes.append((list(range(start, position)), old, _bases(new_gs, dtype)))
         if changes:
             inner_state = _when(due, lambda s: rotate_moments(s, changes), inner_state)
         refreshes = state.refreshes + due.to(torch.int64)
