@@ -229,9 +229,11 @@ def test_stat_freq_skips_the_statistics_and_debiases_by_their_count():
         torch.testing.assert_close(curv.factor(stat, updates, 6)[0], (g @ g.T).float(), rtol=1e-5, atol=1e-5)
 
 
-def test_stat_freq_compiled_update_matches_eager():
+@pytest.mark.parametrize("rotation_precision", ["float32", "bfloat16"])
+def test_stat_freq_compiled_update_matches_eager(rotation_precision):
     params, grads = problem(steps=5, shapes={"w": (5, 4), "b": (4,)})
-    tx = sf.kronecker_eigenbasis(curvature=sf.curvature_ema(0.9, sf.fp32_codec()), precond_freq=2, stat_freq=2)
+    tx = sf.kronecker_eigenbasis(curvature=sf.curvature_ema(0.9, sf.fp32_codec()), precond_freq=2, stat_freq=2,
+                                 rotation_precision=rotation_precision)
     p = {k: v.float() for k, v in params.items()}
     eager_state = tx.init(p)
     compiled_state = tx.init(p)
