@@ -83,15 +83,15 @@ LORA_ALPHA = 32
 #: Optimizers ``--workload finetune`` runs when ``--optimizers`` is not given.
 FINETUNE_OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw-b95", "scao", "muon")
 
-#: Default learning rates per mode, from grids run with ``--lr-sweep --sweep-only`` on this
-#: workload (seed 0, 20 steps full / 30 steps LoRA, the default data; docs/benchmarks.md lists
-#: the grids and losses). ``adamw-b95`` takes ``adamw``'s rate (not swept separately); an entry
-#: that the sweeps did not reach says so in docs/benchmarks.md. ``muon-adamw``: the rate of
-#: Muon's AdamW part (the rate its sweep ran with; ``--muon-adamw-lr`` overrides it). Optimizers
-#: not listed use 0.1 x their GPT default (full) or their GPT default (lora).
+#: Default learning rates per mode: the best of x2 grids run at the full length (150 steps,
+#: seed 0, the default data) with ``--lr-sweep --sweep-only`` until the best rate had a worse
+#: neighbour on both sides (docs/benchmarks.md lists the grids and losses; full fine-tuning's
+#: ``adamw`` is at the bottom of its grid). Both AdamW betas are swept separately.
+#: ``muon-adamw``: the rate of Muon's AdamW part (not swept; ``--muon-adamw-lr`` overrides it).
+#: Optimizers not listed use 0.1 x their GPT default (full) or their GPT default (lora).
 FINETUNE_LRS: dict[str, dict[str, float]] = {
     "full": {"adamw": 1e-4, "adamw-b95": 2e-4, "scao": 4e-4, "muon": 2.5e-3, "muon-adamw": 1e-4, "soap": 3e-4},
-    "lora": {"adamw": 1e-3, "adamw-b95": 1e-3, "scao": 1e-3, "muon": 1.25e-3, "muon-adamw": 1e-3, "soap": 1.5e-3},
+    "lora": {"adamw": 5e-4, "adamw-b95": 1e-3, "scao": 1e-3, "muon": 1.25e-3, "muon-adamw": 1e-3, "soap": 1.5e-3},
 }
 
 #: SCAO options of the fine-tuning runs unless ``--scao-opt`` is given: none (SCAO's default form
