@@ -66,6 +66,7 @@ SCAO_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "eigensolver": "auto",
         "gram_precision": "float32",
         "rotation_precision": "float32",
+        "moment_at_refresh": "rotate",
         "curvature": "ema",
         "sketch_rank": 128,
         "sketch_storage": "bfloat16",
@@ -149,6 +150,7 @@ def scao_precondition(
     eigensolver: str = SCAO_DEFAULTS["eigensolver"],
     gram_precision: str = SCAO_DEFAULTS["gram_precision"],
     rotation_precision: str = SCAO_DEFAULTS["rotation_precision"],
+    moment_at_refresh: str = SCAO_DEFAULTS["moment_at_refresh"],
     process_group: Any = None,
     curvature: str = SCAO_DEFAULTS["curvature"],
     sketch_rank: int = SCAO_DEFAULTS["sketch_rank"],
@@ -208,6 +210,8 @@ def scao_precondition(
         rotation_precision: ``"float32"`` or ``"bfloat16"`` rotations into and out of the
             eigenbasis: the eigenbasis form's (:func:`~scao_fx.kronecker_eigenbasis`); this
             seed form requires the default.
+        moment_at_refresh: how Adam's moments follow the bases at a refresh in the eigenbasis
+            form (see :func:`~scao_fx.kronecker_eigenbasis`); this seed form requires the default.
         process_group: spread basis refreshes over this ``torch.distributed`` group (see
             :func:`kronecker_precondition` and ``docs/distributed.md``; the eigenbasis form of
             :func:`scao` takes it too); ``None``: local.
@@ -249,9 +253,10 @@ def scao_precondition(
             "form='eigenbasis' runs Adam inside the preconditioner: build the whole optimizer with "
             "sf.scao(..., form='eigenbasis') (or sf.kronecker_eigenbasis(...)), not scao_precondition"
         )
-    if rotation_precision != SCAO_DEFAULTS["rotation_precision"]:
-        raise ValueError(f"rotation_precision applies to form='eigenbasis' (the default form of sf.scao and sf.SCAO) "
-                         f"only; the seed form requires {SCAO_DEFAULTS['rotation_precision']!r}, got {rotation_precision!r}")
+    for key, value in (("rotation_precision", rotation_precision), ("moment_at_refresh", moment_at_refresh)):
+        if value != SCAO_DEFAULTS[key]:
+            raise ValueError(f"{key} applies to form='eigenbasis' (the default form of sf.scao and sf.SCAO) "
+                             f"only; the seed form requires {SCAO_DEFAULTS[key]!r}, got {value!r}")
     statistic = _statistic(curvature, rho, use_int8_ema, block_size, sketch_rank, sketch_storage, basis_storage)
     return blend_ramp(
         kronecker_precondition(
@@ -320,6 +325,7 @@ def scao_eigenbasis_precondition(inner: GradientTransformation, kw: dict[str, An
         eigensolver=hp["eigensolver"],
         gram_precision=hp["gram_precision"],
         rotation_precision=hp["rotation_precision"],
+        moment_at_refresh=hp["moment_at_refresh"],
         skip_first=kw.get("skip_first", SCAO_DEFAULTS["skip_first"]),
         process_group=process_group,
     )

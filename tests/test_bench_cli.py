@@ -239,3 +239,10 @@ def test_interleave_is_the_default_and_load_warning(monkeypatch):
     assert cli._load_warning(interleave=True) is None
     monkeypatch.setattr(cli.os, "getloadavg", lambda: (1.5, 1.0, 1.0))
     assert cli._load_warning(interleave=False) is None
+
+
+def test_lr_names_a_variant_whose_name_holds_equals_signs():
+    from scao_fx.bench.cli import _lr_overrides
+
+    assert _lr_overrides(["scao@rho=0.9+precond_freq=3=5e-3", "adamw=1e-3"]) == {
+        "scao@rho=0.9+precond_freq=3": 5e-3, "adamw": 1e-3}

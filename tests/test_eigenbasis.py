@@ -10,7 +10,14 @@ from torch.func import grad
 from treeutil import assert_tree_close, clone, versions
 
 import scao_fx as sf
-from scao_fx.precond.eigenbasis import change_basis, kept_basis, project_complement, rotate, rotate_back
+from scao_fx.precond.eigenbasis import (
+    change_basis,
+    change_basis_second_moment,
+    kept_basis,
+    project_complement,
+    rotate,
+    rotate_back,
+)
 from scao_fx.precond.kron import init_side
 from scao_fx.presets import SCAO_DEFAULTS
 
@@ -229,11 +236,12 @@ def test_stat_freq_skips_the_statistics_and_debiases_by_their_count():
         torch.testing.assert_close(curv.factor(stat, updates, 6)[0], (g @ g.T).float(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rotation_precision", ["float32", "bfloat16"])
-def test_stat_freq_compiled_update_matches_eager(rotation_precision):
+@pytest.mark.parametrize(("rotation_precision", "moment_at_refresh"),
+                         [("float32", "rotate"), ("bfloat16", "rotate"), ("float32", "project")])
+def test_stat_freq_compiled_update_matches_eager(rotation_precision, moment_at_refresh):
     params, grads = problem(steps=5, shapes={"w": (5, 4), "b": (4,)})
     tx = sf.kronecker_eigenbasis(curvature=sf.curvature_ema(0.9, sf.fp32_codec()), precond_freq=2, stat_freq=2,
-                                 rotation_precision=rotation_precision)
+                                 rotation_precision=rotation_precision, moment_at_refresh=moment_at_refresh)
     p = {k: v.float() for k, v in params.items()}
     eager_state = tx.init(p)
     compiled_state = tx.init(p)
@@ -259,13 +267,34 @@ def test_soap_keep_ablation_departs_from_the_reference():
     assert (got["a"] - ref["a"]).abs().max() > 1e-4
 
 
-def test_refresh_rotates_the_first_moment_and_carries_the_second():
+def test_change_basis_second_moment_is_the_mean_square_of_uncorrelated_coordinates():
+    """Exact check: coordinates C with independent zero-mean entries of variances nu, carried to
+    new bases as C' = P C Q, have E[C'^2] = (P∘P) nu (Q∘Q), the function's result."""
+    gen = torch.Generator().manual_seed(4)
+    q = lambda d: torch.linalg.qr(torch.randn(1, d, d, generator=gen, dtype=torch.float64))[0]
+    ul, ur, nl, nr = q(4), q(3), q(4), q(3)
+    nu = torch.rand(1, 4, 3, generator=gen, dtype=torch.float64)
+    p, qq = (nl.mT @ ul)[0], (ur.mT @ nr)[0]
+    # vec(P C Q) = (Q^T kron P) vec(C) (column-major vec): its covariance's diagonal
+    a = torch.kron(qq.T.contiguous(), p.contiguous())
+    var = (a * a) @ nu[0].T.reshape(-1)
+    torch.testing.assert_close(change_basis_second_moment(nu, ul, ur, nl, nr)[0], var.reshape(3, 4).T)
+    # unmoved bases carry nu unchanged; a permutation permutes it; the total is kept (full bases)
+    torch.testing.assert_close(change_basis_second_moment(nu, ul, ur, ul, ur), nu)
+    swap = torch.eye(4, dtype=torch.float64)[[2, 0, 3, 1]][None]
+    torch.testing.assert_close(change_basis_second_moment(nu, torch.eye(4, dtype=torch.float64)[None], None, swap, None),
+                               swap.mT @ nu)
+    torch.testing.assert_close(change_basis_second_moment(nu, ul, ur, nl, nr).sum(), nu.sum())
+
+
+@pytest.mark.parametrize("mode", ["rotate", "project"])
+def test_refresh_rotates_the_first_moment_and_carries_the_second(mode):
     params, grads = problem(steps=4, shapes={"w": (5, 4)})
     params = {k: v.float() for k, v in params.items()}
     b1 = 0.9
     mk = lambda mode: sf.kronecker_eigenbasis(sf.scale_by_adam(b1, 0.95), curvature=sf.curvature_ema(0.95, sf.fp32_codec()),
                                               rank=sf.full_rank(), precond_freq=3, moment_at_refresh=mode)
-    rot, keep = mk("rotate"), mk("keep")
+    rot, keep = mk(mode), mk("keep")
     sr, sk = rot.init(params), keep.init(params)
     for t, g in enumerate(grads, 1):
         g = {k: v.float() for k, v in g.items()}
@@ -279,7 +308,12 @@ def test_refresh_rotates_the_first_moment_and_carries_the_second():
             torch.testing.assert_close(
                 adam_state(sr).mu[1][0], change_basis(adam_state(sk).mu[1][0][None], *old, *new)[0], rtol=1e-5, atol=1e-6
             )
-            assert torch.equal(adam_state(sr).nu[1][0], adam_state(sk).nu[1][0])  # carried, by position
+            if mode == "rotate":  # carried, by position
+                assert torch.equal(adam_state(sr).nu[1][0], adam_state(sk).nu[1][0])
+            else:  # projected: the mean squares of the old coordinates in the new ones
+                torch.testing.assert_close(adam_state(sr).nu[1][0], change_basis_second_moment(
+                    adam_state(sk).nu[1][0][None], *old, *new)[0], rtol=1e-5, atol=1e-9)
+                assert not torch.allclose(adam_state(sr).nu[1][0], adam_state(sk).nu[1][0])
             sk = sk._replace(inner_state=clone(adam_state(sr)))  # continue both from the same state
         else:
             assert torch.equal(adam_state(sr).mu[1][0], adam_state(sk).mu[1][0])
@@ -443,11 +477,15 @@ def test_facade_form_keyword():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="moment_at_refresh"):
-        sf.kronecker_eigenbasis(moment_at_refresh="project")
+        sf.kronecker_eigenbasis(moment_at_refresh="projected")
     with pytest.raises(TypeError, match="inner"):
         sf.kronecker_eigenbasis("adam")
     with pytest.raises(ValueError, match="form"):
         sf.scao(form="soap")
+    with pytest.raises(ValueError, match="moment_at_refresh must be one of"):
+        sf.scao(moment_at_refresh="projected")
+    with pytest.raises(ValueError, match="moment_at_refresh applies to form='eigenbasis'"):
+        sf.scao(form="seed", moment_at_refresh="project")
     with pytest.raises(ValueError, match="warmup_steps applies to form='seed' only"):
         sf.scao(form="eigenbasis", warmup_steps=5)
     with pytest.raises(ValueError, match="sf.scao"):

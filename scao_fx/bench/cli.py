@@ -75,7 +75,7 @@ def _lr_overrides(items: list[str]) -> dict[str, float]:
     for item in items:
         if "=" not in item:
             raise ValueError(f"--lr expects NAME=VALUE, got {item!r}")
-        name, value = item.split("=", 1)
+        name, value = item.rsplit("=", 1)  # a variant name holds "=" too
         try:
             lr = float(value)
         except ValueError:

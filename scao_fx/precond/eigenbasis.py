@@ -24,7 +24,7 @@ import torch
 
 from .kron import KroneckerSide
 
-__all__ = ["kept_basis", "rotate", "rotate_back", "project_complement", "change_basis"]
+__all__ = ["kept_basis", "rotate", "rotate_back", "project_complement", "change_basis", "change_basis_second_moment"]
 
 
 def kept_basis(side: KroneckerSide, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -131,3 +131,40 @@ def change_basis(
     if old_right is not None:
         core = torch.matmul(core, torch.matmul(old_right.transpose(-1, -2), new_right))
     return core
+
+
+def change_basis_second_moment(
+    nu: torch.Tensor,
+    old_left: torch.Tensor | None,
+    old_right: torch.Tensor | None,
+    new_left: torch.Tensor | None,
+    new_right: torch.Tensor | None,
+) -> torch.Tensor:
+    r"""Carry second moments (mean squares) of cores from old bases to new ones.
+
+    A core entry in the new bases is :math:`C'_{ij} = \sum_{ab} P_{ia} C_{ab} Q_{bj}` with the
+    overlaps :math:`P = U_{new}^\top U_{old}`, :math:`Q = V_{old}^\top V_{new}`. Taking the old
+    coordinates as uncorrelated, its mean square is
+
+    .. math::
+        \nu' = (P \circ P)\,\nu\,(Q \circ Q),
+
+    a weighted average of the old mean squares (the rows and columns of :math:`P \circ P` sum to
+    1 for full bases): a direction that turned into another inherits its second moment, wherever
+    the refresh put it. Where the bases did not move, :math:`\nu' = \nu`.
+
+    Example:
+        >>> import torch
+        >>> from scao_fx.precond.eigenbasis import change_basis_second_moment
+        >>> eye = torch.eye(2)[None]
+        >>> half = torch.tensor([[[1.0, 1.0], [1.0, -1.0]]]) / 2 ** 0.5   # 45 degrees
+        >>> change_basis_second_moment(torch.tensor([[[4.0], [0.0]]]), eye, None, half, None).round(decimals=5).tolist()
+        [[[2.0], [2.0]]]
+    """
+    if old_left is not None:
+        overlap = torch.matmul(new_left.transpose(-1, -2), old_left)
+        nu = torch.matmul(overlap * overlap, nu)
+    if old_right is not None:
+        overlap = torch.matmul(old_right.transpose(-1, -2), new_right)
+        nu = torch.matmul(nu, overlap * overlap)
+    return nu

@@ -31,8 +31,12 @@ choice of keeping the first moment in the original coordinates and projecting it
 the second moment ``nu`` is carried over as it is, position by position, as SOAP does (with
 ``eigensolver="power"`` position ``i`` is the continuation of the old basis's column ``i``;
 with ``eigh`` eigenvalues are sorted at every refresh, so position ``i`` is the ``i``-th
-largest direction of the old and of the new basis). ``"keep"`` carries every inner state tensor unchanged
-(an ablation). Other inner states (e.g. :func:`~scao_fx.quantize_state`'s encoded moments) are
+largest direction of the old and of the new basis). ``"project"`` also carries the second moment
+to the new bases as the mean squares of uncorrelated old coordinates,
+:math:`\nu' = (P\circ P)\,\nu\,(Q\circ Q)` with :math:`P = U_{new}^\top U_{old}`, :math:`Q =
+V_{old}^\top V_{new}` (:func:`~scao_fx.precond.eigenbasis.change_basis_second_moment`); measured
+worse than ``"rotate"`` on the GPT benchmark (``docs/scao.md``). ``"keep"`` carries every inner
+state tensor unchanged (an ablation). Other inner states (e.g. :func:`~scao_fx.quantize_state`'s encoded moments) are
 always carried unchanged: to store the moments encoded, wrap this whole link in
 ``quantize_state`` instead (its codecs a prefix of :class:`KroneckerEigenbasisState`, as
 ``sf.scao(moments="int8")`` does), so that the link sees them decoded. A first moment in
@@ -94,7 +98,7 @@ from ..base import GradientTransformation, check_transform, increment, register_
 from ..parallel import check_process_group
 from ..precond.curvature import CurvatureEMA, statistics_schedule
 from ..precond.eigen import branch, regularize, robust_eigh
-from ..precond.eigenbasis import change_basis, kept_basis, project_complement, rotate, rotate_back
+from ..precond.eigenbasis import change_basis, change_basis_second_moment, kept_basis, project_complement, rotate, rotate_back
 from ..precond.kron import init_side, normalize, saturate, side_from_eigenpairs
 from ..precond.rank import RankRule, full_rank
 from .adam import ScaleByAdamState, scale_by_adam
@@ -193,7 +197,9 @@ def kronecker_eigenbasis(
             reads a fresh accumulation.
         max_precond_dim: longest side that is rotated, >= 2.
         moment_at_refresh: ``"rotate"`` (Adam's first moment follows the basis, the second is
-            carried by position: SOAP) or ``"keep"`` (the inner state is carried unchanged).
+            carried by position: SOAP), ``"project"`` (the second moment is carried too, by the
+            squared overlaps of the old and new bases) or ``"keep"`` (the inner state is carried
+            unchanged).
         tikhonov: relative Tikhonov factor of a refresh, >= 0 (moves eigenvalues, not eigenvectors:
             it only matters for the rank rule).
         grouped: stack leaves of equal matrix shape, dtype and device (False: one group per leaf).
@@ -246,7 +252,7 @@ def kronecker_eigenbasis(
     precond_freq = check_int("precond_freq", precond_freq, low=1)
     stat_freq = check_int("stat_freq", stat_freq, low=1)
     max_precond_dim = check_int("max_precond_dim", max_precond_dim, low=2)
-    check_choice("moment_at_refresh", moment_at_refresh, ("rotate", "keep"))
+    check_choice("moment_at_refresh", moment_at_refresh, ("rotate", "project", "keep"))
     tikhonov = check_float("tikhonov", tikhonov, low=0.0)
     grouped = check_bool("grouped", grouped)
     side_mode = check_choice("sides", sides, ("both", "wide"))
@@ -330,14 +336,22 @@ def kronecker_eigenbasis(
             mu = node.mu
             if not (isinstance(mu, tuple) and len(mu) == 3 and isinstance(mu[1], tuple)):
                 return node  # not the tree this link hands its inner transform
-            cores = list(mu[1])
+            node = node._replace(mu=(mu[0], moved(mu[1], change_basis), mu[2]))
+            if moment_at_refresh == "project":
+                nu = node.nu
+                node = node._replace(nu=(nu[0], moved(nu[1], change_basis_second_moment), nu[2]))
+            return node
+
+        def moved(cores, fn):
+            """The cores with each group's stack carried to its new bases by ``fn``."""
+            cores = list(cores)
             for positions, old, new in changes:
                 stack = torch.stack([cores[p] for p in positions])  # bf16 moments turn in float32
                 work = stack.to(torch.promote_types(stack.dtype, torch.float32))
-                stack = change_basis(work, *old, *new).to(stack.dtype)
+                stack = fn(work, *old, *new).to(stack.dtype)
                 for j, p in enumerate(positions):
                     cores[p] = stack[j]
-            return node._replace(mu=(mu[0], tuple(cores), mu[2]))
+            return tuple(cores)
 
         return optree.tree_map(fix, inner_state, is_leaf=lambda x: isinstance(x, ScaleByAdamState), none_is_leaf=True)
 
@@ -436,7 +450,7 @@ def kronecker_eigenbasis(
                 sides_new.append(_keep_absent(present_rows, new, side) if partial else new)
             new_gs = KroneckerGroupState(gs.leaves, *sides_new)
             new_groups.append(new_gs)
-            if moment_at_refresh == "rotate" and refresh_now:
+            if moment_at_refresh != "keep" and refresh_now:
                 old = bases if all(b is None or b.dtype == dtype for b in bases) else _bases(gs, dtype)
                 changes.append((list(range(start, position)), old, _bases(new_gs, dtype)))
         if changes:
