@@ -38,7 +38,7 @@ __all__ = [
 SCAO_DEFAULTS: Mapping[str, Any] = MappingProxyType(
     {
         # the Adam part (sf.adamw(lr, betas, eps, weight_decay) after the preconditioner)
-        "lr": 3e-3,
+        "lr": 5e-3,
         "betas": (0.9, 0.95),
         "eps": 1e-8,
         "weight_decay": 0.01,

@@ -568,8 +568,8 @@ BAD_ARGUMENTS["soap"] = [
 ]
 BAD_ARGUMENTS["kronecker_eigenbasis"] = [
     (lambda: sf.kronecker_eigenbasis("adam"), TypeError, ["inner", "GradientTransformation", "str"]),
-    (lambda: sf.kronecker_eigenbasis(moment_at_refresh="project"), ValueError,
-     ["moment_at_refresh", "'project'", "'rotate', 'keep'"]),
+    (lambda: sf.kronecker_eigenbasis(moment_at_refresh="projected"), ValueError,
+     ["moment_at_refresh", "'projected'", "'rotate', 'project', 'keep'"]),
     (lambda: sf.kronecker_eigenbasis(rank=8), TypeError, ["rank", "8", "RankRule"]),
     (lambda: sf.kronecker_eigenbasis(max_precond_dim=1), ValueError, ["max_precond_dim", "1", "[2, inf]"]),
 ]
