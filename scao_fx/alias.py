@@ -13,7 +13,7 @@ import torch
 
 from ._validation import check_betas, check_bool, check_choice, check_dtype, check_float, check_int, check_scalar_or_schedule
 from .base import GradientTransformation
-from .codecs import fp32_codec
+from .codecs import bf16_codec, fp32_codec
 from .precond.curvature import curvature_ema
 from .precond.orthogonal import NS_COEFFICIENTS
 from .precond.rank import full_rank
@@ -26,7 +26,7 @@ from .presets import (  # noqa: F401 - re-exported
     scao_eigenbasis_precondition,
     scao_precondition,
 )
-from .transforms.adam import add_decayed_weights, scale_by_adam
+from .transforms.adam import ScaleByAdamState, add_decayed_weights, scale_by_adam
 from .transforms.combinators import chain, partition
 from .transforms.eigenbasis import KroneckerEigenbasisState, kronecker_eigenbasis
 from .transforms.finite import apply_if_finite
@@ -39,20 +39,29 @@ __all__ = ["adam", "adamw", "muon", "scao_precondition", "scao", "soap", "SCAO_D
 
 
 #: Accepted values of SCAO's ``moments`` keyword (the storage of Adam's two moments): float32
-#: (8 bytes per parameter), bfloat16 (4: the moments and Adam's arithmetic in bfloat16) or
-#: block-wise int8 (about 2.1).
+#: (8 bytes per parameter), bfloat16 (4: stored with stochastic rounding, Adam's arithmetic in
+#: float32) or block-wise int8 (about 2.1).
 SCAO_MOMENTS = ("float32", "bfloat16", "int8")
 
 
 def _scale_by_adam_stored(b1: float, b2: float, eps: float, moments: str, moment_dtype: torch.dtype | None):
     """``scale_by_adam`` with its moments stored as ``moments`` says: ``"float32"`` (the plain
-    transform), ``"bfloat16"`` (``moment_dtype=torch.bfloat16``) or ``"int8"``
-    (``quantize_state(scale_by_adam(), int8_adam_codecs())``: block-wise int8, the second moment
-    as its square root; tensors under 4096 entries stay float32)."""
+    transform), ``"bfloat16"`` or ``"int8"`` (``quantize_state(scale_by_adam(), codecs)`` with
+    :func:`_moment_codecs`; tensors under 4096 entries stay float32)."""
     moment_dtype = _stored_moment_dtype(moments, moment_dtype)
-    if moments == "int8":
-        return quantize_state(scale_by_adam(b1, b2, eps), int8_adam_codecs())
-    return scale_by_adam(b1, b2, eps, moment_dtype=moment_dtype)
+    if moments == "float32":
+        return scale_by_adam(b1, b2, eps, moment_dtype=moment_dtype)
+    return quantize_state(scale_by_adam(b1, b2, eps), _moment_codecs(moments))
+
+
+def _moment_codecs(moments: str) -> ScaleByAdamState:
+    """The codecs of Adam's moments for ``moments="bfloat16"`` (both moments bfloat16 with
+    stochastic rounding: unbiased, so a moment whose step is below bfloat16's resolution, e.g.
+    the second moment with ``beta2=0.999``, still moves on average instead of stalling) or
+    ``"int8"`` (:func:`int8_adam_codecs`)."""
+    if moments == "bfloat16":
+        return ScaleByAdamState(mu=bf16_codec(), nu=bf16_codec(), count=None)
+    return int8_adam_codecs()
 
 
 def _stored_moment_dtype(moments: str, moment_dtype: torch.dtype | None) -> torch.dtype | None:
@@ -63,7 +72,7 @@ def _stored_moment_dtype(moments: str, moment_dtype: torch.dtype | None) -> torc
         return moment_dtype
     if moment_dtype is not None:
         raise ValueError(f"moments={moments!r} sets the moments' storage; moment_dtype must be None, got {moment_dtype!r}")
-    return torch.bfloat16 if moments == "bfloat16" else None
+    return None
 
 
 def _adamw_stored(lr, betas, eps, weight_decay, mask, moment_dtype, moments: str) -> GradientTransformation:
@@ -374,13 +383,14 @@ def scao(
         eps: Adam epsilon, >= 0.
         weight_decay: decoupled weight decay, >= 0.
         moments: storage of Adam's two moments: ``"float32"`` (8 bytes per parameter),
-            ``"bfloat16"`` (4 bytes: ``moment_dtype=torch.bfloat16``, Adam's arithmetic in
-            bfloat16 too) or ``"int8"`` (8-bit Adam: block-wise int8 with one float32 scale per
-            64 entries, the second moment stored as its square root; about 2.1 bytes per
-            parameter; tensors under 4096 entries stay float32). Seed form:
-            ``quantize_state(scale_by_adam(...), int8_adam_codecs())``; eigenbasis form: the
-            whole ``kronecker_eigenbasis`` link inside ``quantize_state``, so that a refresh turns
-            the decoded first moment. With ``"bfloat16"`` or ``"int8"``, ``moment_dtype`` must be
+            ``"bfloat16"`` (4 bytes: both moments stored in bfloat16 with stochastic rounding,
+            which is unbiased, so they do not stall where a step is below bfloat16's resolution,
+            e.g. the second moment with ``beta2=0.999``; Adam's arithmetic in float32) or
+            ``"int8"`` (8-bit Adam: block-wise int8 with one float32 scale per 64 entries, the
+            second moment stored as its square root; about 2.1 bytes per parameter). Tensors
+            under 4096 entries stay float32. Seed form: ``quantize_state(scale_by_adam(...),
+            codecs)``; eigenbasis form: the whole ``kronecker_eigenbasis`` link inside
+            ``quantize_state``, so that a refresh turns the decoded first moment. With ``"bfloat16"`` or ``"int8"``, ``moment_dtype`` must be
             ``None``.
         mask: weight-decay mask (tree of bools or callable).
         moment_dtype: dtype of Adam's moments (default: at least float32).
@@ -414,10 +424,10 @@ def scao(
     if form == "eigenbasis":
         def eigenbasis(inner: GradientTransformation, b2: float) -> GradientTransformation:
             link = scao_eigenbasis_precondition(inner, precondition_kwargs)
-            if moments != "int8":
+            if moments == "float32":
                 return link
             # the whole link runs on decoded moments, so a refresh turns the float32 first moment
-            return quantize_state(link, KroneckerEigenbasisState(None, None, None, int8_adam_codecs()))
+            return quantize_state(link, KroneckerEigenbasisState(None, None, None, _moment_codecs(moments)))
 
         tx = _adam_in_eigenbasis(eigenbasis, lr, betas, eps, weight_decay, mask,
                                  _stored_moment_dtype(moments, moment_dtype))

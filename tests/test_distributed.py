@@ -446,10 +446,15 @@ def wide_mlp() -> torch.nn.Module:
                                torch.nn.Linear(64, 4))
 
 
-def int8_leaves(state) -> list[tuple[tuple[int, ...], bool]]:
-    """(shape, is a DTensor) of every int8 tensor of a state."""
+#: moments= -> (the stored dtype, quantize_state's codecs for Adam's state)
+STORED = {"int8": (torch.int8, sf.int8_adam_codecs()),
+          "bfloat16": (torch.bfloat16, sf.ScaleByAdamState(mu=sf.bf16_codec(), nu=sf.bf16_codec(), count=None))}
+
+
+def int8_leaves(state, dtype=torch.int8) -> list[tuple[tuple[int, ...], bool]]:
+    """(shape, is a DTensor) of every tensor of ``dtype`` (int8) of a state."""
     return [(tuple(x.shape), is_dtensor(x)) for x in sf._tree.flatten(state)[0]
-            if isinstance(x, torch.Tensor) and x.dtype == torch.int8]
+            if isinstance(x, torch.Tensor) and x.dtype == dtype]
 
 
 def _int8_worker(rank: int, tmp: str, cfg: dict) -> dict:
@@ -463,7 +468,8 @@ def _int8_worker(rank: int, tmp: str, cfg: dict) -> dict:
     losses = train_steps(model, opt, INT8_SAVE_AT, rank)
     dcp.save({"model": get_model_state_dict(model), "optim": sf.dcp_state_dict(opt)}, checkpoint_id=path)
     losses += train_steps(model, opt, INT8_STEPS - INT8_SAVE_AT, rank, start=INT8_SAVE_AT)
-    leaves = int8_leaves(opt.functional_state())
+    dtype, codecs = STORED[cfg["moments"]]
+    leaves = int8_leaves(opt.functional_state(), dtype)
     uninterrupted = full_params(model)
 
     model = sharded_mlp(wide_mlp)
@@ -478,29 +484,33 @@ def _int8_worker(rank: int, tmp: str, cfg: dict) -> dict:
     g = torch.Generator().manual_seed(5)
     grads = [torch.randn(5, 900, generator=g) for _ in range(3)]
     mesh = model[0].weight.device_mesh
-    tx = sf.quantize_state(sf.scale_by_adam(), sf.int8_adam_codecs())
+    tx = sf.quantize_state(sf.scale_by_adam(), codecs)
     state = tx.init(distribute_tensor(torch.zeros(5, 900), mesh, [Shard(0)]))
     for grad in grads:
         _, state = tx.update(distribute_tensor(grad, mesh, [Shard(0)]), state)
     (adam,) = find_nodes(state.inner_state, sf.ScaleByAdamState)
-    codes, scales = adam.mu.data.to_local(), adam.mu.scale.to_local()
+    codes = adam.mu.data.to_local()
+    scales = adam.mu.scale.to_local() if is_dtensor(adam.mu.scale) else adam.mu.scale
     return {"losses": losses, "params": uninterrupted, "resumed": full_params(model), "int8": leaves,
             "codes": codes.shape, "scales": scales.shape, "grads": grads,
-            "mu": sf.int8_adam_codecs().mu.decode(sf.EncodedTensor(codes, scales))}
+            "mu": codecs.mu.decode(sf.EncodedTensor(codes.reshape(codes.shape[0], -1), scales)).view(codes.shape)}
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("moments", ["int8", "bfloat16"])
 @pytest.mark.parametrize("form", FORMS)
-def test_fsdp2_int8_moments_match_single_process_and_resume(tmp_path, form):
-    """``moments="int8"`` under FSDP2: each rank encodes its rows of the moments (int8 DTensors
-    laid out as the parameter), bit-identical to one process, and a DCP checkpoint resumes it."""
-    cfg = dict(FORMS[form], moments="int8")
+def test_fsdp2_int8_moments_match_single_process_and_resume(tmp_path, form, moments):
+    """``moments="int8"`` (and ``"bfloat16"``) under FSDP2: each rank encodes its rows of the
+    moments (int8 / bfloat16 DTensors laid out as the parameter), bit-identical to one process,
+    and a DCP checkpoint resumes it."""
+    cfg = dict(FORMS[form], moments=moments)
     ranks = launch(_int8_worker, tmp_path, cfg)
     model = wide_mlp()
     opt = sf.SCAO(model.parameters(), **cfg)
     ref_losses = train_steps(model, opt, INT8_STEPS, None)
     ref = full_params(model)
-    ref_int8 = [shape for shape, _ in int8_leaves(opt.functional_state())]
+    dtype = STORED[moments][0]
+    ref_int8 = [shape for shape, _ in int8_leaves(opt.functional_state(), dtype)]
     for r, out in enumerate(ranks):
         assert out["losses"] == ref_losses, f"rank {r}"
         assert_trees_equal(out["params"], ref, f"rank {r} vs one process")
@@ -511,13 +521,17 @@ def test_fsdp2_int8_moments_match_single_process_and_resume(tmp_path, form):
         assert sum(d for _, d in out["int8"]) == (2 if form == "seed" else 0), out["int8"]
     # Uneven rows: rank 0 holds 3 rows, rank 1 two; 900 = 14 blocks of 64 and one of 4 per row.
     assert [tuple(out["codes"]) for out in ranks] == [(3, 900), (2, 900)]
-    assert [tuple(out["scales"]) for out in ranks] == [(3, 15), (2, 15)]
-    mu = torch.zeros(5, 900)
+    want_scales = [(3, 15), (2, 15)] if moments == "int8" else [(0,), (0,)]  # bfloat16: no scales
+    assert [tuple(out["scales"]) for out in ranks] == want_scales
+    mu, peak = torch.zeros(5, 900), torch.zeros(5, 900)
     for grad in ranks[0]["grads"]:
         mu = 0.9 * mu + 0.1 * grad
+        peak = torch.maximum(peak, mu.abs())
     got = torch.cat([out["mu"] for out in ranks])
-    # int8 with one scale per 64 entries: within a few code steps of the float32 moment.
-    assert (got - mu).abs().max() <= 3 * mu.abs().max() / 127
+    if moments == "int8":  # one scale per 64 entries: within a few code steps of the float32 moment
+        assert (got - mu).abs().max() <= 3 * mu.abs().max() / 127
+    else:  # bfloat16, stochastically rounded: under one unit in the last place (2^-7) per step
+        assert ((got - mu).abs() <= 3 * 2 ** -7 * peak).all()
 
 
 # --------------------------------------------------------------------------- single process

@@ -118,7 +118,7 @@ GPT2_SMALL_BYTES_PER_PARAM = {
     "default": ({}, 16.24),
     "default, float32 bases": (dict(basis_storage="float32"), 21.51),
     "default, max_precond_dim=1024": (dict(max_precond_dim=1024), 8.95),
-    "default, moments=bfloat16": (dict(moments="bfloat16"), 12.24),
+    "default, moments=bfloat16": (dict(moments="bfloat16"), 12.25),
     "default, moments=int8": (dict(moments="int8"), 10.37),
     "default, max_precond_dim=1024, moments=bfloat16": (dict(max_precond_dim=1024, moments="bfloat16"), 4.95),
     "default, max_precond_dim=1024, moments=int8": (dict(max_precond_dim=1024, moments="int8"), 3.08),

@@ -1421,6 +1421,35 @@ def test_scao_int8_moments_cost_a_quarter_of_the_adam_state():
 
 
 
+def test_bfloat16_moments_round_stochastically_and_do_not_stall_with_beta2_near_one():
+    """With beta2=0.999 a step of the second moment is below bfloat16's resolution: rounded to
+    nearest, it stalls far from the float32 value; stored with stochastic rounding (what
+    moments="bfloat16" does) it tracks float32 on average."""
+
+    def nu_after(tx):
+        p = {"w": torch.zeros(64, 96)}
+        state = tx.init(p)
+        gen = torch.Generator().manual_seed(0)
+        for t in range(400):
+            grad = (1.0 if t < 100 else 2.0) * torch.sign(torch.randn(64, 96, generator=gen))
+            _, state = tx.update({"w": grad}, state, params=p)
+        found = []
+        optree.tree_map(lambda n: found.append(n.nu["w"]) if isinstance(n, sf.ScaleByAdamState) else None, state,
+                        is_leaf=lambda x: isinstance(x, sf.ScaleByAdamState), none_is_leaf=True)
+        (nu,) = found
+        return nu
+
+    kw = dict(form="seed", betas=(0.9, 0.999), max_precond_dim=32)  # no side preconditioned: plain Adam
+    exact = nu_after(sf.scao(moments="float32", **kw))
+    stored = nu_after(sf.scao(moments="bfloat16", **kw))
+    assert stored.data.dtype == torch.bfloat16 and stored.data.shape == (64, 96)
+    decoded = stored.data.float()
+    assert abs(decoded.mean() / exact.mean() - 1) < 0.01  # unbiased: the mean is kept
+    assert (decoded / exact - 1).abs().max() < 0.15
+    nearest = nu_after(sf.scale_by_adam(0.9, 0.999, moment_dtype=torch.bfloat16)).float()
+    assert abs(nearest.mean() / exact.mean() - 1) > 0.2  # round-to-nearest stalls
+
+
 @pytest.mark.parametrize("moments", ["bfloat16", "int8"])
 def test_scao_eigenbasis_stored_moments_train_and_resume_bit_identical(moments):
     """The default (eigenbasis) form with bfloat16 or 8-bit Adam moments: the moments of the

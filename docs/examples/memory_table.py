@@ -190,9 +190,15 @@ def scao_sketch_side(d: int, rank: int, storage: str, k_max: int = 128, block: i
     return frame + 4 * p * p + 8 + basis + 4 * cap + 4 + 8 + 8
 
 
+def adam_bf16_bytes(numel: int, min_size: int = 4096) -> int:
+    """Two bfloat16 moments; tensors under ``min_size`` entries keep float32 moments (as
+    ``quantize_state`` does)."""
+    return 4 * numel if numel >= min_size else 8 * numel
+
+
 def _moments(numel, moments):
     """Adam's two moments stored as SCAO's ``moments`` keyword says."""
-    return {"float32": adam_bytes(numel), "bfloat16": 4 * numel, "int8": adam8_bytes(numel)}[moments]
+    return {"float32": adam_bytes(numel), "bfloat16": adam_bf16_bytes(numel), "int8": adam8_bytes(numel)}[moments]
 
 
 def _eigen(numel, shape, *, moments="float32", max_dim=MAX_PRECOND_DIM):

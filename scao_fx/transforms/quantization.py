@@ -153,12 +153,14 @@ def _encode_row_shard(c: Codec, x: Any, seed: Any) -> Any:
     local, first = found
     row = math.prod(x.shape[1:])
     e = c.encode(local.reshape(local.shape[0], row), seed, index_offset=first * row)
-    return EncodedTensor(from_row_shard(e.data.view(local.shape), x, x.shape[0]),
-                         from_row_shard(e.scale, x, x.shape[0]))
+    # a codec without scales (bfloat16) keeps its empty scale as a plain tensor
+    scale = from_row_shard(e.scale, x, x.shape[0]) if e.scale.numel() else e.scale
+    return EncodedTensor(from_row_shard(e.data.view(local.shape), x, x.shape[0]), scale)
 
 
 def _decode_row_shard(c: Codec, x: EncodedTensor) -> Any:
     """Inverse of :func:`_encode_row_shard`: the float32 DTensor laid out as the codes."""
     codes = x.data.to_local()
-    y = c.decode(EncodedTensor(codes.reshape(codes.shape[0], -1), x.scale.to_local())).view(codes.shape)
+    scale = x.scale.to_local() if is_dtensor(x.scale) else x.scale
+    y = c.decode(EncodedTensor(codes.reshape(codes.shape[0], -1), scale)).view(codes.shape)
     return from_row_shard(y, x.data, x.data.shape[0])
