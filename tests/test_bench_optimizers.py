@@ -225,3 +225,12 @@ def test_scao_option_keys():
     optreg.check_scao_options({"rho": 0.9})
     with pytest.raises(ValueError, match=r"'rhoo'.*valid keys: .*rho"):
         optreg.check_scao_options({"rho": 0.9, "rhoo": 0.9})
+
+
+def test_option_values_parse_to_python_values_and_tuples():
+    from scao_fx.bench.optimizers import parse_options, parse_value
+
+    assert parse_value("true") is True and parse_value("None") is None
+    assert parse_value("3") == 3 and parse_value("5e-3") == 5e-3 and parse_value("eigh") == "eigh"
+    assert parse_value("0.95,0.95") == (0.95, 0.95)
+    assert parse_options(["betas=0.9,0.99", "precond_freq=3"], "--scao-opt") == {"betas": (0.9, 0.99), "precond_freq": 3}

@@ -148,7 +148,10 @@ VARIANT_SEPARATOR = "@"
 
 
 def parse_value(text: str) -> Any:
-    """A command-line option value: ``true``/``false``, ``none``, an int, a float, else the text."""
+    """A command-line option value: ``true``/``false``, ``none``, an int, a float, a tuple of
+    those written with commas (``betas=0.95,0.95``), else the text."""
+    if "," in text:
+        return tuple(parse_value(part) for part in text.split(","))
     low = text.strip().lower()
     if low in ("true", "false"):
         return low == "true"
