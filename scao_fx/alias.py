@@ -390,8 +390,8 @@ def scao(
             second moment stored as its square root; about 2.1 bytes per parameter). Tensors
             under 4096 entries stay float32. Seed form: ``quantize_state(scale_by_adam(...),
             codecs)``; eigenbasis form: the whole ``kronecker_eigenbasis`` link inside
-            ``quantize_state``, so that a refresh turns the decoded first moment. With ``"bfloat16"`` or ``"int8"``, ``moment_dtype`` must be
-            ``None``.
+            ``quantize_state``, so that a refresh turns the decoded first moment. With
+            ``"bfloat16"`` or ``"int8"``, ``moment_dtype`` must be ``None``.
         mask: weight-decay mask (tree of bools or callable).
         moment_dtype: dtype of Adam's moments (default: at least float32).
         skip_nonfinite: wrap the chain in :func:`~scao_fx.apply_if_finite` (default True).
