@@ -327,7 +327,8 @@ def kronecker_eigenbasis(
         return side_from_eigenpairs(side, *pairs, rank=rank)
 
     def rotate_moments(inner_state, changes):
-        """Re-express the cores of every Adam first moment in the new bases (``changes``: per
+        """Re-express the cores of every Adam first moment in the new bases, and with
+        ``moment_at_refresh="project"`` carry the second moments there too (``changes``: per
         group, ``(core positions, old bases, new bases)``)."""
 
         def fix(node):
