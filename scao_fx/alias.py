@@ -13,7 +13,7 @@ import torch
 
 from ._validation import check_betas, check_bool, check_choice, check_dtype, check_float, check_int, check_scalar_or_schedule
 from .base import GradientTransformation
-from .codecs import bf16_codec, fp32_codec
+from .codecs import fp32_codec
 from .precond.curvature import curvature_ema
 from .precond.orthogonal import NS_COEFFICIENTS
 from .precond.rank import full_rank
@@ -32,7 +32,7 @@ from .transforms.eigenbasis import KroneckerEigenbasisState, kronecker_eigenbasi
 from .transforms.finite import apply_if_finite
 from .transforms.momentum import scale_by_momentum
 from .transforms.orthogonal import check_coefficients, scale_by_newton_schulz
-from .transforms.quantization import int8_adam_codecs, quantize_state
+from .transforms.quantization import bf16_adam_codecs, int8_adam_codecs, quantize_state
 from .transforms.scale import scale_by_learning_rate
 
 __all__ = ["adam", "adamw", "muon", "scao_precondition", "scao", "soap", "SCAO_DEFAULTS"]
@@ -55,13 +55,9 @@ def _scale_by_adam_stored(b1: float, b2: float, eps: float, moments: str, moment
 
 
 def _moment_codecs(moments: str) -> ScaleByAdamState:
-    """The codecs of Adam's moments for ``moments="bfloat16"`` (both moments bfloat16 with
-    stochastic rounding: unbiased, so a moment whose step is below bfloat16's resolution, e.g.
-    the second moment with ``beta2=0.999``, still moves on average instead of stalling) or
+    """The codecs of Adam's moments for ``moments="bfloat16"`` (:func:`bf16_adam_codecs`) or
     ``"int8"`` (:func:`int8_adam_codecs`)."""
-    if moments == "bfloat16":
-        return ScaleByAdamState(mu=bf16_codec(), nu=bf16_codec(), count=None)
-    return int8_adam_codecs()
+    return bf16_adam_codecs() if moments == "bfloat16" else int8_adam_codecs()
 
 
 def _stored_moment_dtype(moments: str, moment_dtype: torch.dtype | None) -> torch.dtype | None:

@@ -447,17 +447,16 @@ def wide_mlp() -> torch.nn.Module:
 
 
 #: moments= -> (the stored dtype, quantize_state's codecs for Adam's state)
-STORED = {"int8": (torch.int8, sf.int8_adam_codecs()),
-          "bfloat16": (torch.bfloat16, sf.ScaleByAdamState(mu=sf.bf16_codec(), nu=sf.bf16_codec(), count=None))}
+STORED = {"int8": (torch.int8, sf.int8_adam_codecs()), "bfloat16": (torch.bfloat16, sf.bf16_adam_codecs())}
 
 
-def int8_leaves(state, dtype=torch.int8) -> list[tuple[tuple[int, ...], bool]]:
-    """(shape, is a DTensor) of every tensor of ``dtype`` (int8) of a state."""
+def stored_leaves(state, dtype) -> list[tuple[tuple[int, ...], bool]]:
+    """(shape, is a DTensor) of every tensor of ``dtype`` (the moments' storage) of a state."""
     return [(tuple(x.shape), is_dtensor(x)) for x in sf._tree.flatten(state)[0]
             if isinstance(x, torch.Tensor) and x.dtype == dtype]
 
 
-def _int8_worker(rank: int, tmp: str, cfg: dict) -> dict:
+def _stored_worker(rank: int, tmp: str, cfg: dict) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -469,7 +468,7 @@ def _int8_worker(rank: int, tmp: str, cfg: dict) -> dict:
     dcp.save({"model": get_model_state_dict(model), "optim": sf.dcp_state_dict(opt)}, checkpoint_id=path)
     losses += train_steps(model, opt, INT8_STEPS - INT8_SAVE_AT, rank, start=INT8_SAVE_AT)
     dtype, codecs = STORED[cfg["moments"]]
-    leaves = int8_leaves(opt.functional_state(), dtype)
+    leaves = stored_leaves(opt.functional_state(), dtype)
     uninterrupted = full_params(model)
 
     model = sharded_mlp(wide_mlp)
@@ -491,7 +490,7 @@ def _int8_worker(rank: int, tmp: str, cfg: dict) -> dict:
     (adam,) = find_nodes(state.inner_state, sf.ScaleByAdamState)
     codes = adam.mu.data.to_local()
     scales = adam.mu.scale.to_local() if is_dtensor(adam.mu.scale) else adam.mu.scale
-    return {"losses": losses, "params": uninterrupted, "resumed": full_params(model), "int8": leaves,
+    return {"losses": losses, "params": uninterrupted, "resumed": full_params(model), "stored": leaves,
             "codes": codes.shape, "scales": scales.shape, "grads": grads,
             "mu": codecs.mu.decode(sf.EncodedTensor(codes.reshape(codes.shape[0], -1), scales)).view(codes.shape)}
 
@@ -499,26 +498,26 @@ def _int8_worker(rank: int, tmp: str, cfg: dict) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("moments", ["int8", "bfloat16"])
 @pytest.mark.parametrize("form", FORMS)
-def test_fsdp2_int8_moments_match_single_process_and_resume(tmp_path, form, moments):
+def test_fsdp2_stored_moments_match_single_process_and_resume(tmp_path, form, moments):
     """``moments="int8"`` (and ``"bfloat16"``) under FSDP2: each rank encodes its rows of the
     moments (int8 / bfloat16 DTensors laid out as the parameter), bit-identical to one process,
     and a DCP checkpoint resumes it."""
     cfg = dict(FORMS[form], moments=moments)
-    ranks = launch(_int8_worker, tmp_path, cfg)
+    ranks = launch(_stored_worker, tmp_path, cfg)
     model = wide_mlp()
     opt = sf.SCAO(model.parameters(), **cfg)
     ref_losses = train_steps(model, opt, INT8_STEPS, None)
     ref = full_params(model)
     dtype = STORED[moments][0]
-    ref_int8 = [shape for shape, _ in int8_leaves(opt.functional_state(), dtype)]
+    ref_stored = [shape for shape, _ in stored_leaves(opt.functional_state(), dtype)]
     for r, out in enumerate(ranks):
         assert out["losses"] == ref_losses, f"rank {r}"
         assert_trees_equal(out["params"], ref, f"rank {r} vs one process")
         assert_trees_equal(out["resumed"], out["params"], f"rank {r}: resumed vs uninterrupted")
         # The same int8 tensors as one process; in the seed form Adam sees the shards, so the
         # 64 x 64 weight's two moments are int8 DTensors (the eigenbasis form's cores are whole).
-        assert [shape for shape, _ in out["int8"]] == ref_int8
-        assert sum(d for _, d in out["int8"]) == (2 if form == "seed" else 0), out["int8"]
+        assert [shape for shape, _ in out["stored"]] == ref_stored
+        assert sum(d for _, d in out["stored"]) == (2 if form == "seed" else 0), out["stored"]
     # Uneven rows: rank 0 holds 3 rows, rank 1 two; 900 = 14 blocks of 64 and one of 4 per row.
     assert [tuple(out["codes"]) for out in ranks] == [(3, 900), (2, 900)]
     want_scales = [(3, 15), (2, 15)] if moments == "int8" else [(0,), (0,)]  # bfloat16: no scales

@@ -44,7 +44,7 @@ from .finite import (
 from .kronecker import KroneckerGroupState, KroneckerPreconditionState, kronecker_precondition, matrix_shape
 from .momentum import ScaleByMomentumState, scale_by_momentum
 from .orthogonal import scale_by_newton_schulz
-from .quantization import QuantizedState, int8_adam_codecs, quantize_state
+from .quantization import QuantizedState, bf16_adam_codecs, int8_adam_codecs, quantize_state
 from .scale import ScaleByScheduleState, scale, scale_by_learning_rate
 from .sharding import full_tensor_updates
 
@@ -71,6 +71,7 @@ __all__ = [
     "QuantizedState",
     "quantize_state",
     "int8_adam_codecs",
+    "bf16_adam_codecs",
     "kronecker_precondition",
     "KroneckerPreconditionState",
     "KroneckerGroupState",

@@ -16,11 +16,11 @@ import torch
 
 from .._validation import check_int
 from ..base import GradientTransformation, check_transform, increment, register_state, step_count
-from ..codecs import Codec, EncodedTensor, int8_blockwise
+from ..codecs import Codec, EncodedTensor, bf16_codec, int8_blockwise
 from ..parallel import from_row_shard, is_dtensor, row_shard
 from .adam import ScaleByAdamState
 
-__all__ = ["quantize_state", "QuantizedState", "int8_adam_codecs"]
+__all__ = ["quantize_state", "QuantizedState", "int8_adam_codecs", "bf16_adam_codecs"]
 
 
 @register_state
@@ -71,6 +71,25 @@ def int8_adam_codecs(block_size: int = 64) -> ScaleByAdamState:
     return ScaleByAdamState(
         mu=int8_blockwise(block_size), nu=int8_blockwise(block_size, square_root=True), count=None
     )
+
+
+def bf16_adam_codecs() -> ScaleByAdamState:
+    """Codecs for :func:`scale_by_adam`'s state: both moments in bfloat16 with stochastic
+    rounding (:func:`~scao_fx.bf16_codec`), with :func:`quantize_state`.
+
+    Unbiased rounding keeps a moment moving where its step is below bfloat16's resolution (about
+    0.4 % of its value), e.g. the second moment with ``beta2=0.999``, which rounding to nearest
+    would stall. 4 bytes per entry instead of 8; Adam's arithmetic stays float32.
+
+    Returns:
+        A :class:`~scao_fx.transforms.adam.ScaleByAdamState` of codecs (``count``: not encoded).
+
+    Example:
+        >>> import scao_fx as sf
+        >>> adam16 = sf.chain(sf.quantize_state(sf.scale_by_adam(0.9, 0.999), sf.bf16_adam_codecs()),
+        ...                   sf.scale_by_learning_rate(1e-3))
+    """
+    return ScaleByAdamState(mu=bf16_codec(), nu=bf16_codec(), count=None)
 
 
 def quantize_state(inner: GradientTransformation, codec: Any, *, min_size: int = 4096) -> GradientTransformation:
