@@ -480,6 +480,7 @@ BAD_ARGUMENTS = {
         (lambda: sf.clip_by_global_norm(math.inf), None, []),  # no clipping: accepted
     ],
     "fp32_codec": [(lambda: sf.fp32_codec(1), TypeError, ["argument"])],
+    "bf16_adam_codecs": [(lambda: sf.bf16_adam_codecs(64), TypeError, ["argument"])],
     "bf16_codec": [(lambda: sf.bf16_codec(stochastic="no"), TypeError, ["stochastic", "'no'", "bool"])],
     "int8_blockwise": [
         (lambda: sf.int8_blockwise(4), ValueError, ["block_size", "4", "[8, inf]"]),
