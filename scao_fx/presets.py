@@ -65,7 +65,7 @@ SCAO_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "sides": "both",
         "eigensolver": "auto",
         "gram_precision": "float32",
-        "rotation_precision": "float32",
+        "rotation_precision": "bfloat16",
         "moment_at_refresh": "rotate",
         "curvature": "ema",
         "sketch_rank": 128,
