@@ -53,7 +53,7 @@ SCAO_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "epsilon_sparse": 0.0,
         "k_min": 8,
         "k_max": None,
-        "max_precond_dim": 4096,
+        "max_precond_dim": 2048,
         "tau": None,
         "use_int8_ema": True,
         "block_size": 32,

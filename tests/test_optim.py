@@ -589,7 +589,7 @@ def test_scao_is_an_optimizer_with_the_original_core_signature():
     sig = inspect.signature(SCAO)
     expected = dict(lr=5e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01, precond_freq=SCAO_DEFAULTS["precond_freq"],
                     epsilon_sparse=0.0, k_min=8, k_max=None, rho=0.95, tau=None, warmup_steps=100, blend_steps=50,
-                    min_precond_updates=10, max_precond_dim=4096, use_int8_ema=True)
+                    min_precond_updates=10, max_precond_dim=2048, use_int8_ema=True)
     for name, default in expected.items():
         assert sig.parameters[name].default == default, name
     assert sf.SCAO is SCAO and sf.TransformOptimizer is TransformOptimizer

@@ -37,18 +37,31 @@ def _shapes(layers: int, d: int, vocab: int, ctx: int) -> dict:
     return p
 
 
+# the seed form at its earlier defaults (adaptive rank up to 128, float32 bases); a sketch stores
+# its basis as sketch_storage says
+SEED = dict(form="seed", epsilon_sparse=0.05, k_max=128, basis_storage="float32")
+SEED_SKETCH = dict(form="seed", epsilon_sparse=0.05, k_max=128)
+INT8_SKETCH = dict(curvature="sketch", sketch_rank=64, sketch_storage="int8", moments="int8")
+
+#: the rows of docs/memory.md's target table, in its order (and two of docs/scao.md's)
 CONFIGS = {
     "adamw (fp32 moments)": lambda: sf.adamw(),
-    "scao default (int8 curvature, fp32 moments)": lambda: sf.scao(),
-    "scao, fp32 curvature (use_int8_ema=False)": lambda: sf.scao(use_int8_ema=False),
-    "scao, max_precond_dim=1024": lambda: sf.scao(max_precond_dim=1024),
-    "scao, max_precond_dim=1024, k_max=64": lambda: sf.scao(max_precond_dim=1024, k_max=64),
-    "scao, moments='int8' (8-bit Adam moments)": lambda: sf.scao(form="seed", moments="int8"),
-    "scao, max_precond_dim=1024, moments='int8'": lambda: sf.scao(form="seed", max_precond_dim=1024, moments="int8"),
-    "scao, curvature='sketch' (rank 128, bf16)": lambda: sf.scao(curvature="sketch"),
-    "scao, sketch rank 64 int8, moments='int8'": lambda: sf.scao(
-        form="seed", curvature="sketch", sketch_rank=64, sketch_storage="int8", moments="int8"
-    ),
+    "scao defaults": lambda: sf.scao(),
+    "defaults, basis_storage='float32'": lambda: sf.scao(basis_storage="float32"),
+    "defaults, moments='bfloat16'": lambda: sf.scao(moments="bfloat16"),
+    "defaults, moments='int8'": lambda: sf.scao(moments="int8"),
+    "defaults, sketch rank 64 int8, moments='int8'": lambda: sf.scao(**INT8_SKETCH),
+    "defaults, max_precond_dim=4096": lambda: sf.scao(max_precond_dim=4096),
+    "defaults, max_precond_dim=4096, moments='bfloat16'": lambda: sf.scao(max_precond_dim=4096, moments="bfloat16"),
+    "defaults, max_precond_dim=4096, moments='int8'": lambda: sf.scao(max_precond_dim=4096, moments="int8"),
+    "seed form (earlier defaults)": lambda: sf.scao(**SEED),
+    "the same, moments='int8'": lambda: sf.scao(**SEED, moments="int8"),
+    "the same, max_precond_dim=4096": lambda: sf.scao(**SEED, max_precond_dim=4096),
+    "the same, use_int8_ema=False": lambda: sf.scao(**SEED, use_int8_ema=False),
+    "the same, max_precond_dim=4096, use_int8_ema=False": lambda: sf.scao(**SEED, max_precond_dim=4096,
+                                                                         use_int8_ema=False),
+    "the same, curvature='sketch' (rank 128, bf16)": lambda: sf.scao(**SEED_SKETCH, curvature="sketch"),
+    "the same, sketch rank 64 int8, moments='int8'": lambda: sf.scao(**SEED_SKETCH, **INT8_SKETCH),
 }
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 import scao_fx as sf
+from scao_fx.presets import SCAO_DEFAULTS
 
 # --------------------------------------------------------------------------- model shapes
 
@@ -132,6 +133,7 @@ def optimizers() -> dict:
         "8-bit AdamW (64-entry blocks)": lambda: sf.chain(_adam8(), *tail()),
         "scao default (eigenbasis, int8 factors, bf16 bases)": lambda: sf.scao(),
         "scao default, max_precond_dim=1024": lambda: sf.scao(max_precond_dim=1024),
+        "scao default, max_precond_dim=4096": lambda: sf.scao(max_precond_dim=4096),
         "scao default, moments=bfloat16": lambda: sf.scao(moments="bfloat16"),
         "scao default, moments=int8": lambda: sf.scao(moments="int8"),
         "scao default, max_precond_dim=1024, moments=int8": lambda: sf.scao(max_precond_dim=1024, moments="int8"),
@@ -146,7 +148,7 @@ def optimizers() -> dict:
 
 # --------------------------------------------------------------------------- exact formulas
 
-MAX_PRECOND_DIM = 4096  # SCAO's default
+MAX_PRECOND_DIM = SCAO_DEFAULTS["max_precond_dim"]  # SCAO's default (2048)
 # SOAP: the rule used here is "a side is preconditioned if it is at most max_precond_dim long"
 # (longer sides, e.g. the vocabulary, are left one-sided), with two limits: 10000 (the SOAP
 # paper's reference code and sf.soap) and 2048 (a tighter limit some implementations default to).
@@ -227,6 +229,7 @@ FORMULAS = {
     if hidden and len(shape) == 2 else adam_bytes(math.prod(shape)),
     "scao default (eigenbasis, int8 factors, bf16 bases)": lambda shape, hidden: _eigen(math.prod(shape), shape),
     "scao default, max_precond_dim=1024": lambda shape, hidden: _eigen(math.prod(shape), shape, max_dim=1024),
+    "scao default, max_precond_dim=4096": lambda shape, hidden: _eigen(math.prod(shape), shape, max_dim=4096),
     "scao default, moments=bfloat16": lambda shape, hidden: _eigen(math.prod(shape), shape, moments="bfloat16"),
     "scao default, moments=int8": lambda shape, hidden: _eigen(math.prod(shape), shape, moments="int8"),
     "scao default, max_precond_dim=1024, moments=int8": lambda shape, hidden: _eigen(math.prod(shape), shape,
