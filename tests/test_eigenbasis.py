@@ -579,7 +579,8 @@ def test_skip_first_only_initialises_the_bases_at_step_1():
 
 def test_scao_full_rank_eigenbasis_is_soap_with_its_statistics():
     # epsilon_sparse=0 with k_max=None is full_rank(): with float32 statistics, bases and
-    # rotations, the power refresh and skip_first, sf.scao's eigenbasis form is sf.soap step for step (same chain, same parts).
+    # rotations, the power refresh and skip_first, sf.scao's eigenbasis form is sf.soap step for
+    # step (same chain, same parts).
     kw = dict(lr=3e-3, betas=(0.9, 0.95), weight_decay=0.01, precond_freq=3)
     scao = sf.scao(form="eigenbasis", rho=0.95, epsilon_sparse=0.0, k_max=None, eigensolver="power",
                    skip_first=True, use_int8_ema=False, basis_storage="float32", rotation_precision="float32",
