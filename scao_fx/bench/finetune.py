@@ -90,7 +90,7 @@ FINETUNE_OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw-b95", "scao", "muon")
 #: ``muon-adamw``: the rate of Muon's AdamW part (not swept; ``--muon-adamw-lr`` overrides it).
 #: Optimizers not listed use 0.1 x their GPT default (full) or their GPT default (lora).
 FINETUNE_LRS: dict[str, dict[str, float]] = {
-    "full": {"adamw": 1e-4, "adamw-b95": 2e-4, "scao": 4e-4, "muon": 2.5e-3, "muon-adamw": 1e-4, "soap": 3e-4},
+    "full": {"adamw": 1e-4, "adamw-b95": 2e-4, "scao": 2.8e-4, "muon": 2.5e-3, "muon-adamw": 1e-4, "soap": 3e-4},
     "lora": {"adamw": 5e-4, "adamw-b95": 1e-3, "scao": 1.5e-3, "muon": 1.25e-3, "muon-adamw": 1e-3, "soap": 1.5e-3},
 }
 
