@@ -156,6 +156,7 @@ OPTIMIZERS: list[OptimizerEntry] = [
             sf.kronecker_eigenbasis(
                 sf.scale_by_adam(*SCAO_DEFAULTS["betas"]), curvature=sf.curvature_ema(0.9, basis_dtype=torch.bfloat16),
                 rank=sf.full_rank(), precond_freq=2, eigensolver="eigh", skip_first=True,
+                rotation_precision=SCAO_DEFAULTS["rotation_precision"], max_precond_dim=SCAO_DEFAULTS["max_precond_dim"],
             ),
             sf.add_decayed_weights(1e-4),
             sf.scale_by_learning_rate(lr),
@@ -165,7 +166,8 @@ OPTIMIZERS: list[OptimizerEntry] = [
         quadratic_tol=1e-4,
         rosenbrock_tol=5e-3,
         compile_tol=(1e-4, 1e-6),
-        note="SCAO's defaults: Adam in the eigenbases of int8 factors, bfloat16 bases, every direction, step 1 zero",
+        note="SCAO's defaults: Adam in the eigenbases of int8 factors, bfloat16 bases and rotations, every direction, "
+             "step 1 zero",
     ),
     OptimizerEntry(
         name="scao-eigenbasis",
