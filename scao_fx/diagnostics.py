@@ -215,6 +215,7 @@ def scao_diagnostics(
     rho: float = SCAO_DEFAULTS["rho"],
     stat_freq: int = SCAO_DEFAULTS["stat_freq"],
     codec: Codec | None = None,
+    float32_below: int = SCAO_DEFAULTS["float32_below"],
     names: Sequence[str] | None = None,
     shapes: Sequence[Sequence[int]] | None = None,
     curvature_norms: bool = True,
@@ -226,8 +227,9 @@ def scao_diagnostics(
     step; the ramp's settings below are only used for states that do not record it. Eigenbasis
     form: the ramp's settings are not used (it has no ramp: ``phase`` is ``"adam"`` after step 1
     and ``"precond"`` from step 2 on, ``blend`` 0.0 then 1.0; see the module docs). In both,
-    ``rho``, ``stat_freq`` and ``codec`` must be the ones the state was built with (they are not stored in the
-    state); the :class:`scao_fx.SCAO` optimizer passes them for you (``opt.diagnostics()``).
+    ``rho``, ``stat_freq``, ``codec`` and ``float32_below`` must be the ones the state was built
+    with (they are not stored in the state); the :class:`scao_fx.SCAO` optimizer passes them for
+    you (``opt.diagnostics()``).
 
     Args:
         state: the functional state (e.g. of ``sf.scao(...)``, either form).
@@ -238,6 +240,8 @@ def scao_diagnostics(
         stat_freq: the steps between accumulations of the statistics (for their debiasing).
         codec: the curvature storage codec (default: int8 with ``scao_precondition``'s default
             ``block_size``; pass ``fp32_codec()`` for ``use_int8_ema=False``).
+        float32_below: the sides kept in float32 whatever ``codec`` says (see
+            :func:`~scao_fx.curvature_ema`; default: SCAO's).
         names: one name per leaf of the parameter tree (default: ``"0"``, ``"1"``, ...).
         shapes: the leaves' shapes (to fill ``shape`` for leaves without curvature).
         curvature_norms: decode the factors to report their norms (costs a decode per factor).
@@ -291,7 +295,8 @@ def scao_diagnostics(
     labels = [str(i) for i in range(n)] if names is None else [str(x) for x in names]
     readers = None
     if curvature_norms:
-        readers = (curvature_ema(rho, codec=_default_codec() if codec is None else codec), curvature_sketch(rho=rho))
+        readers = (curvature_ema(rho, codec=_default_codec() if codec is None else codec, float32_below=float32_below),
+                   curvature_sketch(rho=rho))
 
     def out(x: Any) -> Any:
         if as_tensors or x is None:

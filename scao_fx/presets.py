@@ -71,6 +71,7 @@ SCAO_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "sketch_rank": 128,
         "sketch_storage": "bfloat16",
         "basis_storage": "bfloat16",
+        "float32_below": 64,
         "form": "eigenbasis",
         "skip_first": True,
         # the non-finite guard (apply_if_finite around the chain)
@@ -98,7 +99,7 @@ class _NotGiven(float):
 
 
 def _statistic(curvature: str, rho: float, use_int8_ema: bool, block_size: int, sketch_rank: int, sketch_storage: str,
-               basis_storage: str):
+               basis_storage: str, float32_below: int):
     """The curvature statistic SCAO's keywords describe (``curvature``, ``use_int8_ema``, ...)."""
     if not isinstance(use_int8_ema, bool):
         raise TypeError(f"use_int8_ema must be a bool, got {use_int8_ema!r}")
@@ -106,14 +107,15 @@ def _statistic(curvature: str, rho: float, use_int8_ema: bool, block_size: int, 
     check_choice("sketch_storage", sketch_storage, ("bfloat16", "int8", "float32"))
     check_choice("basis_storage", basis_storage, ("float32", "bfloat16"))
     if curvature == "sketch":
-        if basis_storage != SCAO_DEFAULTS["basis_storage"]:
-            raise ValueError("basis_storage applies to curvature='ema'; with curvature='sketch' the basis is stored "
-                             f"as sketch_storage says (got basis_storage={basis_storage!r})")
+        for key, value in (("basis_storage", basis_storage), ("float32_below", float32_below)):
+            if value != SCAO_DEFAULTS[key]:
+                raise ValueError(f"{key} applies to curvature='ema'; with curvature='sketch' the frame and basis are "
+                                 f"stored as sketch_storage says (got {key}={value!r})")
         frame = {"bfloat16": bf16_codec(), "int8": int8_blockwise(block_size), "float32": fp32_codec()}[sketch_storage]
         basis_dtype = torch.float32 if sketch_storage == "float32" else torch.bfloat16
         return curvature_sketch(sketch_rank, rho, frame, basis_dtype=basis_dtype)
     return curvature_ema(rho, codec=int8_blockwise(block_size) if use_int8_ema else fp32_codec(),
-                         basis_dtype=getattr(torch, basis_storage))
+                         basis_dtype=getattr(torch, basis_storage), float32_below=float32_below)
 
 
 def _rank_rule(epsilon_sparse: float, k_min: int, k_max: int | None) -> RankRule:
@@ -156,6 +158,7 @@ def scao_precondition(
     sketch_rank: int = SCAO_DEFAULTS["sketch_rank"],
     sketch_storage: str = SCAO_DEFAULTS["sketch_storage"],
     basis_storage: str = SCAO_DEFAULTS["basis_storage"],
+    float32_below: int = SCAO_DEFAULTS["float32_below"],
     form: str = "seed",
 ) -> GradientTransformation:
     r"""SCAO's preconditioner, built from its five named parts.
@@ -165,7 +168,8 @@ def scao_precondition(
         blend_ramp(
             kronecker_precondition(
                 curvature=curvature_ema(rho, codec=int8_blockwise(block_size),
-                                        basis_dtype=basis_storage),             # 1 + 2
+                                        basis_dtype=basis_storage,
+                                        float32_below=float32_below),           # 1 + 2
                 rank=spectral_mass_rank(epsilon_sparse, k_min, k_max),          # 3
                 precond_freq=precond_freq, max_precond_dim=max_precond_dim,
                 complement=complement, graft=graft, tau=tau),                   # 4
@@ -225,6 +229,10 @@ def scao_precondition(
             ``block_size`` blocks, basis bf16) or ``"float32"``.
         basis_storage: storage of the eigenbases with ``curvature="ema"``: ``"float32"`` or
             ``"bfloat16"`` (half the bytes; see :func:`curvature_ema`).
+        float32_below: sides shorter than this keep their factor and basis in float32 whatever
+            ``use_int8_ema`` and ``basis_storage`` say (and the eigenbasis form rotates a matrix
+            with such a side in float32), >= 0; 0: every side compressed as configured. With
+            ``curvature="sketch"`` it must stay at its default (it does not apply).
         form: ``"seed"`` (this preconditioner, followed by Adam). ``"eigenbasis"`` runs Adam
             *inside* the preconditioner (:func:`~scao_fx.kronecker_eigenbasis`), so it is a form
             of the whole optimizer: ask :func:`scao` for it; here it is a ``ValueError``.
@@ -257,7 +265,8 @@ def scao_precondition(
         if value != SCAO_DEFAULTS[key]:
             raise ValueError(f"{key} applies to form='eigenbasis' (the default form of sf.scao and sf.SCAO) "
                              f"only; the seed form requires {SCAO_DEFAULTS[key]!r}, got {value!r}")
-    statistic = _statistic(curvature, rho, use_int8_ema, block_size, sketch_rank, sketch_storage, basis_storage)
+    statistic = _statistic(curvature, rho, use_int8_ema, block_size, sketch_rank, sketch_storage, basis_storage,
+                           float32_below)
     return blend_ramp(
         kronecker_precondition(
             curvature=statistic,
@@ -308,7 +317,7 @@ def scao_eigenbasis_precondition(inner: GradientTransformation, kw: dict[str, An
     check_float("epsilon_sparse" if rank_eps is None else "rank_eps", hp["epsilon_sparse"], low=0.0, high=1.0,
                 high_inclusive=False)
     statistic = _statistic(hp["curvature"], hp["rho"], hp["use_int8_ema"], hp["block_size"], hp["sketch_rank"],
-                           hp["sketch_storage"], hp["basis_storage"])
+                           hp["sketch_storage"], hp["basis_storage"], hp["float32_below"])
     rank = _rank_rule(hp["epsilon_sparse"], hp["k_min"], hp["k_max"])
     return kronecker_eigenbasis(
         inner,

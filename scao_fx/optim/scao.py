@@ -294,7 +294,7 @@ def _scao_chain(hp: Mapping[str, Any]) -> GradientTransformation:
 
 
 #: What a param group saved before a keyword existed ran with (see ``SCAO._saved_group_values``).
-_SAVED_BEFORE: Mapping[str, Any] = MappingProxyType({"form": "seed", "basis_storage": "float32"})
+_SAVED_BEFORE: Mapping[str, Any] = MappingProxyType({"form": "seed", "basis_storage": "float32", "float32_below": 0})
 
 
 class SCAO(TransformOptimizer):
@@ -446,7 +446,8 @@ class SCAO(TransformOptimizer):
         # Checkpoints of earlier versions hold the original package's keywords in every group:
         # validated (they can only be neutral or inert) and left out. A group saved before a
         # keyword existed ran with that keyword's value of the time (_SAVED_BEFORE), not today's
-        # default: the seed form (before ``form``), float32 bases (before ``basis_storage``).
+        # default: the seed form (before ``form``), float32 bases (before ``basis_storage``),
+        # every side compressed (before ``float32_below``).
         values = _split_compat(super()._saved_group_values(index, saved))
         for key, then in _SAVED_BEFORE.items():
             values.setdefault(key, then)
@@ -514,6 +515,7 @@ class SCAO(TransformOptimizer):
                     rho=group["rho"],
                     stat_freq=group["stat_freq"],
                     codec=codec,
+                    float32_below=group["float32_below"],
                     names=labels,
                     shapes=[tuple(params[j].shape) for j in rt.active],
                     curvature_norms=curvature_norms,

@@ -22,7 +22,15 @@ low-rank one, :math:`O(d\,\ell)`. Both speak the same small interface to the Kro
 ``accumulate_outer(stat, x, scale, seed, count)`` (one step of :math:`F \leftarrow \rho F +
 (1-\rho)\,\mathrm{scale}\,X X^\top` from the side's data :math:`X`: :math:`G` for the left
 factor, :math:`G^\top` for the right), ``top_eigenpairs(stat, count, basis, first, ...)`` (what a
-refresh reads), ``directions(dim)`` and ``basis_dtype`` (the preconditioner basis they can fill).
+refresh reads), ``directions(dim)``, ``basis_dtype_for(dim)`` (the storage of the preconditioner
+basis they fill) and ``exact(dim)`` (whether the side's state and rotations stay float32).
+
+**Small sides stay exact.** With ``float32_below=d0`` (SCAO's default: 64), a side shorter than
+``d0`` keeps its factor and its basis in float32 whatever the codec and ``basis_dtype`` say, and
+the eigenbasis form rotates a matrix with such a side in float32: its factor has fewer than
+``d0**2`` entries (4096 at 64, the size under which 8-bit optimizers such as bitsandbytes also
+keep float32 state), so compressing it saves little memory and costs accuracy exactly where a
+small layer's curvature is often the most ill-conditioned.
 """
 
 from __future__ import annotations
@@ -32,10 +40,12 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .._validation import check_float
+from .._validation import check_float, check_int
 from ..base import register_state
-from ..codecs import Codec, EncodedTensor, int8_blockwise
+from ..codecs import Codec, EncodedTensor, fp32_codec, int8_blockwise
 from .eigen import factor_eigenpairs
+
+_FP32 = fp32_codec()
 
 __all__ = ["CurvatureEMA", "FactorStatistic", "curvature_ema", "gram", "statistics_schedule"]
 
@@ -77,6 +87,7 @@ class CurvatureEMA:
         rho: EMA decay in [0, 1).
         codec: storage codec of the factors.
         basis_dtype: storage dtype of the preconditioner basis a refresh fills (float32 or bfloat16).
+        float32_below: sides shorter than this store their factor and basis in float32 (0: none).
 
     Example:
         >>> import torch, scao_fx as sf
@@ -90,11 +101,24 @@ class CurvatureEMA:
     rho: float = 0.999
     codec: Codec = field(default_factory=int8_blockwise)
     basis_dtype: torch.dtype = torch.float32
+    float32_below: int = 0
+
+    def exact(self, dim: int) -> bool:
+        """Whether a ``dim x dim`` factor, its basis and rotations through it stay float32 (``dim < float32_below``)."""
+        return dim < self.float32_below
+
+    def codec_for(self, dim: int) -> Codec:
+        """The codec of a ``dim x dim`` factor's off-diagonal part: float32 for an :meth:`exact` side."""
+        return _FP32 if self.exact(dim) else self.codec
+
+    def basis_dtype_for(self, dim: int) -> torch.dtype:
+        """Storage of a ``dim``-long side's basis: float32 for an :meth:`exact` side, else ``basis_dtype``."""
+        return torch.float32 if self.exact(dim) else self.basis_dtype
 
     def init(self, batch: int, dim: int, device: Any = None) -> FactorStatistic:
         """Zero statistics for ``batch`` stacked ``dim x dim`` factors."""
         return FactorStatistic(
-            self.codec.zeros((batch, dim * dim), device=device),
+            self.codec_for(dim).zeros((batch, dim * dim), device=device),
             torch.zeros(batch, dim, dtype=torch.float32, device=device),
         )
 
@@ -102,20 +126,21 @@ class CurvatureEMA:
         r"""One EMA step :math:`S \leftarrow \rho S + (1-\rho)\,\mathrm{gram}` for a stack ``(batch, d, d)``."""
         diag_new = torch.diagonal(gram, dim1=-2, dim2=-1).to(torch.float32)
         off = gram - torch.diag_embed(torch.diagonal(gram, dim1=-2, dim2=-1))
-        offdiag = self.codec.ema(stat.offdiag, off.reshape(gram.shape[0], -1), self.rho, seed, inplace=inplace)
+        codec = self.codec_for(gram.shape[-1])
+        offdiag = codec.ema(stat.offdiag, off.reshape(gram.shape[0], -1), self.rho, seed, inplace=inplace)
         diag = stat.diag.lerp_(diag_new, 1.0 - self.rho) if inplace else stat.diag.lerp(diag_new, 1.0 - self.rho)
         return FactorStatistic(offdiag, diag)
 
     def factor(self, stat: FactorStatistic, count: torch.Tensor, dim: int) -> torch.Tensor:
         r"""The debiased, symmetrised factors :math:`\tfrac{1}{1-\rho^t}\,\mathrm{sym}(S)` as float32 ``(batch, d, d)``."""
-        x = self.codec.decode(stat.offdiag).reshape(-1, dim, dim)
+        x = self.codec_for(dim).decode(stat.offdiag).reshape(-1, dim, dim)
         x = 0.5 * (x + x.transpose(-1, -2)) + torch.diag_embed(stat.diag)
         bias = 1.0 - self.rho ** count.to(torch.float64)
         return x / bias.clamp(min=1e-30).to(x.dtype)
 
     def state_bytes(self, dim: int) -> float:
         """Bytes one ``dim x dim`` factor costs in storage (codes, scales and the float32 diagonal)."""
-        return dim * dim * self.codec.bytes_per_entry + 4.0 * dim
+        return dim * dim * self.codec_for(dim).bytes_per_entry + 4.0 * dim
 
     # The interface the Kronecker link talks to (shared with CurvatureSketch).
 
@@ -148,7 +173,9 @@ class CurvatureEMA:
         return torch.linalg.matrix_norm(self.factor(stat, count, dim))
 
 
-def curvature_ema(rho: float = 0.999, codec: Codec | None = None, *, basis_dtype: torch.dtype = torch.float32) -> CurvatureEMA:
+def curvature_ema(
+    rho: float = 0.999, codec: Codec | None = None, *, basis_dtype: torch.dtype = torch.float32, float32_below: int = 0,
+) -> CurvatureEMA:
     r"""The curvature EMA of Kronecker factors (SCAO part 1).
 
     Args:
@@ -158,6 +185,9 @@ def curvature_ema(rho: float = 0.999, codec: Codec | None = None, *, basis_dtype
         basis_dtype: storage of the eigenbasis a refresh fills: ``torch.float32`` (default) or
             ``torch.bfloat16`` (half the bytes; refreshes and rotations compute in float32 and
             round the stored basis, so its columns are orthonormal to about 4e-3).
+        float32_below: sides shorter than this keep their factor and basis in float32 whatever
+            ``codec`` and ``basis_dtype`` say (and the eigenbasis form rotates through them in
+            float32), >= 0; 0 (default here; SCAO's default is 64): every side as configured.
 
     Returns:
         A :class:`CurvatureEMA` to pass to :func:`kronecker_precondition`.
@@ -173,7 +203,8 @@ def curvature_ema(rho: float = 0.999, codec: Codec | None = None, *, basis_dtype
         raise TypeError(f"codec must be a Codec (fp32_codec(), bf16_codec(), int8_blockwise()), got {codec!r}")
     if basis_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"basis_dtype must be torch.float32 or torch.bfloat16, got {basis_dtype!r}")
-    return CurvatureEMA(rho, codec, basis_dtype)
+    float32_below = check_int("float32_below", float32_below, low=0)
+    return CurvatureEMA(rho, codec, basis_dtype, float32_below)
 
 
 def statistics_schedule(count: torch.Tensor, stat_freq: int) -> tuple[torch.Tensor | None, torch.Tensor]:

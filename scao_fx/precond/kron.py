@@ -51,7 +51,7 @@ class KroneckerSide(NamedTuple):
         stat: the curvature statistic (:class:`~scao_fx.precond.curvature.FactorStatistic` of the
             full-factor EMA, :class:`~scao_fx.precond.sketch.SketchStatistic` of the sketch).
         basis: ``(B, d, cap)`` eigenvectors (zero before the first refresh), float32 (or the
-            statistic's ``basis_dtype``).
+            statistic's ``basis_dtype_for(d)``).
         coef: ``(B, cap)`` float32 :math:`s^{-1/4} - c` on kept directions, 0 past ``k``.
         tail: ``(B,)`` float32 complement gain ``c`` (1 before the first refresh).
         rank: ``(B,)`` int64 kept rank ``k``.
@@ -70,7 +70,7 @@ def init_side(curvature: Any, rank: RankRule, batch: int, dim: int, device=None)
     """A side before its first refresh: zero statistics and basis, :math:`A = I` (tail gain 1).
 
     The basis is ``min(rank.capacity(dim), curvature.directions(dim))`` wide, stored as
-    ``curvature.basis_dtype``.
+    ``curvature.basis_dtype_for(dim)``.
 
     Example:
         >>> import scao_fx as sf
@@ -82,7 +82,7 @@ def init_side(curvature: Any, rank: RankRule, batch: int, dim: int, device=None)
     cap = min(rank.capacity(dim), curvature.directions(dim))
     return KroneckerSide(
         stat=curvature.init(batch, dim, device),
-        basis=torch.zeros(batch, dim, cap, dtype=curvature.basis_dtype, device=device),
+        basis=torch.zeros(batch, dim, cap, dtype=curvature.basis_dtype_for(dim), device=device),
         coef=torch.zeros(batch, cap, device=device),
         tail=torch.ones(batch, device=device),
         rank=torch.zeros(batch, dtype=torch.int64, device=device),

@@ -117,6 +117,14 @@ class CurvatureSketch:
     compress_every: int = 20
     basis_dtype: torch.dtype = torch.float32
 
+    def exact(self, dim: int) -> bool:
+        """Always ``False``: a sketch side is stored as configured whatever its length."""
+        return False
+
+    def basis_dtype_for(self, dim: int) -> torch.dtype:
+        """Storage of a side's basis: ``basis_dtype`` (every length)."""
+        return self.basis_dtype
+
     def width(self, dim: int) -> int:
         """Frame width for a ``dim x dim`` factor: ``min(rank, dim)``."""
         return min(self.rank, dim)

@@ -216,7 +216,8 @@ def kronecker_eigenbasis(
             the inner transform a float32 core; the inner state, the moments' change of basis at
             a refresh and the statistics are unchanged. Groups with a complement (a truncated
             rank) rotate in float32 whatever this says, so that no rounding of the kept part
-            leaks into the complement.
+            leaks into the complement, and so do matrices with a side the curvature keeps
+            exact (shorter than its ``float32_below``, see :func:`~scao_fx.curvature_ema`).
         skip_first: step 1 only accumulates the statistics and computes the first bases; every
             leaf's update is zero and the inner transform neither runs nor counts the step (its
             first step is step 2, in the eigenbasis). False: step 1 runs the inner transform in
@@ -389,8 +390,10 @@ def kronecker_eigenbasis(
                 functools.partial(accumulate_group, gs, x, count * 64 + (2 * gi) % 64, updates),
                 inplace and not partial,
             )
-            # the bases of the last refresh, in the rotations' precision (float32 with a complement)
-            bases = _bases(gs, dtype if has_comp or rotation_dtype == torch.float32 else rotation_dtype)
+            # the bases of the last refresh, in the rotations' precision (float32 with a complement
+            # or a side the curvature keeps exact)
+            exact = any(curvature.exact(d) for d in (g.m if g.left else None, g.n if g.right else None) if d)
+            bases = _bases(gs, dtype if has_comp or exact or rotation_dtype == torch.float32 else rotation_dtype)
             core = _in_precision(rotate, x, bases)
             comp = x - rotate_back(core, *bases) if has_comp else None
             for j in range(len(g.indices)):
