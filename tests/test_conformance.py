@@ -154,7 +154,8 @@ OPTIMIZERS: list[OptimizerEntry] = [
         factory=lambda lr: sf.scao(lr, weight_decay=1e-4, precond_freq=2, rho=0.9),
         links=lambda lr: [
             sf.kronecker_eigenbasis(
-                sf.scale_by_adam(*SCAO_DEFAULTS["betas"]), curvature=sf.curvature_ema(0.9, basis_dtype=torch.bfloat16),
+                sf.scale_by_adam(*SCAO_DEFAULTS["betas"]),
+                curvature=sf.curvature_ema(0.9, basis_dtype=torch.bfloat16, float32_below=SCAO_DEFAULTS["float32_below"]),
                 rank=sf.full_rank(), precond_freq=2, eigensolver="eigh", skip_first=True,
                 rotation_precision=SCAO_DEFAULTS["rotation_precision"], max_precond_dim=SCAO_DEFAULTS["max_precond_dim"],
             ),
@@ -167,13 +168,13 @@ OPTIMIZERS: list[OptimizerEntry] = [
         rosenbrock_tol=5e-3,
         compile_tol=(1e-4, 1e-6),
         note="SCAO's defaults: Adam in the eigenbases of int8 factors, bfloat16 bases and rotations, every direction, "
-             "step 1 zero",
+             "step 1 zero (the test matrices' sides are under float32_below: float32 factors, bases and rotations)",
     ),
     OptimizerEntry(
         name="scao-eigenbasis",
         factory=lambda lr: sf.scao(lr, (0.9, 0.999), weight_decay=1e-4, form="eigenbasis", precond_freq=2,
                                    epsilon_sparse=0.05, k_min=1, k_max=2, rho=0.9, basis_storage="float32",
-                                   skip_first=False),
+                                   float32_below=0, skip_first=False),
         links=lambda lr: [
             sf.kronecker_eigenbasis(
                 sf.scale_by_adam(), curvature=sf.curvature_ema(0.9), rank=sf.spectral_mass_rank(0.05, 1, 2),

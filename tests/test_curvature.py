@@ -118,11 +118,37 @@ def test_bf16_codec_close():
         ({"rho": -0.1}, ValueError, "rho"),
         ({"rho": float("nan")}, ValueError, "rho"),
         ({"codec": "int8"}, TypeError, "codec"),
+        ({"float32_below": -1}, ValueError, "float32_below"),
+        ({"float32_below": 1.5}, TypeError, "float32_below"),
     ],
 )
 def test_bad_arguments(kwargs, exc, name):
     with pytest.raises(exc, match=name):
         sf.curvature_ema(**kwargs)
+
+
+def test_sides_shorter_than_float32_below_are_stored_exactly():
+    """A side shorter than ``float32_below`` keeps a float32 factor (bit-identical to the float32
+    codec's) and a float32 basis; from that length on the codec and ``basis_dtype`` apply."""
+    from scao_fx.precond.kron import init_side
+
+    curv = sf.curvature_ema(0.9, basis_dtype=torch.bfloat16, float32_below=8)
+    exact = sf.curvature_ema(0.9, codec=sf.fp32_codec())
+    assert curv.exact(7) and not curv.exact(8)
+    for d, data, basis in ((7, torch.float32, torch.float32), (8, torch.int8, torch.bfloat16)):
+        grams = _grams(d, 5, seed=d)
+        stat, ref = curv.init(1, d), exact.init(1, d)
+        for i, g in enumerate(grams):
+            stat = curv.accumulate(stat, g[None], seed=i)
+            ref = exact.accumulate(ref, g[None], seed=i)
+        assert stat.offdiag.data.dtype == data
+        assert init_side(curv, sf.full_rank(), 1, d).basis.dtype == basis
+        if d == 7:
+            assert torch.equal(curv.factor(stat, torch.tensor(5), d), exact.factor(ref, torch.tensor(5), d))
+            assert curv.state_bytes(d) == 4 * d * d + 4 * d
+        else:
+            assert curv.state_bytes(d) == d * d + 4 * (d * d // 32) + 4 * d
+    assert sf.curvature_ema().float32_below == 0  # the building block compresses every side unless told
 
 
 def test_rho_zero_is_last_gram():

@@ -354,7 +354,7 @@ def train(tx, steps=150, rotated=False):
 def test_scao_eigenbasis_adaptive_rank_and_int8_train(use_int8_ema):
     loss, params = regression()
     start = loss(params).item()
-    final, state = train(scao_eig(lr=5e-2, use_int8_ema=use_int8_ema))
+    final, state = train(scao_eig(lr=5e-2, use_int8_ema=use_int8_ema, float32_below=0))  # compress the small sides
     assert final < 1e-2 * start
     inner = state.inner_state[0]  # apply_if_finite -> chain -> kronecker_eigenbasis
     group = inner.groups[0]
@@ -613,8 +613,9 @@ def test_scao_rank_keywords():
 
 def test_bfloat16_basis_storage_halves_the_bases_and_trains():
     fp32 = scao_eig(lr=5e-2, epsilon_sparse=0.0, k_max=None, eigensolver="power", skip_first=True,
-                    basis_storage="float32")
-    bf16 = scao_eig(lr=5e-2, epsilon_sparse=0.0, k_max=None, eigensolver="power", skip_first=True)  # the default
+                    basis_storage="float32", float32_below=0)
+    bf16 = scao_eig(lr=5e-2, epsilon_sparse=0.0, k_max=None, eigensolver="power", skip_first=True,
+                    float32_below=0)  # the default storage, also on the small test matrix's sides
     loss, params = regression(rotated=True)
     start = loss(params).item()
     (f32_loss, f32_state), (b16_loss, b16_state) = train(fp32, rotated=True), train(bf16, rotated=True)
@@ -644,7 +645,7 @@ def test_bfloat16_rotations_round_only_the_products_and_train():
     full = dict(epsilon_sparse=0.0, k_max=None, lr=1e-2)
     runs = {}
     for prec in ("float32", "bfloat16"):
-        tx = scao_eig(**full, rotation_precision=prec)
+        tx = scao_eig(**full, rotation_precision=prec, float32_below=0)  # (the sides are short)
         p = {k: v.float() for k, v in params.items()}
         state, updates = tx.init(p), []
         for g in grads:
@@ -707,3 +708,31 @@ def test_quantized_moments_are_turned_decoded_at_a_refresh():
     mu = sw.inner_state.inner_state.mu
     assert isinstance(mu[1][0], sf.EncodedTensor) and isinstance(mu[0]["b"], torch.Tensor)  # the core; b is small
     torch.testing.assert_close(sf.fp32_codec().decode(mu[1][0]).view(72, 64), adam_state(sp).mu[1][0], rtol=0, atol=0)
+
+
+def test_default_keeps_short_sides_exact_and_rotates_their_matrices_in_float32():
+    """SCAO's default (``float32_below=64``): a 40 x 100 matrix keeps its 40-side factor and basis
+    in float32 and is rotated in float32 (its updates are bit-identical to
+    ``rotation_precision="float32"``'s), while its 100-side stays int8 / bfloat16; a 64 x 100
+    matrix is compressed on both sides and rotated in bfloat16."""
+    gen = torch.Generator().manual_seed(11)
+    params = {"a": torch.randn(40, 100, generator=gen), "b": torch.randn(64, 100, generator=gen)}
+    grads = [{k: torch.randn(v.shape, generator=gen) for k, v in params.items()} for _ in range(7)]
+    runs = {}
+    for prec in ("float32", "bfloat16"):
+        tx = sf.scao(1e-2, rotation_precision=prec, precond_freq=3)
+        state, ups = tx.init(params), []
+        for g in grads:
+            u, state = tx.update(g, state, params=params, inplace=False)
+            ups.append(u)
+        runs[prec] = ups, state
+    (u32, _), (u16, s16) = runs["float32"], runs["bfloat16"]
+    groups = {tuple(int(i) for i in g.leaves): g for g in s16.inner_state[0].groups}
+    a, b = groups[(0,)], groups[(1,)]
+    assert a.left.stat.offdiag.data.dtype == torch.float32 and a.left.basis.dtype == torch.float32
+    assert a.right.stat.offdiag.data.dtype == torch.int8 and a.right.basis.dtype == torch.bfloat16
+    assert b.left.stat.offdiag.data.dtype == torch.int8 and b.left.basis.dtype == torch.bfloat16
+    assert all(torch.equal(x["a"], y["a"]) for x, y in zip(u32, u16))
+    assert not all(torch.equal(x["b"], y["b"]) for x, y in zip(u32, u16))
+    with pytest.raises(ValueError, match="float32_below"):
+        sf.scao(curvature="sketch", float32_below=0)

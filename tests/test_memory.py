@@ -33,13 +33,15 @@ def test_memory_report_adamw_per_leaf_and_bf16_moments_fp32():
     assert rep["bytes_per_param"] == pytest.approx((136 * 8 + 16) / 136)
 
 
-def scao_matrix_bytes(m: int, n: int, block: int = 32, k_max: int = 128, batch: int = 1) -> int:
-    """The documented formula for one two-sided leaf, written independently of the library."""
+def scao_matrix_bytes(m: int, n: int, block: int = 32, k_max: int = 128, batch: int = 1, float32_below: int = 64) -> int:
+    """The documented formula for one two-sided leaf, written independently of the library
+    (a side shorter than ``float32_below`` stores its factor in float32, without scales)."""
 
     def side(d: int) -> int:
         cap = min(d, k_max)
-        codes = d * d
-        scales = 4 * math.ceil(d * d / block)
+        exact = d < float32_below
+        codes = 4 * d * d if exact else d * d
+        scales = 0 if exact else 4 * math.ceil(d * d / block)
         diag = 4 * d
         basis = 4 * d * cap
         coef = 4 * cap

@@ -1197,6 +1197,7 @@ def test_version_1_checkpoint_loads_and_resumes_exactly():
     opt2.load_state_dict(ckpt["opt"])
     assert [g["form"] for g in opt2.param_groups] == ["seed", "seed"]
     assert opt2.param_groups[0]["basis_storage"] == "float32"
+    assert opt2.param_groups[0]["float32_below"] == 0  # saved before the keyword: every side compressed
     gen.run(m2, opt2, range(8, 13))
     for k, v in m2.state_dict().items():
         assert torch.equal(v, ckpt["after_5_steps"][k]), k

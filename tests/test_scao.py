@@ -96,7 +96,8 @@ def test_scao_precondition_is_built_from_the_named_parts():
     by_hand = sf.chain(
         sf.blend_ramp(
             sf.kronecker_precondition(
-                curvature=sf.curvature_ema(0.95, codec=sf.int8_blockwise(32)),
+                curvature=sf.curvature_ema(0.95, codec=sf.int8_blockwise(32),
+                                           float32_below=SCAO_DEFAULTS["float32_below"]),
                 rank=sf.spectral_mass_rank(0.05, 2, 8),
                 precond_freq=5,
                 complement="mean_tail",
@@ -513,7 +514,7 @@ def test_grouped_equals_per_leaf_training():
 
 def test_weights_only_checkpoint_round_trip_is_bit_identical():
     params, loss = mlp_problem(2)
-    tx = sf.scao(1e-2, **fast_scao_kwargs())  # int8 curvature
+    tx = sf.scao(1e-2, **fast_scao_kwargs(float32_below=0))  # int8 curvature on the small MLP's sides too
     params, state, _ = train(tx, params, loss, 23)  # past warmup, mid-way between refreshes
     buf = io.BytesIO()
     torch.save({"params": params, "state": state}, buf)
@@ -539,7 +540,7 @@ def test_state_structure_and_dtypes_stable_across_phases():
     """Warmup, ramp, refresh and plain steps all return a state of the same structure, dtypes,
     shapes and devices (int8 codes stay int8), and the counters are CPU int64."""
     params, loss = mlp_problem(4)
-    tx = sf.scao(1e-2, **fast_scao_kwargs())
+    tx = sf.scao(1e-2, **fast_scao_kwargs(float32_below=0))  # int8 codes on the small MLP's sides too
     state = tx.init(params)
     sig = [(t.dtype, t.shape, t.device) for t in tensor_leaves(state)]
     spec = structure(state)

@@ -149,6 +149,7 @@ def optimizers() -> dict:
 # --------------------------------------------------------------------------- exact formulas
 
 MAX_PRECOND_DIM = SCAO_DEFAULTS["max_precond_dim"]  # SCAO's default (2048)
+FLOAT32_BELOW = SCAO_DEFAULTS["float32_below"]  # sides shorter than this keep float32 factors and bases (64)
 # SOAP: the rule used here is "a side is preconditioned if it is at most max_precond_dim long"
 # (longer sides, e.g. the vocabulary, are left one-sided), with two limits: 10000 (the SOAP
 # paper's reference code and sf.soap) and 2048 (a tighter limit some implementations default to).
@@ -173,15 +174,25 @@ def adam8_bytes(numel: int, block: int = 64, min_size: int = 4096) -> int:
     return 2 * (numel + 4 * math.ceil(numel / block)) if numel >= min_size else 8 * numel
 
 
+def _factor(d: int, block: int) -> int:
+    """A ``d x d`` factor's off-diagonal storage: int8 codes and block scales, or float32 for a
+    side shorter than ``float32_below``."""
+    return 4 * d * d if d < FLOAT32_BELOW else d * d + 4 * math.ceil(d * d / block)
+
+
 def scao_full_side(d: int, k_max: int = 128, block: int = 32) -> int:
+    """One side of the seed form with float32 bases: factor, float32 diagonal, basis, gains,
+    tail, rank and fallback count."""
     cap = min(d, k_max)
-    return d * d + 4 * math.ceil(d * d / block) + 4 * d + 4 * d * cap + 4 * cap + 4 + 8 + 8
+    return _factor(d, block) + 4 * d + 4 * d * cap + 4 * cap + 4 + 8 + 8
 
 
 def scao_eigen_side(d: int, block: int = 32) -> int:
     """One side of the default form: int8 factor (codes, block scales, float32 diagonal), a
-    full-width bfloat16 basis and its float32 eigenvalues, tail, rank and fallback count."""
-    return d * d + 4 * math.ceil(d * d / block) + 4 * d + 2 * d * d + 4 * d + 4 + 8 + 8
+    full-width bfloat16 basis (float32 below ``float32_below``) and its float32 eigenvalues,
+    tail, rank and fallback count."""
+    basis = (4 if d < FLOAT32_BELOW else 2) * d * d
+    return _factor(d, block) + 4 * d + basis + 4 * d + 4 + 8 + 8
 
 
 def scao_sketch_side(d: int, rank: int, storage: str, k_max: int = 128, block: int = 32) -> int:
