@@ -54,11 +54,12 @@ OPTIMIZERS = {
     "sf.muon": lambda lr: sf.muon(lr, weight_decay=0.0),
     "scao (default)": lambda lr: sf.scao(lr, weight_decay=0.0),
     "scao, betas (0.95, 0.95)": lambda lr: sf.scao(lr, betas=(0.95, 0.95), weight_decay=0.0),
-    "scao, float32 statistics": lambda lr: sf.scao(lr, use_int8_ema=False, weight_decay=0.0),
-    "scao, float32 statistics, betas (0.95, 0.95)": lambda lr: sf.scao(lr, use_int8_ema=False, betas=(0.95, 0.95),
-                                                                        weight_decay=0.0),
-    "scao, float32 statistics and bases, betas (0.95, 0.95)": lambda lr: sf.scao(
-        lr, use_int8_ema=False, basis_storage="float32", betas=(0.95, 0.95), weight_decay=0.0),
+    # the problem's sides (32, 24) are under float32_below (64): the default keeps them exact;
+    # float32_below=0 stores them as a long side is stored (int8 statistics, bfloat16 bases
+    # and rotations)
+    "scao, float32_below=0": lambda lr: sf.scao(lr, float32_below=0, weight_decay=0.0),
+    "scao, float32_below=0, float32 statistics": lambda lr: sf.scao(lr, float32_below=0, use_int8_ema=False,
+                                                                     weight_decay=0.0),
     "scao seed form": lambda lr: sf.scao(lr, form="seed", weight_decay=0.0),
 }
 
