@@ -106,9 +106,10 @@ def _statistic(curvature: str, rho: float, use_int8_ema: bool, block_size: int, 
     check_choice("curvature", curvature, ("ema", "sketch"))
     check_choice("sketch_storage", sketch_storage, ("bfloat16", "int8", "float32"))
     check_choice("basis_storage", basis_storage, ("float32", "bfloat16"))
+    float32_below = check_int("float32_below", float32_below, low=0)
     if curvature == "sketch":
-        for key, value in (("basis_storage", basis_storage), ("float32_below", float32_below)):
-            if value != SCAO_DEFAULTS[key]:
+        for key, value, neutral in (("basis_storage", basis_storage, ()), ("float32_below", float32_below, (0,))):
+            if value != SCAO_DEFAULTS[key] and value not in neutral:
                 raise ValueError(f"{key} applies to curvature='ema'; with curvature='sketch' the frame and basis are "
                                  f"stored as sketch_storage says (got {key}={value!r})")
         frame = {"bfloat16": bf16_codec(), "int8": int8_blockwise(block_size), "float32": fp32_codec()}[sketch_storage]
@@ -232,7 +233,7 @@ def scao_precondition(
         float32_below: sides shorter than this keep their factor and basis in float32 whatever
             ``use_int8_ema`` and ``basis_storage`` say (and the eigenbasis form rotates a matrix
             with such a side in float32), >= 0; 0: every side compressed as configured. With
-            ``curvature="sketch"`` it must stay at its default (it does not apply).
+            ``curvature="sketch"`` it does not apply: only its default or 0 are accepted.
         form: ``"seed"`` (this preconditioner, followed by Adam). ``"eigenbasis"`` runs Adam
             *inside* the preconditioner (:func:`~scao_fx.kronecker_eigenbasis`), so it is a form
             of the whole optimizer: ask :func:`scao` for it; here it is a ``ValueError``.

@@ -822,8 +822,9 @@ def test_scao_param_without_grad_is_left_unchanged():
 
 def test_scao_bf16_state_dtypes_survive_checkpoint():
     model = scao_model(dtype=torch.bfloat16)
-    # float32 bases (basis_storage="bfloat16", the default, stores the bases in bf16 on purpose)
-    opt = SCAO(model.parameters(), lr=1e-2, basis_storage="float32", **FAST)
+    # float32 bases (basis_storage="bfloat16", the default, stores the bases in bf16 on purpose);
+    # int8 statistics on the small model's short sides too (float32_below=0)
+    opt = SCAO(model.parameters(), lr=1e-2, basis_storage="float32", float32_below=0, **FAST)
     x, y = torch.randn(16, 8, dtype=torch.bfloat16), torch.randn(16, 4, dtype=torch.bfloat16)
     _run(model, opt, 8, x, y)
 
@@ -835,7 +836,7 @@ def test_scao_bf16_state_dtypes_survive_checkpoint():
     before = dtypes(opt)
     assert (torch.int8, "cpu") in before and (torch.float32, "cpu") in before and (torch.int64, "cpu") in before
     assert not any(d == torch.bfloat16 for d, _ in before)  # statistics never in bf16
-    opt2 = SCAO(model.parameters(), lr=1e-2, basis_storage="float32", **FAST)
+    opt2 = SCAO(model.parameters(), lr=1e-2, basis_storage="float32", float32_below=0, **FAST)
     opt2.load_state_dict(save_load(opt.state_dict()))
     assert dtypes(opt2) == before
 

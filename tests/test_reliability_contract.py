@@ -176,7 +176,9 @@ def test_stride_zero_gradients_pass_the_blend_ramp():
 
 # ---------------------------------------------------------------- the torch.optim facade (issue 14)
 
-FACADE = {"form": "seed", "betas": (0.9, 0.999), "lr": 1e-2, "warmup_steps": 1, "blend_steps": 1, "min_precond_updates": 1, "precond_freq": 2, "k_min": 1, "k_max": 4}
+# float32_below=0: the small test layers' sides are int8-coded as long ones are (the default keeps sides < 64 float32)
+FACADE = {"form": "seed", "betas": (0.9, 0.999), "lr": 1e-2, "warmup_steps": 1, "blend_steps": 1, "min_precond_updates": 1,
+          "precond_freq": 2, "k_min": 1, "k_max": 4, "float32_below": 0}
 
 
 def _layers(*sizes: int) -> torch.nn.Sequential:
@@ -322,6 +324,7 @@ def test_unfrozen_parameter_starts_training_like_adamw_and_the_others_keep_their
         ("k_max", 2),
         ("preconditioner_enabled", False),
         ("block_size", 16),
+        ("float32_below", 64),
         ("max_precond_dim", 4),
         ("grouped", False),
         ("factor_mode", "wide"),
