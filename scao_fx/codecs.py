@@ -175,11 +175,11 @@ def _bf16_stochastic(x: torch.Tensor, seed: Any) -> torch.Tensor:
     x = x.to(torch.float32).contiguous()
     rows = x.numel() // x.shape[-1] if x.dim() else 1
     n = x.shape[-1] if x.dim() else 1
-    u = C.row_uniforms(rows, n, C.seed_term(_seed_arg(seed), x.device), x.device).view(x.shape)
-    noise = (u * 65536.0).to(torch.int32)  # 16 random low bits
-    bits = (x.view(torch.int32) + noise) & -65536
+    # 16 random low bits: the top 16 of the hash's 24 (floor(u * 2**16) of the uniform u)
+    bits = C.row_hash24(rows, n, C.seed_term(_seed_arg(seed), x.device), x.device).view(x.shape)
+    bits.bitwise_right_shift_(8).add_(x.view(torch.int32)).bitwise_and_(-65536)
     rounded = bits.view(torch.float32)
-    return torch.where(torch.isnan(x), x, rounded).to(torch.bfloat16)
+    return torch.where(torch.isnan(x), x, rounded, out=rounded).to(torch.bfloat16)
 
 
 def _empty(like: torch.Tensor) -> torch.Tensor:

@@ -107,7 +107,8 @@ def _encode(x2: torch.Tensor, block_size: int, stochastic: bool, seedterm):
     fl = torch.floor(q)
     frac = q.sub_(fl)
     if stochastic:
-        up = C.row_uniforms(rows, n, seedterm, x2.device) < frac
+        # u < frac with u = k / 2**24, compared as k < frac * 2**24 (both exact: the same decisions)
+        up = C.row_hash24(rows, n, seedterm, x2.device) < frac.mul_(2.0**24)
     else:
         up = frac >= 0.5
     code = fl.add_(up).clamp_(-C.QMAX, C.QMAX)
