@@ -20,13 +20,13 @@ def synchronize(device: torch.device) -> None:
 class Progress:
     """A tqdm bar on stderr when ``enabled`` and tqdm is installed; otherwise silent."""
 
-    def __init__(self, enabled: bool, total: int, desc: str, position: int | None = None) -> None:
+    def __init__(self, enabled: bool, total: int, desc: str, position: int | None = None, unit: str = "step") -> None:
         self.bar = None
         if enabled:
             try:
                 from tqdm.auto import tqdm
 
-                self.bar = tqdm(total=total, desc=desc, unit="step", leave=True, dynamic_ncols=True, file=sys.stderr,
+                self.bar = tqdm(total=total, desc=desc, unit=unit, leave=True, dynamic_ncols=True, file=sys.stderr,
                                 position=position)
             except ImportError:
                 self.bar = None
