@@ -108,8 +108,11 @@ def _statistic(curvature: str, rho: float, use_int8_ema: bool, block_size: int, 
     check_choice("basis_storage", basis_storage, ("float32", "bfloat16"))
     float32_below = check_int("float32_below", float32_below, low=0)
     if curvature == "sketch":
-        for key, value, neutral in (("basis_storage", basis_storage, ()), ("float32_below", float32_below, (0,))):
-            if value != SCAO_DEFAULTS[key] and value not in neutral:
+        # a sketch stores its frame and basis as sketch_storage says and keeps no side exact
+        # (float32_below=0); the default values are accepted, being what the caller did not set
+        for key, value, accepted in (("basis_storage", basis_storage, (SCAO_DEFAULTS["basis_storage"],)),
+                                     ("float32_below", float32_below, (0, SCAO_DEFAULTS["float32_below"]))):
+            if value not in accepted:
                 raise ValueError(f"{key} applies to curvature='ema'; with curvature='sketch' the frame and basis are "
                                  f"stored as sketch_storage says (got {key}={value!r})")
         frame = {"bfloat16": bf16_codec(), "int8": int8_blockwise(block_size), "float32": fp32_codec()}[sketch_storage]
