@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 import time
 
 import optree
@@ -68,6 +69,12 @@ def _entry(rank: int, fn, tmp: str, args: tuple) -> None:
         torch.save(out, os.path.join(tmp, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    # Done and saved: leave without the interpreter's teardown, where gloo's C++ side now and then
+    # aborts the process ("terminate called without an active exception") after the work is done.
+    # (An exception above still propagates, and the spawn wrapper reports it.)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _run_workers(fn, tmp, args: tuple) -> list:
@@ -87,11 +94,12 @@ def _run_workers(fn, tmp, args: tuple) -> list:
 def launch(fn, tmp_path, *args) -> list:
     """Run ``fn(rank, tmp, *args)`` on 2 gloo ranks; return what each rank returned.
 
-    A worker killed by a signal is relaunched once, in a fresh folder: on the project's AMD EPYC
-    box gloo now and then aborts a worker from its C++ side ("terminate called without an active
-    exception", SIGABRT; about one launch in four of the FSDP2 test). An error raised by the
-    code under test (an exception, a failed assertion) is never retried, and a second abort
-    fails the test."""
+    On the project's AMD EPYC box gloo aborted a worker now and then at interpreter exit, after
+    its work was saved ("terminate called without an active exception", SIGABRT; up to one
+    launch in three of the FSDP2 tests): the workers now leave with ``os._exit`` once their
+    results are saved (see ``_entry``). A worker still killed by a signal is relaunched once,
+    in a fresh folder; an error raised by the code under test (an exception, a failed
+    assertion) is never retried, and a second abort fails the test."""
     try:
         return _run_workers(fn, tmp_path / "launch0", args)
     except mp.ProcessExitedException as exc:
