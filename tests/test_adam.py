@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from treeutil import assert_tree_close, clone, versions
+from treeutil import assert_tree_close, clone, update_memory_rise, versions
 
 import scao_fx as sf
 from scao_fx.transforms.adam import moment_dtype_for
@@ -195,3 +195,28 @@ def test_adam_bias_corrections_use_python_floats_for_reference_sanity():
     out = reference_adam([torch.full((1,), c, dtype=torch.float64)] * 4, 0.9, 0.999, 1e-8)
     for u in out:
         assert math.isclose(u.item(), c / (abs(c) + 1e-8), rel_tol=1e-12)
+
+
+def test_denominators_are_computed_a_chunk_of_leaves_at_a_time(monkeypatch):
+    """The multi-tensor path computes Adam's denominators a chunk of leaves at a time: the same
+    bits whatever the chunk, and the step's temporaries are the directions plus one chunk (5
+    bytes per parameter here, 8 when every denominator was alive at once)."""
+    import scao_fx.transforms.adam as adam_module
+
+    gen = torch.Generator().manual_seed(0)
+    params = {f"w{i}": torch.randn(64, 64, generator=gen) for i in range(8)}
+    grads = [{k: torch.randn(64, 64, generator=gen) for k in params} for _ in range(3)]
+    runs = {}
+    for chunk in (adam_module.DENOMINATOR_CHUNK, 1, 2 * 4096):  # (the last one stays set)
+        monkeypatch.setattr(adam_module, "DENOMINATOR_CHUNK", chunk)
+        tx, p = sf.adamw(1e-2, weight_decay=0.1), clone(params)
+        state = tx.init(p)
+        for g in grads:
+            u, state = tx.update(clone(g), state, params=p)
+            p = sf.apply_updates(p, u)
+        runs[chunk] = p
+    assert_tree_close(runs[1], runs[adam_module.DENOMINATOR_CHUNK])
+    assert_tree_close(runs[2 * 4096], runs[adam_module.DENOMINATOR_CHUNK])
+    assert adam_module._chunks([torch.zeros(3), torch.zeros(5), torch.zeros(9), torch.zeros(1)], 8) == [[0, 1], [2], [3]]
+    rise = update_memory_rise(sf.adamw(1e-2), params, grads)  # chunks of two leaves: a quarter of the tree
+    assert 4.5 < rise < 5.5, rise

@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 from torch.func import grad
-from treeutil import assert_tree_close, clone, versions
+from treeutil import assert_tree_close, clone, update_memory_rise, versions
 
 import scao_fx as sf
 from scao_fx.precond.eigenbasis import (
@@ -737,3 +737,24 @@ def test_default_keeps_short_sides_exact_and_rotates_their_matrices_in_float32()
     with pytest.raises(ValueError, match="float32_below"):
         sf.scao(curvature="sketch", float32_below=32)
     sf.scao(curvature="sketch", float32_below=0)  # 0 (nothing kept exact) is what a sketch does
+
+
+def test_ordinary_step_keeps_about_two_trees_of_temporaries(monkeypatch):
+    """Between the rotations a step holds the rotated gradients and Adam's directions (two
+    trees of float32) plus one chunk of denominators: the stacked gradients, the rotated
+    gradients and each group's rotated updates are dropped as soon as they are read, and a
+    refresh turns the first moments in place, a group at a time (16 and 22 bytes per parameter
+    here, ordinary and refresh step, before; about 9 now). Only the short sides are rotated, so
+    the factors are small beside the parameters."""
+    import scao_fx.transforms.adam as adam_module
+
+    monkeypatch.setattr(adam_module, "DENOMINATOR_CHUNK", 2 * 4096)
+    gen = torch.Generator().manual_seed(0)
+    shapes = {**{f"a{i}": (512, 8) for i in range(4)}, **{f"b{i}": (8, 512) for i in range(4)}}
+    params = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    grads = [{k: torch.randn(s, generator=gen) for k, s in shapes.items()} for _ in range(5)]
+    tx = sf.kronecker_eigenbasis(sf.scale_by_adam(), curvature=sf.curvature_ema(0.9, sf.fp32_codec()),
+                                 rank=sf.full_rank(), precond_freq=5, max_precond_dim=16)
+    for steps in (3, 5):  # an ordinary step, a refresh
+        rise = update_memory_rise(tx, params, grads[:steps])
+        assert 8.0 < rise < 9.5, (steps, rise)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
 
 
@@ -67,3 +69,17 @@ def test_cpu_profile_step_charges_every_op_to_a_part(capsys, monkeypatch):
     shares = [float(rows[p].split(" | ")[2].rstrip(" %|")) for p in prof.ORDER]
     assert 95 <= sum(shares) <= 105, out  # the parts and Python make up the step (rounded)
     assert float(rows["refresh (eigh / QR)"].split(" | ")[1]) > 0 and float(rows["int8 codec"].split(" | ")[1]) > 0
+
+
+def test_step_peak_memory_measures_each_step(capsys):
+    import step_peak_memory  # docs/examples (on the path: tests/conftest.py)
+
+    names = ["torch.optim.AdamW (foreach)", "sf.SCAO() (default)"]
+    res = step_peak_memory.measure(layers=1, steps=3, names=names, progress=False, d=64, vocab=300, ctx=32)
+    assert list(res) == names
+    for r in res.values():
+        assert len(r["rises"]) == 3 and r["ordinary"] == r["rises"][1] and r["highest"] == max(r["rises"][1:])
+        assert r["rises"][0] > r["ordinary"] > 0  # step 1 builds the state (8 bytes/param of moments at least)
+    assert res["sf.SCAO() (default)"]["ordinary"] > res["torch.optim.AdamW (foreach)"]["ordinary"]
+    with pytest.raises(ValueError, match="steps must be >= 2"):
+        step_peak_memory.measure(steps=1, names=names[:1], progress=False)

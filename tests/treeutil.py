@@ -77,3 +77,18 @@ def chain_state(state: Any) -> Any:
     import scao_fx as sf
 
     return state.inner_state if isinstance(state, sf.ApplyIfFiniteState) else state
+
+
+def update_memory_rise(tx: Any, params: Any, grads: list) -> float:
+    """Run ``tx`` over ``grads`` from ``tx.init(params)`` (in place); the last update runs under
+    the profiler's memory events: the highest rise of live memory during it, in bytes per
+    parameter (what the step allocates and frees besides the state it keeps)."""
+    from step_peak_memory import peak_rise  # docs/examples
+    from torch.profiler import ProfilerActivity, profile
+
+    state = tx.init(params)
+    for g in grads[:-1]:
+        _, state = tx.update(g, state, params=params)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        tx.update(grads[-1], state, params=params)
+    return peak_rise(prof) / sum(p.numel() for p in leaves(params))

@@ -122,6 +122,27 @@ def _same_kind(tensors: list) -> list[list[int]]:
     return [part for part in (plain, dtensors) if part]
 
 
+#: Entries of Adam's denominators computed at once by the multi-tensor path (whole leaves: a
+#: larger leaf is one chunk of its own). 2^24 float32 entries are 64 MB.
+DENOMINATOR_CHUNK = 1 << 24
+
+
+def _chunks(tensors: list, limit: int) -> list[list[int]]:
+    """Consecutive positions of ``tensors`` grouped so that each group holds at most ``limit``
+    entries (a tensor larger than ``limit`` is a group of its own)."""
+    out, current, size = [], [], 0
+    for j, t in enumerate(tensors):
+        n = t.numel()
+        if current and size + n > limit:
+            out.append(current)
+            current, size = [], 0
+        current.append(j)
+        size += n
+    if current:
+        out.append(current)
+    return out
+
+
 def _sqrt(x):
     return x.sqrt() if isinstance(x, torch.Tensor) else math.sqrt(x)
 
@@ -206,19 +227,24 @@ def scale_by_adam(
             mus = torch._foreach_lerp(mus, grads, 1 - b1)
             nus = torch._foreach_mul(nus, b2)
         torch._foreach_addcmul_(nus, grads, grads, value=1 - b2)
-        if eps_root:
-            denom = torch._foreach_div(nus, bc2s)
-            torch._foreach_add_(denom, eps_root)
-            torch._foreach_sqrt_(denom)
-        else:
-            denom = torch._foreach_sqrt(nus)
-            torch._foreach_div_(denom, [_sqrt(bc2) for bc2 in bc2s])
-        torch._foreach_add_(denom, eps)
-        if floor_denominator:  # one multi-tensor clamp per moment dtype
-            for dtype in {d.dtype for d in denom}:
-                torch._foreach_clamp_min_([d for d in denom if d.dtype == dtype], torch.finfo(dtype).tiny)
         us = torch._foreach_div(mus, bc1s)
-        torch._foreach_div_(us, denom)
+        # the denominators a chunk of leaves at a time (the same arithmetic), so that besides
+        # the directions only one chunk's denominators are alive at once
+        for chunk in _chunks(nus, DENOMINATOR_CHUNK):
+            ns = [nus[j] for j in chunk]
+            if eps_root:
+                denom = torch._foreach_div(ns, [bc2s[j] for j in chunk])
+                torch._foreach_add_(denom, eps_root)
+                torch._foreach_sqrt_(denom)
+            else:
+                denom = torch._foreach_sqrt(ns)
+                torch._foreach_div_(denom, [_sqrt(bc2s[j]) for j in chunk])
+            torch._foreach_add_(denom, eps)
+            if floor_denominator:  # one multi-tensor clamp per moment dtype
+                for dtype in {d.dtype for d in denom}:
+                    torch._foreach_clamp_min_([d for d in denom if d.dtype == dtype], torch.finfo(dtype).tiny)
+            torch._foreach_div_([us[j] for j in chunk], denom)
+            denom = None
         return us, mus, nus
 
     def update(updates, state, *, params=None, inplace=True):

@@ -327,10 +327,11 @@ def kronecker_eigenbasis(
                                              eigensolver=eigensolver)
         return side_from_eigenpairs(side, *pairs, rank=rank)
 
-    def rotate_moments(inner_state, changes):
+    def rotate_moments(inner_state, changes, in_place):
         """Re-express the cores of every Adam first moment in the new bases, and with
         ``moment_at_refresh="project"`` carry the second moments there too (``changes``: per
-        group, ``(core positions, old bases, new bases)``)."""
+        group, ``(core positions, old bases, new bases)``). ``in_place``: written back into the
+        moments' own tensors (a group's temporaries at a time), else new tensors."""
 
         def fix(node):
             if not isinstance(node, ScaleByAdamState):
@@ -351,8 +352,12 @@ def kronecker_eigenbasis(
                 stack = torch.stack([cores[p] for p in positions])  # bf16 moments turn in float32
                 work = stack.to(torch.promote_types(stack.dtype, torch.float32))
                 stack = fn(work, *old, *new).to(stack.dtype)
+                work = None
                 for j, p in enumerate(positions):
-                    cores[p] = stack[j]
+                    if in_place:
+                        cores[p].copy_(stack[j])
+                    else:
+                        cores[p] = stack[j]
             return tuple(cores)
 
         return optree.tree_map(fix, inner_state, is_leaf=lambda x: isinstance(x, ScaleByAdamState), none_is_leaf=True)
@@ -400,6 +405,7 @@ def kronecker_eigenbasis(
                 cores.append(core[j] if present[j] else None)
                 comps.append(comp[j] if (comp is not None and present[j]) else None)
             work.append((stats, bases, present, like, has_comp, dtype))
+        x = None  # (the last group's stacked gradients; the cores are views of ``core``, kept)
 
         # 2. the inner transform in the rotated coordinates (not at step 1 with skip_first: the
         # step's update is zero and the inner state stays as it was)
@@ -420,6 +426,12 @@ def kronecker_eigenbasis(
                 )
         out_pass, out_cores, out_comps = out_tree
         out, _ = flatten(out_pass)
+        # The rotated gradients are read no more: drop them before rotating back, and drop each
+        # group's rotated updates once it is rotated back, so that the step's temporaries stay
+        # about one tree of updates (docs/memory.md, "The step's transient memory").
+        # (assignments, not ``del``: torch.compile traces no deletion of a closure's variable)
+        tree = cores = comps = out_tree = out_pass = core = comp = None
+        out_cores, out_comps = list(out_cores), list(out_comps)
 
         # 3. rotate back, refresh the bases when due, and let the inner state follow them
         refresh_now = torch.compiler.is_compiling() or bool(due)
@@ -430,14 +442,17 @@ def kronecker_eigenbasis(
                 new_groups.append(gs)
                 continue
             stats, bases, present, like, has_comp, dtype = w
-            rows = out_cores[start:position]
+            rows, out_cores[start:position] = out_cores[start:position], [None] * (position - start)
             core = torch.stack([r if r is not None else torch.zeros_like(_any(rows)) for r in rows])
+            rows = None
             pg = _in_precision(rotate_back, core, bases)
+            core = None
             if has_comp:
-                crows = out_comps[start:position]
+                crows, out_comps[start:position] = out_comps[start:position], [None] * (position - start)
                 pg = pg + project_complement(
                     torch.stack([r if r is not None else torch.zeros_like(_any(crows)) for r in crows]), *bases
                 )
+                crows = None
             pg = saturate(pg, like.dtype)
             for j, i in enumerate(g.indices):
                 if leaves[i] is not None:
@@ -458,7 +473,9 @@ def kronecker_eigenbasis(
                 old = bases if all(b is None or b.dtype == dtype for b in bases) else _bases(gs, dtype)
                 changes.append((list(range(start, position)), old, _bases(new_gs, dtype)))
         if changes:
-            inner_state = _when(due, lambda s: rotate_moments(s, changes), inner_state)
+            # in place where the step may write the state (eager: torch.cond's branches may not)
+            in_place = inplace and not torch.compiler.is_compiling()
+            inner_state = _when(due, lambda s: rotate_moments(s, changes, in_place), inner_state)
         refreshes = state.refreshes + due.to(torch.int64)
         return unflatten(spec, out), KroneckerEigenbasisState(count, refreshes, tuple(new_groups), inner_state)
 
