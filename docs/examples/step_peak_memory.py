@@ -18,7 +18,8 @@ on a GPU, except where a kernel differs (torch's fused Adam, the Triton kernels)
 numbers as the code path's, not as a GPU measurement.
 
 Run: ``python docs/examples/step_peak_memory.py`` (about ten minutes on a 2-core box; ``--layers
-2`` for a quick look, ``--json PATH`` to keep the numbers).
+2`` for a quick look, ``--model qwen2.5-0.5b`` for Qwen2.5-0.5B's shapes (494M parameters, about
+14 GB of memory), ``--only NAME`` to pick optimizers, ``--json PATH`` to keep the numbers).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from collections.abc import Callable
 
 import torch
 from memory_gpt2_small import gpt2_small_params  # docs/examples
+from memory_table import QWEN25_05B, make_params, model_shapes  # docs/examples
 from torch.profiler import ProfilerActivity, profile
 
 import scao_fx as sf
@@ -76,14 +78,23 @@ def peak_rise(prof: profile) -> int:
     return peak
 
 
+#: the models ``--model`` names (GPT-2 small's shapes take ``--layers``)
+MODELS = ("gpt2-small", "qwen2.5-0.5b")
+
+
 def measure(layers: int = 12, steps: int = 5, names=None, progress: bool = True, *, d: int = 768, vocab: int = 50257,
-            ctx: int = 1024) -> dict[str, dict]:
+            ctx: int = 1024, model: str = "gpt2-small") -> dict[str, dict]:
     """``{name: {"params", "rises", "ordinary", "highest"}}``: the rise of each step in bytes
     per parameter (``ordinary``: step 2; ``highest``: the largest from step 2 on)."""
     names = list(OPTIMIZERS) if names is None else list(names)
     if steps < 2:
         raise ValueError(f"steps must be >= 2 (step 2 is the ordinary step), got {steps}")
-    params = gpt2_small_params(layers=layers, d=d, vocab=vocab, ctx=ctx, device="cpu")
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+    if model == "gpt2-small":
+        params = gpt2_small_params(layers=layers, d=d, vocab=vocab, ctx=ctx, device="cpu")
+    else:
+        params = make_params({k: shape for k, (shape, _) in model_shapes(QWEN25_05B).items()}, device="cpu")
     n = sum(p.numel() for p in params.values())
     bar = Progress(progress, steps * len(names), "step peak memory", unit="step")
     out = {}
@@ -98,7 +109,9 @@ def measure(layers: int = 12, steps: int = 5, names=None, progress: bool = True,
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--layers", type=int, default=12, help="transformer blocks (GPT-2 small: 12)")
+    ap.add_argument("--model", choices=MODELS, default="gpt2-small", help="whose parameter shapes")
+    ap.add_argument("--layers", type=int, default=12, help="transformer blocks of GPT-2 small's shapes (12)")
+    ap.add_argument("--only", action="append", choices=list(OPTIMIZERS), help="measure this optimizer (repeatable)")
     ap.add_argument("--steps", type=int, default=5, help="steps per optimizer, each profiled (>= 2)")
     ap.add_argument("--json", help="write the numbers to this file")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -108,10 +121,11 @@ def main(argv=None) -> None:
     if args.steps < 2:
         ap.error(f"--steps must be >= 2 (step 2 is the ordinary step), got {args.steps}")
     torch.manual_seed(0)
-    res = measure(args.layers, args.steps, progress=not args.no_progress)
+    res = measure(args.layers, args.steps, args.only, progress=not args.no_progress, model=args.model)
     n = next(iter(res.values()))["params"]
-    print(f"GPT-2 small shapes, {args.layers} blocks, {n / 1e6:.1f}M parameters; rise of live memory during "
-          f"step() in bytes per parameter (torch {torch.__version__}, CPU)\n")
+    shapes = f"GPT-2 small shapes, {args.layers} blocks" if args.model == "gpt2-small" else "Qwen2.5-0.5B shapes"
+    print(f"{shapes}, {n / 1e6:.1f}M parameters; rise of live memory during step() in bytes per parameter "
+          f"(torch {torch.__version__}, CPU)\n")
     print(f"| optimizer | step 2 | highest of steps 2-{args.steps} | step 1 (builds the state) | each step |")
     print("| --- | --- | --- | --- | --- |")
     for name, r in res.items():
