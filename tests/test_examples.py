@@ -24,12 +24,13 @@ def test_functional_loop_example_trains():
     assert len(losses) >= 5 and losses[-1] < losses[0]
 
 
-def test_compare_step_time_runs_two_checkouts_interleaved():
+@pytest.mark.parametrize("form", ["seed", "eigenbasis"])
+def test_compare_step_time_runs_two_checkouts_interleaved(form):
     """The A/B step-time script runs the same checkout twice and reports a ratio near 1."""
     repo = EXAMPLES.parent.parent
     script = EXAMPLES / "compare_step_time.py"
-    result = subprocess.run([sys.executable, str(script), str(repo), str(repo), "--windows", "2", "--steps", "3"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, str(script), str(repo), str(repo), "--windows", "2", "--steps", "3",
+                             "--form", form], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert re.search(r"old: [0-9.]+ ms/step", result.stdout) and re.search(r"new: [0-9.]+ ms/step", result.stdout)
     ratio = float(re.search(r"new / old: ([0-9.]+)", result.stdout).group(1))
@@ -83,3 +84,5 @@ def test_step_peak_memory_measures_each_step(capsys):
     assert res["sf.SCAO() (default)"]["ordinary"] > res["torch.optim.AdamW (foreach)"]["ordinary"]
     with pytest.raises(ValueError, match="steps must be >= 2"):
         step_peak_memory.measure(steps=1, names=names[:1], progress=False)
+    with pytest.raises(ValueError, match="model must be one of"):
+        step_peak_memory.measure(names=names[:1], progress=False, model="gpt-5")

@@ -1,11 +1,12 @@
 """Compare the optimizer step time of two checkouts of scao-fx side by side, interleaved.
 
-    python docs/examples/compare_step_time.py OLD_CHECKOUT NEW_CHECKOUT [--windows 12] [--steps 20]
+    python docs/examples/compare_step_time.py OLD_CHECKOUT NEW_CHECKOUT [--windows 12] [--steps 20] [--form seed]
 
 Each checkout runs in its own worker process (``PYTHONPATH=<checkout>``) that builds the same
 model-shaped parameters (a 4-layer GPT, d_model 128, plus its embedding and head), the same
-fixed gradients and the same ``sf.SCAO`` optimizer (no warmup: preconditioned steps, with
-``precond_freq = --steps``, so every window holds exactly one basis refresh). The parent then asks the two workers in
+fixed gradients and the same ``sf.SCAO`` optimizer (``--form seed``, the default here: no
+warmup, preconditioned steps; ``--form eigenbasis``: SCAO's default form), with ``precond_freq =
+--steps``, so every window holds exactly one basis refresh. The parent then asks the two workers in
 turn (A B A B ...) for one window of ``--steps`` optimizer steps each and records the
 wall-clock time of each window, so machine-load drift hits both alike; only one worker runs at
 a time. It prints the median time per step of each, the ratio NEW / OLD with the spread of the
@@ -33,8 +34,9 @@ for _ in range(layers):
     shapes += [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d), (d,), (d,)]
 params = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in shapes]
 grads = [torch.randn(s) * 1e-2 for s in shapes]
-opt = sf.SCAO(params, lr=1e-3, form="seed", warmup_steps=0, blend_steps=0, min_precond_updates=0,
-              precond_freq=int(sys.argv[2]))
+form = sys.argv[3]
+kw = dict(warmup_steps=0, blend_steps=0, min_precond_updates=0) if form == "seed" else {}
+opt = sf.SCAO(params, lr=1e-3, form=form, precond_freq=int(sys.argv[2]), **kw)
 def steps(n):
     for _ in range(n):
         for p, g in zip(params, grads):
@@ -50,9 +52,9 @@ for line in sys.stdin:
 """
 
 
-def _start(checkout: str, threads: int, freq: int) -> subprocess.Popen:
+def _start(checkout: str, threads: int, freq: int, form: str = "seed") -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.path.abspath(checkout))
-    proc = subprocess.Popen([sys.executable, "-c", WORKER, str(threads), str(freq)], env=env, cwd=checkout,
+    proc = subprocess.Popen([sys.executable, "-c", WORKER, str(threads), str(freq), form], env=env, cwd=checkout,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     if proc.stdout.readline().strip() != "ready":
         raise SystemExit(f"the worker for {checkout} failed to start")
@@ -72,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=12, help="windows per checkout (default 12)")
     parser.add_argument("--steps", type=int, default=20, help="steps per window = precond_freq (default 20)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    parser.add_argument("--form", choices=("seed", "eigenbasis"), default="seed", help="SCAO's form (default seed)")
     args = parser.parse_args(argv)
-    workers = {name: _start(path, args.threads, args.steps) for name, path in (("old", args.old), ("new", args.new))}
+    workers = {name: _start(path, args.threads, args.steps, args.form)
+               for name, path in (("old", args.old), ("new", args.new))}
     times: dict[str, list[float]] = {"old": [], "new": []}
     try:
         for w in range(args.windows):
