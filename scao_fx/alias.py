@@ -419,7 +419,7 @@ def scao(
                          f"{SCAO_DEFAULTS['skip_first']!r}")
     if form == "eigenbasis":
         def eigenbasis(inner: GradientTransformation, b2: float) -> GradientTransformation:
-            link = scao_eigenbasis_precondition(inner, precondition_kwargs)
+            link = scao_eigenbasis_precondition(inner, precondition_kwargs, leafwise_inner=True)  # Adam: leafwise
             if moments == "float32":
                 return link
             # the whole link runs on decoded moments, so a refresh turns the float32 first moment
@@ -521,6 +521,7 @@ def soap(
             eigensolver=check_choice("eigensolver", eigensolver, ("power", "eigh")),
             skip_first=skip_first,
             process_group=process_group,
+            leafwise_inner=True,  # Adam treats every leaf on its own
         )
 
     return _adam_in_eigenbasis(eigenbasis, lr, betas, eps, weight_decay, mask, moment_dtype)

@@ -299,8 +299,11 @@ def scao_precondition(
 _SEED_ONLY_KEYS = ("warmup_steps", "blend_steps", "min_precond_updates", "tau", "complement", "graft", "blend_shape")
 
 
-def scao_eigenbasis_precondition(inner: GradientTransformation, kw: dict[str, Any]) -> GradientTransformation:
-    """``kronecker_eigenbasis(inner, ...)`` from :func:`scao_precondition`'s keywords (``sf.scao(form="eigenbasis")``)."""
+def scao_eigenbasis_precondition(inner: GradientTransformation, kw: dict[str, Any], *,
+                                 leafwise_inner: bool | None = None) -> GradientTransformation:
+    """``kronecker_eigenbasis(inner, ..., leafwise_inner=leafwise_inner)`` from
+    :func:`scao_precondition`'s keywords (``sf.scao(form="eigenbasis")``, whose ``inner`` is
+    :func:`~scao_fx.scale_by_adam`: leafwise)."""
     kw = dict(kw)
     unknown = sorted(set(kw) - set(SCAO_PRECONDITION_KEYS) - {"rank_eps", "process_group", "skip_first"})
     if unknown:
@@ -341,4 +344,5 @@ def scao_eigenbasis_precondition(inner: GradientTransformation, kw: dict[str, An
         moment_at_refresh=hp["moment_at_refresh"],
         skip_first=kw.get("skip_first", SCAO_DEFAULTS["skip_first"]),
         process_group=process_group,
+        leafwise_inner=leafwise_inner,
     )
