@@ -416,7 +416,7 @@ def kronecker_eigenbasis(
             exact = any(curvature.exact(d) for d in (g.m if g.left else None, g.n if g.right else None) if d)
             bases = _bases(gs, dtype if has_comp or exact or rotation_dtype == torch.float32 else rotation_dtype)
             work.append((stats, bases, present, like, has_comp, dtype))
-            if by_group:  # rotated in phase 3
+            if by_group:  # rotated in phase 3 from a fresh stack: keeping ``x`` would hold every group's copy
                 cores += [None] * len(g.indices)
                 comps += [None] * len(g.indices)
                 continue
