@@ -28,7 +28,7 @@ from .presets import (  # noqa: F401 - re-exported
 )
 from .transforms.adam import ScaleByAdamState, add_decayed_weights, scale_by_adam
 from .transforms.combinators import chain, partition
-from .transforms.eigenbasis import KroneckerEigenbasisState, kronecker_eigenbasis
+from .transforms.eigenbasis import kronecker_eigenbasis
 from .transforms.finite import apply_if_finite
 from .transforms.momentum import scale_by_momentum
 from .transforms.orthogonal import check_coefficients, scale_by_newton_schulz
@@ -385,8 +385,10 @@ def scao(
             ``"int8"`` (8-bit Adam: block-wise int8 with one float32 scale per 64 entries, the
             second moment stored as its square root; about 2.1 bytes per parameter). Tensors
             under 4096 entries stay float32. Seed form: ``quantize_state(scale_by_adam(...),
-            codecs)``; eigenbasis form: the whole ``kronecker_eigenbasis`` link inside
-            ``quantize_state``, so that a refresh turns the decoded first moment. With
+            codecs)``; eigenbasis form: ``kronecker_eigenbasis(..., moment_codecs=codecs)``, which
+            decodes the moments a group of matrices at a time, just before that group's Adam
+            step and its refresh, so the step's peak stays near the float32 moments' (see
+            docs/memory.md). With
             ``"bfloat16"`` or ``"int8"``, ``moment_dtype`` must be ``None``.
         mask: weight-decay mask (tree of bools or callable).
         moment_dtype: dtype of Adam's moments (default: at least float32).
@@ -419,11 +421,9 @@ def scao(
                          f"{SCAO_DEFAULTS['skip_first']!r}")
     if form == "eigenbasis":
         def eigenbasis(inner: GradientTransformation, b2: float) -> GradientTransformation:
-            link = scao_eigenbasis_precondition(inner, precondition_kwargs, leafwise_inner=True)  # Adam: leafwise
-            if moments == "float32":
-                return link
-            # the whole link runs on decoded moments, so a refresh turns the float32 first moment
-            return quantize_state(link, KroneckerEigenbasisState(None, None, None, _moment_codecs(moments)))
+            # Adam is leafwise; compressed moments are decoded a group at a time, inside the link
+            return scao_eigenbasis_precondition(inner, precondition_kwargs, leafwise_inner=True,
+                                                moment_codecs=None if moments == "float32" else _moment_codecs(moments))
 
         tx = _adam_in_eigenbasis(eigenbasis, lr, betas, eps, weight_decay, mask,
                                  _stored_moment_dtype(moments, moment_dtype))

@@ -300,9 +300,10 @@ _SEED_ONLY_KEYS = ("warmup_steps", "blend_steps", "min_precond_updates", "tau", 
 
 
 def scao_eigenbasis_precondition(inner: GradientTransformation, kw: dict[str, Any], *,
-                                 leafwise_inner: bool | None = None) -> GradientTransformation:
-    """``kronecker_eigenbasis(inner, ..., leafwise_inner=leafwise_inner)`` from
-    :func:`scao_precondition`'s keywords (``sf.scao(form="eigenbasis")``, whose ``inner`` is
+                                 leafwise_inner: bool | None = None,
+                                 moment_codecs: Any = None) -> GradientTransformation:
+    """``kronecker_eigenbasis(inner, ..., leafwise_inner=leafwise_inner, moment_codecs=moment_codecs)``
+    from :func:`scao_precondition`'s keywords (``sf.scao(form="eigenbasis")``, whose ``inner`` is
     :func:`~scao_fx.scale_by_adam`: leafwise)."""
     kw = dict(kw)
     unknown = sorted(set(kw) - set(SCAO_PRECONDITION_KEYS) - {"rank_eps", "process_group", "skip_first"})
@@ -345,4 +346,5 @@ def scao_eigenbasis_precondition(inner: GradientTransformation, kw: dict[str, An
         skip_first=kw.get("skip_first", SCAO_DEFAULTS["skip_first"]),
         process_group=process_group,
         leafwise_inner=leafwise_inner,
+        moment_codecs=moment_codecs,
     )

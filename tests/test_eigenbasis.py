@@ -686,28 +686,93 @@ def test_bfloat16_rotations_round_only_the_products_and_train():
         sf.scao(form="seed", rotation_precision="float32")  # the seed form requires the default
 
 
-def test_quantized_moments_are_turned_decoded_at_a_refresh():
-    """sf.scao(moments="int8") wraps the whole link in quantize_state, so a refresh turns the
-    decoded first moment: with a lossless codec the run equals the plain link bit for bit,
-    refreshes included, while the state between steps holds the encoded moments."""
+def test_stored_moments_are_turned_decoded_at_a_refresh():
+    """``moment_codecs``: the link stores Adam's moments encoded between steps and decodes them
+    for the step and for a refresh, so with a lossless codec the run equals the plain link bit
+    for bit, refreshes included, while the state holds the encoded cores (a small vector stays
+    float32)."""
     params, grads = problem(steps=8, shapes={"w": (72, 64), "b": (64,)})
     params = {k: v.float() for k, v in params.items()}
     grads = [{k: v.float() for k, v in g.items()} for g in grads]
 
-    def link():
+    def link(**kw):
         return sf.kronecker_eigenbasis(sf.scale_by_adam(0.9, 0.95), curvature=sf.curvature_ema(0.95, sf.fp32_codec()),
-                                       rank=sf.full_rank(), precond_freq=3)
+                                       rank=sf.full_rank(), precond_freq=3, **kw)
 
-    codecs = sf.KroneckerEigenbasisState(None, None, None, sf.ScaleByAdamState(sf.fp32_codec(), sf.fp32_codec(), None))
-    plain, wrapped = link(), sf.quantize_state(link(), codecs)
-    sp, sw = plain.init(params), wrapped.init(params)
-    for g in grads:
-        up, sp = plain.update(clone(g), sp)
-        uw, sw = wrapped.update(clone(g), sw)
-        assert_tree_close(uw, up, rtol=0, atol=0)
-    mu = sw.inner_state.inner_state.mu
-    assert isinstance(mu[1][0], sf.EncodedTensor) and isinstance(mu[0]["b"], torch.Tensor)  # the core; b is small
-    torch.testing.assert_close(sf.fp32_codec().decode(mu[1][0]).view(72, 64), adam_state(sp).mu[1][0], rtol=0, atol=0)
+    codecs = sf.ScaleByAdamState(sf.fp32_codec(), sf.fp32_codec(), None)
+    for leafwise, inplace in ((False, True), (True, True), (True, False)):
+        plain, stored = link(), link(moment_codecs=codecs, leafwise_inner=leafwise)
+        sp, ss = plain.init(params), stored.init(params)
+        for g in grads:
+            up, sp = plain.update(clone(g), sp, inplace=inplace)
+            us, ss = stored.update(clone(g), ss, inplace=inplace)
+            assert_tree_close(us, up, rtol=0, atol=0)
+        mu = ss.inner_state.mu
+        assert isinstance(mu[1][0], sf.EncodedTensor) and isinstance(mu[0]["b"], torch.Tensor)  # the core; b is small
+        torch.testing.assert_close(sf.fp32_codec().decode(mu[1][0]).view(72, 64), adam_state(sp).mu[1][0],
+                                   rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("moment_at_refresh", ["rotate", "project"])
+@pytest.mark.parametrize("codecs", ["bf16", "int8"])
+def test_stored_moments_give_the_same_bits_a_group_at_a_time(codecs, moment_at_refresh):
+    """With bfloat16 or 8-bit moments the stochastic rounding draws on the link's step count,
+    not on how often Adam is called: a group at a time (``leafwise_inner``) and one call over
+    the whole tree give the same bits, in place or not; the moments stay encoded."""
+    shapes = {"a": (64, 72), "b": (64, 72), "c": (80, 64), "v": (4096,), "u": (8,), "s": (3, 3)}
+    params, grads = problem(steps=7, shapes=shapes)
+    params = {k: v.float() for k, v in params.items()}
+    grads = [{k: v.float() for k, v in g.items()} for g in grads]
+    make = sf.bf16_adam_codecs if codecs == "bf16" else sf.int8_adam_codecs
+    for inplace in (True, False):
+        outs = {}
+        for lw in (False, True):
+            tx = sf.kronecker_eigenbasis(sf.scale_by_adam(), curvature=sf.curvature_ema(0.9), precond_freq=3,
+                                         skip_first=True, moment_at_refresh=moment_at_refresh, leafwise_inner=lw,
+                                         moment_codecs=make())
+            outs[lw] = run(tx, params, grads, torch.float32, inplace=inplace)
+        assert_tree_close(outs[True][0], outs[False][0], rtol=0, atol=0)
+        assert_tree_close(outs[True][1], outs[False][1], rtol=0, atol=0)
+        mu = outs[True][1].inner_state.mu
+        assert isinstance(mu[1][0], sf.EncodedTensor) and isinstance(mu[0]["v"], sf.EncodedTensor)
+        assert isinstance(mu[0]["u"], torch.Tensor) and isinstance(mu[1][-1], torch.Tensor)  # small: float32
+
+
+def test_stored_moments_are_checked():
+    """``moment_codecs`` must be a ScaleByAdamState of codecs over an Adam inner transform."""
+    with pytest.raises(TypeError, match="moment_codecs must be None or a ScaleByAdamState"):
+        sf.kronecker_eigenbasis(moment_codecs=sf.bf16_codec())
+    with pytest.raises(TypeError, match="moment_codecs"):
+        sf.kronecker_eigenbasis(moment_codecs=sf.ScaleByAdamState(sf.bf16_codec(), "int8", None))
+    tx = sf.kronecker_eigenbasis(sf.scale_by_momentum(0.9), moment_codecs=sf.bf16_adam_codecs())
+    with pytest.raises(ValueError, match="no ScaleByAdamState"):
+        tx.init({"w": torch.zeros(8, 8)})
+
+
+def test_stored_moments_are_decoded_a_group_at_a_time(monkeypatch):
+    """The step decodes only the group it updates: bfloat16 moments add about one group's
+    float32 moments to the step's rise (4 groups: 2 bytes per parameter), not the whole tree's
+    plus a second copy of the codes (what wrapping the link in ``quantize_state`` costs)."""
+    import scao_fx.transforms.adam as adam_module
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = {f"{n}{i}": s for n, s in (("a", (512, 8)), ("b", (8, 512)), ("c", (256, 16)), ("d", (16, 256)))
+              for i in range(2)}
+    params = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    grads = [{k: torch.randn(s, generator=gen) for k, s in shapes.items()} for _ in range(5)]
+
+    def link(**kw):
+        return sf.kronecker_eigenbasis(sf.scale_by_adam(), curvature=sf.curvature_ema(0.9, sf.fp32_codec()),
+                                       rank=sf.full_rank(), precond_freq=5, max_precond_dim=16, leafwise_inner=True,
+                                       **kw)
+
+    monkeypatch.setattr(adam_module, "DENOMINATOR_CHUNK", 2 * 4096)
+    plain = update_memory_rise(link(), params, grads[:3])
+    stored = [update_memory_rise(link(moment_codecs=sf.bf16_adam_codecs()), params, grads[:s]) for s in (3, 5)]
+    wrapped = update_memory_rise(sf.quantize_state(
+        link(), sf.KroneckerEigenbasisState(None, None, None, sf.bf16_adam_codecs())), params, grads[:3])
+    assert all(rise < plain + 2.5 for rise in stored), (plain, stored)  # was plain + 10.6
+    assert wrapped > plain + 8, (plain, wrapped)
 
 
 def test_default_keeps_short_sides_exact_and_rotates_their_matrices_in_float32():

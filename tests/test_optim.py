@@ -1494,6 +1494,42 @@ def test_scao_eigenbasis_stored_moments_train_and_resume_bit_identical(moments):
             assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("moments", ["bfloat16", "int8"])
+def test_scao_stored_moments_load_from_the_earlier_layout(moments, monkeypatch):
+    """Until 2026-12-07 the eigenbasis form stored compressed moments by wrapping the whole link
+    in quantize_state (a QuantizedState with its own step seed); such a checkpoint loads into
+    today's layout (the moments kept in the link's state) with the same codes, and trains on."""
+    import scao_fx.alias as alias
+
+    real = alias.scao_eigenbasis_precondition
+
+    def earlier(inner, kw, *, leafwise_inner=None, moment_codecs=None):
+        link = real(inner, kw, leafwise_inner=leafwise_inner)
+        if moment_codecs is None:
+            return link
+        return sf.quantize_state(link, sf.KroneckerEigenbasisState(None, None, None, moment_codecs))
+
+    x, y = _wide_data()
+    kw = dict(lr=3e-3, precond_freq=3, moments=moments)
+    model = _wide_model()
+    with monkeypatch.context() as m:
+        m.setattr(alias, "scao_eigenbasis_precondition", earlier)
+        old = SCAO(model.named_parameters(), **kw)
+        _scao_run(model, old, 4, x, y)
+    assert sf.QuantizedState in {type(n) for n in optree.tree_leaves(
+        old.functional_state(0), is_leaf=lambda n: isinstance(n, sf.QuantizedState))}
+    ckpt = save_load({"model": model.state_dict(), "opt": old.state_dict()})
+    new = SCAO(model.named_parameters(), **kw)
+    new.load_state_dict(ckpt["opt"])
+    codes = [t for t in optree.tree_leaves(old.functional_state(0)) if t.dtype in (torch.bfloat16, torch.int8)]
+    loaded = [t for t in optree.tree_leaves(new.functional_state(0)) if t.dtype in (torch.bfloat16, torch.int8)]
+    assert len(codes) == len(loaded) > 0 and all(torch.equal(a, b) for a, b in zip(codes, loaded))
+    first = float(train_step(model, new, x, y))
+    for _ in range(5):
+        last = float(train_step(model, new, x, y))
+    assert last < first
+
+
 # --------------------------------------------------------------------------- foreach= / fused=
 
 

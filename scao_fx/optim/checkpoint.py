@@ -38,8 +38,11 @@ import optree
 import torch
 
 from .._tree import find_nodes
+from ..codecs import EncodedTensor
 from ..transforms.adam import ScaleByAdamState
+from ..transforms.eigenbasis import KroneckerEigenbasisState
 from ..transforms.finite import ApplyIfFiniteState
+from ..transforms.quantization import QuantizedState
 
 __all__ = [
     "FORMAT",
@@ -462,6 +465,42 @@ def _split_count(node: ScaleByAdamState) -> Any:
     return optree.tree_map(lambda m: None if m is None else node.count.clone(), node.mu, none_is_leaf=True)
 
 
+def _stores_moments(node: KroneckerEigenbasisState) -> bool:
+    """Whether an eigenbasis link keeps encoded Adam moments in its own state."""
+    return any(isinstance(x, EncodedTensor) for adam in find_nodes(node.inner_state, ScaleByAdamState)
+               for x in optree.tree_leaves(adam.mu, is_leaf=lambda y: isinstance(y, EncodedTensor), none_is_leaf=True))
+
+
+def _wrap_eigenbasis(state: Any) -> Any:
+    """The layout of earlier releases for ``sf.scao(moments="bfloat16" / "int8")``: the eigenbasis
+    link with encoded moments inside ``quantize_state`` (its own step seed)."""
+    return optree.tree_map(
+        lambda x: QuantizedState(x, torch.zeros((), dtype=torch.int64))
+        if isinstance(x, KroneckerEigenbasisState) and _stores_moments(x) else x,
+        state, is_leaf=lambda x: isinstance(x, KroneckerEigenbasisState), none_is_leaf=True)
+
+
+def _unwrap_eigenbasis(state: Any) -> Any:
+    """Inverse of :func:`_wrap_eigenbasis` (the wrapper's step seed is dropped)."""
+    return optree.tree_map(
+        lambda x: x.inner_state if isinstance(x, QuantizedState) and isinstance(x.inner_state, KroneckerEigenbasisState)
+        else x,
+        state, is_leaf=lambda x: isinstance(x, QuantizedState), none_is_leaf=True)
+
+
+def _legacy_layouts(template: Any) -> list:
+    """``(layout, convert)`` pairs: a state of ``template``'s transform as earlier releases laid it
+    out, and the function that turns a state restored in that layout into ``template``'s."""
+    return [
+        # Adam's step count as one counter for the tree: every leaf gets that counter's value,
+        # as those releases bias-corrected
+        (_with_adam_counts(template, lambda node: torch.zeros((), dtype=torch.int64)),
+         lambda state: _with_adam_counts(state, _split_count)),
+        # compressed moments of the eigenbasis form stored by quantize_state around the link
+        (_wrap_eigenbasis(template), _unwrap_eigenbasis),
+    ]
+
+
 def restore(index: int, template: Any, entry: Mapping[str, Any]) -> Any:
     """Group ``index``'s saved state, in the structure and on the devices of ``template``.
 
@@ -493,11 +532,9 @@ def restore(index: int, template: Any, entry: Mapping[str, Any]) -> Any:
         (tensor([1., 1.]),)
     """
     if str(optree.tree_structure(template, none_is_leaf=True)) != entry["treespec"]:
-        legacy = _with_adam_counts(template, lambda node: torch.zeros((), dtype=torch.int64))
-        if str(optree.tree_structure(legacy, none_is_leaf=True)) == entry["treespec"]:
-            # Adam's step count saved as one counter for the tree (earlier releases): read it,
-            # then give every leaf that counter's value, as those releases bias-corrected.
-            return _with_adam_counts(restore(index, legacy, entry), _split_count)
+        for legacy, convert in _legacy_layouts(template):
+            if str(optree.tree_structure(legacy, none_is_leaf=True)) == entry["treespec"]:
+                return convert(restore(index, legacy, entry))
     t_leaves, t_spec = optree.tree_flatten(template, none_is_leaf=True)
     s_leaves = list(entry["leaves"])
     if str(t_spec) != entry["treespec"] or len(s_leaves) != len(t_leaves):

@@ -37,10 +37,10 @@ to the new bases as the mean squares of uncorrelated old coordinates,
 V_{old}^\top V_{new}` (:func:`~scao_fx.precond.eigenbasis.change_basis_second_moment`); measured
 worse than ``"rotate"`` on the GPT benchmark (``docs/scao.md``). ``"keep"`` carries every inner
 state tensor unchanged (an ablation). Other inner states (e.g. :func:`~scao_fx.quantize_state`'s encoded moments) are
-always carried unchanged: to store the moments encoded, wrap this whole link in
-``quantize_state`` instead (its codecs a prefix of :class:`KroneckerEigenbasisState`, as
-``sf.scao(moments="int8")`` does), so that the link sees them decoded. A first moment in
-bfloat16 is turned in float32 and stored back in bfloat16.
+always carried unchanged: to store the moments encoded, give the link ``moment_codecs`` (as
+``sf.scao(moments="int8")`` does), which decodes each group's first moment for its turn at a
+refresh and encodes it again. A first moment in bfloat16 (``moment_dtype``) is turned in
+float32 and stored back in bfloat16.
 
 **Schedule**: the statistics are updated at every step (with ``stat_freq > 1``: at step 1 and
 every ``stat_freq``-th step, the other steps skip the Gram products and the statistics' codec);
@@ -95,6 +95,7 @@ import torch
 from .._tree import find_nodes, flatten, unflatten
 from .._validation import check_bool, check_choice, check_dense_leaves, check_float, check_int
 from ..base import GradientTransformation, check_transform, increment, register_state, step_count
+from ..codecs import Codec, EncodedTensor
 from ..parallel import check_process_group
 from ..precond.curvature import CurvatureEMA, statistics_schedule
 from ..precond.eigen import branch, regularize, robust_eigh
@@ -115,6 +116,7 @@ from .kronecker import (
     _resolve_plan,
     _statistics_parts,
 )
+from .quantization import MIN_ENCODED_SIZE, decode_tensor, encode_tensor
 
 __all__ = ["kronecker_eigenbasis", "KroneckerEigenbasisState"]
 
@@ -179,6 +181,7 @@ def kronecker_eigenbasis(
     skip_first: bool = False,
     process_group: Any = None,
     leafwise_inner: bool | None = None,
+    moment_codecs: ScaleByAdamState | None = None,
 ) -> GradientTransformation:
     r"""Run ``inner`` (Adam by default) in the eigenbases of each matrix's Kronecker factors.
 
@@ -238,6 +241,18 @@ def kronecker_eigenbasis(
             parameter less at the step's peak (docs/memory.md). ``None`` (default): True when
             ``inner`` is left at its default, else False (a transform that is not leafwise
             would see part of the tree).
+        moment_codecs: store the moments of the inner state's Adam
+            (:class:`~scao_fx.ScaleByAdamState`) through codecs between steps, e.g.
+            :func:`~scao_fx.bf16_adam_codecs` (4 bytes per entry instead of 8) or
+            :func:`~scao_fx.int8_adam_codecs`: a :class:`~scao_fx.ScaleByAdamState` of codecs (or
+            ``None`` per moment: kept float32). Float32 moments of at least 4096 entries are
+            stored encoded; a step decodes only the moments it is about to update (with a
+            leafwise inner: one group's at a time) and encodes them again right after, so the
+            step's peak holds float32 copies of one group's moments, not of all; a refresh
+            decodes, turns and re-encodes each group's first moment. Stochastic rounding draws
+            its bits from the link's step count (the same results whether the inner transform
+            runs a group at a time or once). ``None`` (default): the moments stay as the inner
+            transform keeps them.
 
     DTensor updates (FSDP2's sharded gradients) of the rotated matrices are all-gathered,
     processed whole (rotation, inner transform, rotation back) and returned as this rank's
@@ -261,6 +276,7 @@ def kronecker_eigenbasis(
     if leafwise_inner is None:
         leafwise_inner = inner is None
     leafwise_inner = check_bool("leafwise_inner", leafwise_inner)
+    codecs = _check_moment_codecs(moment_codecs)
     inner = scale_by_adam() if inner is None else check_transform("inner", inner)
     curvature, rank = _statistics_parts(curvature, rank, full_rank)
     precond_freq = check_int("precond_freq", precond_freq, low=1)
@@ -314,6 +330,11 @@ def kronecker_eigenbasis(
             )
         passthrough, cores, comps = templates(leaves, plan)
         inner_state = inner.init((unflatten(spec, passthrough), cores, comps))
+        if codecs is not None:
+            if not _link_adam_nodes(inner_state):
+                raise ValueError("moment_codecs stores the moments of an Adam (scale_by_adam) inner transform, but "
+                                 "the inner transform's state has no ScaleByAdamState over this link's tree")
+            inner_state = _store_moments(inner_state, inner_state, None, codecs, 0)
         return KroneckerEigenbasisState(step_count(), step_count(), tuple(groups), inner_state)
 
     def accumulate_group(gs, x, seed, updates, inplace):
@@ -340,40 +361,47 @@ def kronecker_eigenbasis(
                                              eigensolver=eigensolver)
         return side_from_eigenpairs(side, *pairs, rank=rank)
 
-    def rotate_moments(inner_state, changes, in_place):
+    def rotate_moments(inner_state, changes, in_place, seed):
         """Re-express the cores of every Adam first moment in the new bases, and with
         ``moment_at_refresh="project"`` carry the second moments there too (``changes``: per
         group, ``(core positions, old bases, new bases)``). ``in_place``: written back into the
-        moments' own tensors (a group's temporaries at a time), else new tensors."""
+        moments' own tensors (a group's temporaries at a time), else new tensors. Moments stored
+        through ``moment_codecs`` are decoded, turned and encoded again with ``seed``."""
 
         def fix(node):
-            if not isinstance(node, ScaleByAdamState):
-                return node
             mu = node.mu
-            if not (isinstance(mu, tuple) and len(mu) == 3 and isinstance(mu[1], tuple)):
-                return node  # not the tree this link hands its inner transform
-            node = node._replace(mu=(mu[0], moved(mu[1], change_basis), mu[2]))
+            node = node._replace(mu=(mu[0], moved(mu[1], change_basis, codecs and codecs.mu), mu[2]))
             if moment_at_refresh == "project":
                 nu = node.nu
-                node = node._replace(nu=(nu[0], moved(nu[1], change_basis_second_moment), nu[2]))
+                node = node._replace(nu=(nu[0], moved(nu[1], change_basis_second_moment, codecs and codecs.nu), nu[2]))
             return node
 
-        def moved(cores, fn):
+        def moved(cores, fn, codec):
             """The cores with each group's stack carried to its new bases by ``fn``."""
             cores = list(cores)
             for positions, old, new in changes:
-                stack = torch.stack([cores[p] for p in positions])  # bf16 moments turn in float32
-                work = stack.to(torch.promote_types(stack.dtype, torch.float32))
-                stack = fn(work, *old, *new).to(stack.dtype)
-                work = None
+                stack = torch.stack([decode_tensor(codec, cores[p]) for p in positions])  # bf16 moments turn in float32
+                turned = fn(stack.to(torch.promote_types(stack.dtype, torch.float32)), *old, *new)
+                stack = None
                 for j, p in enumerate(positions):
-                    if in_place:
-                        cores[p].copy_(stack[j])
+                    if isinstance(cores[p], EncodedTensor):
+                        cores[p] = _encode_into(codec, turned[j], cores[p], seed, in_place)
+                    elif in_place:
+                        cores[p].copy_(turned[j])
                     else:
-                        cores[p] = stack[j]
+                        cores[p] = turned[j].to(cores[p].dtype)
             return tuple(cores)
 
-        return optree.tree_map(fix, inner_state, is_leaf=lambda x: isinstance(x, ScaleByAdamState), none_is_leaf=True)
+        return _map_link_adam(fix, inner_state)
+
+    def run_inner(tree, inner_state, seed, inplace):
+        """``inner.update`` on ``tree`` (no params); with ``moment_codecs`` the moments of the leaves
+        ``tree`` updates are decoded just before and encoded again (with ``seed``) just after."""
+        if codecs is None:
+            return inner.update(tree, inner_state, params=None, inplace=inplace)
+        live = [x is not None for x in flatten(tree)[0]]
+        out, new_state = inner.update(tree, _open_moments(inner_state, live, codecs), params=None, inplace=inplace)
+        return out, _store_moments(new_state, inner_state, live, codecs, seed, inplace)
 
     def update(updates, state, *, params=None, inplace=True):
         leaves, spec = flatten(updates)
@@ -387,6 +415,7 @@ def kronecker_eigenbasis(
         rotated = {i for g in plan for i in g.indices}
         passthrough = [None if i in rotated else leaf for i, leaf in enumerate(leaves)]
         skip = (count == 1) if skip_first else None
+        seed = count * 64 + 1  # the moments' stochastic rounding (odd: the statistics' seeds are even)
         # A leafwise inner runs the unrotated leaves first and then each group's cores, rotated
         # just before and rotated back just after (phase 3): eager only, and not with a legacy
         # single Adam step counter, which would count every call.
@@ -431,14 +460,13 @@ def kronecker_eigenbasis(
         tree = (unflatten(spec, passthrough), tuple(cores), tuple(comps))
         if by_group:
             nones = (None,) * len(cores)
-            out_tree, inner_state = inner.update((tree[0], nones, nones), state.inner_state, params=None,
-                                                 inplace=inplace)
+            out_tree, inner_state = run_inner((tree[0], nones, nones), state.inner_state, seed, inplace)
             none_pass = unflatten(spec, [None] * len(leaves))
         elif skip is not None and not torch.compiler.is_compiling() and bool(skip):
             out_tree, inner_state = optree.tree_map(torch.zeros_like, tree), state.inner_state
         else:
             select = skip is not None and torch.compiler.is_compiling()  # compiled: select, not branch
-            out_tree, inner_state = inner.update(tree, state.inner_state, params=None, inplace=inplace and not select)
+            out_tree, inner_state = run_inner(tree, state.inner_state, seed, inplace and not select)
             if select:
                 out_tree = optree.tree_map(lambda x: torch.where(skip.to(x.device), torch.zeros_like(x), x), out_tree)
                 inner_state = optree.tree_map(
@@ -476,8 +504,7 @@ def kronecker_eigenbasis(
                         rows[start + j] = core[j]
                         crows[start + j] = None if comp is None else comp[j]
                 core = comp = None
-                out_g, inner_state = inner.update((none_pass, tuple(rows), tuple(crows)), inner_state, params=None,
-                                                  inplace=inplace)
+                out_g, inner_state = run_inner((none_pass, tuple(rows), tuple(crows)), inner_state, seed, inplace)
                 out_cores[start:position], out_comps[start:position] = out_g[1][start:position], out_g[2][start:position]
                 out_g = None
             rows, out_cores[start:position] = out_cores[start:position], [None] * (position - start)
@@ -511,16 +538,103 @@ def kronecker_eigenbasis(
                 old = bases if all(b is None or b.dtype == dtype for b in bases) else _bases(gs, dtype)
                 change = (list(range(start, position)), old, _bases(new_gs, dtype))
                 if turn_now:  # this group's moments now, in place: its bases' float32 copies go with it
-                    inner_state = rotate_moments(inner_state, [change], True)
+                    inner_state = rotate_moments(inner_state, [change], True, seed + 2)
                 else:
                     changes.append(change)
                 old = change = None
         if changes:  # out of place: compiled (torch.cond's branches may not write their inputs) or inplace=False
-            inner_state = _when(due, lambda s: rotate_moments(s, changes, False), inner_state)
+            inner_state = _when(due, lambda s: rotate_moments(s, changes, False, seed + 2), inner_state)
         refreshes = state.refreshes + due.to(torch.int64)
         return unflatten(spec, out), KroneckerEigenbasisState(count, refreshes, tuple(new_groups), inner_state)
 
     return _gather_matrices(GradientTransformation(init, update), max_precond_dim, side_mode)
+
+
+def _check_moment_codecs(codecs: Any) -> ScaleByAdamState | None:
+    """``moment_codecs`` checked: ``None`` or a :class:`ScaleByAdamState` of codecs."""
+    if codecs is None:
+        return None
+    if not (isinstance(codecs, ScaleByAdamState) and codecs.count is None
+            and all(c is None or isinstance(c, Codec) for c in (codecs.mu, codecs.nu))):
+        raise TypeError("moment_codecs must be None or a ScaleByAdamState of codecs (mu and nu: a Codec or None, "
+                        f"count: None), e.g. bf16_adam_codecs() or int8_adam_codecs(); got {codecs!r}")
+    return codecs
+
+
+def _is_link_adam(node: Any) -> bool:
+    """Whether ``node`` is an Adam state over the tree this link hands its inner transform."""
+    mu = node.mu if isinstance(node, ScaleByAdamState) else None
+    return isinstance(mu, tuple) and len(mu) == 3 and isinstance(mu[1], tuple)
+
+
+def _link_adam_nodes(inner_state: Any) -> list:
+    return [node for node in find_nodes(inner_state, ScaleByAdamState) if _is_link_adam(node)]
+
+
+def _map_link_adam(fn, inner_state: Any, *rest: Any) -> Any:
+    """``inner_state`` with every Adam state over the link's tree replaced by ``fn(node, *the same
+    node of each of rest)``."""
+    return optree.tree_map(lambda node, *others: fn(node, *others) if _is_link_adam(node) else node,
+                           inner_state, *rest, is_leaf=lambda x: isinstance(x, ScaleByAdamState), none_is_leaf=True)
+
+
+def _flat_moment(tree: Any) -> tuple:
+    """A moment's leaves (an :class:`EncodedTensor` is one leaf) in the order of the link's tree."""
+    return optree.tree_flatten(tree, is_leaf=lambda x: isinstance(x, EncodedTensor), none_is_leaf=True)
+
+
+def _open_moments(inner_state: Any, live: list, codecs: ScaleByAdamState) -> Any:
+    """The Adam moments of ``inner_state`` decoded where ``live`` (a flag per leaf of the link's
+    tree); encoded entries elsewhere are ``None`` (Adam neither reads nor changes a moment
+    whose update is ``None``): only the moments a call updates are ever decoded."""
+
+    def open_node(node):
+        fields = {}
+        for name, codec in (("mu", codecs.mu), ("nu", codecs.nu)):
+            if codec is None:
+                continue
+            leaves, spec = _flat_moment(getattr(node, name))
+            fields[name] = optree.tree_unflatten(spec, [
+                decode_tensor(codec, x) if on else (None if isinstance(x, EncodedTensor) else x)
+                for x, on in zip(leaves, live)
+            ])
+        return node._replace(**fields)
+
+    return _map_link_adam(open_node, inner_state)
+
+
+def _encode_into(codec: Codec, x: Any, kept: Any, seed: Any, inplace: bool) -> Any:
+    """``x`` encoded (:func:`encode_tensor`); with ``inplace`` and an :class:`EncodedTensor` ``kept``
+    of the same layout, the codes are copied into ``kept``'s tensors and ``kept`` is returned."""
+    enc = encode_tensor(codec, x, seed, MIN_ENCODED_SIZE)
+    if inplace and isinstance(kept, EncodedTensor) and isinstance(enc, EncodedTensor):
+        kept.data.copy_(enc.data)
+        kept.scale.copy_(enc.scale)
+        return kept
+    return enc
+
+
+def _store_moments(new_state: Any, old_state: Any, live: list | None, codecs: ScaleByAdamState, seed: Any,
+                   inplace: bool = False) -> Any:
+    """``new_state`` with its Adam moments encoded (with ``seed``) where ``live`` (``None``: every
+    leaf) and the stored ones of ``old_state`` elsewhere; float32 moments under 4096 entries and
+    other dtypes stay as they are. ``inplace``: the codes are written into ``old_state``'s
+    encoded tensors (a leaf's new codes are alive only while they are copied)."""
+
+    def store_node(new, old):
+        fields = {}
+        for name, codec in (("mu", codecs.mu), ("nu", codecs.nu)):
+            if codec is None:
+                continue
+            leaves, spec = _flat_moment(getattr(new, name))
+            stored, _ = _flat_moment(getattr(old, name))
+            fields[name] = optree.tree_unflatten(spec, [
+                _encode_into(codec, x, kept, seed, inplace) if live is None or live[i] else kept
+                for i, (x, kept) in enumerate(zip(leaves, stored))
+            ])
+        return new._replace(**fields)
+
+    return _map_link_adam(store_node, new_state, old_state)
 
 
 def _exact_full(factor: torch.Tensor, basis: torch.Tensor) -> tuple:

@@ -92,7 +92,13 @@ def bf16_adam_codecs() -> ScaleByAdamState:
     return ScaleByAdamState(mu=bf16_codec(), nu=bf16_codec(), count=None)
 
 
-def quantize_state(inner: GradientTransformation, codec: Any, *, min_size: int = 4096) -> GradientTransformation:
+#: Smallest float32 state tensor (in entries) that is stored through a codec by default: smaller
+#: ones (biases, norms' scales) stay float32, where a block scale would cost more than it saves.
+MIN_ENCODED_SIZE = 4096
+
+
+def quantize_state(inner: GradientTransformation, codec: Any, *,
+                   min_size: int = MIN_ENCODED_SIZE) -> GradientTransformation:
     """Store ``inner``'s float32 state tensors through codecs between steps.
 
     Float32 tensors with at least ``min_size`` entries are encoded as :class:`EncodedTensor`
@@ -126,25 +132,11 @@ def quantize_state(inner: GradientTransformation, codec: Any, *, min_size: int =
     min_size = check_int("min_size", min_size, low=1)
 
     def encode_with(c: Codec, tree: Any, seed: Any) -> Any:
-        def enc(x):
-            if not (isinstance(x, torch.Tensor) and x.dtype == torch.float32 and x.numel() >= min_size):
-                return x
-            if is_dtensor(x):
-                return _encode_row_shard(c, x, seed)
-            e = c.encode(x.reshape(-1), seed)
-            return EncodedTensor(e.data.view(x.shape), e.scale)
-
-        return optree.tree_map(enc, tree, none_is_leaf=True)
+        return optree.tree_map(lambda x: encode_tensor(c, x, seed, min_size), tree, none_is_leaf=True)
 
     def decode_with(c: Codec, tree: Any) -> Any:
-        def dec(x):
-            if isinstance(x, EncodedTensor):
-                if is_dtensor(x.data):
-                    return _decode_row_shard(c, x)
-                return c.decode(EncodedTensor(x.data.reshape(-1), x.scale)).view(x.data.shape)
-            return x
-
-        return optree.tree_map(dec, tree, is_leaf=lambda x: isinstance(x, EncodedTensor), none_is_leaf=True)
+        return optree.tree_map(lambda x: decode_tensor(c, x), tree,
+                               is_leaf=lambda x: isinstance(x, EncodedTensor), none_is_leaf=True)
 
     def init(params):
         state = _map_codecs(inner.init(params), codec, lambda c, t: encode_with(c, t, 0))
@@ -157,6 +149,28 @@ def quantize_state(inner: GradientTransformation, codec: Any, *, min_size: int =
         return updates, QuantizedState(_map_codecs(inner_state, codec, lambda c, t: encode_with(c, t, count)), count)
 
     return GradientTransformation(init, update)
+
+
+def encode_tensor(c: Codec, x: Any, seed: Any, min_size: int = MIN_ENCODED_SIZE) -> Any:
+    """``x`` stored through ``c`` as an :class:`EncodedTensor` whose codes keep ``x``'s shape
+    (blocks run over its flattened entries; an FSDP2 row shard by each rank on its own rows), or
+    ``x`` itself when it is not a float32 tensor of at least ``min_size`` entries."""
+    if not (isinstance(x, torch.Tensor) and x.dtype == torch.float32 and x.numel() >= min_size):
+        return x
+    if is_dtensor(x):
+        return _encode_row_shard(c, x, seed)
+    e = c.encode(x.reshape(-1), seed)
+    return EncodedTensor(e.data.view(x.shape), e.scale)
+
+
+def decode_tensor(c: Codec, x: Any) -> Any:
+    """Inverse of :func:`encode_tensor`: the float32 tensor an :class:`EncodedTensor` stands for
+    (anything else is returned as it is)."""
+    if not isinstance(x, EncodedTensor):
+        return x
+    if is_dtensor(x.data):
+        return _decode_row_shard(c, x)
+    return c.decode(EncodedTensor(x.data.reshape(-1), x.scale)).view(x.data.shape)
 
 
 def _encode_row_shard(c: Codec, x: Any, seed: Any) -> Any:
