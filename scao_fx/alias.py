@@ -67,7 +67,8 @@ def _stored_moment_dtype(moments: str, moment_dtype: torch.dtype | None) -> torc
     if moments == "float32":
         return moment_dtype
     if moment_dtype is not None:
-        raise ValueError(f"moments={moments!r} sets the moments' storage; moment_dtype must be None, got {moment_dtype!r}")
+        raise ValueError(f"moments={moments!r} sets the moments' storage; moment_dtype must be None, got {moment_dtype!r} "
+                         f"(moment_dtype applies to moments='float32')")
     return None
 
 
@@ -378,11 +379,11 @@ def scao(
         betas: Adam betas, each in [0, 1).
         eps: Adam epsilon, >= 0.
         weight_decay: decoupled weight decay, >= 0.
-        moments: storage of Adam's two moments: ``"float32"`` (8 bytes per parameter),
-            ``"bfloat16"`` (4 bytes: both moments stored in bfloat16 with stochastic rounding,
+        moments: storage of Adam's two moments: ``"bfloat16"`` (the default; 4 bytes per
+            parameter: both moments stored in bfloat16 with stochastic rounding,
             which is unbiased, so they do not stall where a step is below bfloat16's resolution,
-            e.g. the second moment with ``beta2=0.999``; Adam's arithmetic in float32) or
-            ``"int8"`` (8-bit Adam: block-wise int8 with one float32 scale per 64 entries, the
+            e.g. the second moment with ``beta2=0.999``; Adam's arithmetic in float32),
+            ``"float32"`` (8 bytes) or ``"int8"`` (8-bit Adam: block-wise int8 with one float32 scale per 64 entries, the
             second moment stored as its square root; about 2.1 bytes per parameter). Tensors
             under 4096 entries stay float32. Seed form: ``quantize_state(scale_by_adam(...),
             codecs)``; eigenbasis form: ``kronecker_eigenbasis(..., moment_codecs=codecs)``, which

@@ -42,7 +42,7 @@ SCAO_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "betas": (0.9, 0.95),
         "eps": 1e-8,
         "weight_decay": 0.01,
-        "moments": "float32",
+        "moments": "bfloat16",
         # the preconditioner (scao_precondition)
         "rho": 0.95,
         "precond_freq": 5,

@@ -25,7 +25,7 @@ STEPS = 240
 # the seed form at the settings the golden file was recorded with (before the default changed)
 PRECOND = dict(form="seed", betas=(0.9, 0.999), rho=0.999, epsilon_sparse=0.05, basis_storage="float32",
                warmup_steps=20, blend_steps=20, precond_freq=10, min_precond_updates=5, k_min=2, k_max=12,
-               max_precond_dim=40, float32_below=0)
+               max_precond_dim=40, float32_below=0, moments="float32")
 
 
 def _digest(tensors) -> str:

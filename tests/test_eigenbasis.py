@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 from torch.func import grad
-from treeutil import assert_tree_close, clone, update_memory_rise, versions
+from treeutil import assert_tree_close, clone, eigenbasis_state, update_memory_rise, versions
 
 import scao_fx as sf
 from scao_fx.precond.eigenbasis import (
@@ -356,7 +356,7 @@ def test_scao_eigenbasis_adaptive_rank_and_int8_train(use_int8_ema):
     start = loss(params).item()
     final, state = train(scao_eig(lr=5e-2, use_int8_ema=use_int8_ema, float32_below=0))  # compress the small sides
     assert final < 1e-2 * start
-    inner = state.inner_state[0]  # apply_if_finite -> chain -> kronecker_eigenbasis
+    inner = eigenbasis_state(state)  # apply_if_finite -> chain -> kronecker_eigenbasis
     group = inner.groups[0]
     assert group.left.stat.offdiag.data.dtype == (torch.int8 if use_int8_ema else torch.float32)
     # the adaptive rank kept fewer directions than the sides' lengths: the complement is in use
@@ -584,7 +584,7 @@ def test_scao_full_rank_eigenbasis_is_soap_with_its_statistics():
     kw = dict(lr=3e-3, betas=(0.9, 0.95), weight_decay=0.01, precond_freq=3)
     scao = sf.scao(form="eigenbasis", rho=0.95, epsilon_sparse=0.0, k_max=None, eigensolver="power",
                    skip_first=True, use_int8_ema=False, basis_storage="float32", rotation_precision="float32",
-                   skip_nonfinite=False, **kw)
+                   moments="float32", skip_nonfinite=False, **kw)
     soap = sf.soap(shampoo_beta=0.95, max_precond_dim=4096, **kw)
     params, grads = problem(steps=12)
     params = {k: v.float() for k, v in params.items()}
@@ -619,8 +619,8 @@ def test_bfloat16_basis_storage_halves_the_bases_and_trains():
     loss, params = regression(rotated=True)
     start = loss(params).item()
     (f32_loss, f32_state), (b16_loss, b16_state) = train(fp32, rotated=True), train(bf16, rotated=True)
-    side = b16_state.inner_state[0].groups[0].left
-    assert side.basis.dtype == torch.bfloat16 and f32_state.inner_state[0].groups[0].left.basis.dtype == torch.float32
+    side = eigenbasis_state(b16_state).groups[0].left
+    assert side.basis.dtype == torch.bfloat16 and eigenbasis_state(f32_state).groups[0].left.basis.dtype == torch.float32
     # the stored basis is orthonormal to bfloat16's precision, and training is as good
     q = side.basis[0].float()
     assert (q.T @ q - torch.eye(q.shape[1])).abs().max() < 2e-2
@@ -633,7 +633,7 @@ def test_bfloat16_basis_storage_halves_the_bases_and_trains():
 
 def _stats_and_bases(state):
     """Every tensor of the Kronecker groups' sides (statistics, bases, ranks...) of a facade state."""
-    return [x for x in sf._tree.flatten(state.inner_state[0].groups)[0] if isinstance(x, torch.Tensor)]
+    return [x for x in sf._tree.flatten(eigenbasis_state(state).groups)[0] if isinstance(x, torch.Tensor)]
 
 
 def test_bfloat16_rotations_round_only_the_products_and_train():
@@ -645,7 +645,7 @@ def test_bfloat16_rotations_round_only_the_products_and_train():
     full = dict(epsilon_sparse=0.0, k_max=None, lr=1e-2)
     runs = {}
     for prec in ("float32", "bfloat16"):
-        tx = scao_eig(**full, rotation_precision=prec, float32_below=0)  # (the sides are short)
+        tx = scao_eig(**full, rotation_precision=prec, float32_below=0, moments="float32")  # (the sides are short)
         p = {k: v.float() for k, v in params.items()}
         state, updates = tx.init(p), []
         for g in grads:
@@ -655,7 +655,7 @@ def test_bfloat16_rotations_round_only_the_products_and_train():
     (u32, s32), (u16, s16) = runs["float32"], runs["bfloat16"]
     for a, b in zip(_stats_and_bases(s32), _stats_and_bases(s16)):
         assert torch.equal(a, b)
-    assert all(x.dtype == torch.float32 for x in sf._tree.flatten(s16.inner_state[0].inner_state.mu)[0]
+    assert all(x.dtype == torch.float32 for x in sf._tree.flatten(eigenbasis_state(s16).inner_state.mu)[0]
                if isinstance(x, torch.Tensor))
     assert torch.equal(u32[0]["w"], u16[0]["w"])  # step 1 only accumulates (skip_first): zero
     for step, (a, b) in enumerate(zip(u32[1:], u16[1:]), 2):
@@ -792,7 +792,7 @@ def test_default_keeps_short_sides_exact_and_rotates_their_matrices_in_float32()
             ups.append(u)
         runs[prec] = ups, state
     (u32, _), (u16, s16) = runs["float32"], runs["bfloat16"]
-    groups = {tuple(int(i) for i in g.leaves): g for g in s16.inner_state[0].groups}
+    groups = {tuple(int(i) for i in g.leaves): g for g in eigenbasis_state(s16).groups}
     a, b = groups[(0,)], groups[(1,)]
     assert a.left.stat.offdiag.data.dtype == torch.float32 and a.left.basis.dtype == torch.float32
     assert a.right.stat.offdiag.data.dtype == torch.int8 and a.right.basis.dtype == torch.bfloat16

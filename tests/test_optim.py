@@ -645,7 +645,8 @@ def test_scao_per_group_preconditioner_enabled():
     opt = SCAO([{"params": ps[:2]}, {"params": ps[2:], "preconditioner_enabled": False}], lr=1e-2, **FAST)
     x, y = torch.randn(32, 8), torch.randn(32, 4)
     _run(model, opt, 25, x, y)
-    assert isinstance(chain_state(opt.functional_state(1))[0], sf.ScaleByAdamState)  # plain AdamW chain
+    adam = chain_state(opt.functional_state(1))[0]  # plain AdamW chain (its moments stored as bfloat16)
+    assert isinstance(adam, sf.QuantizedState) and isinstance(adam.inner_state, sf.ScaleByAdamState)
     assert isinstance(chain_state(opt.functional_state(0))[0], sf.BlendRampState)
     d = opt.diagnostics()
     assert d["0"]["phase"] == "precond" and d["2"]["phase"] == "adam" and d["2"]["rank_left"] is None
@@ -1199,6 +1200,7 @@ def test_version_1_checkpoint_loads_and_resumes_exactly():
     assert [g["form"] for g in opt2.param_groups] == ["seed", "seed"]
     assert opt2.param_groups[0]["basis_storage"] == "float32"
     assert opt2.param_groups[0]["float32_below"] == 0  # saved before the keyword: every side compressed
+    assert opt2.param_groups[0]["moments"] == "float32"  # saved before the keyword: float32 moments
     gen.run(m2, opt2, range(8, 13))
     for k, v in m2.state_dict().items():
         assert torch.equal(v, ckpt["after_5_steps"][k]), k
@@ -1364,7 +1366,7 @@ def test_scao_moments_keyword_is_validated_with_its_values():
         for moments in ("int8", "bfloat16"):
             with pytest.raises(ValueError, match="moment_dtype must be None"):
                 sf.scao(form=form, moments=moments, moment_dtype=torch.float32)
-    assert SCAO(ps).defaults["moments"] == "float32"
+    assert SCAO(ps).defaults["moments"] == "bfloat16"
 
 
 def test_scao_int8_moments_store_int8_and_train():
@@ -1415,7 +1417,7 @@ def test_scao_int8_moments_resume_bit_identical(enabled):
 
 def test_scao_int8_moments_cost_a_quarter_of_the_adam_state():
     params = {"w": torch.zeros(256, 64), "b": torch.zeros(64)}
-    fp32 = sf.memory_report(sf.scao(form="seed", max_precond_dim=32).init(params), params)["total_bytes"]
+    fp32 = sf.memory_report(sf.scao(form="seed", max_precond_dim=32, moments="float32").init(params), params)["total_bytes"]
     int8 = sf.memory_report(sf.scao(form="seed", max_precond_dim=32, moments="int8").init(params), params)["total_bytes"]
     # 16384 entries: 8 bytes -> 2 bytes + 2 x 4 bytes of scale per 64 entries (the bias stays
     # fp32), and quantize_state's int64 step seed

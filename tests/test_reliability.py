@@ -406,8 +406,9 @@ BAD_ARGUMENTS = {
     ],
     "scao": [
         (lambda: sf.scao(lr="1e-3"), TypeError, ["lr", "'1e-3'", "real number"]),
-        (lambda: sf.scao(moment_dtype=torch.int8), TypeError, ["moment_dtype", "torch.int8", "floating-point torch.dtype"]),
+        (lambda: sf.scao(moments="float32", moment_dtype=torch.int8), TypeError, ["moment_dtype", "torch.int8", "floating-point torch.dtype"]),
         (lambda: sf.scao(warmup=3), TypeError, ["warmup"]),
+        (lambda: sf.scao(moment_dtype=torch.float32), ValueError, ["moments='bfloat16'", "moment_dtype", "moments='float32'"]),
     ],
     "scao_precondition": [
         (lambda: sf.scao_precondition(rho=1.0), ValueError, ["rho", "1.0", "[0.0, 1.0)"]),

@@ -76,19 +76,26 @@ def fast_scao_kwargs(**kw):
 # --------------------------------------------------------------------------- composition
 
 
-def test_scao_is_chain_of_scao_precondition_and_adamw():
+@pytest.mark.parametrize("moments", ["float32", "bfloat16"])
+def test_scao_is_chain_of_scao_precondition_and_adamw(moments):
     params, loss = mlp_problem()
     kw = fast_scao_kwargs()
-    a, sa, _ = train(sf.scao(1e-2, weight_decay=0.05, **kw), params, loss, 30)
-    adamw = sf.adamw(1e-2, betas=SCAO_DEFAULTS["betas"], weight_decay=0.05)  # sf.scao's betas
+    a, sa, _ = train(sf.scao(1e-2, weight_decay=0.05, moments=moments, **kw), params, loss, 30)
+    if moments == "float32":
+        adamw = sf.adamw(1e-2, betas=SCAO_DEFAULTS["betas"], weight_decay=0.05)  # sf.scao's betas
+    else:  # the default: AdamW's moments stored in bfloat16
+        adam = sf.quantize_state(sf.scale_by_adam(*SCAO_DEFAULTS["betas"]), sf.bf16_adam_codecs())
+        adamw = sf.chain(adam, sf.add_decayed_weights(0.05), sf.scale_by_learning_rate(1e-2))
     b, sb, _ = train(sf.chain(sf.scao_precondition(**kw), adamw), params, loss, 30)
     assert_tree_close(a, b)
     assert isinstance(sa, sf.ApplyIfFiniteState) and int(sa.skipped) == 0
     assert_tree_close(sa.inner_state, sb)
-    bare = sf.scao(1e-2, weight_decay=0.05, skip_nonfinite=False, **kw)
+    bare = sf.scao(1e-2, weight_decay=0.05, skip_nonfinite=False, moments=moments, **kw)
     c, sc, _ = train(bare, params, loss, 30)
     assert_tree_close(c, b)
     assert_tree_close(sc, sb)
+    if moments == SCAO_DEFAULTS["moments"]:  # what sf.scao builds when moments is not given
+        assert structure(sf.scao(1e-2, weight_decay=0.05, **kw).init(params)) == structure(sa)
 
 
 def test_scao_precondition_is_built_from_the_named_parts():

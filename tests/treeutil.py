@@ -79,6 +79,12 @@ def chain_state(state: Any) -> Any:
     return state.inner_state if isinstance(state, sf.ApplyIfFiniteState) else state
 
 
+def eigenbasis_state(state: Any) -> Any:
+    """The ``kronecker_eigenbasis`` state of an eigenbasis-form ``sf.scao`` state: inside the
+    ``apply_if_finite`` wrapper (if any), first in the chain."""
+    return chain_state(state)[0]
+
+
 def update_memory_rise(tx: Any, params: Any, grads: list) -> float:
     """Run ``tx`` over ``grads`` from ``tx.init(params)`` (in place); the last update runs under
     the profiler's memory events: the highest rise of live memory during it, in bytes per

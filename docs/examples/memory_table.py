@@ -118,7 +118,8 @@ def _adam8():
     return sf.quantize_state(sf.scale_by_adam(), sf.int8_adam_codecs())
 
 
-#: The seed form at its earlier defaults (adaptive rank up to 128, float32 bases).
+#: The seed form at its earlier defaults (adaptive rank up to 128, float32 bases, float32 moments
+#: unless a row says otherwise).
 SEED = dict(form="seed", epsilon_sparse=0.05, k_max=128, basis_storage="float32")
 SEED_SKETCH = dict(form="seed", epsilon_sparse=0.05, k_max=128)  # (a sketch stores its basis as sketch_storage says)
 SKETCH_FP32 = dict(curvature="sketch", sketch_rank=128, sketch_storage="bfloat16")
@@ -131,17 +132,17 @@ def optimizers() -> dict:
     return {
         "AdamW (fp32 moments)": lambda: sf.adamw(),
         "8-bit AdamW (64-entry blocks)": lambda: sf.chain(_adam8(), *tail()),
-        "scao default (eigenbasis, int8 factors, bf16 bases)": lambda: sf.scao(),
+        "scao default (eigenbasis, int8 factors, bf16 bases and moments)": lambda: sf.scao(),
         "scao default, max_precond_dim=1024": lambda: sf.scao(max_precond_dim=1024),
         "scao default, max_precond_dim=4096": lambda: sf.scao(max_precond_dim=4096),
-        "scao default, moments=bfloat16": lambda: sf.scao(moments="bfloat16"),
+        "scao default, moments=float32": lambda: sf.scao(moments="float32"),
         "scao default, moments=int8": lambda: sf.scao(moments="int8"),
         "scao default, max_precond_dim=1024, moments=int8": lambda: sf.scao(max_precond_dim=1024, moments="int8"),
-        "scao seed (int8 full factors)": lambda: sf.scao(**SEED),
+        "scao seed (int8 full factors)": lambda: sf.scao(**SEED, moments="float32"),
         "scao seed, moments=int8": lambda: sf.scao(**SEED, moments="int8"),
-        "scao seed, max_precond_dim=1024": lambda: sf.scao(**SEED, max_precond_dim=1024),
+        "scao seed, max_precond_dim=1024": lambda: sf.scao(**SEED, max_precond_dim=1024, moments="float32"),
         "scao seed, max_precond_dim=1024, moments=int8": lambda: sf.scao(**SEED, max_precond_dim=1024, moments="int8"),
-        "scao seed, sketch r128 bf16": lambda: sf.scao(**SEED_SKETCH, **SKETCH_FP32),
+        "scao seed, sketch r128 bf16": lambda: sf.scao(**SEED_SKETCH, moments="float32", **SKETCH_FP32),
         "scao seed, sketch r64 int8, moments=int8": lambda: sf.scao(**SEED_SKETCH, moments="int8", **SKETCH_INT8),
     }
 
@@ -214,7 +215,7 @@ def _moments(numel, moments):
     return {"float32": adam_bytes(numel), "bfloat16": adam_bf16_bytes(numel), "int8": adam8_bytes(numel)}[moments]
 
 
-def _eigen(numel, shape, *, moments="float32", max_dim=MAX_PRECOND_DIM):
+def _eigen(numel, shape, *, moments=SCAO_DEFAULTS["moments"], max_dim=MAX_PRECOND_DIM):
     """The default (eigenbasis) form: the moments of the rotated core, which has the leaf's size."""
     return _moments(numel, moments) + sum(scao_eigen_side(d) for d in _sides(shape, max_dim))
 
@@ -238,10 +239,10 @@ FORMULAS = {
     + sum(8 * d * d for d in _sides(shape, SOAP_MAX_PRECOND_DIMS[1])),
     "Muon (fp32 momentum; AdamW on the rest)": lambda shape, hidden: 4 * math.prod(shape)
     if hidden and len(shape) == 2 else adam_bytes(math.prod(shape)),
-    "scao default (eigenbasis, int8 factors, bf16 bases)": lambda shape, hidden: _eigen(math.prod(shape), shape),
+    "scao default (eigenbasis, int8 factors, bf16 bases and moments)": lambda shape, hidden: _eigen(math.prod(shape), shape),
     "scao default, max_precond_dim=1024": lambda shape, hidden: _eigen(math.prod(shape), shape, max_dim=1024),
     "scao default, max_precond_dim=4096": lambda shape, hidden: _eigen(math.prod(shape), shape, max_dim=4096),
-    "scao default, moments=bfloat16": lambda shape, hidden: _eigen(math.prod(shape), shape, moments="bfloat16"),
+    "scao default, moments=float32": lambda shape, hidden: _eigen(math.prod(shape), shape, moments="float32"),
     "scao default, moments=int8": lambda shape, hidden: _eigen(math.prod(shape), shape, moments="int8"),
     "scao default, max_precond_dim=1024, moments=int8": lambda shape, hidden: _eigen(math.prod(shape), shape,
                                                                                     moments="int8", max_dim=1024),

@@ -40,10 +40,12 @@ from scao_fx.bench.progress import Progress
 #: name -> factory(list of parameters) -> torch.optim.Optimizer
 OPTIMIZERS: dict[str, Callable[[list], torch.optim.Optimizer]] = {
     "torch.optim.AdamW (foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
-    "sf.SCAO(preconditioner_enabled=False) (scao_fx's AdamW)": lambda ps: sf.SCAO(ps, preconditioner_enabled=False),
+    "sf.SCAO(preconditioner_enabled=False, moments='float32') (scao_fx's AdamW)": lambda ps: sf.SCAO(
+        ps, preconditioner_enabled=False, moments="float32"),
+    "sf.SCAO(preconditioner_enabled=False) (bf16 AdamW)": lambda ps: sf.SCAO(ps, preconditioner_enabled=False),
     "sf.SCAO() (default)": lambda ps: sf.SCAO(ps),
+    "sf.SCAO(moments='float32')": lambda ps: sf.SCAO(ps, moments="float32"),
     "sf.SCAO(grouped=False)": lambda ps: sf.SCAO(ps, grouped=False),
-    "sf.SCAO(moments='bfloat16')": lambda ps: sf.SCAO(ps, moments="bfloat16"),
     "sf.SCAO(moments='int8')": lambda ps: sf.SCAO(ps, moments="int8"),
     "sf.soap(precond_freq=5) (TransformOptimizer)": lambda ps: sf.TransformOptimizer(
         ps, lambda lr: sf.soap(lr=lr, precond_freq=5), {"lr": 3e-3}),

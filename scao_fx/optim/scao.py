@@ -294,7 +294,9 @@ def _scao_chain(hp: Mapping[str, Any]) -> GradientTransformation:
 
 
 #: What a param group saved before a keyword existed ran with (see ``SCAO._saved_group_values``).
-_SAVED_BEFORE: Mapping[str, Any] = MappingProxyType({"form": "seed", "basis_storage": "float32", "float32_below": 0})
+_SAVED_BEFORE: Mapping[str, Any] = MappingProxyType(
+    {"form": "seed", "basis_storage": "float32", "float32_below": 0, "moments": "float32"}
+)
 
 
 class SCAO(TransformOptimizer):
@@ -335,8 +337,8 @@ class SCAO(TransformOptimizer):
         **compat: the other keywords of the original ``scao`` package's ``SCAO`` (see
             :data:`COMPAT_KEYWORDS`, :data:`INERT_KEYWORDS`), each accepted at its neutral value
             and rejected with a ``ValueError`` explaining why otherwise; ``moments``: the storage
-            of Adam's moments, ``"float32"`` (default), ``"bfloat16"`` (4 bytes per parameter)
-            or ``"int8"`` (8-bit Adam, about 2.1 instead of 8 bytes per parameter; see
+            of Adam's moments, ``"bfloat16"`` (default: 4 bytes per parameter, stochastically
+            rounded), ``"float32"`` (8 bytes) or ``"int8"`` (8-bit Adam, about 2.1 instead of 8 bytes per parameter; see
             :func:`~scao_fx.scao`), per param group too (a group with
             ``preconditioner_enabled=False`` then runs bf16 or 8-bit AdamW); and the extra
             ``scao_precondition`` keywords ``block_size``, ``complement``, ``graft``,
@@ -447,7 +449,7 @@ class SCAO(TransformOptimizer):
         # validated (they can only be neutral or inert) and left out. A group saved before a
         # keyword existed ran with that keyword's value of the time (_SAVED_BEFORE), not today's
         # default: the seed form (before ``form``), float32 bases (before ``basis_storage``),
-        # every side compressed (before ``float32_below``).
+        # every side compressed (before ``float32_below``), float32 moments (before ``moments``).
         values = _split_compat(super()._saved_group_values(index, saved))
         for key, then in _SAVED_BEFORE.items():
             values.setdefault(key, then)
