@@ -24,7 +24,7 @@ import torch
 from .base import multi_tensor_ok
 from .parallel import is_dtensor
 
-__all__ = ["fusable", "scale", "add_scaled", "lerp", "norms", "mul_each"]
+__all__ = ["fusable", "scale", "add_scaled", "lerp", "norms", "mul_each", "chunks_by_size"]
 
 
 def fusable(tensors: Sequence[Any]) -> bool:
@@ -170,3 +170,27 @@ def mul_each(xs: Sequence[torch.Tensor], scalars: Sequence[float]) -> list:
         return list(torch._foreach_mul(xs, list(scalars)))
     return [x * s for x, s in zip(xs, scalars)]
 
+
+def chunks_by_size(tensors: Sequence[torch.Tensor], limit: int) -> list[list[int]]:
+    """Consecutive positions of ``tensors`` grouped so that each group holds at most ``limit``
+    entries (a tensor larger than ``limit`` is a group of its own): the pieces a step processes
+    one at a time to bound its temporaries.
+
+    Example:
+        >>> import torch
+        >>> chunks_by_size([torch.zeros(3), torch.zeros(2), torch.zeros(9), torch.zeros(1)], 5)
+        [[0, 1], [2], [3]]
+    """
+    out: list[list[int]] = []
+    current: list[int] = []
+    size = 0
+    for j, t in enumerate(tensors):
+        n = t.numel()
+        if current and size + n > limit:
+            out.append(current)
+            current, size = [], 0
+        current.append(j)
+        size += n
+    if current:
+        out.append(current)
+    return out

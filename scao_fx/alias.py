@@ -46,12 +46,13 @@ SCAO_MOMENTS = ("float32", "bfloat16", "int8")
 
 def _scale_by_adam_stored(b1: float, b2: float, eps: float, moments: str, moment_dtype: torch.dtype | None):
     """``scale_by_adam`` with its moments stored as ``moments`` says: ``"float32"`` (the plain
-    transform), ``"bfloat16"`` or ``"int8"`` (``quantize_state(scale_by_adam(), codecs)`` with
-    :func:`_moment_codecs`; tensors under 4096 entries stay float32)."""
+    transform), ``"bfloat16"`` or ``"int8"`` (``quantize_state(scale_by_adam(), codecs,
+    leafwise=True)`` with :func:`_moment_codecs`: decoded a chunk of leaves at a time; tensors
+    under 4096 entries stay float32)."""
     moment_dtype = _stored_moment_dtype(moments, moment_dtype)
     if moments == "float32":
         return scale_by_adam(b1, b2, eps, moment_dtype=moment_dtype)
-    return quantize_state(scale_by_adam(b1, b2, eps), _moment_codecs(moments))
+    return quantize_state(scale_by_adam(b1, b2, eps), _moment_codecs(moments), leafwise=True)
 
 
 def _moment_codecs(moments: str) -> ScaleByAdamState:

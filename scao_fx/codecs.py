@@ -104,7 +104,7 @@ class Codec:
 
         x = x.to(torch.float32)
         if self.square_root:
-            x = x.clamp(min=0).sqrt()
+            x = x.clamp(min=0).sqrt_()
         codes, scales = quantize_blockwise(x, self.block_size, stochastic=self.stochastic, seed=_seed_arg(seed))
         return EncodedTensor(codes, scales)
 
@@ -120,8 +120,8 @@ class Codec:
         # A zero code means sqrt(x) < one step: decode it as half a step, never as 0, so that a
         # second moment never becomes 0 where its first moment is not (that would turn
         # m / (sqrt(v) + eps) into m / eps).
-        half_step = 0.5 * dequantize_blockwise(torch.ones_like(enc.data), enc.scale, self.block_size, dtype=torch.float32)
-        return torch.maximum(y, half_step).square()
+        half_step = dequantize_blockwise(torch.ones_like(enc.data), enc.scale, self.block_size, dtype=torch.float32)
+        return torch.maximum(y, half_step.mul_(0.5), out=y).square_()  # in place: fewer temporaries
 
     def zeros(self, shape: tuple[int, ...], device: torch.device | str | None = None) -> EncodedTensor:
         """Encoded zeros of ``shape``."""

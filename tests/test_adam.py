@@ -9,6 +9,7 @@ import torch
 from treeutil import assert_tree_close, clone, update_memory_rise, versions
 
 import scao_fx as sf
+from scao_fx import _treemath
 from scao_fx.transforms.adam import moment_dtype_for
 
 
@@ -217,6 +218,6 @@ def test_denominators_are_computed_a_chunk_of_leaves_at_a_time(monkeypatch):
         runs[chunk] = p
     assert_tree_close(runs[1], runs[adam_module.DENOMINATOR_CHUNK])
     assert_tree_close(runs[2 * 4096], runs[adam_module.DENOMINATOR_CHUNK])
-    assert adam_module._chunks([torch.zeros(3), torch.zeros(5), torch.zeros(9), torch.zeros(1)], 8) == [[0, 1], [2], [3]]
+    assert _treemath.chunks_by_size([torch.zeros(3), torch.zeros(5), torch.zeros(9), torch.zeros(1)], 8) == [[0, 1], [2], [3]]
     rise = update_memory_rise(sf.adamw(1e-2), params, grads)  # chunks of two leaves: a quarter of the tree
     assert 4.5 < rise < 5.5, rise

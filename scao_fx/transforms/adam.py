@@ -127,22 +127,6 @@ def _same_kind(tensors: list) -> list[list[int]]:
 DENOMINATOR_CHUNK = 1 << 24
 
 
-def _chunks(tensors: list, limit: int) -> list[list[int]]:
-    """Consecutive positions of ``tensors`` grouped so that each group holds at most ``limit``
-    entries (a tensor larger than ``limit`` is a group of its own)."""
-    out, current, size = [], [], 0
-    for j, t in enumerate(tensors):
-        n = t.numel()
-        if current and size + n > limit:
-            out.append(current)
-            current, size = [], 0
-        current.append(j)
-        size += n
-    if current:
-        out.append(current)
-    return out
-
-
 def _sqrt(x):
     return x.sqrt() if isinstance(x, torch.Tensor) else math.sqrt(x)
 
@@ -230,7 +214,7 @@ def scale_by_adam(
         us = torch._foreach_div(mus, bc1s)
         # the denominators a chunk of leaves at a time (the same arithmetic), so that besides
         # the directions only one chunk's denominators are alive at once
-        for chunk in _chunks(nus, DENOMINATOR_CHUNK):
+        for chunk in _treemath.chunks_by_size(nus, DENOMINATOR_CHUNK):
             ns = [nus[j] for j in chunk]
             if eps_root:
                 denom = torch._foreach_div(ns, [bc2s[j] for j in chunk])

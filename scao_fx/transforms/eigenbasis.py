@@ -116,7 +116,7 @@ from .kronecker import (
     _resolve_plan,
     _statistics_parts,
 )
-from .quantization import MIN_ENCODED_SIZE, decode_tensor, encode_tensor
+from .quantization import decode_tensor, open_encoded, store_encoded
 
 __all__ = ["kronecker_eigenbasis", "KroneckerEigenbasisState"]
 
@@ -385,7 +385,7 @@ def kronecker_eigenbasis(
                 stack = None
                 for j, p in enumerate(positions):
                     if isinstance(cores[p], EncodedTensor):
-                        cores[p] = _encode_into(codec, turned[j], cores[p], seed, in_place)
+                        cores[p] = store_encoded(codec, turned[j], cores[p], None, seed, inplace=in_place)
                     elif in_place:
                         cores[p].copy_(turned[j])
                     else:
@@ -578,61 +578,28 @@ def _map_link_adam(fn, inner_state: Any, *rest: Any) -> Any:
                            inner_state, *rest, is_leaf=lambda x: isinstance(x, ScaleByAdamState), none_is_leaf=True)
 
 
-def _flat_moment(tree: Any) -> tuple:
-    """A moment's leaves (an :class:`EncodedTensor` is one leaf) in the order of the link's tree."""
-    return optree.tree_flatten(tree, is_leaf=lambda x: isinstance(x, EncodedTensor), none_is_leaf=True)
-
-
 def _open_moments(inner_state: Any, live: list, codecs: ScaleByAdamState) -> Any:
     """The Adam moments of ``inner_state`` decoded where ``live`` (a flag per leaf of the link's
-    tree); encoded entries elsewhere are ``None`` (Adam neither reads nor changes a moment
-    whose update is ``None``): only the moments a call updates are ever decoded."""
+    tree) and ``None`` where encoded elsewhere (:func:`~scao_fx.transforms.quantization.open_encoded`):
+    only the moments a call of Adam updates are ever decoded."""
 
     def open_node(node):
-        fields = {}
-        for name, codec in (("mu", codecs.mu), ("nu", codecs.nu)):
-            if codec is None:
-                continue
-            leaves, spec = _flat_moment(getattr(node, name))
-            fields[name] = optree.tree_unflatten(spec, [
-                decode_tensor(codec, x) if on else (None if isinstance(x, EncodedTensor) else x)
-                for x, on in zip(leaves, live)
-            ])
-        return node._replace(**fields)
+        return node._replace(**{name: open_encoded(codec, getattr(node, name), live)
+                                for name, codec in (("mu", codecs.mu), ("nu", codecs.nu)) if codec is not None})
 
     return _map_link_adam(open_node, inner_state)
-
-
-def _encode_into(codec: Codec, x: Any, kept: Any, seed: Any, inplace: bool) -> Any:
-    """``x`` encoded (:func:`encode_tensor`); with ``inplace`` and an :class:`EncodedTensor` ``kept``
-    of the same layout, the codes are copied into ``kept``'s tensors and ``kept`` is returned."""
-    enc = encode_tensor(codec, x, seed, MIN_ENCODED_SIZE)
-    if inplace and isinstance(kept, EncodedTensor) and isinstance(enc, EncodedTensor):
-        kept.data.copy_(enc.data)
-        kept.scale.copy_(enc.scale)
-        return kept
-    return enc
 
 
 def _store_moments(new_state: Any, old_state: Any, live: list | None, codecs: ScaleByAdamState, seed: Any,
                    inplace: bool = False) -> Any:
     """``new_state`` with its Adam moments encoded (with ``seed``) where ``live`` (``None``: every
-    leaf) and the stored ones of ``old_state`` elsewhere; float32 moments under 4096 entries and
-    other dtypes stay as they are. ``inplace``: the codes are written into ``old_state``'s
-    encoded tensors (a leaf's new codes are alive only while they are copied)."""
+    leaf) and the stored ones of ``old_state`` elsewhere
+    (:func:`~scao_fx.transforms.quantization.store_encoded`; ``inplace``: into the stored codes)."""
 
     def store_node(new, old):
-        fields = {}
-        for name, codec in (("mu", codecs.mu), ("nu", codecs.nu)):
-            if codec is None:
-                continue
-            leaves, spec = _flat_moment(getattr(new, name))
-            stored, _ = _flat_moment(getattr(old, name))
-            fields[name] = optree.tree_unflatten(spec, [
-                _encode_into(codec, x, kept, seed, inplace) if live is None or live[i] else kept
-                for i, (x, kept) in enumerate(zip(leaves, stored))
-            ])
-        return new._replace(**fields)
+        return new._replace(**{name: store_encoded(codec, getattr(new, name), getattr(old, name), live, seed,
+                                                   inplace=inplace)
+                               for name, codec in (("mu", codecs.mu), ("nu", codecs.nu)) if codec is not None})
 
     return _map_link_adam(store_node, new_state, old_state)
 

@@ -14,7 +14,9 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
-from .._validation import check_int
+from .._tree import flatten, unflatten
+from .._treemath import chunks_by_size
+from .._validation import check_bool, check_int
 from ..base import GradientTransformation, check_transform, increment, register_state, step_count
 from ..codecs import Codec, EncodedTensor, bf16_codec, int8_blockwise
 from ..parallel import from_row_shard, is_dtensor, row_shard
@@ -31,17 +33,17 @@ class QuantizedState(NamedTuple):
     count: torch.Tensor
 
 
-def _map_codecs(tree: Any, codecs: Any, fn) -> Any:
-    """Apply ``fn(codec, subtree)`` where ``codecs`` (a prefix of ``tree``) holds a Codec; keep
-    subtrees whose codec entry is ``None``."""
+def _map_codecs(tree: Any, codecs: Any, fn, *rest: Any) -> Any:
+    """Apply ``fn(codec, subtree, *the same subtree of each of rest)`` where ``codecs`` (a prefix
+    of ``tree``) holds a Codec; keep subtrees whose codec entry is ``None``."""
     if codecs is None:
         return tree
     if isinstance(codecs, Codec):
-        return fn(codecs, tree)
+        return fn(codecs, tree, *rest)
     if isinstance(codecs, dict) and isinstance(tree, dict):
-        return {k: _map_codecs(v, codecs.get(k), fn) for k, v in tree.items()}
+        return {k: _map_codecs(v, codecs.get(k), fn, *(r[k] for r in rest)) for k, v in tree.items()}
     if isinstance(codecs, (tuple, list)) and isinstance(tree, (tuple, list)) and len(codecs) == len(tree):
-        items = [_map_codecs(t, c, fn) for t, c in zip(tree, codecs)]
+        items = [_map_codecs(t, c, fn, *(r[i] for r in rest)) for i, (t, c) in enumerate(zip(tree, codecs))]
         return tree._make(items) if hasattr(tree, "_make") else type(tree)(items)
     raise ValueError(
         f"codec must be a Codec or a prefix of the inner state's tree; got {type(codecs).__name__} "
@@ -96,9 +98,13 @@ def bf16_adam_codecs() -> ScaleByAdamState:
 #: ones (biases, norms' scales) stay float32, where a block scale would cost more than it saves.
 MIN_ENCODED_SIZE = 4096
 
+#: Entries of state a leafwise :func:`quantize_state` decodes at once (whole leaves: a larger
+#: leaf is a chunk of its own). 2^24 float32 entries are 64 MB per moment.
+DECODE_CHUNK = 1 << 24
+
 
 def quantize_state(inner: GradientTransformation, codec: Any, *,
-                   min_size: int = MIN_ENCODED_SIZE) -> GradientTransformation:
+                   min_size: int = MIN_ENCODED_SIZE, leafwise: bool = False) -> GradientTransformation:
     """Store ``inner``'s float32 state tensors through codecs between steps.
 
     Float32 tensors with at least ``min_size`` entries are encoded as :class:`EncodedTensor`
@@ -108,12 +114,21 @@ def quantize_state(inner: GradientTransformation, codec: Any, *,
     DTensor of the same layout; other DTensors stay float32 (docs/distributed.md). Each step decodes the state, runs ``inner``,
     and encodes the new state again with a fresh stochastic-rounding seed.
 
+    With ``leafwise=True`` the step runs ``inner`` a chunk of leaves at a time (up to
+    :data:`DECODE_CHUNK` entries; a larger leaf alone), decoding only that chunk's state and
+    writing its new codes back into the stored ones right after, so that the step holds the
+    float32 state of one chunk instead of the whole tree's: the same results, bit for bit, as
+    one call. It requires an ``inner`` that treats every leaf on its own, whose state under
+    each codec is a tree shaped like the updates and counts its steps per leaf, as
+    :func:`scale_by_adam` does (``int8_adam_codecs()``, ``bf16_adam_codecs()``).
+
     Args:
         inner: any transform (of this library or torchopt) whose state holds float32 tensors.
         codec: one :class:`Codec` for every tensor, or a prefix of the inner state's tree with a
             codec (or ``None``: not encoded) per sub-tree, e.g. :func:`int8_adam_codecs` for
             :func:`scale_by_adam` (plain linear int8 is *not* suitable for Adam's second moment).
         min_size: smallest tensor (in entries) worth encoding, >= 1.
+        leafwise: run ``inner`` a chunk of leaves at a time (see above).
 
     Returns:
         A ``GradientTransformation`` with state :class:`QuantizedState`.
@@ -130,6 +145,7 @@ def quantize_state(inner: GradientTransformation, codec: Any, *,
             f"them (e.g. int8_adam_codecs()), got {codec!r}"
         )
     min_size = check_int("min_size", min_size, low=1)
+    leafwise = check_bool("leafwise", leafwise)
 
     def encode_with(c: Codec, tree: Any, seed: Any) -> Any:
         return optree.tree_map(lambda x: encode_tensor(c, x, seed, min_size), tree, none_is_leaf=True)
@@ -144,11 +160,72 @@ def quantize_state(inner: GradientTransformation, codec: Any, *,
 
     def update(updates, state, *, params=None, inplace=True):
         count = increment(state.count)
+        if leafwise:
+            return update_by_chunks(updates, state.inner_state, count, params, inplace)
         inner_state = _map_codecs(state.inner_state, codec, decode_with)
         updates, inner_state = inner.update(updates, inner_state, params=params, inplace=inplace)
         return updates, QuantizedState(_map_codecs(inner_state, codec, lambda c, t: encode_with(c, t, count)), count)
 
+    def update_by_chunks(updates, inner_state, count, params, inplace):
+        leaves, spec = flatten(updates)
+        live = [i for i, g in enumerate(leaves) if g is not None]
+        out = [None] * len(leaves)
+        for chunk in chunks_by_size([leaves[i] for i in live], DECODE_CHUNK):
+            mask = [False] * len(leaves)
+            for j in chunk:
+                mask[live[j]] = True
+            part = unflatten(spec, [g if on else None for g, on in zip(leaves, mask)])
+            opened = _map_codecs(inner_state, codec, lambda c, t: open_encoded(c, t, mask))
+            part, new_state = inner.update(part, opened, params=params, inplace=inplace)
+            inner_state = _map_codecs(
+                new_state, codec,
+                lambda c, t, old: store_encoded(c, t, old, mask, count, inplace=inplace, min_size=min_size),
+                inner_state)
+            for i, u in enumerate(flatten(part)[0]):
+                if mask[i]:
+                    out[i] = u
+        return unflatten(spec, out), QuantizedState(inner_state, count)
+
     return GradientTransformation(init, update)
+
+
+def _flat_encoded(tree: Any) -> tuple:
+    """The leaves of ``tree`` (an :class:`EncodedTensor` is one leaf, ``None`` kept) and its spec."""
+    return optree.tree_flatten(tree, is_leaf=lambda x: isinstance(x, EncodedTensor), none_is_leaf=True)
+
+
+def open_encoded(c: Codec, tree: Any, live: list) -> Any:
+    """``tree`` (a state shaped like the updates) with its encoded leaves decoded where ``live``
+    (a flag per leaf) and ``None`` elsewhere: a transform that neither reads nor changes the
+    state of a leaf whose update is ``None`` (Adam) then sees only what it updates, decoded."""
+    leaves, spec = _flat_encoded(tree)
+    if len(leaves) != len(live):
+        raise ValueError(f"a state stored leaf by leaf must be shaped like the updates: {len(leaves)} state leaves "
+                         f"for {len(live)} updates (use leafwise=False for this transform)")
+    return optree.tree_unflatten(spec, [
+        decode_tensor(c, x) if on else (None if isinstance(x, EncodedTensor) else x) for x, on in zip(leaves, live)
+    ])
+
+
+def store_encoded(c: Codec, new: Any, old: Any, live: list | None, seed: Any, *, inplace: bool = False,
+                  min_size: int = MIN_ENCODED_SIZE) -> Any:
+    """Inverse of :func:`open_encoded`: ``new``'s leaves encoded (with ``seed``) where ``live``
+    (``None``: every leaf), ``old``'s stored leaves elsewhere. ``inplace``: new codes are copied
+    into ``old``'s encoded tensors (a leaf's new codes are alive only while they are copied)."""
+    leaves, spec = _flat_encoded(new)
+    stored, _ = _flat_encoded(old)
+    out = []
+    for i, (x, kept) in enumerate(zip(leaves, stored)):
+        if live is not None and not live[i]:
+            out.append(kept)
+            continue
+        enc = encode_tensor(c, x, seed, min_size)
+        if inplace and isinstance(kept, EncodedTensor) and isinstance(enc, EncodedTensor):
+            kept.data.copy_(enc.data)
+            kept.scale.copy_(enc.scale)
+            enc = kept
+        out.append(enc)
+    return optree.tree_unflatten(spec, out)
 
 
 def encode_tensor(c: Codec, x: Any, seed: Any, min_size: int = MIN_ENCODED_SIZE) -> Any:
