@@ -65,6 +65,24 @@ def test_int8_stochastic_rounding_unbiased_and_reproducible():
                        torch.zeros(63))
 
 
+@pytest.mark.parametrize("codec", [sf.int8_blockwise(64), sf.int8_blockwise(48, square_root=True), sf.bf16_codec()])
+def test_state_tensors_are_encoded_and_decoded_a_slice_at_a_time_with_the_same_bits(codec, monkeypatch):
+    """``encode_tensor`` / ``decode_tensor`` work on a large tensor a slice of whole blocks at a
+    time (bounding the rounding's temporaries): the codes, scales and decoded values are those
+    of the whole tensor at once, also with a last slice shorter than the others."""
+    import scao_fx.transforms.quantization as quantization
+
+    x = torch.randn(50, 97, generator=torch.Generator().manual_seed(5)).abs()
+    whole = quantization.encode_tensor(codec, x, 7)
+    monkeypatch.setattr(quantization, "CODEC_SLICE", 1000)
+    sliced = quantization.encode_tensor(codec, x, 7)
+    assert torch.equal(sliced.data, whole.data) and torch.equal(sliced.scale, whole.scale)
+    assert sliced.data.shape == x.shape
+    decoded = quantization.decode_tensor(codec, sliced)
+    monkeypatch.setattr(quantization, "CODEC_SLICE", 1 << 22)
+    assert torch.equal(decoded, quantization.decode_tensor(codec, whole))
+
+
 @pytest.mark.parametrize("codec", [sf.int8_blockwise(64), sf.int8_blockwise(64, square_root=True), sf.bf16_codec()])
 @pytest.mark.parametrize("seed", [0, 11, torch.tensor(12)])
 def test_encode_index_offset_rounds_a_shard_as_the_whole_tensor(codec, seed):

@@ -236,8 +236,23 @@ def encode_tensor(c: Codec, x: Any, seed: Any, min_size: int = MIN_ENCODED_SIZE)
         return x
     if is_dtensor(x):
         return _encode_row_shard(c, x, seed)
-    e = c.encode(x.reshape(-1), seed)
-    return EncodedTensor(e.data.view(x.shape), e.scale)
+    flat, step = x.reshape(-1), _slice_length(c)
+    if flat.numel() <= step:
+        e = c.encode(flat, seed)
+        return EncodedTensor(e.data.view(x.shape), e.scale)
+    # a slice at a time (whole blocks; the stochastic rounding's bits of the slice's flat
+    # indices): the codes and scales of encoding the whole tensor, without its temporaries
+    data = scale = None
+    for start in range(0, flat.numel(), step):
+        e = c.encode(flat[start:start + step], seed, index_offset=start)
+        if data is None:
+            data = torch.empty(flat.numel(), dtype=e.data.dtype, device=flat.device)
+            blocks = -(-flat.numel() // c.block_size)
+            scale = torch.empty(blocks, dtype=e.scale.dtype, device=flat.device) if e.scale.numel() else e.scale
+        data[start:start + step].copy_(e.data)
+        if e.scale.numel():
+            scale[start // c.block_size:start // c.block_size + e.scale.numel()].copy_(e.scale)
+    return EncodedTensor(data.view(x.shape), scale)
 
 
 def decode_tensor(c: Codec, x: Any) -> Any:
@@ -247,7 +262,28 @@ def decode_tensor(c: Codec, x: Any) -> Any:
         return x
     if is_dtensor(x.data):
         return _decode_row_shard(c, x)
-    return c.decode(EncodedTensor(x.data.reshape(-1), x.scale)).view(x.data.shape)
+    codes, step = x.data.reshape(-1), _slice_length(c)
+    if c.kind != "int8" or codes.numel() <= step:  # (bfloat16 decodes in one cast, no temporaries)
+        return c.decode(EncodedTensor(codes, x.scale)).view(x.data.shape)
+    out = torch.empty(codes.numel(), dtype=torch.float32, device=codes.device)
+    for start in range(0, codes.numel(), step):
+        first = start // c.block_size
+        part = codes[start:start + step]
+        scales = x.scale[first:first + -(-part.numel() // c.block_size)]
+        out[start:start + step].copy_(c.decode(EncodedTensor(part, scales)))
+    return out.view(x.data.shape)
+
+
+#: Entries a codec encodes or decodes at once (whole blocks) in :func:`encode_tensor` and
+#: :func:`decode_tensor`: the rounding's float32 temporaries cover a slice of a large tensor,
+#: not all of it (2^22 entries: 16 MB); the codes are the same.
+CODEC_SLICE = 1 << 22
+
+
+def _slice_length(c: Codec) -> int:
+    """:data:`CODEC_SLICE` rounded down to whole blocks of ``c`` (an int8 codec's scale blocks)."""
+    block = c.block_size if c.kind == "int8" else 1
+    return max(CODEC_SLICE // block, 1) * block
 
 
 def _encode_row_shard(c: Codec, x: Any, seed: Any) -> Any:
