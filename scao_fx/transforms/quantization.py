@@ -242,17 +242,14 @@ def encode_tensor(c: Codec, x: Any, seed: Any, min_size: int = MIN_ENCODED_SIZE)
         return EncodedTensor(e.data.view(x.shape), e.scale)
     # a slice at a time (whole blocks; the stochastic rounding's bits of the slice's flat
     # indices): the codes and scales of encoding the whole tensor, without its temporaries
-    data = scale = None
+    out = c.zeros((flat.numel(),), device=flat.device)
     for start in range(0, flat.numel(), step):
         e = c.encode(flat[start:start + step], seed, index_offset=start)
-        if data is None:
-            data = torch.empty(flat.numel(), dtype=e.data.dtype, device=flat.device)
-            blocks = -(-flat.numel() // c.block_size)
-            scale = torch.empty(blocks, dtype=e.scale.dtype, device=flat.device) if e.scale.numel() else e.scale
-        data[start:start + step].copy_(e.data)
+        out.data[start:start + step].copy_(e.data)
         if e.scale.numel():
-            scale[start // c.block_size:start // c.block_size + e.scale.numel()].copy_(e.scale)
-    return EncodedTensor(data.view(x.shape), scale)
+            first = start // c.block_size
+            out.scale[first:first + e.scale.numel()].copy_(e.scale)
+    return EncodedTensor(out.data.view(x.shape), out.scale)
 
 
 def decode_tensor(c: Codec, x: Any) -> Any:
