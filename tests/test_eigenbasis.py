@@ -139,6 +139,20 @@ def test_change_basis_equals_projecting_the_original_coordinates():
     torch.testing.assert_close(change_basis(mu, ul, ur, nl, nr), rotate(original, nl, nr))
 
 
+@pytest.mark.parametrize("m, n, k_left, k_right", [(3, 12, 3, 12), (12, 3, 12, 3), (10, 10, 4, 10), (12, 5, 2, 5)])
+def test_change_basis_takes_either_order_of_the_products(m, n, k_left, k_right):
+    """Wide, tall, square and truncated shapes take both orders of the products (the overlap first
+    or through the original coordinates, whichever is cheaper); every order is the same map."""
+    gen = torch.Generator().manual_seed(m * 100 + n)
+    q = lambda d, k: torch.linalg.qr(torch.randn(2, d, d, generator=gen, dtype=torch.float64))[0][..., :k]
+    ul, ur, nl, nr = q(m, k_left), q(n, k_right), q(m, k_left), q(n, k_right)
+    mu = torch.randn(2, k_left, k_right, generator=gen, dtype=torch.float64)
+    want = nl.transpose(-1, -2) @ ul @ mu @ ur.transpose(-1, -2) @ nr
+    torch.testing.assert_close(change_basis(mu, ul, ur, nl, nr), want)
+    torch.testing.assert_close(change_basis(mu, ul, None, nl, None), nl.transpose(-1, -2) @ ul @ mu)
+    torch.testing.assert_close(change_basis(mu, None, ur, None, nr), mu @ ur.transpose(-1, -2) @ nr)
+
+
 def test_kept_basis_masks_past_the_rank_and_is_the_identity_before_a_refresh():
     side = init_side(sf.curvature_ema(), sf.fixed_rank(2), batch=2, dim=3)
     assert torch.equal(kept_basis(side), torch.eye(3, 2).expand(2, 3, 2))
@@ -621,10 +635,12 @@ def test_bfloat16_basis_storage_halves_the_bases_and_trains():
     (f32_loss, f32_state), (b16_loss, b16_state) = train(fp32, rotated=True), train(bf16, rotated=True)
     side = eigenbasis_state(b16_state).groups[0].left
     assert side.basis.dtype == torch.bfloat16 and eigenbasis_state(f32_state).groups[0].left.basis.dtype == torch.float32
-    # the stored basis is orthonormal to bfloat16's precision, and training is as good
+    # the stored basis is orthonormal to bfloat16's precision, and training is as good: both runs
+    # fall by over four decades; at that floor the final loss moves by 0.6x-2.6x with the rounding
+    # of one product (the order of the moments' change of basis), so "as good" is within 4x
     q = side.basis[0].float()
     assert (q.T @ q - torch.eye(q.shape[1])).abs().max() < 2e-2
-    assert b16_loss < 1e-2 * start and b16_loss < 2 * f32_loss + 1e-6
+    assert b16_loss < 1e-4 * start and f32_loss < 1e-4 * start and b16_loss < 4 * f32_loss + 1e-6
     with pytest.raises(ValueError, match="basis_storage"):
         sf.scao(curvature="sketch", basis_storage="float32")
     with pytest.raises(ValueError, match="basis_dtype"):

@@ -54,8 +54,10 @@ def gram(x: torch.Tensor, left: bool) -> torch.Tensor:
     r"""Batched Gram matrices in float32: :math:`X X^\top` (``left``) or :math:`X^\top X`.
 
     A bfloat16 ``x`` (``gram_precision="bfloat16"``) is multiplied as is with float32
-    accumulation and output: ``bmm(..., out_dtype=float32)`` (bfloat16 tensor cores) on CUDA,
-    the float32 product of its (exactly widened) entries elsewhere.
+    accumulation: on CUDA ``bmm(..., out_dtype=float32)`` (bfloat16 tensor cores, float32
+    output); on the CPU a bfloat16 product (oneDNN, float32 accumulation, the result rounded to
+    bfloat16: about 3x faster than float32 where the CPU has bfloat16 instructions) widened to
+    float32; under ``torch.compile`` off CUDA, the float32 product of its (exactly widened) entries.
 
     Example:
         >>> import torch
@@ -66,8 +68,12 @@ def gram(x: torch.Tensor, left: bool) -> torch.Tensor:
     a, b = (x, x.transpose(-1, -2)) if left else (x.transpose(-1, -2), x)
     if x.dtype == torch.float32:
         return torch.matmul(a, b)
-    if x.is_cuda and not torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or x.dtype != torch.bfloat16:
+        return torch.matmul(a.float(), b.float())
+    if x.is_cuda:
         return torch.bmm(a, b, out_dtype=torch.float32)
+    if x.device.type == "cpu":
+        return torch.matmul(a, b).float()
     return torch.matmul(a.float(), b.float())
 
 
