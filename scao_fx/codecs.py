@@ -165,21 +165,14 @@ class Codec:
 
 
 def _bf16_stochastic(x: torch.Tensor, seed: Any) -> torch.Tensor:
-    """Round float32 ``x`` to bfloat16 stochastically (unbiased), with the codec's index hash.
-
-    The 16 low bits of the float32 pattern are dropped after adding a 16-bit hash of the element
-    index and ``seed``: the magnitude rounds up with probability equal to the dropped fraction.
-    """
-    from .kernels import _common as C
+    """Round float32 ``x`` to bfloat16 stochastically (unbiased), with the codec's index hash
+    (:func:`scao_fx.kernels.reference.bf16_stochastic`; compiled for large CPU tensors)."""
+    from .kernels import _compiled, _dispatch, reference
 
     x = x.to(torch.float32).contiguous()
-    rows = x.numel() // x.shape[-1] if x.dim() else 1
-    n = x.shape[-1] if x.dim() else 1
-    # 16 random low bits: the top 16 of the hash's 24 (floor(u * 2**16) of the uniform u)
-    bits = C.row_hash24(rows, n, C.seed_term(_seed_arg(seed), x.device), x.device).view(x.shape)
-    bits.bitwise_right_shift_(8).add_(x.view(torch.int32)).bitwise_and_(-65536)
-    rounded = bits.view(torch.float32)
-    return torch.where(torch.isnan(x), x, rounded, out=rounded).to(torch.bfloat16)
+    if _dispatch.compiled_for(x):
+        return _compiled.bf16_stochastic(x, _seed_arg(seed))
+    return reference.bf16_stochastic(x, _seed_arg(seed))
 
 
 def _empty(like: torch.Tensor) -> torch.Tensor:

@@ -516,6 +516,81 @@ def test_dispatch_rules(monkeypatch):
         K.backend("cpu", "cuda")
 
 
+def test_dispatch_picks_the_compiled_codec_for_large_cpu_tensors(monkeypatch):
+    from scao_fx.kernels import _compiled, _dispatch
+
+    monkeypatch.delenv(K.ENV_VAR, raising=False)
+    big = torch.empty(_compiled.MIN_NUMEL)
+    assert K.backend(big) == "compiled" and _dispatch.compiled_for(big)
+    assert K.backend(torch.empty(_compiled.MIN_NUMEL - 1)) == "reference"
+    assert K.backend("cpu", numel=_compiled.MIN_NUMEL) == "compiled"
+    assert K.backend(big, "reference") == "reference"
+    assert K.backend(torch.zeros(3), "compiled") == "compiled"  # forced: any size
+    assert K.backend(torch.device("cuda"), "compiled") == "reference"  # a CPU backend
+    monkeypatch.setenv(K.ENV_VAR, "reference")
+    assert K.backend(big) == "reference" and not _dispatch.compiled_for(big)
+    monkeypatch.setenv(K.ENV_VAR, "triton")
+    assert not _dispatch.compiled_for(big)  # the bfloat16 rounding has no Triton kernel: reference
+    monkeypatch.setenv(K.ENV_VAR, "compiled")
+    assert K.backend(torch.zeros(3)) == "compiled" and _dispatch.compiled_for(torch.zeros(3))
+
+
+@pytest.mark.parametrize("stochastic", [True, False])
+@pytest.mark.parametrize("shape, block", [((3, 517), 64), ((777,), 100), ((2, 3, 320), 32), ((4, 64), 32)])
+def test_compiled_codec_is_bit_identical_to_the_reference(shape, block, stochastic):
+    """torch.compile's CPU code for the reference: the same codes, scales and decodes, with int and
+    tensor seeds and non-finite blocks, in place or not."""
+    x = _rand(shape, seed=7)
+    x.view(-1)[5] = float("nan")
+    x.view(-1)[-1] = float("inf")
+    for seed in (3, torch.tensor(11)):
+        want = R.quantize_blockwise(x, block, stochastic=stochastic, seed=seed)
+        got = K.quantize_blockwise(x, block, stochastic=stochastic, seed=seed, backend="compiled")
+        _exact(got[0], want[0], "codes")
+        _exact(got[1], want[1], "scales")
+        _exact(K.dequantize_blockwise(*got, block, backend="compiled"), R.dequantize_blockwise(*want, block))
+        update = _rand(shape, seed=8)
+        for rho in (0.95, torch.tensor(0.9)):
+            want_ema = R.int8_ema_update(*want, update, rho, block_size=block, stochastic=stochastic, seed=seed)
+            codes, scales = got[0].clone(), got[1].clone()
+            got_ema = K.int8_ema_update(codes, scales, update, rho, block_size=block, stochastic=stochastic,
+                                        seed=seed, out=(codes, scales), backend="compiled")
+            assert got_ema[0] is codes
+            _exact(codes, want_ema[0], "EMA codes")
+            _exact(scales, want_ema[1], "EMA scales")
+
+
+def test_compiled_bfloat16_rounding_is_bit_identical(monkeypatch):
+    from scao_fx import codecs
+
+    x = _rand((5, 300), seed=9)
+    x[0, 0] = float("nan")
+    want = codecs._bf16_stochastic(x, 4)
+    monkeypatch.setenv(K.ENV_VAR, "compiled")
+    got = codecs._bf16_stochastic(x, 4)
+    assert got.dtype == torch.bfloat16
+    _exact(got, want)
+    _exact(codecs._bf16_stochastic(x, torch.tensor(5)), R.bf16_stochastic(x, 5))
+
+
+def test_compiled_backend_falls_back_to_the_reference_once_compiling_fails(monkeypatch):
+    from scao_fx.kernels import _compiled
+
+    def broken(name):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(_compiled, "_compiled", broken)
+    monkeypatch.setitem(_compiled._state, "failed", None)
+    x = _rand((4, 64), seed=1)
+    with pytest.warns(RuntimeWarning, match="eager reference runs instead"):
+        got = K.quantize_blockwise(x, 32, stochastic=True, seed=2, backend="compiled")
+    want = R.quantize_blockwise(x, 32, stochastic=True, seed=2)
+    _exact(got[0], want[0])
+    assert not _compiled.available()
+    monkeypatch.delenv(K.ENV_VAR, raising=False)
+    assert K.backend(torch.empty(_compiled.MIN_NUMEL)) == "reference"  # auto stops choosing it
+
+
 def test_dispatch_forced_triton_on_cpu_needs_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv(K.ENV_VAR, "triton")

@@ -1,6 +1,6 @@
 """Fused kernels for the SCAO hot paths, with a pure-PyTorch reference they must match.
 
-Public functions (each dispatches to :mod:`scao_fx.kernels.reference` or the Triton kernels,
+Public functions (each dispatches to :mod:`scao_fx.kernels.reference`, its compiled form or the Triton kernels,
 see :func:`backend`):
 
 - :func:`quantize_blockwise` / :func:`dequantize_blockwise`: block-wise symmetric int8 codec.
@@ -76,7 +76,7 @@ def quantize_blockwise(
         seed: Python int or one-element integer tensor (read on the device, e.g. a step
             counter); change it every call so successive roundings are independent.
         out: optional preallocated ``(codes, scales)`` to write into.
-        backend: ``"reference"``, ``"triton"`` or ``None`` (automatic, see :func:`backend`).
+        backend: ``"reference"``, ``"compiled"``, ``"triton"`` or ``None`` (automatic, see :func:`backend`).
 
     Returns:
         ``(codes, scales)``: int8 of shape ``(..., N)`` and float32 of shape
@@ -88,7 +88,7 @@ def quantize_blockwise(
         raise ValueError("x must have at least one dimension (blocks run along the last)")
     nb = _C.n_blocks(x.shape[-1], block_size)
     _C.check_out_pair(out, x.shape, (*x.shape[:-1], nb), x.device)
-    return _impl(x.device, backend).quantize_blockwise(
+    return _impl(x.device, backend, x.numel()).quantize_blockwise(
         x, block_size, stochastic=stochastic, seed=seed, out=out)
 
 
@@ -117,7 +117,7 @@ def dequantize_blockwise(
         _C.check_float("out", out)
         if tuple(out.shape) != tuple(codes.shape) or out.device != codes.device:
             raise ValueError(f"out must have shape {tuple(codes.shape)} on {codes.device}")
-    return _impl(codes.device, backend).dequantize_blockwise(
+    return _impl(codes.device, backend, codes.numel()).dequantize_blockwise(
         codes, scales, block_size, dtype=dtype, out=out)
 
 
@@ -167,7 +167,7 @@ def int8_ema_update(
     if update.device != codes.device:
         raise ValueError("update must be on the same device as codes")
     _C.check_out_pair(out, codes.shape, scales.shape, codes.device)
-    return _impl(codes.device, backend).int8_ema_update(
+    return _impl(codes.device, backend, codes.numel()).int8_ema_update(
         codes, scales, update, rho, block_size=block_size, stochastic=stochastic, seed=seed,
         out=out)
 

@@ -1,11 +1,17 @@
-"""Backend selection: ``reference`` (pure PyTorch) or ``triton``.
+"""Backend selection: ``reference`` (pure PyTorch), ``compiled`` (the reference compiled for
+the CPU by ``torch.compile``) or ``triton``.
 
 Order of precedence, first match wins:
 
-1. the per-call ``backend=`` argument (``"reference"`` or ``"triton"``);
-2. the environment variable ``SCAO_FX_KERNELS`` (``reference`` or ``triton``; ``auto`` or
-   empty means unset), read at every call;
-3. auto: ``triton`` for CUDA tensors when Triton is importable, ``reference`` otherwise.
+1. the per-call ``backend=`` argument (``"reference"``, ``"compiled"`` or ``"triton"``);
+2. the environment variable ``SCAO_FX_KERNELS`` (``reference``, ``compiled`` or ``triton``;
+   ``auto`` or empty means unset), read at every call;
+3. auto: ``triton`` for CUDA tensors when Triton is importable; ``compiled`` for CPU tensors of
+   at least ``_compiled.MIN_NUMEL`` entries (eager code only: inside a ``torch.compile``d step the
+   reference is traced into the step's own graph) until compiling has failed once; ``reference``
+   otherwise.
+
+``compiled`` forced for a non-CPU tensor runs the reference.
 
 A CPU tensor only runs the Triton kernels when ``triton`` is forced (argument or environment)
 *and* ``TRITON_INTERPRET=1`` was set before Triton was first imported; forcing ``triton`` where
@@ -22,7 +28,9 @@ from typing import Optional, Union
 
 import torch
 
-BACKENDS = ("reference", "triton")
+from . import _compiled
+
+BACKENDS = ("reference", "compiled", "triton")
 ENV_VAR = "SCAO_FX_KERNELS"
 
 
@@ -45,26 +53,30 @@ def _requested(backend: Optional[str]) -> Optional[str]:
     if env in ("", "auto"):
         return None
     if env not in BACKENDS:
-        raise ValueError(f"{ENV_VAR} must be 'reference', 'triton' or 'auto', got {env!r}")
+        raise ValueError(f"{ENV_VAR} must be 'reference', 'compiled', 'triton' or 'auto', got {env!r}")
     return env
 
 
 def backend(device: Union[torch.device, str, torch.Tensor, None] = None,
-            requested: Optional[str] = None) -> str:
+            requested: Optional[str] = None, numel: Optional[int] = None) -> str:
     """The backend a kernel call would use for tensors on ``device``.
 
     Args:
-        device: a device, a device string or a tensor (its device); ``None`` means the current
-            CUDA device if CUDA is available, else the CPU.
+        device: a device, a device string or a tensor (its device and, unless ``numel`` is
+            given, its number of entries); ``None`` means the current CUDA device if CUDA is
+            available, else the CPU.
         requested: the per-call ``backend=`` argument (``None`` for automatic).
+        numel: entries the call processes (automatic choice on the CPU); ``None``: the tensor's,
+            or 0 for a device.
 
     Returns:
-        ``"reference"`` or ``"triton"``.
+        ``"reference"``, ``"compiled"`` or ``"triton"``.
 
     Raises:
         RuntimeError: ``triton`` is forced but cannot run on that device.
     """
     if isinstance(device, torch.Tensor):
+        numel = device.numel() if numel is None else numel
         device = device.device
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -72,6 +84,8 @@ def backend(device: Union[torch.device, str, torch.Tensor, None] = None,
     want = _requested(requested)
     if want == "reference":
         return "reference"
+    if want == "compiled":
+        return "compiled" if device.type == "cpu" else "reference"
     if want == "triton":
         if not triton_available():
             raise RuntimeError("backend 'triton' was forced but Triton is not importable")
@@ -85,16 +99,32 @@ def backend(device: Union[torch.device, str, torch.Tensor, None] = None,
         return "triton"
     if device.type == "cuda" and triton_available():
         return "triton"
+    if device.type == "cpu" and (numel or 0) >= _compiled.MIN_NUMEL and _compiled.available() \
+            and not torch.compiler.is_compiling():
+        return "compiled"
     return "reference"
 
 
-def implementation(device, requested: Optional[str]) -> ModuleType:
+def implementation(device, requested: Optional[str], numel: Optional[int] = None) -> ModuleType:
     """The module implementing the chosen backend."""
-    name = backend(device, requested)
+    name = backend(device, requested, numel)
     if name == "triton":
         from . import _triton
 
         return _triton
+    if name == "compiled":
+        return _compiled
     from . import reference
 
     return reference
+
+
+def compiled_for(tensor: torch.Tensor) -> bool:
+    """Whether a CPU op with no Triton kernel (the bfloat16 codec's rounding) on ``tensor`` runs
+    compiled: ``compiled`` forced, or the automatic choice of :func:`backend` for its size; any
+    other forced backend keeps the reference."""
+    want = _requested(None)
+    if want not in (None, "compiled") or tensor.device.type != "cpu":
+        return False
+    return backend(tensor, want) == "compiled"
+

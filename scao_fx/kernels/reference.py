@@ -189,6 +189,23 @@ def int8_ema_update(
     return _write(out, codes2, scales2, shape)
 
 
+def bf16_stochastic(x: torch.Tensor, seed: Union[int, torch.Tensor] = 0) -> torch.Tensor:
+    """Round float32 ``x`` to bfloat16 stochastically (unbiased), NaN kept.
+
+    The 16 low bits of the float32 pattern are dropped after adding 16 hash bits of the element's
+    flat index and ``seed`` (the top 16 of :func:`~scao_fx.kernels._common.row_hash24`'s 24,
+    ``floor(u * 2**16)`` of the uniform ``u``): the magnitude rounds up with probability equal to
+    the dropped fraction.
+    """
+    x = x.to(torch.float32).contiguous()
+    rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 1
+    n = x.shape[-1] if x.dim() else 1
+    bits = C.row_hash24(rows, n, C.seed_term(seed, x.device), x.device).view(x.shape)
+    bits.bitwise_right_shift_(8).add_(x.view(torch.int32)).bitwise_and_(-65536)
+    rounded = bits.view(torch.float32)
+    return torch.where(torch.isnan(x), x, rounded, out=rounded).to(torch.bfloat16)
+
+
 def adam_epilogue(
     param: torch.Tensor,
     grad: torch.Tensor,

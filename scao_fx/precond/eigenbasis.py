@@ -50,6 +50,8 @@ def kept_basis(side: KroneckerSide, dtype: torch.dtype = torch.float32) -> torch
     """
     basis = side.basis.to(dtype)
     d, cap = basis.shape[-2], basis.shape[-1]
+    if side.rank.device.type == "cpu" and not torch.compiler.is_compiling() and bool((side.rank == cap).all()):
+        return basis if basis is not side.basis else basis.clone()  # every column kept: nothing to mask
     keep = torch.arange(cap, device=basis.device)[None, :] < side.rank[:, None]  # (B, cap)
     masked = basis * keep[:, None, :].to(dtype)
     eye = torch.eye(d, cap, dtype=dtype, device=basis.device).expand_as(basis)

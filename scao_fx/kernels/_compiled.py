@@ -1,0 +1,102 @@
+"""The ``compiled`` backend: the reference kernels compiled by ``torch.compile`` for the CPU.
+
+Inductor (PyTorch's own compiler) turns each reference function into one fused C++ loop nest
+instead of the reference's two dozen whole-tensor passes (decode, EMA, block maxima, scaling,
+the rounding hash's integer mixing, clamping, the int8 cast). The arithmetic is the
+reference's, operation for operation, so the codes and scales are bit-identical (tested); only
+the memory traffic changes: on the development box a stack of 12 factors of 1536 x 1536
+(28M entries) takes 85 ms instead of 700 ms, a stack of 8 of 512 x 512 (2M) 6 ms instead of 10.
+
+Used automatically (:func:`~scao_fx.kernels.backend`) for CPU tensors of at least
+:data:`MIN_NUMEL` entries: below that the reference's passes stay in the caches and the
+compiled call's fixed cost does not pay. Each function is compiled once per process, with
+symbolic shapes (a few seconds each; Inductor's on-disk cache shortens later processes'). Where
+compiling fails (no C++ compiler, an unsupported platform) the backend warns once and the
+reference runs from then on. Per-step scalars are passed as 0-d tensors (float32 ``rho``: the
+same bits as the Python float, see ``_common.one_minus``; int64 ``seed``: the same hash), so a
+new step never recompiles.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Optional, Tuple, Union
+
+import torch
+
+from . import reference
+
+#: Smallest number of entries (of the codes, or of ``x``) for which the automatic choice on the
+#: CPU is the compiled backend.
+MIN_NUMEL = 1 << 20
+
+_state = {"failed": None}
+
+
+def available() -> bool:
+    """False once compiling has failed in this process (the reference runs instead)."""
+    return _state["failed"] is None
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(name: str):
+    return torch.compile(getattr(reference, name), dynamic=True, fullgraph=True)
+
+
+def _run(name: str, *args, **kwargs):
+    """The compiled ``reference.<name>``; the reference itself if compiling failed."""
+    if available():
+        try:
+            return _compiled(name)(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure falls back, once, loudly
+            _state["failed"] = f"{type(exc).__name__}: {exc}"
+            warnings.warn(
+                "scao_fx: compiling the CPU codec with torch.compile failed; the eager reference runs "
+                f"instead from now on (about 3-8x slower for large statistics). Cause: {_state['failed'][:300]}",
+                RuntimeWarning, stacklevel=3)
+    return getattr(reference, name)(*args, **kwargs)
+
+
+def _seed(seed: Union[int, torch.Tensor], device) -> torch.Tensor:
+    if isinstance(seed, torch.Tensor):
+        return seed
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or an integer tensor, got {type(seed).__name__}")
+    return torch.tensor(seed, dtype=torch.int64, device=device)
+
+
+def _scalar(x, device) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    return torch.tensor(float(x), dtype=torch.float32, device=device)
+
+
+def quantize_blockwise(x: torch.Tensor, block_size: int = 256, *, stochastic: bool = False,
+                       seed: Union[int, torch.Tensor] = 0,
+                       out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`scao_fx.kernels.reference.quantize_blockwise`, compiled."""
+    return _run("quantize_blockwise", x, block_size, stochastic=stochastic, seed=_seed(seed, x.device), out=out)
+
+
+def dequantize_blockwise(codes: torch.Tensor, scales: torch.Tensor, block_size: int = 256, *,
+                         dtype: torch.dtype = torch.float32, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`scao_fx.kernels.reference.dequantize_blockwise`, compiled."""
+    return _run("dequantize_blockwise", codes, scales, block_size, dtype=dtype, out=out)
+
+
+def int8_ema_update(codes: torch.Tensor, scales: torch.Tensor, update: torch.Tensor, rho, *,
+                    block_size: int = 256, stochastic: bool = True, seed: Union[int, torch.Tensor] = 0,
+                    out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`scao_fx.kernels.reference.int8_ema_update`, compiled."""
+    return _run("int8_ema_update", codes, scales, update, _scalar(rho, codes.device), block_size=block_size,
+                stochastic=stochastic, seed=_seed(seed, codes.device), out=out)
+
+
+def bf16_stochastic(x: torch.Tensor, seed: Union[int, torch.Tensor] = 0) -> torch.Tensor:
+    """:func:`scao_fx.kernels.reference.bf16_stochastic`, compiled."""
+    return _run("bf16_stochastic", x, _seed(seed, x.device))
+
+
+#: The reference's Adam epilogue is not compiled (the links do not use it on the CPU).
+adam_epilogue = reference.adam_epilogue
