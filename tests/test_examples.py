@@ -86,3 +86,14 @@ def test_step_peak_memory_measures_each_step(capsys):
         step_peak_memory.measure(steps=1, names=names[:1], progress=False)
     with pytest.raises(ValueError, match="model must be one of"):
         step_peak_memory.measure(names=names[:1], progress=False, model="gpt-5")
+
+
+def test_codec_backends_times_both_backends_with_the_same_bits(capsys):
+    import codec_backends  # docs/examples (on the path: tests/conftest.py)
+
+    rows = codec_backends.main(["--repeats", "1", "--stacks", "2x4096", "1x300000"])
+    out = capsys.readouterr().out
+    assert [r["automatic"] for r in rows] == ["reference", "compiled"], out
+    assert all(r[key] > 0 for r in rows for key in r if key.endswith("_ms")), rows
+    with pytest.raises(SystemExit, match="ROWSxN"):
+        codec_backends.main(["--stacks", "8by2"])

@@ -5,7 +5,8 @@
 Builds the benchmark's default GPT (``small``: 4 blocks of width 128, vocabulary 96) and one
 fixed gradient per parameter, runs ``sf.SCAO`` (the defaults, plus each ``--opt``) for 20 warm-up
 steps, then profiles ``--steps`` optimizer steps with ``torch.profiler`` and Python stacks.
-Every PyTorch op's own CPU time is charged to the part of the library whose code called it (the
+Every PyTorch op's own CPU time (and every call of an Inductor-compiled kernel's, the codec's
+``compiled`` backend) is charged to the part of the library whose code called it (the
 innermost scao_fx frame on its stack):
 
 - Gram products: ``precond/curvature.py``'s accumulation (``gram``, the diagonal split);
@@ -51,6 +52,8 @@ RULES = (
     ("Adam", "scao_fx/_treemath.py", None),
     ("non-finite guard", "transforms/finite.py", None),
 )
+#: The profiler's name of a call of an Inductor-compiled C++ kernel (the ``compiled`` codec backend).
+COMPILED_KERNEL = "<built-in function kernel>"
 ORDER = ("Gram products", "int8 codec", "refresh (eigh / QR)", "rotations", "Adam", "non-finite guard",
          "other ops", "Python")
 
@@ -117,7 +120,7 @@ def main() -> None:
         wall = (time.perf_counter() - t0) * 1e3 / args.steps
     ms = defaultdict(float)
     for ev in prof.events():
-        if ev.name.startswith("aten::") and ev.self_cpu_time_total > 0:
+        if (ev.name.startswith("aten::") or ev.name == COMPILED_KERNEL) and ev.self_cpu_time_total > 0:
             ms[_part(ev)] += ev.self_cpu_time_total / 1e3 / args.steps
     ms["Python"] = max(wall - sum(ms.values()), 0.0)
     steps(adam, 20)

@@ -29,7 +29,7 @@ from . import reference
 
 #: Smallest number of entries (of the codes, or of ``x``) for which the automatic choice on the
 #: CPU is the compiled backend.
-MIN_NUMEL = 1 << 20
+MIN_NUMEL = 1 << 18
 
 _state = {"failed": None}
 
