@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import torch
@@ -148,6 +149,32 @@ def lerp(starts: Sequence[Any], ends: Sequence[Any], weight: torch.Tensor) -> li
     return _run(starts, fused, group_op, leaf_op)
 
 
+def abs_max(x: torch.Tensor, dims: tuple[int, ...] | None = None) -> torch.Tensor:
+    r""":math:`\max |x|` over ``dims`` (every entry when ``None``: a 0-d tensor), NaN where a NaN
+    is reduced: ``torch.linalg.vector_norm(x, inf, dims)``, and bit-identical to it (a maximum is
+    exact). On the CPU it is taken from one ``torch.aminmax`` pass, about 7x faster there than
+    the infinity norm and without a temporary of ``x``'s size; ``dims`` must then be trailing
+    dimensions. Complex, empty and non-CPU reductions use the infinity norm.
+
+    Example:
+        >>> import torch
+        >>> from scao_fx._treemath import abs_max
+        >>> abs_max(torch.tensor([[1.0, -3.0], [2.0, 0.5]]), (-1,)).tolist()
+        [3.0, 2.0]
+    """
+    if x.device.type != "cpu" or x.is_complex() or x.numel() == 0 or is_dtensor(x):
+        return torch.linalg.vector_norm(x, math.inf, dims)
+    if dims is None:
+        flat = x.reshape(-1)
+    else:
+        lead = x.dim() - len(dims)
+        if sorted(d % x.dim() for d in dims) != list(range(lead, x.dim())):
+            return torch.linalg.vector_norm(x, math.inf, dims)
+        flat = x.reshape(*x.shape[:lead], -1)
+    lo, hi = torch.aminmax(flat, dim=-1)
+    return torch.maximum(lo.abs(), hi.abs())
+
+
 def norms(tensors: Sequence[torch.Tensor], ord: float = 2.0) -> list:
     r"""The vector norm :math:`\lVert x\rVert_{ord}` of each tensor (``torch.linalg.vector_norm``),
     each a 0-d tensor on its tensor's device.
@@ -158,6 +185,8 @@ def norms(tensors: Sequence[torch.Tensor], ord: float = 2.0) -> list:
     (an infinity norm, a maximum, is exact either way).
     """
     tensors = list(tensors)
+    if ord == math.inf and all(t.device.type == "cpu" for t in tensors):
+        return [abs_max(t) for t in tensors]  # torch's CPU infinity norm is ~7x slower than aminmax
     if len(tensors) > 1 and multi_tensor_ok(tensors):
         return list(torch._foreach_norm(tensors, ord))
     return [torch.linalg.vector_norm(t, ord) for t in tensors]

@@ -145,3 +145,26 @@ def test_differentiable_out_of_place():
     (out,) = _treemath.add_scaled([x], [torch.ones(3)], 2.0)
     out.sum().backward()
     assert torch.equal(x.grad, torch.ones(3))
+
+
+@pytest.mark.parametrize("dims", [None, (-1,), (-2, -1), (1, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_abs_max_is_the_infinity_norm_bit_for_bit(dims, dtype):
+    from scao_fx._treemath import abs_max
+
+    gen = torch.Generator().manual_seed(0)
+    cases = [
+        torch.randn(3, 4, 5, generator=gen),
+        -torch.rand(3, 4, 5, generator=gen),  # all negative: the minimum's magnitude wins
+        torch.zeros(3, 4, 5),
+        torch.randn(5, 4, 3, generator=gen).transpose(0, 2),  # not contiguous
+    ]
+    poisoned = torch.randn(3, 4, 5, generator=gen)
+    poisoned[0, 1, 2], poisoned[1, 0, 0], poisoned[2, 3, 4] = float("nan"), float("inf"), -float("inf")
+    cases.append(poisoned)
+    for x in cases:
+        x = x.to(dtype)
+        got, want = abs_max(x, dims), torch.linalg.vector_norm(x, math.inf, dims)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+        assert not torch.signbit(got.nan_to_num()).any()  # +0.0 for an all-zero reduction, as the norm

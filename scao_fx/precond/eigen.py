@@ -17,6 +17,8 @@ from typing import Callable
 
 import torch
 
+from .._treemath import abs_max
+
 __all__ = [
     "robust_eigh",
     "top_eigenpairs_exact",
@@ -32,9 +34,14 @@ TIKHONOV_FLOOR = 1e-30
 
 
 def _finite_rows(*tensors: torch.Tensor, lead: int) -> torch.Tensor:
+    """Per leading index, whether every entry of every tensor is finite (one reduction each:
+    the largest magnitude is finite exactly when every entry is)."""
     ok = None
     for t in tensors:
-        f = torch.isfinite(t).flatten(lead).all(-1)
+        if t.dim() > lead and t.numel() > 0:
+            f = torch.isfinite(abs_max(t, tuple(range(lead, t.dim()))))
+        else:
+            f = torch.isfinite(t).flatten(lead).all(-1)
         ok = f if ok is None else ok & f
     return ok
 

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .._treemath import abs_max
 from ..base import register_state
 from .curvature import gram
 from .eigen import TIKHONOV_FLOOR, factor_eigenpairs, regularize
@@ -298,7 +299,7 @@ def normalize(stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
         >>> g[0, 0, 0].item(), gram_scale.tolist(), unscale.tolist()
         (0.75, [64.0], [8.0])
     """
-    amax = torch.linalg.vector_norm(stack.detach(), ord=math.inf, dim=(-2, -1)).to(torch.float64)
+    amax = abs_max(stack.detach(), (-2, -1)).to(torch.float64)
     e = torch.frexp(torch.where(torch.isfinite(amax), amax, torch.zeros_like(amax)))[1].to(torch.int64)
     if stack.dtype == torch.float64:
         e = e.clamp(-1000, 1000)
