@@ -140,9 +140,8 @@ def test_change_basis_equals_projecting_the_original_coordinates():
 
 
 @pytest.mark.parametrize("m, n, k_left, k_right", [(3, 12, 3, 12), (12, 3, 12, 3), (10, 10, 4, 10), (12, 5, 2, 5)])
-def test_change_basis_takes_either_order_of_the_products(m, n, k_left, k_right):
-    """Wide, tall, square and truncated shapes take both orders of the products (the overlap first
-    or through the original coordinates, whichever is cheaper); every order is the same map."""
+def test_change_basis_is_the_product_of_the_overlaps(m, n, k_left, k_right):
+    """Wide, tall, square and truncated shapes, one side or both: U_new^T U_old C V_old^T V_new."""
     gen = torch.Generator().manual_seed(m * 100 + n)
     q = lambda d, k: torch.linalg.qr(torch.randn(2, d, d, generator=gen, dtype=torch.float64))[0][..., :k]
     ul, ur, nl, nr = q(m, k_left), q(n, k_right), q(m, k_left), q(n, k_right)

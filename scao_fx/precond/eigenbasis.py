@@ -129,32 +129,10 @@ def change_basis(
         [[[3.0, 4.0], [1.0, 2.0]]]
     """
     if old_left is not None:
-        core = _turn(core, old_left, new_left, left=True)
+        core = torch.matmul(torch.matmul(new_left.transpose(-1, -2), old_left), core)
     if old_right is not None:
-        core = _turn(core, old_right, new_right, left=False)
+        core = torch.matmul(core, torch.matmul(old_right.transpose(-1, -2), new_right))
     return core
-
-
-def _turn(core: torch.Tensor, old: torch.Tensor, new: torch.Tensor, *, left: bool) -> torch.Tensor:
-    r""":math:`U_{new}^\top U_{old}\,C` (``left``) or :math:`C\,V_{old}^\top V_{new}` for a stack of
-    cores, in the cheaper order.
-
-    With the side's length :math:`d`, its old and new ranks :math:`k_o, k_n` and the core's
-    other length :math:`n`: the overlap first costs :math:`k_n d k_o + k_n k_o n` multiply-adds per
-    matrix, through the original coordinates (:math:`U_{new}^\top (U_{old} C)`)
-    :math:`d k_o n + k_n d n`. With full bases the second is cheaper exactly when :math:`n < d`:
-    a 128 x 512 matrix's 512-long side costs half. The same product up to rounding.
-    """
-    d, k_old, k_new = old.shape[-2], old.shape[-1], new.shape[-1]
-    n = core.shape[-1] if left else core.shape[-2]
-    through = d * k_old * n + k_new * d * n < k_new * d * k_old + k_new * k_old * n
-    if left:
-        if through:
-            return torch.matmul(new.transpose(-1, -2), torch.matmul(old, core))
-        return torch.matmul(torch.matmul(new.transpose(-1, -2), old), core)
-    if through:
-        return torch.matmul(torch.matmul(core, old.transpose(-1, -2)), new)
-    return torch.matmul(core, torch.matmul(old.transpose(-1, -2), new))
 
 
 def change_basis_second_moment(
