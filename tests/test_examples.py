@@ -37,6 +37,18 @@ def test_compare_step_time_runs_two_checkouts_interleaved(form):
     assert 0.2 < ratio < 5.0, result.stdout  # the same code: only noise separates the two
 
 
+def test_compare_step_time_takes_the_fine_tuning_shapes_and_a_refresh_period():
+    repo = EXAMPLES.parent.parent
+    script = EXAMPLES / "compare_step_time.py"
+    base = [sys.executable, str(script), str(repo), str(repo), "--windows", "1", "--steps", "2", "--form", "eigenbasis"]
+    result = subprocess.run(base + ["--model", "minilm", "--precond-freq", "1"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"new / old: [0-9.]+", result.stdout), result.stdout
+    bad = subprocess.run(base + ["--precond-freq", "3"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "divisor" in bad.stderr
+
+
 def test_least_squares_example_prints_every_optimizer_and_the_preconditioners_win(capsys):
     import least_squares  # docs/examples (on the path: tests/conftest.py)
 

@@ -1,12 +1,16 @@
 """Compare the optimizer step time of two checkouts of scao-fx side by side, interleaved.
 
     python docs/examples/compare_step_time.py OLD_CHECKOUT NEW_CHECKOUT [--windows 12] [--steps 20] [--form seed]
+        [--precond-freq N] [--model gpt|minilm]
 
 Each checkout runs in its own worker process (``PYTHONPATH=<checkout>``) that builds the same
-model-shaped parameters (a 4-layer GPT, d_model 128, plus its embedding and head), the same
-fixed gradients and the same ``sf.SCAO`` optimizer (``--form seed``, the default here: no
-warmup, preconditioned steps; ``--form eigenbasis``: SCAO's default form), with ``precond_freq =
---steps``, so every window holds exactly one basis refresh. The parent then asks the two workers in
+model-shaped parameters (``--model gpt``, the default: a 4-layer GPT, d_model 128, plus its
+embedding and head; ``--model minilm``: the fine-tuning workload's trainable matrices and
+vectors in full fine-tuning, 6 layers of width 384 with 1536-wide MLPs, position and token-type
+embeddings and an 8-class head), the same fixed gradients and the same ``sf.SCAO`` optimizer
+(``--form seed``, the default here: no warmup, preconditioned steps; ``--form eigenbasis``:
+SCAO's default form), with ``precond_freq = --steps`` unless ``--precond-freq`` is given (a
+divisor of ``--steps``), so every window holds the same number of basis refreshes. The parent then asks the two workers in
 turn (A B A B ...) for one window of ``--steps`` optimizer steps each and records the
 wall-clock time of each window, so machine-load drift hits both alike; only one worker runs at
 a time. It prints the median time per step of each, the ratio NEW / OLD with the spread of the
@@ -28,10 +32,17 @@ import torch
 import scao_fx as sf
 torch.manual_seed(0)
 torch.set_num_threads(int(sys.argv[1]))
-d, layers, vocab = 128, 4, 256
-shapes = [(vocab, d), (d, d)]  # embedding, head-like
-for _ in range(layers):
-    shapes += [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d), (d,), (d,)]
+if sys.argv[4] == "minilm":  # the fine-tuning workload's trainable shapes (word embeddings frozen)
+    d = 384
+    shapes = [(512, d), (2, d), (d,), (d,)]
+    for _ in range(6):
+        shapes += [(d, d), (d,)] * 4 + [(d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,), (d,), (d,)]
+    shapes += [(8, d), (8,)]
+else:
+    d, layers, vocab = 128, 4, 256
+    shapes = [(vocab, d), (d, d)]  # embedding, head-like
+    for _ in range(layers):
+        shapes += [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d), (d,), (d,)]
 params = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in shapes]
 grads = [torch.randn(s) * 1e-2 for s in shapes]
 form = sys.argv[3]
@@ -52,9 +63,9 @@ for line in sys.stdin:
 """
 
 
-def _start(checkout: str, threads: int, freq: int, form: str = "seed") -> subprocess.Popen:
+def _start(checkout: str, threads: int, freq: int, form: str = "seed", model: str = "gpt") -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.path.abspath(checkout))
-    proc = subprocess.Popen([sys.executable, "-c", WORKER, str(threads), str(freq), form], env=env, cwd=checkout,
+    proc = subprocess.Popen([sys.executable, "-c", WORKER, str(threads), str(freq), form, model], env=env, cwd=checkout,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     if proc.stdout.readline().strip() != "ready":
         raise SystemExit(f"the worker for {checkout} failed to start")
@@ -75,8 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="steps per window = precond_freq (default 20)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     parser.add_argument("--form", choices=("seed", "eigenbasis"), default="seed", help="SCAO's form (default seed)")
+    parser.add_argument("--precond-freq", type=int, default=None,
+                        help="refresh every N steps, a divisor of --steps (default: --steps)")
+    parser.add_argument("--model", choices=("gpt", "minilm"), default="gpt",
+                        help="parameter shapes: the benchmark GPT (default) or the fine-tuning workload's")
     args = parser.parse_args(argv)
-    workers = {name: _start(path, args.threads, args.steps, args.form)
+    freq = args.steps if args.precond_freq is None else args.precond_freq
+    if freq < 1 or args.steps % freq:
+        parser.error(f"--precond-freq must be a positive divisor of --steps ({args.steps}), got {freq}")
+    workers = {name: _start(path, args.threads, freq, args.form, args.model)
                for name, path in (("old", args.old), ("new", args.new))}
     times: dict[str, list[float]] = {"old": [], "new": []}
     try:
