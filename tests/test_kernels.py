@@ -527,6 +527,9 @@ def test_dispatch_picks_the_compiled_codec_for_large_cpu_tensors(monkeypatch):
     assert K.backend(big, "reference") == "reference"
     assert K.backend(torch.zeros(3), "compiled") == "compiled"  # forced: any size
     assert K.backend(torch.device("cuda"), "compiled") == "reference"  # a CPU backend
+    seen = []
+    torch.func.vmap(lambda row: seen.append(K.backend(row.expand(_compiled.MIN_NUMEL))) or row)(torch.zeros(2, 1))
+    assert seen == ["reference"]  # inside torch.func: the eager reference, never a compiled graph
     monkeypatch.setenv(K.ENV_VAR, "reference")
     assert K.backend(big) == "reference" and not _dispatch.compiled_for(big)
     monkeypatch.setenv(K.ENV_VAR, "triton")

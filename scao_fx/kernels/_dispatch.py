@@ -6,10 +6,11 @@ Order of precedence, first match wins:
 1. the per-call ``backend=`` argument (``"reference"``, ``"compiled"`` or ``"triton"``);
 2. the environment variable ``SCAO_FX_KERNELS`` (``reference``, ``compiled`` or ``triton``;
    ``auto`` or empty means unset), read at every call;
-3. auto: ``triton`` for CUDA tensors when Triton is importable; ``compiled`` for CPU tensors of
-   at least ``_compiled.MIN_NUMEL`` entries (eager code only: inside a ``torch.compile``d step the
-   reference is traced into the step's own graph) until compiling has failed once; ``reference``
-   otherwise.
+3. auto: ``triton`` for CUDA tensors when Triton is importable; ``compiled`` for plain CPU
+   tensors (not a DTensor, not inside a ``torch.func`` transform) of at least
+   ``_compiled.MIN_NUMEL`` entries (eager code only: inside a ``torch.compile``d step the
+   reference is traced into the step's own graph) until compiling has failed once;
+   ``reference`` otherwise.
 
 ``compiled`` forced for a non-CPU tensor runs the reference.
 
@@ -44,6 +45,11 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _plain(t: torch.Tensor) -> bool:
+    """A plain tensor: not a subclass (a DTensor) and not inside a ``torch.func`` transform."""
+    return type(t) in (torch.Tensor, torch.nn.Parameter) and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
 def _requested(backend: Optional[str]) -> Optional[str]:
     if backend is not None:
         if backend not in BACKENDS:
@@ -75,8 +81,10 @@ def backend(device: Union[torch.device, str, torch.Tensor, None] = None,
     Raises:
         RuntimeError: ``triton`` is forced but cannot run on that device.
     """
+    plain = True
     if isinstance(device, torch.Tensor):
         numel = device.numel() if numel is None else numel
+        plain = _plain(device)
         device = device.device
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -99,7 +107,7 @@ def backend(device: Union[torch.device, str, torch.Tensor, None] = None,
         return "triton"
     if device.type == "cuda" and triton_available():
         return "triton"
-    if device.type == "cpu" and (numel or 0) >= _compiled.MIN_NUMEL and _compiled.available() \
+    if device.type == "cpu" and plain and (numel or 0) >= _compiled.MIN_NUMEL and _compiled.available() \
             and not torch.compiler.is_compiling():
         return "compiled"
     return "reference"
