@@ -52,6 +52,8 @@ RULES = (
     ("Adam", "scao_fx/_treemath.py", None),
     ("non-finite guard", "transforms/finite.py", None),
 )
+#: ``_treemath`` helpers shared by several parts (charged to the caller's part, not to Adam).
+SHARED = ("abs_max",)
 #: The profiler's name of a call of an Inductor-compiled C++ kernel (the ``compiled`` codec backend).
 COMPILED_KERNEL = "<built-in function kernel>"
 ORDER = ("Gram products", "int8 codec", "refresh (eigh / QR)", "rotations", "Adam", "non-finite guard",
@@ -63,6 +65,8 @@ def _part_of_frame(name: str) -> str | None:
     if "scao_fx/" not in name or "docs/examples" in name:
         return None
     func = name.rsplit(": ", 1)[-1]
+    if "scao_fx/_treemath.py" in name and func in SHARED:
+        return None  # a helper every part uses: charge it to its caller's part
     for part, file, funcs in RULES:
         if file in name and (funcs is None or func in funcs):
             return part
