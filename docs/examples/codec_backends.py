@@ -6,7 +6,7 @@ For each stack of statistics ``ROWSxN`` (e.g. ``8x262144``: eight 512 x 512 fact
 ``scao_fx.kernels.int8_ema_update`` (decode, EMA, stochastic re-encode, in place: what every
 statistics update costs) and one stochastic bfloat16 rounding (what ``moments="bfloat16"``
 costs per moment tensor) with ``backend="reference"`` and ``backend="compiled"``, interleaved,
-median of ``--repeats`` calls after two warm-up calls (the first compiled call compiles), checks
+median of ``--repeats`` calls after five warm-up calls (the first compiled call compiles), checks
 that both backends give the same bits, and prints a table with the backend the automatic
 choice picks for that size. Writes nothing.
 """
@@ -14,10 +14,9 @@ choice picks for that size. Writes nothing.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from adam_kernels import time_it  # docs/examples: the median of timed calls after warm-up calls
 
 from scao_fx import kernels
 from scao_fx.kernels import _compiled, reference
@@ -25,17 +24,6 @@ from scao_fx.kernels import _compiled, reference
 #: The benchmark GPT's factor stacks (128-, 384- and 512-long sides) and the fine-tuning
 #: workload's MLP factors (12 of 1536 x 1536).
 DEFAULT_STACKS = ("14x16384", "4x147456", "8x262144", "12x2359296")
-
-
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -67,8 +55,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "compiled": lambda: _compiled.bf16_stochastic(update, seed)}
         ms = {}
         for b in ("reference", "compiled"):  # interleaved: the second of each pair sees the same box
-            ms["ema", b] = _median_ms(ema[b], args.repeats)
-            ms["bf16", b] = _median_ms(rounding[b], args.repeats)
+            ms["ema", b] = time_it(ema[b], args.repeats) * 1e3
+            ms["bf16", b] = time_it(rounding[b], args.repeats) * 1e3
         same = all(torch.equal(x, y) for x, y in zip(state["reference"], state["compiled"]))
         same = same and torch.equal(rounding["reference"]().view(torch.int16), rounding["compiled"]().view(torch.int16))
         if not same:
