@@ -182,7 +182,8 @@ def norms(tensors: Sequence[torch.Tensor], ord: float = 2.0) -> list:
     One ``torch._foreach_norm`` for two tensors or more where
     :func:`~scao_fx.base.multi_tensor_ok` (DTensors included: a norm is a reduction either way); a
     lone tensor takes the per-leaf reduction, whose summation order the 2-norm's bits depend on
-    (an infinity norm, a maximum, is exact either way).
+    (an infinity norm, a maximum, is exact either way: on the CPU it is :func:`abs_max`, one
+    ``aminmax`` pass per tensor).
     """
     tensors = list(tensors)
     if ord == math.inf and all(t.device.type == "cpu" for t in tensors):

@@ -4,8 +4,8 @@ Inductor (PyTorch's own compiler) turns each reference function into one fused C
 instead of the reference's two dozen whole-tensor passes (decode, EMA, block maxima, scaling,
 the rounding hash's integer mixing, clamping, the int8 cast). The arithmetic is the
 reference's, operation for operation, so the codes and scales are bit-identical (tested); only
-the memory traffic changes: on the development box a stack of 12 factors of 1536 x 1536
-(28M entries) takes 85 ms instead of 700 ms, a stack of 8 of 512 x 512 (2M) 6 ms instead of 10.
+the memory traffic changes (about 5x faster for the fine-tuning workload's 1536 x 1536 factors;
+``docs/examples/codec_backends.py`` and docs/performance.md have the measurements).
 
 Used automatically (:func:`~scao_fx.kernels.backend`) for CPU tensors of at least
 :data:`MIN_NUMEL` entries: below that the reference's passes stay in the caches and the

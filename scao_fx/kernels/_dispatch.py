@@ -135,4 +135,3 @@ def compiled_for(tensor: torch.Tensor) -> bool:
     if want not in (None, "compiled") or tensor.device.type != "cpu":
         return False
     return backend(tensor, want) == "compiled"
-
