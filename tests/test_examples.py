@@ -103,7 +103,7 @@ def test_step_peak_memory_measures_each_step(capsys):
 def test_codec_backends_times_both_backends_with_the_same_bits(capsys):
     import codec_backends  # docs/examples (on the path: tests/conftest.py)
 
-    rows = codec_backends.main(["--repeats", "1", "--stacks", "2x4096", "1x300000"])
+    rows = codec_backends.main(["--repeats", "1", "--stacks", "2x4096", "1x4194304"])
     out = capsys.readouterr().out
     assert [r["automatic"] for r in rows] == ["reference", "compiled"], out
     assert all(r[key] > 0 for r in rows for key in r if key.endswith("_ms")), rows

@@ -8,9 +8,9 @@ the memory traffic changes (about 5x faster for the fine-tuning workload's 1536 
 ``docs/examples/codec_backends.py`` and docs/performance.md have the measurements).
 
 Used automatically (:func:`~scao_fx.kernels.backend`) for CPU tensors of at least
-:data:`MIN_NUMEL` entries: below that the reference's passes stay in the caches and the
-compiled call's fixed cost does not pay. Each function is compiled once per process, with
-symbolic shapes (a few seconds each; Inductor's on-disk cache shortens later processes'). Where
+:data:`MIN_NUMEL` entries: below that the reference's passes mostly stay in the caches and the
+one-time compile does not pay. Each function is compiled once per process, with symbolic
+shapes. Where
 compiling fails (no C++ compiler, an unsupported platform) the backend warns once and the
 reference runs from then on. Per-step scalars are passed as 0-d tensors (float32 ``rho``: the
 same bits as the Python float, see ``_common.one_minus``; int64 ``seed``: the same hash), so a
@@ -28,8 +28,12 @@ import torch
 from . import reference
 
 #: Smallest number of entries (of the codes, or of ``x``) for which the automatic choice on the
-#: CPU is the compiled backend.
-MIN_NUMEL = 1 << 18
+#: CPU is the compiled backend: 2^22 (16 MB of float32, past the CPU's caches). Compiling costs
+#: about 7-15 s once per process (the first call; Inductor's disk cache makes later processes'
+#: cheaper), and per call the compiled code saves about 2 ms per million entries below this
+#: size but 20 ms per million above it (a 1536 x 1536 factor stack of 28M entries: 560 ms), so
+#: smaller statistics would repay the compile only after thousands of steps.
+MIN_NUMEL = 1 << 22
 
 _state = {"failed": None}
 
