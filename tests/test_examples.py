@@ -103,9 +103,12 @@ def test_step_peak_memory_measures_each_step(capsys):
 def test_codec_backends_times_both_backends_with_the_same_bits(capsys):
     import codec_backends  # docs/examples (on the path: tests/conftest.py)
 
+    from scao_fx.kernels import _compiled
+
     rows = codec_backends.main(["--repeats", "1", "--stacks", "2x4096", "1x4194304"])
     out = capsys.readouterr().out
-    assert [r["automatic"] for r in rows] == ["reference", "compiled"], out
+    large = "compiled" if _compiled.available() else "reference"  # without a C++ compiler: the fallback
+    assert [r["automatic"] for r in rows] == ["reference", large], out
     assert all(r[key] > 0 for r in rows for key in r if key.endswith("_ms")), rows
     with pytest.raises(SystemExit, match="ROWSxN"):
         codec_backends.main(["--stacks", "8by2"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -34,6 +35,9 @@ needs_interp = pytest.mark.skipif(
     reason="Triton interpreter tests run on CPU-only machines with triton installed",
 )
 gpu = pytest.mark.gpu
+# torch.compile's CPU backend (the "compiled" codec) needs a C++ compiler
+needs_cxx = pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
+                               reason="the compiled CPU codec needs a C++ compiler")
 needs_gpu = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and Triton")
 
 # Odd sizes: never a multiple of the block, several leading-dim layouts.
@@ -538,11 +542,14 @@ def test_dispatch_picks_the_compiled_codec_for_large_cpu_tensors(monkeypatch):
     assert K.backend(torch.zeros(3)) == "compiled" and _dispatch.compiled_for(torch.zeros(3))
 
 
+@needs_cxx
 @pytest.mark.parametrize("stochastic", [True, False])
 @pytest.mark.parametrize("shape, block", [((3, 517), 64), ((777,), 100), ((2, 3, 320), 32), ((4, 64), 32)])
 def test_compiled_codec_is_bit_identical_to_the_reference(shape, block, stochastic):
     """torch.compile's CPU code for the reference: the same codes, scales and decodes, with int and
-    tensor seeds and non-finite blocks, in place or not."""
+    tensor seeds and non-finite blocks, in place or not (and it did compile: no fallback)."""
+    from scao_fx.kernels import _compiled
+
     x = _rand(shape, seed=7)
     x.view(-1)[5] = float("nan")
     x.view(-1)[-1] = float("inf")
@@ -561,8 +568,10 @@ def test_compiled_codec_is_bit_identical_to_the_reference(shape, block, stochast
             assert got_ema[0] is codes
             _exact(codes, want_ema[0], "EMA codes")
             _exact(scales, want_ema[1], "EMA scales")
+    assert _compiled.available(), _compiled._state["failed"]
 
 
+@needs_cxx
 def test_compiled_bfloat16_rounding_is_bit_identical(monkeypatch):
     from scao_fx import codecs
 
