@@ -134,8 +134,9 @@ class CurvatureEMA:
 
     def _accumulate_split(self, stat: FactorStatistic, gram: torch.Tensor, seed: Any, inplace: bool) -> FactorStatistic:
         """:meth:`accumulate` with a ``gram`` it may overwrite: its diagonal is read out and zeroed
-        in place (the off-diagonal part the codec stores), one pass fewer than subtracting a
-        ``diag_embed``, and the same bits."""
+        in place (the off-diagonal part the codec stores): two passes fewer than subtracting a
+        ``diag_embed``, with the same bits wherever the diagonal is finite (an inf or NaN on it
+        now stays in the float32 diagonal instead of also turning its block's codes to NaN)."""
         diagonal = torch.diagonal(gram, dim1=-2, dim2=-1)
         diag_new = diagonal.to(torch.float32, copy=True)
         off = gram
