@@ -110,5 +110,6 @@ def test_codec_backends_times_both_backends_with_the_same_bits(capsys):
     large = "compiled" if _compiled.available() else "reference"  # without a C++ compiler: the fallback
     assert [r["automatic"] for r in rows] == ["reference", large], out
     assert all(r[key] > 0 for r in rows for key in r if key.endswith("_ms")), rows
+    assert re.search(r"first compiled call \(compiling included\): EMA update [0-9.]+ s, bf16 rounding [0-9.]+ s", out)
     with pytest.raises(SystemExit, match="ROWSxN"):
         codec_backends.main(["--stacks", "8by2"])

@@ -588,8 +588,10 @@ def test_compiled_bfloat16_rounding_is_bit_identical(monkeypatch):
 def test_compiled_backend_falls_back_to_the_reference_once_compiling_fails(monkeypatch):
     from scao_fx.kernels import _compiled
 
-    def broken(name):
-        raise RuntimeError("no C++ compiler here")
+    def broken(name):  # what torch.compile raises without a C++ compiler
+        def call(*args, **kwargs):
+            raise torch._inductor.exc.InductorError(torch._inductor.exc.InvalidCxxCompiler(), None)
+        return call
 
     monkeypatch.setattr(_compiled, "_compiled", broken)
     monkeypatch.setitem(_compiled._state, "failed", None)
@@ -601,6 +603,23 @@ def test_compiled_backend_falls_back_to_the_reference_once_compiling_fails(monke
     assert not _compiled.available()
     monkeypatch.delenv(K.ENV_VAR, raising=False)
     assert K.backend(torch.empty(_compiled.MIN_NUMEL)) == "reference"  # auto stops choosing it
+
+
+def test_compiled_backend_lets_an_error_of_the_computation_through(monkeypatch):
+    """Only a failed compile falls back; any other error (here: out of memory) is raised as it
+    is, and the compiled backend stays in use."""
+    from scao_fx.kernels import _compiled
+
+    def oom(name):
+        def call(*args, **kwargs):
+            raise RuntimeError("DefaultCPUAllocator: not enough memory")
+        return call
+
+    monkeypatch.setattr(_compiled, "_compiled", oom)
+    monkeypatch.setitem(_compiled._state, "failed", None)
+    with pytest.raises(RuntimeError, match="not enough memory"):
+        K.quantize_blockwise(_rand((4, 64), seed=1), 32, backend="compiled")
+    assert _compiled.available()
 
 
 def test_dispatch_forced_triton_on_cpu_needs_interpreter(monkeypatch):

@@ -434,8 +434,8 @@ def test_bfloat16_gram_rounds_the_gradient_and_on_the_cpu_the_products():
     out16, s16 = _run(_tx(freq=4, gram_precision="bfloat16"), gs)
     _, s32 = _run(_tx(freq=4), rounded)
     assert len(_stats(s16)) == len(_stats(s32)) > 0
-    for a, b in zip(_stats(s16), _stats(s32)):
-        assert a.dtype == b.dtype and (a.dtype == torch.int8 or a.numel() == 0 or rel_err(a, b) < 1e-2)
+    for a, b in zip(_stats(s16), _stats(s32)):  # int8 codes too: they move by a rounding step at most here and there
+        assert a.dtype == b.dtype and (a.numel() == 0 or rel_err(a.float(), b.float()) < 1e-2)
     out32, _ = _run(_tx(freq=4), gs)
     for a, b in zip(out16, out32):  # close to the float32 path, but not the same
         assert rel_err(a, b) < 2e-2

@@ -8,12 +8,15 @@ statistics update costs) and one stochastic bfloat16 rounding (what ``moments="b
 costs per moment tensor) with ``backend="reference"`` and ``backend="compiled"``, interleaved,
 median of ``--repeats`` calls after five warm-up calls (the first compiled call compiles), checks
 that both backends give the same bits, and prints a table with the backend the automatic
-choice picks for that size. Writes nothing.
+choice picks for that size, then how long the process's first compiled call of each took (the
+one-time compile: run with an empty ``TORCHINDUCTOR_CACHE_DIR`` for a cold cache). Writes
+nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 from adam_kernels import time_it  # docs/examples: the median of timed calls after warm-up calls
@@ -37,6 +40,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit("--repeats and --threads must be >= 1")
     torch.set_num_threads(args.threads)
     rows_out = []
+    first: dict[str, list[float]] = {"ema": [], "bf16": []}
     print("| stack | entries | automatic | EMA update, reference ms | compiled ms | bf16 rounding, reference ms | compiled ms |")
     print("|---|---|---|---|---|---|---|")
     for spec in args.stacks:
@@ -54,6 +58,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rounding = {"reference": lambda: reference.bf16_stochastic(update, seed),
                     "compiled": lambda: _compiled.bf16_stochastic(update, seed)}
         ms = {}
+        for key, fns in (("ema", ema), ("bf16", rounding)):
+            fns["reference"]()  # the same number of EMA steps on both states
+            t0 = time.perf_counter()  # the process's first compiled call of each compiles it
+            fns["compiled"]()
+            first[key].append(time.perf_counter() - t0)
         for b in ("reference", "compiled"):  # interleaved: the second of each pair sees the same box
             ms["ema", b] = time_it(ema[b], args.repeats) * 1e3
             ms["bf16", b] = time_it(rounding[b], args.repeats) * 1e3
@@ -65,6 +74,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"| {rows} x {n} | {rows * n:,} | {auto} | {ms['ema', 'reference']:.2f} | {ms['ema', 'compiled']:.2f} "
               f"| {ms['bf16', 'reference']:.2f} | {ms['bf16', 'compiled']:.2f} |")
         rows_out.append({"stack": spec, "automatic": auto, **{f"{k}_{b}_ms": v for (k, b), v in ms.items()}})
+    print(f"first compiled call (compiling included): EMA update {first['ema'][0]:.1f} s, "
+          f"bf16 rounding {first['bf16'][0]:.1f} s (an empty TORCHINDUCTOR_CACHE_DIR gives the cold-cache cost)")
     return rows_out
 
 

@@ -29,7 +29,7 @@ from . import reference
 
 #: Smallest number of entries (of the codes, or of ``x``) for which the automatic choice on the
 #: CPU is the compiled backend: 2^22 (16 MB of float32, past the CPU's caches). Compiling costs
-#: about 7-15 s once per process (the first call; Inductor's disk cache makes later processes'
+#: about 5-13 s once per process (the first call; Inductor's disk cache makes later processes'
 #: cheaper), and per call the compiled code saves about 2 ms per million entries below this
 #: size but 20 ms per million above it (a 1536 x 1536 factor stack of 28M entries: 560 ms), so
 #: smaller statistics would repay the compile only after thousands of steps.
@@ -53,8 +53,8 @@ def _run(name: str, *args, **kwargs):
     if available():
         try:
             return _compiled(name)(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - any compiler failure falls back, once, loudly
-            _state["failed"] = f"{type(exc).__name__}: {exc}"
+        except torch._dynamo.exc.TorchDynamoException as exc:  # a failed compile (e.g. no C++ compiler),
+            _state["failed"] = f"{type(exc).__name__}: {exc}"  # not an error of the computation itself
             warnings.warn(
                 "scao_fx: compiling the CPU codec with torch.compile failed; the eager reference runs "
                 f"instead from now on (about 3-8x slower for large statistics). Cause: {_state['failed'][:300]}",
