@@ -43,22 +43,38 @@ __all__ = ["adam", "adamw", "muon", "scao_precondition", "scao", "soap", "SCAO_D
 #: float32) or block-wise int8 (about 2.1).
 SCAO_MOMENTS = ("float32", "bfloat16", "int8")
 
+#: Accepted values of SCAO's ``second_moment`` keyword: ``"full"`` (Adam's) or ``"factored"``
+#: (Adafactor's row and column statistics for matrices, ``scale_by_adam(factored=True)``).
+SCAO_SECOND_MOMENTS = ("full", "factored")
 
-def _scale_by_adam_stored(b1: float, b2: float, eps: float, moments: str, moment_dtype: torch.dtype | None):
+
+def _scale_by_adam_stored(b1: float, b2: float, eps: float, moments: str, moment_dtype: torch.dtype | None,
+                          second_moment: str = "full"):
     """``scale_by_adam`` with its moments stored as ``moments`` says: ``"float32"`` (the plain
     transform), ``"bfloat16"`` or ``"int8"`` (``quantize_state(scale_by_adam(), codecs,
     leafwise=True)`` with :func:`_moment_codecs`: decoded a chunk of leaves at a time; tensors
-    under 4096 entries stay float32)."""
+    under 4096 entries stay float32); ``second_moment="factored"``: Adafactor's statistics for
+    the matrices (:func:`scale_by_adam` with ``factored=True``)."""
     moment_dtype = _stored_moment_dtype(moments, moment_dtype)
+    factored = _factored(second_moment)
     if moments == "float32":
-        return scale_by_adam(b1, b2, eps, moment_dtype=moment_dtype)
-    return quantize_state(scale_by_adam(b1, b2, eps), _moment_codecs(moments), leafwise=True)
+        return scale_by_adam(b1, b2, eps, moment_dtype=moment_dtype, factored=factored)
+    return quantize_state(scale_by_adam(b1, b2, eps, factored=factored), _moment_codecs(moments, second_moment),
+                          leafwise=True)
 
 
-def _moment_codecs(moments: str) -> ScaleByAdamState:
+def _factored(second_moment: str) -> bool:
+    """Whether ``second_moment`` (checked against :data:`SCAO_SECOND_MOMENTS`) is factored."""
+    return check_choice("second_moment", second_moment, SCAO_SECOND_MOMENTS) == "factored"
+
+
+def _moment_codecs(moments: str, second_moment: str = "full") -> ScaleByAdamState:
     """The codecs of Adam's moments for ``moments="bfloat16"`` (:func:`bf16_adam_codecs`) or
-    ``"int8"`` (:func:`int8_adam_codecs`)."""
-    return bf16_adam_codecs() if moments == "bfloat16" else int8_adam_codecs()
+    ``"int8"`` (:func:`int8_adam_codecs`). With ``second_moment="factored"`` only the first
+    moment is encoded: the matrices' row and column statistics are small, and the full second
+    moments left (vectors, matrices with a side under 128) stay float32 too."""
+    codecs = bf16_adam_codecs() if moments == "bfloat16" else int8_adam_codecs()
+    return codecs._replace(nu=None) if _factored(second_moment) else codecs
 
 
 def _stored_moment_dtype(moments: str, moment_dtype: torch.dtype | None) -> torch.dtype | None:
@@ -73,13 +89,15 @@ def _stored_moment_dtype(moments: str, moment_dtype: torch.dtype | None) -> torc
     return None
 
 
-def _adamw_stored(lr, betas, eps, weight_decay, mask, moment_dtype, moments: str) -> GradientTransformation:
+def _adamw_stored(lr, betas, eps, weight_decay, mask, moment_dtype, moments: str,
+                  second_moment: str = "full") -> GradientTransformation:
     """:func:`adamw` with its moments stored as ``moments`` says (the same chain, and the same
-    state, as ``adamw`` for ``"float32"``)."""
-    if check_choice("moments", moments, SCAO_MOMENTS) == "float32":
+    state, as ``adamw`` for ``"float32"`` and ``second_moment="full"``)."""
+    if check_choice("moments", moments, SCAO_MOMENTS) == "float32" and not _factored(second_moment):
         return adamw(lr, betas, eps, weight_decay, mask=mask, moment_dtype=moment_dtype)
     return _decayed_adam_chain(
-        lambda b1, b2: _scale_by_adam_stored(b1, b2, eps, moments, moment_dtype), lr, betas, eps, weight_decay, mask
+        lambda b1, b2: _scale_by_adam_stored(b1, b2, eps, moments, moment_dtype, second_moment), lr, betas, eps,
+        weight_decay, mask
     )
 
 
@@ -341,6 +359,7 @@ def scao(
     weight_decay: float = SCAO_DEFAULTS["weight_decay"],
     *,
     moments: str = SCAO_DEFAULTS["moments"],
+    second_moment: str = SCAO_DEFAULTS["second_moment"],
     mask: Any = None,
     moment_dtype: torch.dtype | None = None,
     skip_nonfinite: bool = SCAO_DEFAULTS["skip_nonfinite"],
@@ -392,6 +411,15 @@ def scao(
             step and its refresh, so the step's peak stays near the float32 moments' (see
             docs/memory.md). With
             ``"bfloat16"`` or ``"int8"``, ``moment_dtype`` must be ``None``.
+        second_moment: ``"full"`` (default: Adam's second moment, one entry per parameter) or
+            ``"factored"``: for every matrix whose sides are both at least 128 (in the eigenbasis
+            form: every rotated matrix of such a size), Adafactor's row and column means of the
+            squared (rotated) gradient, :math:`\hat v = r c^\top / \mathrm{mean}(r)`
+            (:func:`~scao_fx.scale_by_adam` with ``factored=True``), ``m + n`` float32 entries
+            instead of ``m n``; then ``moments`` stores the first moment only. In the eigenbasis
+            the factors' Kronecker structure makes the rotated gradient's second moment close to
+            rank one, which is what the factored form models (measured in ``docs/memory.md``).
+            Requires ``moment_at_refresh`` "rotate" or "keep" in the eigenbasis form.
         mask: weight-decay mask (tree of bools or callable).
         moment_dtype: dtype of Adam's moments (default: at least float32).
         skip_nonfinite: wrap the chain in :func:`~scao_fx.apply_if_finite` (default True).
@@ -417,6 +445,7 @@ def scao(
     check_int("max_consecutive_skips", max_consecutive_skips, low=1)
     form = check_choice("form", precondition_kwargs.pop("form", SCAO_DEFAULTS["form"]), ("seed", "eigenbasis"))
     check_choice("moments", moments, SCAO_MOMENTS)
+    factored = _factored(second_moment)
     check_bool("skip_first", precondition_kwargs.get("skip_first", SCAO_DEFAULTS["skip_first"]))
     if form == "seed" and precondition_kwargs.pop("skip_first", SCAO_DEFAULTS["skip_first"]) != SCAO_DEFAULTS["skip_first"]:
         raise ValueError(f"skip_first applies to form='eigenbasis' only; with form='seed' leave it at its default "
@@ -424,15 +453,16 @@ def scao(
     if form == "eigenbasis":
         def eigenbasis(inner: GradientTransformation, b2: float) -> GradientTransformation:
             # Adam is leafwise; compressed moments are decoded a group at a time, inside the link
-            return scao_eigenbasis_precondition(inner, precondition_kwargs, leafwise_inner=True,
-                                                moment_codecs=None if moments == "float32" else _moment_codecs(moments))
+            return scao_eigenbasis_precondition(
+                inner, precondition_kwargs, leafwise_inner=True,
+                moment_codecs=None if moments == "float32" else _moment_codecs(moments, second_moment))
 
         tx = _adam_in_eigenbasis(eigenbasis, lr, betas, eps, weight_decay, mask,
-                                 _stored_moment_dtype(moments, moment_dtype))
+                                 _stored_moment_dtype(moments, moment_dtype), factored=factored)
     else:
         tx = chain(
             scao_precondition(**precondition_kwargs),
-            _adamw_stored(lr, betas, eps, weight_decay, mask, moment_dtype, moments),
+            _adamw_stored(lr, betas, eps, weight_decay, mask, moment_dtype, moments, second_moment),
         )
     if not skip_nonfinite:
         return tx
@@ -532,10 +562,12 @@ def soap(
 def _adam_in_eigenbasis(
     eigenbasis: Callable[[GradientTransformation, float], GradientTransformation],
     lr: Any, betas: Any, eps: float, weight_decay: float, mask: Any, moment_dtype: torch.dtype | None,
+    factored: bool = False,
 ) -> GradientTransformation:
     """``chain(eigenbasis(scale_by_adam(b1, b2, eps), b2), add_decayed_weights(weight_decay, mask),
     scale_by_learning_rate(lr))`` after checking the Adam arguments (the eigenbasis forms of
     :func:`scao` and :func:`soap`)."""
     return _decayed_adam_chain(
-        lambda b1, b2: eigenbasis(scale_by_adam(b1, b2, eps, moment_dtype=moment_dtype), b2), lr, betas, eps, weight_decay, mask
+        lambda b1, b2: eigenbasis(scale_by_adam(b1, b2, eps, moment_dtype=moment_dtype, factored=factored), b2), lr,
+        betas, eps, weight_decay, mask
     )

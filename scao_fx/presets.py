@@ -43,6 +43,7 @@ SCAO_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "eps": 1e-8,
         "weight_decay": 0.01,
         "moments": "bfloat16",
+        "second_moment": "full",
         # the preconditioner (scao_precondition)
         "rho": 0.95,
         "precond_freq": 5,
@@ -82,7 +83,7 @@ SCAO_DEFAULTS: Mapping[str, Any] = MappingProxyType(
 )
 
 #: Which keys of :data:`SCAO_DEFAULTS` belong to which part.
-SCAO_ADAM_KEYS = ("lr", "betas", "eps", "weight_decay", "moments")
+SCAO_ADAM_KEYS = ("lr", "betas", "eps", "weight_decay", "moments", "second_moment")
 SCAO_GUARD_KEYS = ("skip_nonfinite", "max_consecutive_skips", "host_sync")
 SCAO_FORM_KEYS = ("form", "skip_first")
 SCAO_PRECONDITION_KEYS = tuple(k for k in SCAO_DEFAULTS if k not in SCAO_ADAM_KEYS + SCAO_GUARD_KEYS + SCAO_FORM_KEYS)

@@ -259,7 +259,8 @@ def _build_scao(hp: dict) -> GradientTransformation:
     skip = _check_bool("skip_nonfinite", hp["skip_nonfinite"])
     max_skips = check_int("max_consecutive_skips", hp["max_consecutive_skips"], low=1)
     if not enabled:
-        tx = _adamw_stored(hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"], None, None, hp["moments"])
+        tx = _adamw_stored(hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"], None, None, hp["moments"],
+                           hp["second_moment"])
     else:
         tx = _scao_chain(hp)
     return apply_if_finite(tx, max_skips, host_sync=hp["host_sync"], skip_overflow=True) if skip else tx
@@ -287,6 +288,7 @@ def _scao_chain(hp: Mapping[str, Any]) -> GradientTransformation:
         max_precond_dim=hp["max_precond_dim"],
         use_int8_ema=hp["use_int8_ema"],
         moments=hp["moments"],
+        second_moment=hp["second_moment"],
         process_group=hp.get("process_group"),  # SCAO(process_group=...): not a hyperparameter
         skip_nonfinite=False,
         **extras,
@@ -295,7 +297,7 @@ def _scao_chain(hp: Mapping[str, Any]) -> GradientTransformation:
 
 #: What a param group saved before a keyword existed ran with (see ``SCAO._saved_group_values``).
 _SAVED_BEFORE: Mapping[str, Any] = MappingProxyType(
-    {"form": "seed", "basis_storage": "float32", "float32_below": 0, "moments": "float32"}
+    {"form": "seed", "basis_storage": "float32", "float32_below": 0, "moments": "float32", "second_moment": "full"}
 )
 
 
@@ -340,7 +342,9 @@ class SCAO(TransformOptimizer):
             of Adam's moments, ``"bfloat16"`` (default: 4 bytes per parameter, stochastically
             rounded), ``"float32"`` (8 bytes) or ``"int8"`` (8-bit Adam, about 2.1 instead of 8 bytes per parameter; see
             :func:`~scao_fx.scao`), per param group too (a group with
-            ``preconditioner_enabled=False`` then runs bf16 or 8-bit AdamW); and the extra
+            ``preconditioner_enabled=False`` then runs bf16 or 8-bit AdamW); ``second_moment``:
+            ``"full"`` (default) or ``"factored"`` (Adafactor's row and column statistics for
+            the matrices, see :func:`~scao_fx.scao`); and the extra
             ``scao_precondition`` keywords ``block_size``, ``complement``, ``graft``,
             ``blend_shape``, ``tikhonov``, ``grouped``, ``sides``, ``stat_freq`` (curvature
             statistics at step 1 and every ``stat_freq`` steps; see :func:`~scao_fx.scao_precondition`);

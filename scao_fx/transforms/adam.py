@@ -16,12 +16,13 @@ import torch
 
 from .. import _treemath
 from .._tree import check_same_structure, flatten, unflatten
-from .._validation import check_choice, check_dense_leaves, check_dtype, check_float
+from .._validation import check_bool, check_choice, check_dense_leaves, check_dtype, check_float, check_int
 from ..base import EmptyState, GradientTransformation, increment, multi_tensor_ok, register_state, step_count
 from ..parallel import is_dtensor
 from .combinators import masked
 
-__all__ = ["scale_by_adam", "ScaleByAdamState", "add_decayed_weights", "moment_dtype_for", "adam_kernel"]
+__all__ = ["scale_by_adam", "ScaleByAdamState", "add_decayed_weights", "moment_dtype_for", "adam_kernel",
+           "FACTORED_MIN_DIM", "factored_shape"]
 
 #: The arithmetic :func:`scale_by_adam` can run: ``"foreach"`` (multi-tensor ``torch._foreach_*``
 #: ops, falling back to the loop where they do not apply: the default), ``"loop"`` (one set of
@@ -88,6 +89,41 @@ class ScaleByAdamState(NamedTuple):
     count: Any
 
 
+#: Shortest side of a matrix whose second moment ``scale_by_adam(factored=True)`` factors (the
+#: Adafactor convention): a smaller matrix keeps the full second moment, which costs little there.
+FACTORED_MIN_DIM = 128
+
+
+def factored_shape(shape: Any, min_dim: int = FACTORED_MIN_DIM) -> tuple[int, int] | None:
+    """``(m, n)`` of a leaf of ``shape`` viewed as ``(shape[0], prod(shape[1:]))`` if its second
+    moment is factored (two or more dims, both sides at least ``min_dim``), else ``None``."""
+    if len(shape) < 2:
+        return None
+    m, n = int(shape[0]), math.prod(int(d) for d in shape[1:])
+    return (m, n) if min(m, n) >= min_dim else None
+
+
+def factored_second_moment(v: torch.Tensor, g: torch.Tensor, b2: float, inplace: bool) -> torch.Tensor:
+    r"""The factored second moment ``v = [r; c]`` (length ``m + n``) after the gradient ``g``
+    viewed as ``(m, n)``: :math:`r \leftarrow \beta_2 r + (1-\beta_2)\,\mathrm{mean}_j\, g_{ij}^2`,
+    :math:`c \leftarrow \beta_2 c + (1-\beta_2)\,\mathrm{mean}_i\, g_{ij}^2` (Adafactor's row and
+    column statistics; ``inplace``: into ``v`` itself)."""
+    m = g.shape[0]
+    g2 = g.reshape(m, -1).to(v.dtype).square()
+    v = v.mul_(b2) if inplace else v.mul(b2)
+    v[:m].add_(g2.mean(1), alpha=1 - b2)
+    v[m:].add_(g2.mean(0), alpha=1 - b2)
+    return v
+
+
+def factored_estimate(v: torch.Tensor, m: int) -> torch.Tensor:
+    r"""The ``(m, n)`` second-moment estimate of a factored ``v = [r; c]``: the rank-one
+    :math:`\hat V = r c^\top / \mathrm{mean}(r)`, exact when the second moment is itself rank
+    one (:math:`V = a b^\top`); a zero ``r`` gives zeros, not NaN."""
+    r, c = v[:m], v[m:]
+    return torch.outer(r, c).div_(r.mean().clamp_min(torch.finfo(v.dtype).tiny))
+
+
 def _leaf_counts(count: Any, n: int) -> list:
     """The per-leaf counters of a state: its ``count`` tree's leaves, or a single legacy 0-d
     counter repeated for the ``n`` leaves."""
@@ -146,6 +182,8 @@ def scale_by_adam(
     *,
     moment_dtype: torch.dtype | None = None,
     kernel: str | None = None,
+    factored: bool = False,
+    factored_min_dim: int = FACTORED_MIN_DIM,
 ) -> GradientTransformation:
     r"""Rescale updates by Adam's bias-corrected moments.
 
@@ -170,6 +208,15 @@ def scale_by_adam(
             ``docs/examples/adam_kernels.py``; equal to float rounding, not bit for bit; used
             for CPU float32/float64 moments with ``eps > 0``, ``eps_root = 0``, in place, outside
             ``torch.compile``; the foreach path elsewhere). The state is the same for all three.
+        factored: keep the second moment of every matrix leaf whose two sides (viewed as
+            ``(shape[0], prod(shape[1:]))``) are both at least ``factored_min_dim`` as Adafactor
+            does: row and column means of :math:`g^2` (:func:`factored_second_moment`), read as
+            the rank-one :math:`\hat v = r c^\top / \mathrm{mean}(r)`
+            (:func:`factored_estimate`), so ``m + n`` entries instead of ``m n``. That leaf's ``nu``
+            is then a 1-D tensor ``[r; c]`` of at least float32; its first moment is unchanged.
+            Other leaves, and DTensor shards, keep the full second moment. Default False.
+        factored_min_dim: the shortest side a factored matrix may have, >= 1 (default
+            :data:`FACTORED_MIN_DIM`, 128).
 
     Returns:
         A ``GradientTransformation`` with state :class:`ScaleByAdamState`.
@@ -184,6 +231,8 @@ def scale_by_adam(
     eps_root = check_float("eps_root", eps_root, low=0.0)
     moment_dtype = check_dtype("moment_dtype", moment_dtype)
     kernel = check_choice("kernel", _default_kernel.get() if kernel is None else kernel, ADAM_KERNELS)
+    factored = check_bool("factored", factored)
+    factored_min_dim = check_int("factored_min_dim", factored_min_dim, low=1)
     # eps = eps_root = 0: a coordinate whose gradients were all zero (or underflowed) would give
     # 0 / 0 = NaN; the denominator is floored at the smallest normal number instead (a no-op
     # wherever it is positive, so still exactly torch.optim.AdamW's arithmetic there).
@@ -195,8 +244,15 @@ def scale_by_adam(
         def zeros(p):
             return None if p is None else torch.zeros_like(p, dtype=moment_dtype_for(p.dtype, moment_dtype))
 
+        def second(p):
+            shape = None if p is None or not factored or is_dtensor(p) else factored_shape(p.shape, factored_min_dim)
+            if shape is None:
+                return zeros(p)
+            dtype = torch.promote_types(moment_dtype_for(p.dtype, moment_dtype), torch.float32)
+            return torch.zeros(sum(shape), dtype=dtype, device=p.device)
+
         mu = [zeros(p) for p in leaves]
-        nu = [zeros(p) for p in leaves]
+        nu = [second(p) for p in leaves]
         counts = [None if p is None else step_count() for p in leaves]
         return ScaleByAdamState(unflatten(spec, mu), unflatten(spec, nu), unflatten(spec, counts))
 
@@ -231,45 +287,20 @@ def scale_by_adam(
             denom = None
         return us, mus, nus
 
-    def update(updates, state, *, params=None, inplace=True):
-        g_leaves, spec = flatten(updates)
-        check_dense_leaves(g_leaves)
-        mu_leaves, mu_spec = flatten(state.mu)
-        nu_leaves, _ = flatten(state.nu)
-        if mu_spec.num_leaves != spec.num_leaves:
-            raise ValueError(
-                f"updates has {spec.num_leaves} leaves but the Adam state was built for "
-                f"{mu_spec.num_leaves}; was init() called on the same parameter tree?"
-            )
-        check_same_structure("updates", spec, "the Adam state's moments", mu_spec)
-        for i, (g, m) in enumerate(zip(g_leaves, mu_leaves)):
-            if g is not None and (m is None or g.shape != m.shape):
-                raise ValueError(
-                    f"updates leaf {i} has shape {tuple(g.shape)} but the Adam state holds "
-                    f"{None if m is None else tuple(m.shape)} there; was init() called on the same parameter tree?"
-                )
-        live = [i for i, g in enumerate(g_leaves) if g is not None]
-        counts = _leaf_counts(state.count, len(mu_leaves))
-        new_counts = list(counts)
-        for i, c in zip(live, _incremented([counts[i] for i in live])):
-            new_counts[i] = c
-        corrections = [_bias_corrections(new_counts[i], b1, b2) for i in live]
-        bc1s = [c[0] for c in corrections]
-        bc2s = [c[1] for c in corrections]
-        grads = [g_leaves[i].to(mu_leaves[i].dtype) for i in live]
-        mus = [mu_leaves[i] for i in live]
-        nus = [nu_leaves[i] for i in live]
-        fast = bool(live) and kernel != "loop" and multi_tensor_ok(grads + mus + nus)
+    def dense_directions(grads, mus, nus, bc1s, bc2s, counts, inplace):
+        """Adam's directions for leaves with a full second moment: ``(directions, mus, nus)``
+        by the kernel ``kernel`` selects."""
+        fast = kernel != "loop" and multi_tensor_ok(grads + mus + nus)
         fused_us = None
         if fast and kernel == "fused" and inplace and eps_root == 0.0 and not floor_denominator:
-            fused_us = _fused_directions(grads, mus, nus, [new_counts[i] for i in live], b1, b2, eps)
+            fused_us = _fused_directions(grads, mus, nus, counts, b1, b2, eps)
         if fused_us is not None:
             us = fused_us
         elif fast:
             # Fast path: multi-tensor kernels (same arithmetic as below), one call per operation
             # for the plain tensors and one for the DTensors (foreach kernels do not mix them: the
             # eigenbasis form under FSDP2 hands Adam plain cores and DTensor vectors together).
-            us = [None] * len(live)
+            us = [None] * len(grads)
             for part in _same_kind(grads):
                 u, m, v = multi_tensor([grads[j] for j in part], [mus[j] for j in part], [nus[j] for j in part],
                                        [bc1s[j] for j in part], [bc2s[j] for j in part], inplace)
@@ -290,6 +321,62 @@ def scale_by_adam(
                     denom = denom.clamp_min_(torch.finfo(denom.dtype).tiny)
                 us.append((m / bc1).div_(denom))
                 mus[j], nus[j] = m, v
+        return us, mus, nus
+
+    def factored_direction(g, m, v, bc1, bc2, inplace):
+        """Adam's direction for a leaf whose second moment is factored: ``(direction, mu, nu)``."""
+        m = m.lerp_(g, 1 - b1) if inplace else m.lerp(g, 1 - b1)
+        v = factored_second_moment(v, g, b2, inplace)
+        vhat = factored_estimate(v, g.shape[0]).div_(bc2).reshape(g.shape)
+        denom = (vhat.add_(eps_root) if eps_root else vhat).sqrt_().add_(eps)
+        if floor_denominator:
+            denom = denom.clamp_min_(torch.finfo(denom.dtype).tiny)
+        return (m / bc1).div_(denom.to(m.dtype)), m, v
+
+    def update(updates, state, *, params=None, inplace=True):
+        g_leaves, spec = flatten(updates)
+        check_dense_leaves(g_leaves)
+        mu_leaves, mu_spec = flatten(state.mu)
+        nu_leaves, _ = flatten(state.nu)
+        if mu_spec.num_leaves != spec.num_leaves:
+            raise ValueError(
+                f"updates has {spec.num_leaves} leaves but the Adam state was built for "
+                f"{mu_spec.num_leaves}; was init() called on the same parameter tree?"
+            )
+        check_same_structure("updates", spec, "the Adam state's moments", mu_spec)
+        for i, (g, m, v) in enumerate(zip(g_leaves, mu_leaves, nu_leaves)):
+            if g is not None and (m is None or g.shape != m.shape):
+                raise ValueError(
+                    f"updates leaf {i} has shape {tuple(g.shape)} but the Adam state holds "
+                    f"{None if m is None else tuple(m.shape)} there; was init() called on the same parameter tree?"
+                )
+            if g is not None and v is not None and v.shape != m.shape and (
+                    g.ndim < 2 or tuple(v.shape) != (g.shape[0] + g[0].numel(),)):
+                raise ValueError(f"the Adam state's second moment of leaf {i} has shape {tuple(v.shape)}: neither the "
+                                 f"leaf's {tuple(g.shape)} nor a factored one's ({g.shape[0] + g[0].numel() if g.ndim >= 2 else '-'},)")
+        live = [i for i, g in enumerate(g_leaves) if g is not None]
+        counts = _leaf_counts(state.count, len(mu_leaves))
+        new_counts = list(counts)
+        for i, c in zip(live, _incremented([counts[i] for i in live])):
+            new_counts[i] = c
+        corrections = [_bias_corrections(new_counts[i], b1, b2) for i in live]
+        bc1s = [c[0] for c in corrections]
+        bc2s = [c[1] for c in corrections]
+        grads = [g_leaves[i].to(mu_leaves[i].dtype) for i in live]
+        mus = [mu_leaves[i] for i in live]
+        nus = [nu_leaves[i] for i in live]
+        # the leaves whose second moment is factored (the state says so: a 1-D nu of a matrix)
+        fac = [j for j, (m, v) in enumerate(zip(mus, nus)) if v.shape != m.shape]
+        us = [None] * len(live)
+        for j in fac:
+            us[j], mus[j], nus[j] = factored_direction(grads[j], mus[j], nus[j], bc1s[j], bc2s[j], inplace)
+        rest = sorted(set(range(len(live))) - set(fac))
+        if rest:
+            pick = lambda xs: [xs[j] for j in rest]  # noqa: E731
+            u, m, v = dense_directions(pick(grads), pick(mus), pick(nus), pick(bc1s), pick(bc2s),
+                                       [new_counts[live[j]] for j in rest], inplace)
+            for k, j in enumerate(rest):
+                us[j], mus[j], nus[j] = u[k], m[k], v[k]
         out, new_mu, new_nu = [None] * len(g_leaves), list(mu_leaves), list(nu_leaves)
         for j, i in enumerate(live):
             out[i] = us[j].to(g_leaves[i].dtype)

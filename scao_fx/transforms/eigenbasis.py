@@ -330,6 +330,12 @@ def kronecker_eigenbasis(
             )
         passthrough, cores, comps = templates(leaves, plan)
         inner_state = inner.init((unflatten(spec, passthrough), cores, comps))
+        if moment_at_refresh == "project" and any(
+                nu is not None and nu.shape != mu.shape
+                for node in _link_adam_nodes(inner_state) for mu, nu in zip(flatten(node.mu)[0], flatten(node.nu)[0])):
+            raise ValueError("moment_at_refresh='project' carries a full second moment to the new bases, but the inner "
+                             "Adam factors it (scale_by_adam(factored=True)); use 'rotate' (the factored second "
+                             "moment is then carried by position) or 'keep'")
         if codecs is not None:
             if not _link_adam_nodes(inner_state):
                 raise ValueError("moment_codecs stores the moments of an Adam (scale_by_adam) inner transform, but "
