@@ -59,8 +59,7 @@ def _scale_by_adam_stored(b1: float, b2: float, eps: float, moments: str, moment
     factored = _factored(second_moment)
     if moments == "float32":
         return scale_by_adam(b1, b2, eps, moment_dtype=moment_dtype, factored=factored)
-    return quantize_state(scale_by_adam(b1, b2, eps, factored=factored), _moment_codecs(moments, second_moment),
-                          leafwise=True)
+    return quantize_state(scale_by_adam(b1, b2, eps, factored=factored), _moment_codecs(moments), leafwise=True)
 
 
 def _factored(second_moment: str) -> bool:
@@ -68,13 +67,12 @@ def _factored(second_moment: str) -> bool:
     return check_choice("second_moment", second_moment, SCAO_SECOND_MOMENTS) == "factored"
 
 
-def _moment_codecs(moments: str, second_moment: str = "full") -> ScaleByAdamState:
+def _moment_codecs(moments: str) -> ScaleByAdamState:
     """The codecs of Adam's moments for ``moments="bfloat16"`` (:func:`bf16_adam_codecs`) or
-    ``"int8"`` (:func:`int8_adam_codecs`). With ``second_moment="factored"`` only the first
-    moment is encoded: the matrices' row and column statistics are small, and the full second
-    moments left (vectors, matrices with a side under 128) stay float32 too."""
-    codecs = bf16_adam_codecs() if moments == "bfloat16" else int8_adam_codecs()
-    return codecs._replace(nu=None) if _factored(second_moment) else codecs
+    ``"int8"`` (:func:`int8_adam_codecs`). A factored second moment goes through the same rule
+    as any other state tensor: encoded if it has 4096 entries or more (``m + n >= 4096``, e.g.
+    an embedding's), float32 otherwise."""
+    return bf16_adam_codecs() if moments == "bfloat16" else int8_adam_codecs()
 
 
 def _stored_moment_dtype(moments: str, moment_dtype: torch.dtype | None) -> torch.dtype | None:
@@ -416,10 +414,12 @@ def scao(
             form: every rotated matrix of such a size), Adafactor's row and column means of the
             squared (rotated) gradient, :math:`\hat v = r c^\top / \mathrm{mean}(r)`
             (:func:`~scao_fx.scale_by_adam` with ``factored=True``), ``m + n`` float32 entries
-            instead of ``m n``; then ``moments`` stores the first moment only. In the eigenbasis
+            instead of ``m n`` (stored as ``moments`` says where ``m + n >= 4096``). In the eigenbasis
             the factors' Kronecker structure makes the rotated gradient's second moment close to
-            rank one, which is what the factored form models (measured in ``docs/memory.md``).
-            Requires ``moment_at_refresh`` "rotate" or "keep" in the eigenbasis form.
+            rank one, which is what the factored form models. It wants a lower learning rate
+            than the full second moment (2e-3 against 5e-3 on the GPT benchmark; measured in
+            ``docs/memory.md``). Requires ``moment_at_refresh`` "rotate" or "keep" in the
+            eigenbasis form.
         mask: weight-decay mask (tree of bools or callable).
         moment_dtype: dtype of Adam's moments (default: at least float32).
         skip_nonfinite: wrap the chain in :func:`~scao_fx.apply_if_finite` (default True).
@@ -455,7 +455,7 @@ def scao(
             # Adam is leafwise; compressed moments are decoded a group at a time, inside the link
             return scao_eigenbasis_precondition(
                 inner, precondition_kwargs, leafwise_inner=True,
-                moment_codecs=None if moments == "float32" else _moment_codecs(moments, second_moment))
+                moment_codecs=None if moments == "float32" else _moment_codecs(moments))
 
         tx = _adam_in_eigenbasis(eigenbasis, lr, betas, eps, weight_decay, mask,
                                  _stored_moment_dtype(moments, moment_dtype), factored=factored)

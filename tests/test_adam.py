@@ -221,3 +221,114 @@ def test_denominators_are_computed_a_chunk_of_leaves_at_a_time(monkeypatch):
     assert _treemath.chunks_by_size([torch.zeros(3), torch.zeros(5), torch.zeros(9), torch.zeros(1)], 8) == [[0, 1], [2], [3]]
     rise = update_memory_rise(sf.adamw(1e-2), params, grads)  # chunks of two leaves: a quarter of the tree
     assert 4.5 < rise < 5.5, rise
+
+
+# ---------------------------------------------------------------- factored second moment
+
+
+def test_factored_shape_rule():
+    from scao_fx.transforms.adam import FACTORED_MIN_DIM, factored_shape
+
+    assert FACTORED_MIN_DIM == 128
+    assert factored_shape((128, 300)) == (128, 300)
+    assert factored_shape((127, 300)) is None
+    assert factored_shape((300,)) is None and factored_shape(()) is None
+    assert factored_shape((8, 4, 5), min_dim=4) == (8, 20)  # viewed as (shape[0], prod(shape[1:]))
+    assert factored_shape((8, 4, 5), min_dim=9) is None
+
+
+def test_factored_second_moment_is_exact_for_a_rank_one_second_moment():
+    """With g^2 = a b^T, the row and column means give back V exactly: b1 = 0, eps = 0 then makes
+    every direction sign(g) (|u| = 1) when the same g repeats, as full Adam's would be."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.rand(6, generator=gen, dtype=torch.float64) + 0.1, torch.rand(5, generator=gen, dtype=torch.float64) + 0.1
+    g = torch.outer(a, b).sqrt() * torch.where(torch.rand(6, 5, generator=gen) < 0.5, -1.0, 1.0).double()
+    tx = sf.scale_by_adam(0.0, 0.9, 0.0, factored=True, factored_min_dim=2)
+    state = tx.init({"w": g})
+    assert state.nu["w"].shape == (11,)
+    for _ in range(3):  # the bias-corrected estimate is g^2 itself at every step
+        u, state = tx.update({"w": g.clone()}, state)
+        torch.testing.assert_close(u["w"], g.sign(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+def test_factored_adam_matches_the_formula(inplace):
+    """Three steps against the factored estimate written out: r, c the EMAs of the row and column
+    means of g^2, v = r c^T / mean(r) / (1 - b2^t); vectors and small matrices keep full Adam."""
+    gen = torch.Generator().manual_seed(1)
+    b1, b2, eps = 0.8, 0.9, 1e-3
+    grads = [{"w": torch.randn(4, 3, 2, generator=gen, dtype=torch.float64), "v": torch.randn(5, generator=gen, dtype=torch.float64),
+              "s": torch.randn(2, 7, generator=gen, dtype=torch.float64)} for _ in range(3)]
+    tx = sf.scale_by_adam(b1, b2, eps, factored=True, factored_min_dim=3)
+    state = tx.init(grads[0])
+    assert state.nu["w"].shape == (4 + 6,) and state.nu["v"].shape == (5,) and state.nu["s"].shape == (2, 7)
+    m = torch.zeros(4, 6, dtype=torch.float64)
+    r, c = torch.zeros(4, dtype=torch.float64), torch.zeros(6, dtype=torch.float64)
+    full = reference_adam([g["s"] for g in grads], b1, b2, eps)
+    for t, g in enumerate(grads, start=1):
+        u, state = tx.update(clone(g), state, inplace=inplace)
+        gw = g["w"].reshape(4, 6)
+        m = b1 * m + (1 - b1) * gw
+        r = b2 * r + (1 - b2) * (gw**2).mean(1)
+        c = b2 * c + (1 - b2) * (gw**2).mean(0)
+        v = torch.outer(r, c) / r.mean() / (1 - b2**t)
+        want = (m / (1 - b1**t)) / (v.sqrt() + eps)
+        torch.testing.assert_close(u["w"], want.reshape(4, 3, 2), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(u["s"], full[t - 1], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(state.nu["w"], torch.cat([r, c]), rtol=1e-12, atol=1e-12)
+
+
+def test_factored_adam_leaves_the_state_passed_in_untouched_out_of_place():
+    gen = torch.Generator().manual_seed(2)
+    g = {"w": torch.randn(4, 5, generator=gen)}
+    tx = sf.scale_by_adam(factored=True, factored_min_dim=2)
+    state = tx.init(g)
+    _, state = tx.update(clone(g), state)
+    snapshot = clone(state)
+    _, new = tx.update(clone(g), state, inplace=False)
+    assert_tree_close(state, snapshot, rtol=0, atol=0)
+    assert not torch.equal(new.nu["w"], state.nu["w"])
+
+
+def test_factored_adam_zero_gradients_give_zero_not_nan():
+    tx = sf.scale_by_adam(eps=0.0, factored=True, factored_min_dim=2)
+    state = tx.init({"w": torch.zeros(3, 4)})
+    u, state = tx.update({"w": torch.zeros(3, 4)}, state)
+    assert torch.equal(u["w"], torch.zeros(3, 4))
+
+
+@pytest.mark.parametrize("kernel", ["foreach", "loop", "fused"])
+def test_factored_adam_mixes_with_every_kernel_for_the_other_leaves(kernel):
+    """The full second moments of the other leaves run the chosen kernel; the result equals
+    running those leaves alone."""
+    gen = torch.Generator().manual_seed(3)
+    p = {"w": torch.randn(6, 5, generator=gen), "b": torch.randn(5, generator=gen), "q": torch.randn(2, 3, generator=gen)}
+    mixed = sf.scale_by_adam(kernel=kernel, factored=True, factored_min_dim=4)
+    plain = sf.scale_by_adam(kernel=kernel)
+    s_mixed, s_plain = mixed.init(p), plain.init({"b": p["b"], "q": p["q"]})
+    for _ in range(3):
+        g = {k: torch.randn(v.shape, generator=gen) for k, v in p.items()}
+        u, s_mixed = mixed.update(clone(g), s_mixed)
+        w, s_plain = plain.update({"b": g["b"].clone(), "q": g["q"].clone()}, s_plain)
+        assert torch.equal(u["b"], w["b"]) and torch.equal(u["q"], w["q"])
+        assert u["w"].shape == (6, 5) and torch.isfinite(u["w"]).all()
+
+
+def test_factored_second_moment_is_float32_with_bfloat16_moments():
+    tx = sf.scale_by_adam(moment_dtype=torch.bfloat16, factored=True, factored_min_dim=2)
+    state = tx.init({"w": torch.zeros(4, 6, dtype=torch.bfloat16)})
+    assert state.mu["w"].dtype == torch.bfloat16 and state.nu["w"].dtype == torch.float32
+    u, _ = tx.update({"w": torch.ones(4, 6, dtype=torch.bfloat16)}, state)
+    assert u["w"].dtype == torch.bfloat16
+
+
+def test_factored_arguments_are_validated():
+    with pytest.raises(TypeError, match="factored must be a bool"):
+        sf.scale_by_adam(factored=1)
+    with pytest.raises(ValueError, match="factored_min_dim"):
+        sf.scale_by_adam(factored=True, factored_min_dim=0)
+    tx = sf.scale_by_adam()
+    state = tx.init({"w": torch.zeros(4, 6)})
+    bad = state._replace(nu={"w": torch.zeros(7)})
+    with pytest.raises(ValueError, match="second moment of leaf 0 has shape"):
+        tx.update({"w": torch.ones(4, 6)}, bad)

@@ -191,6 +191,47 @@ OPTIMIZERS: list[OptimizerEntry] = [
     ),
 ]
 
+def adam_factored_links(lr):
+    """Adam with Adafactor's factored second moment on every matrix (the test leaves are small, so
+    ``factored_min_dim=2``), as the links of a chain."""
+    return [sf.scale_by_adam(factored=True, factored_min_dim=2), sf.add_decayed_weights(1e-4), sf.scale_by_learning_rate(lr)]
+
+
+def eigenbasis_factored_links(lr):
+    """``sf.scao(second_moment="factored", moments="int8")``'s links with ``factored_min_dim=2``:
+    the rotated cores' second moments factored, the moments stored in int8 (the test leaves are
+    under 4096 entries: float32 in fact)."""
+    return [
+        sf.kronecker_eigenbasis(
+            sf.scale_by_adam(*SCAO_DEFAULTS["betas"], factored=True, factored_min_dim=2),
+            curvature=sf.curvature_ema(0.9, basis_dtype=torch.bfloat16), rank=sf.full_rank(), precond_freq=2,
+            eigensolver="eigh", skip_first=True, leafwise_inner=True,
+            moment_codecs=sf.int8_adam_codecs(),
+        ),
+        sf.add_decayed_weights(1e-4),
+        sf.scale_by_learning_rate(lr),
+    ]
+
+
+OPTIMIZERS += [
+    OptimizerEntry(
+        name="adam-factored",
+        factory=lambda lr: sf.chain(*adam_factored_links(lr)),
+        links=adam_factored_links,
+        note="the quadratic's curvature is rank one (logspace reshaped), which the factored estimate models exactly",
+    ),
+    OptimizerEntry(
+        name="scao-eigenbasis-factored",
+        factory=lambda lr: sf.chain(*eigenbasis_factored_links(lr)),
+        links=eigenbasis_factored_links,
+        quadratic_tol=1e-4,
+        rosenbrock_tol=5e-3,
+        compile_tol=(1e-4, 1e-6),
+        note="as scao-default (beta2 = 0.95's noise floor), with the factored second moment",
+    ),
+]
+
+
 def muon_links(lr):
     """The links of ``sf.muon(lr, weight_decay=1e-4)`` as masked links applied one by one (AdamW's
     links first: the alias's ``PartitionState`` lists its labels sorted, "adamw" before "muon")."""

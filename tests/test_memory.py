@@ -124,6 +124,8 @@ GPT2_SMALL_BYTES_PER_PARAM = {
     "default, moments=int8": (dict(moments="int8"), 3.08),
     "default, sketch r64 int8, moments=int8": (dict(curvature="sketch", sketch_rank=64, sketch_storage="int8",
                                                     moments="int8"), 2.38),
+    "default, second_moment=factored": (dict(second_moment="factored"), 2.96),
+    "default, moments=int8, second_moment=factored": (dict(moments="int8", second_moment="factored"), 2.02),
     "default, max_precond_dim=4096": (dict(max_precond_dim=4096), 12.25),
     "default, max_precond_dim=4096, moments=float32": (dict(max_precond_dim=4096, moments="float32"), 16.24),
     "default, max_precond_dim=4096, moments=int8": (dict(max_precond_dim=4096, moments="int8"), 10.37),
@@ -152,6 +154,7 @@ def test_gpt2_small_bytes_per_param(config):
     assert rep["bytes_per_param"] == pytest.approx(want, abs=0.005)
     target = 2.5 if kw.get("moments") == "int8" else 9.0
     meets = {"default", "default, float32 bases", "default, moments=float32", "default, sketch r64 int8, moments=int8",
+             "default, second_moment=factored", "default, moments=int8, second_moment=factored",
              "seed",
              "seed, sketch r128 bf16", "seed, sketch r64 int8, moments=int8"}
     assert (rep["bytes_per_param"] <= target) == (config in meets)

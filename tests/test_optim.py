@@ -13,6 +13,7 @@ import torchopt
 from treeutil import chain_state
 
 import scao_fx as sf
+from scao_fx._tree import find_nodes
 from scao_fx.optim import TransformOptimizer
 
 ADAMW_DEFAULTS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
@@ -1594,3 +1595,64 @@ def test_scale_by_adam_fused_kernel_falls_back_on_non_contiguous_gradients():
     ua, sa = a.update(g, sa)
     ub, sb = b.update(g, sb)
     assert torch.equal(ua[0], ub[0])  # the foreach path ran, bit for bit
+
+
+def _square_model(seed=0):
+    """Matrices with both sides >= 128, whose second moments second_moment="factored" factors."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(128, 160), torch.nn.Tanh(), torch.nn.Linear(160, 128))
+
+
+@pytest.mark.parametrize("moments", ["float32", "int8"])
+def test_scao_factored_second_moment_trains_stores_small_and_resumes_bit_identical(moments):
+    """second_moment="factored": the rotated cores' second moments are float32 vectors of m + n
+    entries (the first moments stored as ``moments`` says), training is about as good as with
+    the full second moment, and a run cut before, at and after refreshes resumes bit for bit."""
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(32, 128, generator=g), torch.randn(32, 128, generator=g)
+    kw = dict(lr=3e-3, precond_freq=3, moments=moments)
+    losses = {}
+    for second in ("full", "factored"):
+        model = _square_model()
+        opt = SCAO(model.named_parameters(), second_moment=second, **kw)
+        first = train_step(model, opt, x, y)
+        for _ in range(30):
+            last = train_step(model, opt, x, y)
+        losses[second] = float(last)
+        assert float(last) < 0.7 * float(first)
+    assert losses["factored"] < 1.2 * losses["full"]
+    node = find_nodes(opt.functional_state(0), sf.ScaleByAdamState)[0]
+    nus = [t for t in optree.tree_leaves(node.nu) if t.ndim == 1 and t.numel() == 288]
+    assert len(nus) == 2 and all(t.dtype == torch.float32 for t in nus)  # (160 + 128) per matrix
+    assert not any(t.shape in ((160, 128), (128, 160)) for t in optree.tree_leaves(node.nu))
+
+    total = 10
+    ref = _square_model()
+    ref_opt = SCAO(ref.named_parameters(), second_moment="factored", **kw)
+    _scao_run(ref, ref_opt, total, x, y)
+    for cut in (3, 4, 6):
+        a = _square_model()
+        a_opt = SCAO(a.named_parameters(), second_moment="factored", **kw)
+        _scao_run(a, a_opt, cut, x, y)
+        ckpt = save_load({"model": a.state_dict(), "opt": a_opt.state_dict()})
+        b = _square_model(seed=99)
+        b.load_state_dict(ckpt["model"])
+        b_opt = SCAO(b.named_parameters(), second_moment="factored", **kw)
+        b_opt.load_state_dict(ckpt["opt"])
+        _scao_run(b, b_opt, total - cut, x, y)
+        for p, q in zip(ref.parameters(), b.parameters()):
+            assert torch.equal(p, q)
+
+
+def test_scao_second_moment_is_validated_and_saved_in_the_groups():
+    ps = [torch.nn.Parameter(torch.zeros(3, 2))]
+    for bad in ("adafactor", None, True):
+        with pytest.raises(ValueError, match=r"second_moment must be one of \('full', 'factored'\)"):
+            SCAO(ps, second_moment=bad)
+    w = torch.nn.Parameter(torch.zeros(130, 128))
+    w.grad = torch.ones(130, 128)
+    with pytest.raises(ValueError, match="moment_at_refresh='project'"):
+        SCAO([w], second_moment="factored", moment_at_refresh="project").step()
+    opt = SCAO(ps, second_moment="factored")
+    assert opt.param_groups[0]["second_moment"] == "factored"
+    assert SCAO(ps).param_groups[0]["second_moment"] == "full"

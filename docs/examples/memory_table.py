@@ -24,6 +24,7 @@ import torch
 
 import scao_fx as sf
 from scao_fx.presets import SCAO_DEFAULTS
+from scao_fx.transforms.adam import FACTORED_MIN_DIM
 
 # --------------------------------------------------------------------------- model shapes
 
@@ -138,6 +139,8 @@ def optimizers() -> dict:
         "scao default, moments=float32": lambda: sf.scao(moments="float32"),
         "scao default, moments=int8": lambda: sf.scao(moments="int8"),
         "scao default, max_precond_dim=1024, moments=int8": lambda: sf.scao(max_precond_dim=1024, moments="int8"),
+        "scao default, second_moment=factored": lambda: sf.scao(second_moment="factored"),
+        "scao default, moments=int8, second_moment=factored": lambda: sf.scao(moments="int8", second_moment="factored"),
         "scao seed (int8 full factors)": lambda: sf.scao(**SEED, moments="float32"),
         "scao seed, moments=int8": lambda: sf.scao(**SEED, moments="int8"),
         "scao seed, max_precond_dim=1024": lambda: sf.scao(**SEED, max_precond_dim=1024, moments="float32"),
@@ -215,9 +218,26 @@ def _moments(numel, moments):
     return {"float32": adam_bytes(numel), "bfloat16": adam_bf16_bytes(numel), "int8": adam8_bytes(numel)}[moments]
 
 
-def _eigen(numel, shape, *, moments=SCAO_DEFAULTS["moments"], max_dim=MAX_PRECOND_DIM):
+def _one_moment(numel, moments, min_size=4096):
+    """One moment of ``numel`` entries stored as ``moments`` says (under ``min_size``: float32)."""
+    if moments == "float32" or numel < min_size:
+        return 4 * numel
+    return 2 * numel if moments == "bfloat16" else numel + 4 * math.ceil(numel / 64)
+
+
+def _factored_moments(numel, shape, moments):
+    """``second_moment="factored"``: the first moment, and the second factored (``m + n``
+    entries) for a matrix whose sides are both at least 128 (``FACTORED_MIN_DIM``), full
+    otherwise, each stored as ``moments`` says."""
+    m, n = (shape[0], math.prod(shape[1:])) if len(shape) >= 2 else (0, 0)
+    second = m + n if min(m, n) >= FACTORED_MIN_DIM else numel
+    return _one_moment(numel, moments) + _one_moment(second, moments)
+
+
+def _eigen(numel, shape, *, moments=SCAO_DEFAULTS["moments"], max_dim=MAX_PRECOND_DIM, factored=False):
     """The default (eigenbasis) form: the moments of the rotated core, which has the leaf's size."""
-    return _moments(numel, moments) + sum(scao_eigen_side(d) for d in _sides(shape, max_dim))
+    adam = _factored_moments(numel, shape, moments) if factored else _moments(numel, moments)
+    return adam + sum(scao_eigen_side(d) for d in _sides(shape, max_dim))
 
 
 def _scao(numel, shape, *, moments="float32", max_dim=MAX_PRECOND_DIM, sketch=None):
@@ -246,6 +266,9 @@ FORMULAS = {
     "scao default, moments=int8": lambda shape, hidden: _eigen(math.prod(shape), shape, moments="int8"),
     "scao default, max_precond_dim=1024, moments=int8": lambda shape, hidden: _eigen(math.prod(shape), shape,
                                                                                     moments="int8", max_dim=1024),
+    "scao default, second_moment=factored": lambda shape, hidden: _eigen(math.prod(shape), shape, factored=True),
+    "scao default, moments=int8, second_moment=factored": lambda shape, hidden: _eigen(math.prod(shape), shape,
+                                                                                      moments="int8", factored=True),
     "scao seed (int8 full factors)": lambda shape, hidden: _scao(math.prod(shape), shape),
     "scao seed, moments=int8": lambda shape, hidden: _scao(math.prod(shape), shape, moments="int8"),
     "scao seed, max_precond_dim=1024": lambda shape, hidden: _scao(math.prod(shape), shape, max_dim=1024),
