@@ -254,7 +254,8 @@ def test_factored_second_moment_is_exact_for_a_rank_one_second_moment():
 @pytest.mark.parametrize("inplace", [True, False])
 def test_factored_adam_matches_the_formula(inplace):
     """Three steps against the factored estimate written out: r, c the EMAs of the row and column
-    means of g^2, v = r c^T / mean(r) / (1 - b2^t); vectors and small matrices keep full Adam."""
+    means of g^2, v = max(r c^T / mean(r), (1 - b2) g^2) / (1 - b2^t); vectors and small matrices
+    keep full Adam."""
     gen = torch.Generator().manual_seed(1)
     b1, b2, eps = 0.8, 0.9, 1e-3
     grads = [{"w": torch.randn(4, 3, 2, generator=gen, dtype=torch.float64), "v": torch.randn(5, generator=gen, dtype=torch.float64),
@@ -271,7 +272,7 @@ def test_factored_adam_matches_the_formula(inplace):
         m = b1 * m + (1 - b1) * gw
         r = b2 * r + (1 - b2) * (gw**2).mean(1)
         c = b2 * c + (1 - b2) * (gw**2).mean(0)
-        v = torch.outer(r, c) / r.mean() / (1 - b2**t)
+        v = torch.maximum(torch.outer(r, c) / r.mean(), (1 - b2) * gw**2) / (1 - b2**t)
         want = (m / (1 - b1**t)) / (v.sqrt() + eps)
         torch.testing.assert_close(u["w"], want.reshape(4, 3, 2), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(u["s"], full[t - 1], rtol=1e-12, atol=1e-12)
@@ -332,3 +333,20 @@ def test_factored_arguments_are_validated():
     bad = state._replace(nu={"w": torch.zeros(7)})
     with pytest.raises(ValueError, match="second moment of leaf 0 has shape"):
         tx.update({"w": torch.ones(4, 6)}, bad)
+
+
+def test_factored_estimate_is_floored_so_no_entry_outsteps_adam():
+    """A spike in an otherwise small row and column: the rank-one fit underestimates its second
+    moment by orders of magnitude, the floor (1 - b2) g^2 keeps its step within Adam's bound
+    (|u| <= 1 at the first step with b1 = 0, as Adam's sign-like first step)."""
+    from scao_fx.transforms.adam import factored_estimate
+
+    g = torch.full((8, 6), 1e-3, dtype=torch.float64)
+    g[:4, :3] = 1.0
+    g[7, 5] = 0.5  # large against its row and column means
+    v = torch.cat([(g**2).mean(1), (g**2).mean(0)])
+    assert float((g**2)[7, 5] / factored_estimate(v, 8)[7, 5]) > 40  # the fit alone: a ~7x step
+    tx = sf.scale_by_adam(0.0, 0.95, 0.0, factored=True, factored_min_dim=2)
+    u, _ = tx.update({"w": g.clone()}, tx.init({"w": g}))
+    assert float(u["w"].abs().max()) <= 1.0 + 1e-12
+    assert float(u["w"][7, 5]) == pytest.approx(1.0)

@@ -113,3 +113,21 @@ def test_codec_backends_times_both_backends_with_the_same_bits(capsys):
     assert re.search(r"first compiled call \(compiling included\): EMA update [0-9.]+ s, bf16 rounding [0-9.]+ s", out)
     with pytest.raises(SystemExit, match="ROWSxN"):
         codec_backends.main(["--stacks", "8by2"])
+
+
+def test_factored_fit_reads_every_factorable_core(capsys):
+    """The fit of the factored second moment: one row per rotated matrix with both sides >= 128
+    (the benchmark model's 17: 4 layers x 4 matrices, and the 128 x 128 head's... per step), shares and
+    ratios in range."""
+    import factored_fit  # docs/examples (on the path: tests/conftest.py)
+
+    factored_fit.main(["--steps", "2,3"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert rows and {r.split(" | ")[0] for r in rows} == {"| 2", "| 3"}
+    for row in rows:
+        cells = row.strip("| ").split(" | ")
+        share = float(cells[2])
+        q01, q50, q99 = (float(x) for x in cells[3].split(" / "))
+        assert 0.0 < share <= 1.0 + 1e-6 and 0.0 <= q01 <= q50 <= q99
+    with pytest.raises(SystemExit):
+        factored_fit.main(["--steps", "1"])

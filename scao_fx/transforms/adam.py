@@ -103,13 +103,12 @@ def factored_shape(shape: Any, min_dim: int = FACTORED_MIN_DIM) -> tuple[int, in
     return (m, n) if min(m, n) >= min_dim else None
 
 
-def factored_second_moment(v: torch.Tensor, g: torch.Tensor, b2: float, inplace: bool) -> torch.Tensor:
-    r"""The factored second moment ``v = [r; c]`` (length ``m + n``) after the gradient ``g``
-    viewed as ``(m, n)``: :math:`r \leftarrow \beta_2 r + (1-\beta_2)\,\mathrm{mean}_j\, g_{ij}^2`,
+def factored_second_moment(v: torch.Tensor, g2: torch.Tensor, b2: float, inplace: bool) -> torch.Tensor:
+    r"""The factored second moment ``v = [r; c]`` (length ``m + n``) after the squared gradient
+    ``g2`` of shape ``(m, n)``: :math:`r \leftarrow \beta_2 r + (1-\beta_2)\,\mathrm{mean}_j\, g_{ij}^2`,
     :math:`c \leftarrow \beta_2 c + (1-\beta_2)\,\mathrm{mean}_i\, g_{ij}^2` (Adafactor's row and
     column statistics; ``inplace``: into ``v`` itself)."""
-    m = g.shape[0]
-    g2 = g.reshape(m, -1).to(v.dtype).square()
+    m = g2.shape[0]
     v = v.mul_(b2) if inplace else v.mul(b2)
     v[:m].add_(g2.mean(1), alpha=1 - b2)
     v[m:].add_(g2.mean(0), alpha=1 - b2)
@@ -212,7 +211,12 @@ def scale_by_adam(
             ``(shape[0], prod(shape[1:]))``) are both at least ``factored_min_dim`` as Adafactor
             does: row and column means of :math:`g^2` (:func:`factored_second_moment`), read as
             the rank-one :math:`\hat v = r c^\top / \mathrm{mean}(r)`
-            (:func:`factored_estimate`), so ``m + n`` entries instead of ``m n``. That leaf's ``nu``
+            (:func:`factored_estimate`), so ``m + n`` entries instead of ``m n``. The estimate is
+            floored entrywise at :math:`(1-\beta_2) g_t^2`, the current step's share of Adam's
+            own :math:`v_t` (which never falls below it): a rank-one fit underestimates the
+            entries that are large against their row and column, and unfloored those get steps
+            many times Adam's (early in training, where the gradient's square is far from rank
+            one); floored, no entry's :math:`|g_t| / \sqrt{\hat v_t}` exceeds Adam's bound. That leaf's ``nu``
             is then a 1-D tensor ``[r; c]`` of at least float32; its first moment is unchanged.
             Other leaves, and DTensor shards, keep the full second moment. Default False.
         factored_min_dim: the shortest side a factored matrix may have, >= 1 (default
@@ -326,8 +330,10 @@ def scale_by_adam(
     def factored_direction(g, m, v, bc1, bc2, inplace):
         """Adam's direction for a leaf whose second moment is factored: ``(direction, mu, nu)``."""
         m = m.lerp_(g, 1 - b1) if inplace else m.lerp(g, 1 - b1)
-        v = factored_second_moment(v, g, b2, inplace)
-        vhat = factored_estimate(v, g.shape[0]).div_(bc2).reshape(g.shape)
+        g2 = g.reshape(g.shape[0], -1).to(v.dtype).square()
+        v = factored_second_moment(v, g2, b2, inplace)
+        # floored at this step's own share of Adam's v, (1 - b2) g^2, which Adam's v never falls below
+        vhat = torch.maximum(factored_estimate(v, g.shape[0]), g2.mul_(1 - b2)).div_(bc2).reshape(g.shape)
         denom = (vhat.add_(eps_root) if eps_root else vhat).sqrt_().add_(eps)
         if floor_denominator:
             denom = denom.clamp_min_(torch.finfo(denom.dtype).tiny)
