@@ -14,6 +14,10 @@ least 128). For each it prints
 * the RMS of Adam's direction :math:`m / (\\sqrt{V} + \\epsilon)` and of the factored one
   :math:`m / (\\sqrt{\\hat V} + \\epsilon)` (bias corrections cancel in the comparison).
 
+The estimate is read without the floor ``scale_by_adam(factored=True)`` applies, :math:`\\max(\\hat
+V, (1-\\beta_2) g_t^2)`, which needs the step's gradient: the tails printed here are what that
+floor is for.
+
 Run: ``python docs/examples/factored_fit.py --steps 50,200`` (about a minute on one CPU core).
 """
 

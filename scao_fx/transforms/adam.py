@@ -22,7 +22,7 @@ from ..parallel import is_dtensor
 from .combinators import masked
 
 __all__ = ["scale_by_adam", "ScaleByAdamState", "add_decayed_weights", "moment_dtype_for", "adam_kernel",
-           "FACTORED_MIN_DIM", "factored_shape"]
+           "FACTORED_MIN_DIM", "factored_shape", "factored_second_moment", "factored_estimate"]
 
 #: The arithmetic :func:`scale_by_adam` can run: ``"foreach"`` (multi-tensor ``torch._foreach_*``
 #: ops, falling back to the loop where they do not apply: the default), ``"loop"`` (one set of
