@@ -43,9 +43,10 @@ __all__ = ["adam", "adamw", "muon", "scao_precondition", "scao", "soap", "SCAO_D
 #: float32) or block-wise int8 (about 2.1).
 SCAO_MOMENTS = ("float32", "bfloat16", "int8")
 
-#: Accepted values of SCAO's ``second_moment`` keyword: ``"full"`` (Adam's) or ``"factored"``
-#: (Adafactor's row and column statistics for matrices, ``scale_by_adam(factored=True)``).
-SCAO_SECOND_MOMENTS = ("full", "factored")
+#: Accepted values of SCAO's ``second_moment`` keyword: ``"full"`` (Adam's), ``"factored"``
+#: (Adafactor's row and column statistics for matrices, ``scale_by_adam(factored=True)``) or
+#: ``"auto"`` (factored in the eigenbasis form, full in the seed form and for plain AdamW groups).
+SCAO_SECOND_MOMENTS = ("auto", "full", "factored")
 
 
 def _scale_by_adam_stored(b1: float, b2: float, eps: float, moments: str, moment_dtype: torch.dtype | None,
@@ -62,9 +63,13 @@ def _scale_by_adam_stored(b1: float, b2: float, eps: float, moments: str, moment
     return quantize_state(scale_by_adam(b1, b2, eps, factored=factored), _moment_codecs(moments), leafwise=True)
 
 
-def _factored(second_moment: str) -> bool:
-    """Whether ``second_moment`` (checked against :data:`SCAO_SECOND_MOMENTS`) is factored."""
-    return check_choice("second_moment", second_moment, SCAO_SECOND_MOMENTS) == "factored"
+def _factored(second_moment: str, form: str = "seed") -> bool:
+    """Whether ``second_moment`` (checked against :data:`SCAO_SECOND_MOMENTS`) is factored in
+    ``form``: ``"auto"`` factors in the eigenbasis form only, where the rotated second moment is
+    close to rank one (measured); Adam in the original coordinates (the seed form, plain AdamW
+    groups) keeps the full one."""
+    choice = check_choice("second_moment", second_moment, SCAO_SECOND_MOMENTS)
+    return choice == "factored" or (choice == "auto" and form == "eigenbasis")
 
 
 def _moment_codecs(moments: str) -> ScaleByAdamState:
@@ -368,12 +373,13 @@ def scao(
     r"""SCAO: Adam in the eigenbases of int8 Kronecker factors, guarded against non-finite steps.
 
     The default form (``form="eigenbasis"``) is ``apply_if_finite(chain(kronecker_eigenbasis(
-    scale_by_adam(b1, b2, eps), curvature=curvature_ema(rho, int8_blockwise(block_size),
+    scale_by_adam(b1, b2, eps, factored=True), curvature=curvature_ema(rho, int8_blockwise(block_size),
     basis_dtype=bfloat16), rank=full_rank(), precond_freq, eigensolver="eigh",
     skip_first=True), add_decayed_weights(weight_decay, mask), scale_by_learning_rate(lr)))``:
     for every matrix, Adam runs in the eigenbases of its two factors (SOAP's form), with the
-    factors' statistics in block-wise int8 and the bases in bfloat16; step 1 only builds the first
-    bases. ``epsilon_sparse > 0`` or an integer ``k_max`` truncate the bases adaptively (Adam in the
+    factors' statistics in block-wise int8, the bases in bfloat16 and Adam's second moment
+    factored (row and column statistics) for every rotated matrix with both sides at least 128;
+    step 1 only builds the first bases. ``epsilon_sparse > 0`` or an integer ``k_max`` truncate the bases adaptively (Adam in the
     original coordinates on the complement; see :func:`~scao_fx.kronecker_eigenbasis`). The seed
     form's keywords (``warmup_steps``, ``blend_steps``, ``min_precond_updates``, ``tau``,
     ``complement``, ``graft``, ``blend_shape``) must then stay at their defaults (``ValueError``
@@ -409,17 +415,19 @@ def scao(
             step and its refresh, so the step's peak stays near the float32 moments' (see
             docs/memory.md). With
             ``"bfloat16"`` or ``"int8"``, ``moment_dtype`` must be ``None``.
-        second_moment: ``"full"`` (default: Adam's second moment, one entry per parameter) or
+        second_moment: ``"auto"`` (default: ``"factored"`` in the eigenbasis form, ``"full"`` in
+            the seed form), ``"full"`` (Adam's second moment, one entry per parameter) or
             ``"factored"``: for every matrix whose sides are both at least 128 (in the eigenbasis
             form: every rotated matrix of such a size), Adafactor's row and column means of the
-            squared (rotated) gradient, :math:`\hat v = r c^\top / \mathrm{mean}(r)`
-            (:func:`~scao_fx.scale_by_adam` with ``factored=True``), ``m + n`` float32 entries
-            instead of ``m n`` (stored as ``moments`` says where ``m + n >= 4096``). In the eigenbasis
-            the factors' Kronecker structure makes the rotated gradient's second moment close to
-            rank one, which is what the factored form models. It wants a lower learning rate
-            than the full second moment (2e-3 against 5e-3 on the GPT benchmark; measured in
-            ``docs/memory.md``). Requires ``moment_at_refresh`` "rotate" or "keep" in the
-            eigenbasis form.
+            squared (rotated) gradient, read as :math:`\hat v = \max(r c^\top / \mathrm{mean}(r),
+            (1-\beta_2) g^2)` (:func:`~scao_fx.scale_by_adam` with ``factored=True``): ``m + n``
+            float32 entries instead of ``m n`` (stored as ``moments`` says where ``m + n >=
+            4096``). In the eigenbasis the factors' Kronecker structure makes the rotated
+            gradient's second moment close to rank one, which is what the factored form models;
+            on the GPT benchmark it ended level with the full second moment at the same learning
+            rate (five paired seeds, ``docs/benchmarks.md``). In the seed form Adam runs in the
+            original coordinates, where it was not measured. Requires ``moment_at_refresh``
+            "rotate" or "keep" in the eigenbasis form.
         mask: weight-decay mask (tree of bools or callable).
         moment_dtype: dtype of Adam's moments (default: at least float32).
         skip_nonfinite: wrap the chain in :func:`~scao_fx.apply_if_finite` (default True).
@@ -445,7 +453,7 @@ def scao(
     check_int("max_consecutive_skips", max_consecutive_skips, low=1)
     form = check_choice("form", precondition_kwargs.pop("form", SCAO_DEFAULTS["form"]), ("seed", "eigenbasis"))
     check_choice("moments", moments, SCAO_MOMENTS)
-    factored = _factored(second_moment)
+    factored = _factored(second_moment, form)
     check_bool("skip_first", precondition_kwargs.get("skip_first", SCAO_DEFAULTS["skip_first"]))
     if form == "seed" and precondition_kwargs.pop("skip_first", SCAO_DEFAULTS["skip_first"]) != SCAO_DEFAULTS["skip_first"]:
         raise ValueError(f"skip_first applies to form='eigenbasis' only; with form='seed' leave it at its default "

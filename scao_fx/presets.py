@@ -43,7 +43,7 @@ SCAO_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "eps": 1e-8,
         "weight_decay": 0.01,
         "moments": "bfloat16",
-        "second_moment": "full",
+        "second_moment": "auto",
         # the preconditioner (scao_precondition)
         "rho": 0.95,
         "precond_freq": 5,

@@ -155,7 +155,7 @@ OPTIMIZERS: list[OptimizerEntry] = [
         factory=lambda lr: sf.scao(lr, weight_decay=1e-4, precond_freq=2, rho=0.9),
         links=lambda lr: [
             sf.kronecker_eigenbasis(
-                sf.scale_by_adam(*SCAO_DEFAULTS["betas"]),
+                sf.scale_by_adam(*SCAO_DEFAULTS["betas"], factored=True),
                 curvature=sf.curvature_ema(0.9, basis_dtype=torch.bfloat16, float32_below=SCAO_DEFAULTS["float32_below"]),
                 rank=sf.full_rank(), precond_freq=2, eigensolver="eigh", skip_first=True,
                 rotation_precision=SCAO_DEFAULTS["rotation_precision"], max_precond_dim=SCAO_DEFAULTS["max_precond_dim"],
@@ -171,7 +171,7 @@ OPTIMIZERS: list[OptimizerEntry] = [
         compile_tol=(1e-4, 1e-6),
         note="SCAO's defaults: Adam in the eigenbases of int8 factors, bfloat16 bases, rotations and moments, every "
              "direction, step 1 zero (the test matrices' sides are under float32_below and their moments under 4096 entries: "
-             "float32 factors, bases, rotations and moments)",
+             "float32 factors, bases, rotations and moments; their sides under 128: a full second moment)",
     ),
     OptimizerEntry(
         name="scao-eigenbasis",

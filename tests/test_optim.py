@@ -1647,7 +1647,7 @@ def test_scao_factored_second_moment_trains_stores_small_and_resumes_bit_identic
 def test_scao_second_moment_is_validated_and_saved_in_the_groups():
     ps = [torch.nn.Parameter(torch.zeros(3, 2))]
     for bad in ("adafactor", None, True):
-        with pytest.raises(ValueError, match=r"second_moment must be one of \('full', 'factored'\)"):
+        with pytest.raises(ValueError, match=r"second_moment must be one of \('auto', 'full', 'factored'\)"):
             SCAO(ps, second_moment=bad)
     w = torch.nn.Parameter(torch.zeros(130, 128))
     w.grad = torch.ones(130, 128)
@@ -1655,4 +1655,21 @@ def test_scao_second_moment_is_validated_and_saved_in_the_groups():
         SCAO([w], second_moment="factored", moment_at_refresh="project").step()
     opt = SCAO(ps, second_moment="factored")
     assert opt.param_groups[0]["second_moment"] == "factored"
-    assert SCAO(ps).param_groups[0]["second_moment"] == "full"
+    assert SCAO(ps).param_groups[0]["second_moment"] == "auto"
+
+
+@pytest.mark.parametrize("form", ["eigenbasis", "seed"])
+def test_scao_second_moment_auto_factors_in_the_eigenbasis_form_only(form):
+    """The default "auto": the eigenbasis form factors a 160 x 128 matrix's second moment (288
+    entries), the seed form and a preconditioner_enabled=False group keep Adam's full one."""
+    def nu_shapes(opt):
+        node = find_nodes(opt.functional_state(0), sf.ScaleByAdamState)[0]
+        return sorted(tuple(t.shape) for t in optree.tree_leaves(node.nu) if t.ndim >= 1 and t.numel() > 160)
+
+    for enabled in (True, False):
+        model = _square_model()
+        opt = SCAO(model.named_parameters(), form=form, preconditioner_enabled=enabled, moments="float32")
+        g = torch.Generator().manual_seed(4)
+        train_step(model, opt, torch.randn(8, 128, generator=g), torch.randn(8, 128, generator=g))
+        factored = enabled and form == "eigenbasis"
+        assert nu_shapes(opt) == ([(288,), (288,)] if factored else [(128, 160), (160, 128)])

@@ -1,7 +1,8 @@
 """How well a factored (rank-one) second moment fits Adam's full one in SCAO's eigenbasis.
 
 Trains the benchmark's GPT (the ``small`` preset on the built-in corpus, seed 0) with SCAO's
-default form and full float32 moments, and at the chosen steps reads the full second moment
+default form and Adam's full float32 moments (``second_moment="full"``), and at the chosen
+steps reads the full second moment
 :math:`V` of every rotated matrix that ``second_moment="factored"`` would factor (both sides at
 least 128). For each it prints
 
@@ -57,7 +58,7 @@ def measure(steps: list[int], seed: int = 0) -> list[tuple[int, tuple, dict]]:
     torch.set_num_threads(1)
     workload = make_workload(BenchConfig(), torch.device("cpu"))
     model = workload.build_model(seed)
-    opt = sf.SCAO(model.parameters(), moments="float32")
+    opt = sf.SCAO(model.parameters(), moments="float32", second_moment="full")
     batches = workload.batches(seed)
     out = []
     for step in range(1, max(steps) + 1):

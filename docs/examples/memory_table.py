@@ -133,14 +133,16 @@ def optimizers() -> dict:
     return {
         "AdamW (fp32 moments)": lambda: sf.adamw(),
         "8-bit AdamW (64-entry blocks)": lambda: sf.chain(_adam8(), *tail()),
-        "scao default (eigenbasis, int8 factors, bf16 bases and moments)": lambda: sf.scao(),
+        "scao default (eigenbasis, int8 factors, bf16 bases and first moments, factored second moments)":
+            lambda: sf.scao(),
         "scao default, max_precond_dim=1024": lambda: sf.scao(max_precond_dim=1024),
         "scao default, max_precond_dim=4096": lambda: sf.scao(max_precond_dim=4096),
         "scao default, moments=float32": lambda: sf.scao(moments="float32"),
         "scao default, moments=int8": lambda: sf.scao(moments="int8"),
         "scao default, max_precond_dim=1024, moments=int8": lambda: sf.scao(max_precond_dim=1024, moments="int8"),
-        "scao default, second_moment=factored": lambda: sf.scao(second_moment="factored"),
-        "scao default, moments=int8, second_moment=factored": lambda: sf.scao(moments="int8", second_moment="factored"),
+        "scao default, second_moment=full": lambda: sf.scao(second_moment="full"),
+        "scao default, second_moment=full, moments=float32": lambda: sf.scao(second_moment="full", moments="float32"),
+        "scao default, second_moment=full, moments=int8": lambda: sf.scao(second_moment="full", moments="int8"),
         "scao seed (int8 full factors)": lambda: sf.scao(**SEED, moments="float32"),
         "scao seed, moments=int8": lambda: sf.scao(**SEED, moments="int8"),
         "scao seed, max_precond_dim=1024": lambda: sf.scao(**SEED, max_precond_dim=1024, moments="float32"),
@@ -234,8 +236,9 @@ def _factored_moments(numel, shape, moments):
     return _one_moment(numel, moments) + _one_moment(second, moments)
 
 
-def _eigen(numel, shape, *, moments=SCAO_DEFAULTS["moments"], max_dim=MAX_PRECOND_DIM, factored=False):
-    """The default (eigenbasis) form: the moments of the rotated core, which has the leaf's size."""
+def _eigen(numel, shape, *, moments=SCAO_DEFAULTS["moments"], max_dim=MAX_PRECOND_DIM, factored=True):
+    """The default (eigenbasis) form: the moments of the rotated core, which has the leaf's size
+    (the second moment factored by default, ``second_moment="auto"``)."""
     adam = _factored_moments(numel, shape, moments) if factored else _moments(numel, moments)
     return adam + sum(scao_eigen_side(d) for d in _sides(shape, max_dim))
 
@@ -259,16 +262,19 @@ FORMULAS = {
     + sum(8 * d * d for d in _sides(shape, SOAP_MAX_PRECOND_DIMS[1])),
     "Muon (fp32 momentum; AdamW on the rest)": lambda shape, hidden: 4 * math.prod(shape)
     if hidden and len(shape) == 2 else adam_bytes(math.prod(shape)),
-    "scao default (eigenbasis, int8 factors, bf16 bases and moments)": lambda shape, hidden: _eigen(math.prod(shape), shape),
+    "scao default (eigenbasis, int8 factors, bf16 bases and first moments, factored second moments)":
+        lambda shape, hidden: _eigen(math.prod(shape), shape),
     "scao default, max_precond_dim=1024": lambda shape, hidden: _eigen(math.prod(shape), shape, max_dim=1024),
     "scao default, max_precond_dim=4096": lambda shape, hidden: _eigen(math.prod(shape), shape, max_dim=4096),
     "scao default, moments=float32": lambda shape, hidden: _eigen(math.prod(shape), shape, moments="float32"),
     "scao default, moments=int8": lambda shape, hidden: _eigen(math.prod(shape), shape, moments="int8"),
     "scao default, max_precond_dim=1024, moments=int8": lambda shape, hidden: _eigen(math.prod(shape), shape,
                                                                                     moments="int8", max_dim=1024),
-    "scao default, second_moment=factored": lambda shape, hidden: _eigen(math.prod(shape), shape, factored=True),
-    "scao default, moments=int8, second_moment=factored": lambda shape, hidden: _eigen(math.prod(shape), shape,
-                                                                                      moments="int8", factored=True),
+    "scao default, second_moment=full": lambda shape, hidden: _eigen(math.prod(shape), shape, factored=False),
+    "scao default, second_moment=full, moments=float32": lambda shape, hidden: _eigen(math.prod(shape), shape,
+                                                                                     moments="float32", factored=False),
+    "scao default, second_moment=full, moments=int8": lambda shape, hidden: _eigen(math.prod(shape), shape,
+                                                                                  moments="int8", factored=False),
     "scao seed (int8 full factors)": lambda shape, hidden: _scao(math.prod(shape), shape),
     "scao seed, moments=int8": lambda shape, hidden: _scao(math.prod(shape), shape, moments="int8"),
     "scao seed, max_precond_dim=1024": lambda shape, hidden: _scao(math.prod(shape), shape, max_dim=1024),

@@ -44,6 +44,7 @@ OPTIMIZERS: dict[str, Callable[[list], torch.optim.Optimizer]] = {
         ps, preconditioner_enabled=False, moments="float32"),
     "sf.SCAO(preconditioner_enabled=False) (bf16 AdamW)": lambda ps: sf.SCAO(ps, preconditioner_enabled=False),
     "sf.SCAO() (default)": lambda ps: sf.SCAO(ps),
+    "sf.SCAO(second_moment='full')": lambda ps: sf.SCAO(ps, second_moment="full"),
     "sf.SCAO(moments='float32')": lambda ps: sf.SCAO(ps, moments="float32"),
     "sf.SCAO(grouped=False)": lambda ps: sf.SCAO(ps, grouped=False),
     "sf.SCAO(moments='int8')": lambda ps: sf.SCAO(ps, moments="int8"),

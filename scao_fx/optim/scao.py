@@ -343,8 +343,10 @@ class SCAO(TransformOptimizer):
             rounded), ``"float32"`` (8 bytes) or ``"int8"`` (8-bit Adam, about 2.1 instead of 8 bytes per parameter; see
             :func:`~scao_fx.scao`), per param group too (a group with
             ``preconditioner_enabled=False`` then runs bf16 or 8-bit AdamW); ``second_moment``:
-            ``"full"`` (default) or ``"factored"`` (Adafactor's row and column statistics for
-            the matrices, see :func:`~scao_fx.scao`); and the extra
+            ``"auto"`` (default: factored in the eigenbasis form, full in the seed form and in
+            groups with ``preconditioner_enabled=False``), ``"full"`` or ``"factored"``
+            (Adafactor's row and column statistics for the matrices, see :func:`~scao_fx.scao`);
+            and the extra
             ``scao_precondition`` keywords ``block_size``, ``complement``, ``graft``,
             ``blend_shape``, ``tikhonov``, ``grouped``, ``sides``, ``stat_freq`` (curvature
             statistics at step 1 and every ``stat_freq`` steps; see :func:`~scao_fx.scao_precondition`);

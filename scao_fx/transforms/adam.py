@@ -99,7 +99,7 @@ def factored_shape(shape: Any, min_dim: int = FACTORED_MIN_DIM) -> tuple[int, in
     moment is factored (two or more dims, both sides at least ``min_dim``), else ``None``."""
     if len(shape) < 2:
         return None
-    m, n = int(shape[0]), math.prod(int(d) for d in shape[1:])
+    m, n = int(shape[0]), int(math.prod(shape[1:]))
     return (m, n) if min(m, n) >= min_dim else None
 
 

@@ -330,9 +330,7 @@ def kronecker_eigenbasis(
             )
         passthrough, cores, comps = templates(leaves, plan)
         inner_state = inner.init((unflatten(spec, passthrough), cores, comps))
-        if moment_at_refresh == "project" and any(
-                nu is not None and nu.shape != mu.shape
-                for node in _link_adam_nodes(inner_state) for mu, nu in zip(flatten(node.mu)[0], flatten(node.nu)[0])):
+        if moment_at_refresh == "project" and _has_factored_moments(inner_state):
             raise ValueError("moment_at_refresh='project' carries a full second moment to the new bases, but the inner "
                              "Adam factors it (scale_by_adam(factored=True)); use 'rotate' (the factored second "
                              "moment is then carried by position) or 'keep'")
@@ -571,6 +569,16 @@ def _is_link_adam(node: Any) -> bool:
     """Whether ``node`` is an Adam state over the tree this link hands its inner transform."""
     mu = node.mu if isinstance(node, ScaleByAdamState) else None
     return isinstance(mu, tuple) and len(mu) == 3 and isinstance(mu[1], tuple)
+
+
+def _has_factored_moments(inner_state: Any) -> bool:
+    """Whether an Adam state over the link's tree keeps a factored second moment (a ``nu`` leaf
+    shaped unlike its ``mu``)."""
+    for node in _link_adam_nodes(inner_state):
+        for mu, nu in zip(flatten(node.mu)[0], flatten(node.nu)[0]):
+            if nu is not None and nu.shape != mu.shape:
+                return True
+    return False
 
 
 def _link_adam_nodes(inner_state: Any) -> list:
