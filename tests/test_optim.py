@@ -1673,3 +1673,38 @@ def test_scao_second_moment_auto_factors_in_the_eigenbasis_form_only(form):
         train_step(model, opt, torch.randn(8, 128, generator=g), torch.randn(8, 128, generator=g))
         factored = enabled and form == "eigenbasis"
         assert nu_shapes(opt) == ([(288,), (288,)] if factored else [(128, 160), (160, 128)])
+
+
+def test_adamw_checkpoint_warm_starts_a_factored_second_moment_with_its_row_and_column_means():
+    """checkpoint.warm_start into a template whose second moment is factored: the matrix's
+    exp_avg_sq becomes its row and column means (what the factored statistics hold), the
+    vector's is copied. (sf.SCAO loading a torch.optim checkpoint runs its groups with the
+    keywords of the time, second_moment="full", so it keeps the full moments as they are.)"""
+    from scao_fx.optim import checkpoint
+
+    torch.manual_seed(0)
+    ref_ps = [torch.nn.Parameter(torch.randn(130, 128)), torch.nn.Parameter(torch.randn(128))]
+    ref = torch.optim.AdamW(ref_ps, lr=1e-3)
+    for _ in range(3):
+        for p in ref_ps:
+            p.grad = torch.randn_like(p)
+        ref.step()
+    entries = {i: {"step": 3, "exp_avg": ref.state[p]["exp_avg"], "exp_avg_sq": ref.state[p]["exp_avg_sq"]}
+               for i, p in enumerate(ref_ps)}
+    tx = sf.chain(sf.scale_by_adam(factored=True), sf.scale_by_learning_rate(1e-3))
+    state = checkpoint.warm_start(0, tx.init([p.detach() for p in ref_ps]), [0, 1], entries)
+    node = find_nodes(state, sf.ScaleByAdamState)[0]
+    nu_w, nu_b = optree.tree_leaves(node.nu)
+    v = ref.state[ref_ps[0]]["exp_avg_sq"]
+    assert nu_w.shape == (258,)
+    torch.testing.assert_close(nu_w, torch.cat([v.mean(1), v.mean(0)]))
+    assert torch.equal(nu_b, ref.state[ref_ps[1]]["exp_avg_sq"])
+    u, _ = tx.update([torch.randn(130, 128), torch.randn(128)], state)  # and it steps on from there
+    assert all(torch.isfinite(t).all() for t in u)
+
+    ps = [torch.nn.Parameter(p.detach().clone()) for p in ref_ps]
+    warm = SCAO(ps, form="seed", second_moment="factored", warmup_steps=100)
+    warm.load_state_dict(save_load(ref.state_dict()))
+    assert warm.param_groups[0]["second_moment"] == "full"
+    node = find_nodes(warm.functional_state(0), sf.ScaleByAdamState)[0]
+    assert torch.equal(optree.tree_leaves(node.nu)[0], v)

@@ -344,6 +344,19 @@ def unpack_torch(state_dict: Mapping[str, Any], param_groups: Sequence[Mapping[s
     return out
 
 
+def _second_moment_like(exp_avg_sq: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A torch.optim ``exp_avg_sq`` in the layout of the state's second moment ``like``: a copy,
+    or for a factored second moment (``scale_by_adam(factored=True)``: a 1-D ``[r; c]`` for a
+    matrix) its row and column means, what the factored statistics would hold."""
+    v = exp_avg_sq.to(device=like.device, dtype=like.dtype, copy=True)
+    if like.shape == v.shape or v.ndim < 2:
+        return v
+    rows = v.reshape(v.shape[0], -1)
+    if like.ndim == 1 and like.numel() == sum(rows.shape):
+        return torch.cat([rows.mean(1), rows.mean(0)])
+    return v
+
+
 def warm_start(index: int, template: Any, active: Sequence[int], entries: Mapping[int, Mapping]) -> Any:
     """Group ``index``'s fresh state ``template`` with its Adam moments and step counts taken
     from a ``torch.optim`` checkpoint (:func:`unpack_torch`); everything else stays fresh.
@@ -390,7 +403,7 @@ def warm_start(index: int, template: Any, active: Sequence[int], entries: Mappin
     for j, entry in entries.items():
         i = pos[j]
         mus[i] = entry["exp_avg"].detach().to(device=mus[i].device, dtype=mus[i].dtype, copy=True)
-        nus[i] = entry["exp_avg_sq"].detach().to(device=nus[i].device, dtype=nus[i].dtype, copy=True)
+        nus[i] = _second_moment_like(entry["exp_avg_sq"].detach(), nus[i])
     steps = [entries[j]["step"] if j in entries else 0 for j in active]
     if isinstance(node.count, torch.Tensor) and node.count.ndim == 0:
         count: Any = torch.full_like(node.count, max(steps, default=0))
