@@ -104,8 +104,9 @@ def test_register_chain_runs_through_transform_optimizer():
 
 
 def test_ablation_mapping_builds_the_intended_chains():
-    assert set(optreg.ABLATIONS) == {"scao-seed-form", "scao-no-int8", "scao-fp32-basis", "scao-no-skip-first",
-                                     "scao-power-refresh", "scao-adaptive-rank", "scao-no-precond"}
+    assert set(optreg.ABLATIONS) == {"scao-seed-form", "scao-no-int8", "scao-full-second-moment", "scao-fp32-basis",
+                                     "scao-no-skip-first", "scao-power-refresh", "scao-adaptive-rank",
+                                     "scao-no-precond"}
     for name, abl in optreg.ABLATIONS.items():
         spec = optreg.get(name)
         assert spec.kind == "ablation" and spec.takes_options and abl["removed"]

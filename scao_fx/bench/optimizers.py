@@ -587,8 +587,13 @@ ABLATIONS: dict[str, dict[str, Any]] = {
         note="the seed form: low-rank L^-1/4 G R^-1/4, grafting, Adam warmup and blend ramp, then AdamW",
     ),
     "scao-no-int8": dict(
-        removed="int8 statistics and bfloat16 bases", kwargs=dict(use_int8_ema=False, basis_storage="float32"),
-        note="float32 statistics and bases: sf.soap at SCAO's hyperparameters",
+        removed="int8 statistics and bfloat16 bases",
+        kwargs=dict(use_int8_ema=False, basis_storage="float32", second_moment="full"),
+        note="float32 statistics and bases, Adam's full second moment: sf.soap at SCAO's hyperparameters",
+    ),
+    "scao-full-second-moment": dict(
+        removed="the factored second moment", kwargs=dict(second_moment="full"),
+        note="Adam's full second moment in the eigenbasis (the default until 2026-12-07)",
     ),
     "scao-fp32-basis": dict(
         removed="bfloat16 bases", kwargs=dict(basis_storage="float32"),
