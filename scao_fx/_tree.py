@@ -35,6 +35,27 @@ def check_same_structure(name_a: str, spec_a: optree.PyTreeSpec, name_b: str, sp
         )
 
 
+def flatten_like_state(updates: Any, moments: Any, what: str) -> tuple:
+    """``(update leaves, spec, moment leaves, moment spec)`` for a transform whose state holds a
+    tree of per-leaf ``moments`` shaped like the updates; a ``ValueError`` names ``what`` (e.g.
+    "the Adam state") when the leaf counts, the structures or a leaf's shape differ."""
+    g_leaves, spec = flatten(updates)
+    m_leaves, m_spec = flatten(moments)
+    if m_spec.num_leaves != spec.num_leaves:
+        raise ValueError(
+            f"updates has {spec.num_leaves} leaves but {what} was built for "
+            f"{m_spec.num_leaves}; was init() called on the same parameter tree?"
+        )
+    check_same_structure("updates", spec, f"{what}'s moments", m_spec)
+    for i, (g, m) in enumerate(zip(g_leaves, m_leaves)):
+        if g is not None and (m is None or g.shape != m.shape):
+            raise ValueError(
+                f"updates leaf {i} has shape {tuple(g.shape)} but {what} holds "
+                f"{None if m is None else tuple(m.shape)} there; was init() called on the same parameter tree?"
+            )
+    return g_leaves, spec, m_leaves, m_spec
+
+
 def walk(tree: Any, visit: Callable[[Any], bool]) -> None:
     """Depth-first walk over a state tree (dicts, lists, tuples and NamedTuples).
 

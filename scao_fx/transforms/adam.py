@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 import torch
 
 from .. import _treemath
-from .._tree import check_same_structure, flatten, unflatten
+from .._tree import check_same_structure, flatten, flatten_like_state, unflatten
 from .._validation import check_bool, check_choice, check_dense_leaves, check_dtype, check_float, check_int
 from ..base import EmptyState, GradientTransformation, increment, multi_tensor_ok, register_state, step_count
 from ..parallel import is_dtensor
@@ -340,22 +340,10 @@ def scale_by_adam(
         return (m / bc1).div_(denom.to(m.dtype)), m, v
 
     def update(updates, state, *, params=None, inplace=True):
-        g_leaves, spec = flatten(updates)
+        g_leaves, spec, mu_leaves, mu_spec = flatten_like_state(updates, state.mu, "the Adam state")
         check_dense_leaves(g_leaves)
-        mu_leaves, mu_spec = flatten(state.mu)
         nu_leaves, _ = flatten(state.nu)
-        if mu_spec.num_leaves != spec.num_leaves:
-            raise ValueError(
-                f"updates has {spec.num_leaves} leaves but the Adam state was built for "
-                f"{mu_spec.num_leaves}; was init() called on the same parameter tree?"
-            )
-        check_same_structure("updates", spec, "the Adam state's moments", mu_spec)
         for i, (g, m, v) in enumerate(zip(g_leaves, mu_leaves, nu_leaves)):
-            if g is not None and (m is None or g.shape != m.shape):
-                raise ValueError(
-                    f"updates leaf {i} has shape {tuple(g.shape)} but the Adam state holds "
-                    f"{None if m is None else tuple(m.shape)} there; was init() called on the same parameter tree?"
-                )
             if g is not None and v is not None and v.shape != m.shape and (
                     g.ndim < 2 or tuple(v.shape) != (g.shape[0] + g[0].numel(),)):
                 raise ValueError(f"the Adam state's second moment of leaf {i} has shape {tuple(v.shape)}: neither the "

@@ -6,7 +6,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .._tree import check_same_structure, flatten, unflatten
+from .._tree import flatten, flatten_like_state, unflatten
 from .._validation import check_bool, check_dense_leaves, check_dtype, check_float
 from ..base import GradientTransformation, multi_tensor_ok, register_state
 from .adam import moment_dtype_for
@@ -62,21 +62,8 @@ def scale_by_momentum(
         return ScaleByMomentumState(unflatten(spec, mu))
 
     def update(updates, state, *, params=None, inplace=True):
-        g_leaves, spec = flatten(updates)
+        g_leaves, spec, mu_leaves, mu_spec = flatten_like_state(updates, state.mu, "the momentum state")
         check_dense_leaves(g_leaves)
-        mu_leaves, mu_spec = flatten(state.mu)
-        if mu_spec.num_leaves != spec.num_leaves:
-            raise ValueError(
-                f"updates has {spec.num_leaves} leaves but the momentum state was built for "
-                f"{mu_spec.num_leaves}; was init() called on the same parameter tree?"
-            )
-        check_same_structure("updates", spec, "the momentum state", mu_spec)
-        for i, (g, m) in enumerate(zip(g_leaves, mu_leaves)):
-            if g is not None and (m is None or g.shape != m.shape):
-                raise ValueError(
-                    f"updates leaf {i} has shape {tuple(g.shape)} but the momentum state holds "
-                    f"{None if m is None else tuple(m.shape)} there; was init() called on the same parameter tree?"
-                )
         live = [i for i, g in enumerate(g_leaves) if g is not None]
         grads = [g_leaves[i].to(mu_leaves[i].dtype) for i in live]
         mus = [mu_leaves[i] for i in live]
