@@ -50,20 +50,21 @@ SCAO_SECOND_MOMENTS = ("auto", "full", "factored")
 
 
 def _scale_by_adam_stored(b1: float, b2: float, eps: float, moments: str, moment_dtype: torch.dtype | None,
-                          second_moment: str = "full"):
+                          second_moment: str):
     """``scale_by_adam`` with its moments stored as ``moments`` says: ``"float32"`` (the plain
     transform), ``"bfloat16"`` or ``"int8"`` (``quantize_state(scale_by_adam(), codecs,
     leafwise=True)`` with :func:`_moment_codecs`: decoded a chunk of leaves at a time; tensors
     under 4096 entries stay float32); ``second_moment="factored"``: Adafactor's statistics for
-    the matrices (:func:`scale_by_adam` with ``factored=True``)."""
+    the matrices (:func:`scale_by_adam` with ``factored=True``; ``"auto"`` keeps the full one
+    here: this Adam runs in the original coordinates)."""
     moment_dtype = _stored_moment_dtype(moments, moment_dtype)
-    factored = _factored(second_moment)
+    factored = _factored(second_moment, "seed")
     if moments == "float32":
         return scale_by_adam(b1, b2, eps, moment_dtype=moment_dtype, factored=factored)
     return quantize_state(scale_by_adam(b1, b2, eps, factored=factored), _moment_codecs(moments), leafwise=True)
 
 
-def _factored(second_moment: str, form: str = "seed") -> bool:
+def _factored(second_moment: str, form: str) -> bool:
     """Whether ``second_moment`` (checked against :data:`SCAO_SECOND_MOMENTS`) is factored in
     ``form``: ``"auto"`` factors in the eigenbasis form only, where the rotated second moment is
     close to rank one (measured); Adam in the original coordinates (the seed form, plain AdamW
@@ -93,10 +94,10 @@ def _stored_moment_dtype(moments: str, moment_dtype: torch.dtype | None) -> torc
 
 
 def _adamw_stored(lr, betas, eps, weight_decay, mask, moment_dtype, moments: str,
-                  second_moment: str = "full") -> GradientTransformation:
+                  second_moment: str) -> GradientTransformation:
     """:func:`adamw` with its moments stored as ``moments`` says (the same chain, and the same
     state, as ``adamw`` for ``"float32"`` and ``second_moment="full"``)."""
-    if check_choice("moments", moments, SCAO_MOMENTS) == "float32" and not _factored(second_moment):
+    if check_choice("moments", moments, SCAO_MOMENTS) == "float32" and not _factored(second_moment, "seed"):
         return adamw(lr, betas, eps, weight_decay, mask=mask, moment_dtype=moment_dtype)
     return _decayed_adam_chain(
         lambda b1, b2: _scale_by_adam_stored(b1, b2, eps, moments, moment_dtype, second_moment), lr, betas, eps,

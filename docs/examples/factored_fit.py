@@ -33,14 +33,12 @@ import scao_fx as sf
 from scao_fx._tree import find_nodes
 from scao_fx.bench.runner import BenchConfig
 from scao_fx.bench.workload import make_workload
-from scao_fx.transforms.adam import FACTORED_MIN_DIM, factored_estimate
+from scao_fx.transforms.adam import FACTORED_MIN_DIM, factored_estimate, factored_from_full
 
 
 def fit_rows(mu: torch.Tensor, nu: torch.Tensor) -> dict:
     """The fit of the factored estimate to the full second moment ``nu`` of one core."""
-    m = nu.shape[0]
-    packed = torch.cat([nu.mean(1), nu.mean(0)])
-    vhat = factored_estimate(packed, m)
+    vhat = factored_estimate(factored_from_full(nu), nu.shape[0])
     s = torch.linalg.svdvals(nu)
     ratio = (nu / vhat.clamp_min(torch.finfo(nu.dtype).tiny)).flatten()
     sample = ratio[torch.randperm(ratio.numel(), generator=torch.Generator().manual_seed(0))[:100_000]]

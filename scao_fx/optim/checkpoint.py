@@ -39,7 +39,7 @@ import torch
 
 from .._tree import find_nodes
 from ..codecs import EncodedTensor
-from ..transforms.adam import ScaleByAdamState
+from ..transforms.adam import ScaleByAdamState, factored_from_full, is_factored
 from ..transforms.eigenbasis import KroneckerEigenbasisState
 from ..transforms.finite import ApplyIfFiniteState
 from ..transforms.quantization import QuantizedState
@@ -344,17 +344,12 @@ def unpack_torch(state_dict: Mapping[str, Any], param_groups: Sequence[Mapping[s
     return out
 
 
-def _second_moment_like(exp_avg_sq: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A torch.optim ``exp_avg_sq`` in the layout of the state's second moment ``like``: a copy,
-    or for a factored second moment (``scale_by_adam(factored=True)``: a 1-D ``[r; c]`` for a
-    matrix) its row and column means, what the factored statistics would hold."""
+def _second_moment_like(exp_avg_sq: torch.Tensor, like: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """A torch.optim ``exp_avg_sq`` in the layout of the state's second moment ``like`` (first
+    moment ``mu``): a copy, or for a factored second moment (``scale_by_adam(factored=True)``)
+    its row and column means, what the factored statistics would hold."""
     v = exp_avg_sq.to(device=like.device, dtype=like.dtype, copy=True)
-    if like.shape == v.shape or v.ndim < 2:
-        return v
-    rows = v.reshape(v.shape[0], -1)
-    if like.ndim == 1 and like.numel() == sum(rows.shape):
-        return torch.cat([rows.mean(1), rows.mean(0)])
-    return v
+    return factored_from_full(v) if is_factored(mu, like) and v.ndim >= 2 else v
 
 
 def warm_start(index: int, template: Any, active: Sequence[int], entries: Mapping[int, Mapping]) -> Any:
@@ -403,7 +398,7 @@ def warm_start(index: int, template: Any, active: Sequence[int], entries: Mappin
     for j, entry in entries.items():
         i = pos[j]
         mus[i] = entry["exp_avg"].detach().to(device=mus[i].device, dtype=mus[i].dtype, copy=True)
-        nus[i] = _second_moment_like(entry["exp_avg_sq"].detach(), nus[i])
+        nus[i] = _second_moment_like(entry["exp_avg_sq"].detach(), nus[i], fresh[pos[j]])
     steps = [entries[j]["step"] if j in entries else 0 for j in active]
     if isinstance(node.count, torch.Tensor) and node.count.ndim == 0:
         count: Any = torch.full_like(node.count, max(steps, default=0))

@@ -22,7 +22,8 @@ from ..parallel import is_dtensor
 from .combinators import masked
 
 __all__ = ["scale_by_adam", "ScaleByAdamState", "add_decayed_weights", "moment_dtype_for", "adam_kernel",
-           "FACTORED_MIN_DIM", "factored_shape", "factored_second_moment", "factored_estimate"]
+           "FACTORED_MIN_DIM", "factored_shape", "factored_second_moment", "factored_estimate", "factored_from_full",
+           "is_factored"]
 
 #: The arithmetic :func:`scale_by_adam` can run: ``"foreach"`` (multi-tensor ``torch._foreach_*``
 #: ops, falling back to the loop where they do not apply: the default), ``"loop"`` (one set of
@@ -113,6 +114,20 @@ def factored_second_moment(v: torch.Tensor, g2: torch.Tensor, b2: float, inplace
     v[:m].add_(g2.mean(1), alpha=1 - b2)
     v[m:].add_(g2.mean(0), alpha=1 - b2)
     return v
+
+
+def factored_from_full(v: torch.Tensor) -> torch.Tensor:
+    """The factored statistics ``[r; c]`` of a full second moment ``v`` viewed as ``(shape[0],
+    prod(shape[1:]))``: its row and column means (what :func:`factored_second_moment` holds when
+    every step's ``g^2`` is ``v``)."""
+    rows = v.reshape(v.shape[0], -1)
+    return torch.cat([rows.mean(1), rows.mean(0)])
+
+
+def is_factored(mu: Any, nu: Any) -> bool:
+    """Whether the second moment ``nu`` of a leaf whose first moment is ``mu`` is factored (a
+    1-D ``[r; c]`` where ``mu`` is a matrix), the rule every reader of the state uses."""
+    return nu is not None and mu is not None and nu.shape != mu.shape
 
 
 def factored_estimate(v: torch.Tensor, m: int) -> torch.Tensor:
@@ -344,10 +359,12 @@ def scale_by_adam(
         check_dense_leaves(g_leaves)
         nu_leaves, _ = flatten(state.nu)
         for i, (g, m, v) in enumerate(zip(g_leaves, mu_leaves, nu_leaves)):
-            if g is not None and v is not None and v.shape != m.shape and (
-                    g.ndim < 2 or tuple(v.shape) != (g.shape[0] + g[0].numel(),)):
-                raise ValueError(f"the Adam state's second moment of leaf {i} has shape {tuple(v.shape)}: neither the "
-                                 f"leaf's {tuple(g.shape)} nor a factored one's ({g.shape[0] + g[0].numel() if g.ndim >= 2 else '-'},)")
+            if g is not None and is_factored(m, v):
+                sides = factored_shape(g.shape, min_dim=1)
+                if sides is None or tuple(v.shape) != (sum(sides),):
+                    raise ValueError(f"the Adam state's second moment of leaf {i} has shape {tuple(v.shape)}: neither "
+                                     f"the leaf's {tuple(g.shape)} nor a factored one's (m + n,) = "
+                                     f"({'-' if sides is None else sum(sides)},)")
         live = [i for i, g in enumerate(g_leaves) if g is not None]
         counts = _leaf_counts(state.count, len(mu_leaves))
         new_counts = list(counts)
@@ -360,7 +377,7 @@ def scale_by_adam(
         mus = [mu_leaves[i] for i in live]
         nus = [nu_leaves[i] for i in live]
         # the leaves whose second moment is factored (the state says so: a 1-D nu of a matrix)
-        fac = [j for j, (m, v) in enumerate(zip(mus, nus)) if v.shape != m.shape]
+        fac = [j for j, (m, v) in enumerate(zip(mus, nus)) if is_factored(m, v)]
         us = [None] * len(live)
         for j in fac:
             us[j], mus[j], nus[j] = factored_direction(grads[j], mus[j], nus[j], bc1s[j], bc2s[j], inplace)

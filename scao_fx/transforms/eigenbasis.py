@@ -102,7 +102,7 @@ from ..precond.eigen import branch, regularize, robust_eigh
 from ..precond.eigenbasis import change_basis, change_basis_second_moment, kept_basis, project_complement, rotate, rotate_back
 from ..precond.kron import init_side, normalize, saturate, side_from_eigenpairs
 from ..precond.rank import RankRule, full_rank
-from .adam import ScaleByAdamState, scale_by_adam
+from .adam import ScaleByAdamState, is_factored, scale_by_adam
 from .kronecker import (
     KroneckerGroupState,
     _accumulate_side,
@@ -575,9 +575,8 @@ def _has_factored_moments(inner_state: Any) -> bool:
     """Whether an Adam state over the link's tree keeps a factored second moment (a ``nu`` leaf
     shaped unlike its ``mu``)."""
     for node in _link_adam_nodes(inner_state):
-        for mu, nu in zip(flatten(node.mu)[0], flatten(node.nu)[0]):
-            if nu is not None and nu.shape != mu.shape:
-                return True
+        if any(map(is_factored, flatten(node.mu)[0], flatten(node.nu)[0])):
+            return True
     return False
 
 
