@@ -157,6 +157,7 @@ def test_abs_max_is_the_infinity_norm_bit_for_bit(dims, dtype):
         torch.randn(3, 4, 5, generator=gen),
         -torch.rand(3, 4, 5, generator=gen),  # all negative: the minimum's magnitude wins
         torch.zeros(3, 4, 5),
+        torch.full((3, 4, 5), -0.0),  # negative zeros: the maximum is still +0.0
         torch.randn(5, 4, 3, generator=gen).transpose(0, 2),  # not contiguous
     ]
     poisoned = torch.randn(3, 4, 5, generator=gen)
