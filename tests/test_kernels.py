@@ -319,6 +319,34 @@ def test_reference_ema_inplace_out_and_tensor_scalars():
     _exact(a[0], b[0])
 
 
+@pytest.mark.parametrize("shape, bs", [
+    ((4, 512 * 512), 32),       # rows of 2^18 entries: each row split into runs of whole blocks
+    ((2, 1536 * 1536), 64),     # 2^21 + ..., not a power of two: the run is a divisor of the row
+    ((3, 400_003), 32),         # a partial last block per row: whole rows per chunk
+    ((4096, 300), 32),          # many short rows, a partial block each
+])
+def test_reference_ema_chunks_give_the_whole_stacks_bits(monkeypatch, shape, bs):
+    """Stacks of 2^20 entries or more go through the CPU reference in cache-sized chunks; the
+    codes and scales must be those of the whole-stack computation (hash by flat index, blocks
+    never split), in place or not, with NaN blocks and tensor seeds."""
+    assert shape[0] * shape[1] >= R.CHUNKED_FROM
+    x = _rand(shape) * 3
+    u = _rand(shape, seed=3)
+    u.view(-1)[:: 100_003] = float("nan")
+    codes, scales = R.quantize_blockwise(x, bs)
+    for seed in (5, torch.tensor(123_456)):
+        chunked = R.int8_ema_update(codes, scales, u, 0.95, block_size=bs, seed=seed)
+        c, s = codes.clone(), scales.clone()
+        inplace = R.int8_ema_update(c, s, u, 0.95, block_size=bs, seed=seed, out=(c, s))
+        with monkeypatch.context() as m:
+            m.setattr(R, "CHUNKED_FROM", 1 << 62)
+            whole = R.int8_ema_update(codes, scales, u, 0.95, block_size=bs, seed=seed)
+        assert inplace[0] is c and inplace[1] is s
+        for got in (chunked, inplace):
+            _exact(got[0], whole[0])
+            torch.testing.assert_close(got[1], whole[1], rtol=0, atol=0, equal_nan=True)
+
+
 # --------------------------------------------------------------------------- reference Adam
 
 
