@@ -149,9 +149,10 @@ class CurvatureEMA:
     def factor(self, stat: FactorStatistic, count: torch.Tensor, dim: int) -> torch.Tensor:
         r"""The debiased, symmetrised factors :math:`\tfrac{1}{1-\rho^t}\,\mathrm{sym}(S)` as float32 ``(batch, d, d)``."""
         x = self.codec_for(dim).decode(stat.offdiag).reshape(-1, dim, dim)
-        x = 0.5 * (x + x.transpose(-1, -2)) + torch.diag_embed(stat.diag)
+        x = (x + x.transpose(-1, -2)).mul_(0.5)
+        x.diagonal(dim1=-2, dim2=-1).add_(stat.diag)  # the stored off-diagonal part's diagonal is 0
         bias = 1.0 - self.rho ** count.to(torch.float64)
-        return x / bias.clamp(min=1e-30).to(x.dtype)
+        return x.div_(bias.clamp(min=1e-30).to(x.dtype))
 
     def state_bytes(self, dim: int) -> float:
         """Bytes one ``dim x dim`` factor costs in storage (codes, scales and the float32 diagonal)."""

@@ -166,8 +166,9 @@ def regularize(factor: torch.Tensor, tikhonov: float) -> tuple[torch.Tensor, tor
     dim = factor.shape[-1]
     trace = torch.diagonal(factor, dim1=-2, dim2=-1).sum(-1)
     eps = torch.clamp(tikhonov * trace / dim, min=TIKHONOV_FLOOR)
-    eye = torch.eye(dim, device=factor.device, dtype=factor.dtype)
-    return factor + eps[:, None, None] * eye, eps
+    out = factor.clone()
+    out.diagonal(dim1=-2, dim2=-1).add_(eps[:, None])  # a copy and a diagonal, not an identity's passes
+    return out, eps
 
 
 def factor_eigenpairs(
