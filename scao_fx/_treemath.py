@@ -154,7 +154,8 @@ def abs_max(x: torch.Tensor, dims: tuple[int, ...] | None = None) -> torch.Tenso
     is reduced: ``torch.linalg.vector_norm(x, inf, dims)``, and bit-identical to it (a maximum is
     exact). On the CPU it is :math:`|\max(\max x, -\min x)|` from an ``amax`` and an ``amin``
     pass (no temporary of ``x``'s size; ``dims`` must then be trailing dimensions): in torch 2.13
-    that is about 20x faster than the infinity norm and than ``torch.aminmax`` along a dimension.
+    the infinity norm and ``torch.aminmax`` along a dimension take a much slower CPU path (the
+    non-finite guard's share of the profiled step: ``docs/examples/cpu_profile_step.py``).
     Complex, empty and non-CPU reductions use the infinity norm.
 
     Example:
@@ -188,7 +189,7 @@ def norms(tensors: Sequence[torch.Tensor], ord: float = 2.0) -> list:
     """
     tensors = list(tensors)
     if ord == math.inf and all(t.device.type == "cpu" for t in tensors):
-        return [abs_max(t) for t in tensors]  # torch's CPU infinity norm is ~20x slower
+        return [abs_max(t) for t in tensors]  # torch's CPU infinity norm is much slower
     if len(tensors) > 1 and multi_tensor_ok(tensors):
         return list(torch._foreach_norm(tensors, ord))
     return [torch.linalg.vector_norm(t, ord) for t in tensors]

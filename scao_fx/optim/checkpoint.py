@@ -398,7 +398,7 @@ def warm_start(index: int, template: Any, active: Sequence[int], entries: Mappin
     for j, entry in entries.items():
         i = pos[j]
         mus[i] = entry["exp_avg"].detach().to(device=mus[i].device, dtype=mus[i].dtype, copy=True)
-        nus[i] = _second_moment_like(entry["exp_avg_sq"].detach(), nus[i], fresh[pos[j]])
+        nus[i] = _second_moment_like(entry["exp_avg_sq"].detach(), nus[i], fresh[i])
     steps = [entries[j]["step"] if j in entries else 0 for j in active]
     if isinstance(node.count, torch.Tensor) and node.count.ndim == 0:
         count: Any = torch.full_like(node.count, max(steps, default=0))
